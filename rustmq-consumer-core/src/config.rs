@@ -1,0 +1,227 @@
+//! Consumer configuration, its defaults and its validation.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Where a partition starts when the group has no committed offset for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// The first offset the broker holds (offset 0 on RustMQ).
+    #[default]
+    Earliest,
+    /// The partition's high watermark when the consumer starts: only new messages.
+    Latest,
+    /// An explicit offset.
+    Offset(u64),
+}
+
+/// Everything a consumer can be tuned with. Names follow the old RustMQ SDK where it had one.
+///
+/// Build it with `ConsumerConfig::new(topic, group)` and adjust fields; `validate()` rejects
+/// nonsense before the state machine ever sees it.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The subscribed topic.
+    pub topic: String,
+    /// The consumer group whose offsets this consumer commits.
+    pub consumer_group: String,
+    /// An id for logs and the group session (`None`: derived from the seed).
+    pub consumer_id: Option<String>,
+    /// Manually assigned partitions of `topic` (RustMQ topics have one partition, 0, by default).
+    pub partitions: Vec<u32>,
+    /// Generation sent with commits of a manual assignment.
+    pub manual_generation: u64,
+    /// Where to start where no offset was committed.
+    pub start_position: StartPosition,
+    /// Target number of fetched messages buffered ahead of the application.
+    pub fetch_size: usize,
+    /// Byte budget of one fetch (`max_bytes` on the wire).
+    pub fetch_max_bytes: u32,
+    /// Byte budget of fetched messages buffered ahead of the application.
+    pub prefetch_bytes: usize,
+    /// `timeout_ms` sent with fetches (the broker ignores it).
+    pub fetch_timeout: Duration,
+    /// Smallest pause after an empty fetch (the broker has no long-poll).
+    pub empty_fetch_backoff_min: Duration,
+    /// Largest pause after repeated empty fetches.
+    pub empty_fetch_backoff_max: Duration,
+    /// Deliveries outstanding with the application (delivered, not yet settled).
+    pub max_unacked: usize,
+    /// Cap on a partition's unsettled span: next fetch offset minus the settle watermark.
+    pub max_unsettled_per_partition: u64,
+    /// Commit automatically (by batch size and timeout); when false only on demand and on close.
+    pub enable_auto_commit: bool,
+    /// Settlements that trigger a commit.
+    pub ack_batch_size: usize,
+    /// Longest time a settlement waits for its commit (the old SDK's `auto_commit_interval`).
+    pub ack_batch_timeout: Duration,
+    /// Retries before a message is poison (a message is delivered at most this plus one times).
+    pub max_retry_attempts: u32,
+    /// First retry delay; doubles per attempt up to `retry_backoff_max`, with full jitter.
+    pub retry_backoff_base: Duration,
+    /// Cap on the retry delay.
+    pub retry_backoff_max: Duration,
+    /// Dead-letter topic; `None` discards poison messages with an explicit event.
+    pub dead_letter_queue: Option<String>,
+    /// Partition of the dead-letter topic.
+    pub dead_letter_partition: u32,
+    /// Message cache capacity in entries (`None`: `fetch_size * 10`).
+    pub cache_max_entries: Option<usize>,
+    /// Message cache capacity in bytes.
+    pub cache_max_bytes: usize,
+    /// Time a cached message stays valid.
+    pub cache_ttl: Duration,
+    /// Deadline of every request.
+    pub request_timeout: Duration,
+    /// Consecutive broker or transport failures that open the circuit.
+    pub failure_threshold: u32,
+    /// Time the circuit stays open before probing.
+    pub recovery_timeout: Duration,
+    /// Probe requests allowed (and successes needed) while half-open.
+    pub half_open_max_probes: u32,
+    /// Longest time half-open without a decision before the circuit opens again.
+    pub half_open_max_wait: Duration,
+    /// Close: longest wait for outstanding deliveries to settle, and for each flush phase.
+    pub drain_timeout: Duration,
+    /// Seed of the jitter PRNG (deterministic simulation replays it).
+    pub seed: u64,
+}
+
+impl ConsumerConfig {
+    /// A configuration with every default, for `topic` in `consumer_group`.
+    pub fn new(topic: impl Into<String>, consumer_group: impl Into<String>) -> Self {
+        let fetch_size = 100;
+        Self {
+            topic: topic.into(),
+            consumer_group: consumer_group.into(),
+            consumer_id: None,
+            partitions: vec![0],
+            manual_generation: 0,
+            start_position: StartPosition::Earliest,
+            fetch_size,
+            fetch_max_bytes: 1024 * 1024,
+            prefetch_bytes: 16 * 1024 * 1024,
+            fetch_timeout: Duration::from_secs(1),
+            empty_fetch_backoff_min: Duration::from_millis(10),
+            empty_fetch_backoff_max: Duration::from_secs(1),
+            max_unacked: 1000,
+            max_unsettled_per_partition: 10_000,
+            enable_auto_commit: true,
+            ack_batch_size: 100,
+            ack_batch_timeout: Duration::from_secs(1),
+            max_retry_attempts: 3,
+            retry_backoff_base: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(30),
+            dead_letter_queue: None,
+            dead_letter_partition: 0,
+            cache_max_entries: None,
+            cache_max_bytes: 64 * 1024 * 1024,
+            cache_ttl: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(10),
+            failure_threshold: 5,
+            recovery_timeout: Duration::from_secs(60),
+            half_open_max_probes: 3,
+            half_open_max_wait: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            seed: 0x5eed_0f_2b17_c0de,
+        }
+    }
+
+    /// The effective cache capacity in entries.
+    pub fn cache_entries(&self) -> usize {
+        self.cache_max_entries
+            .unwrap_or_else(|| self.fetch_size.saturating_mul(10))
+    }
+
+    /// Rejects configurations the consumer cannot honour.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use ConfigError::*;
+        let nonzero = |name: &'static str, ok: bool| if ok { Ok(()) } else { Err(Zero(name)) };
+        if self.topic.is_empty() {
+            return Err(EmptyTopic);
+        }
+        if self.consumer_group.is_empty() {
+            return Err(EmptyGroup);
+        }
+        if self.partitions.is_empty() {
+            return Err(NoPartitions);
+        }
+        let mut sorted = self.partitions.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(DuplicatePartition(w[0]));
+        }
+        if self.dead_letter_queue.as_deref() == Some(self.topic.as_str()) {
+            return Err(DeadLetterIsSource);
+        }
+        if self.dead_letter_queue.as_deref() == Some("") {
+            return Err(EmptyDeadLetterTopic);
+        }
+        nonzero("fetch_size", self.fetch_size > 0)?;
+        nonzero("fetch_max_bytes", self.fetch_max_bytes > 0)?;
+        nonzero("prefetch_bytes", self.prefetch_bytes > 0)?;
+        nonzero("max_unacked", self.max_unacked > 0)?;
+        nonzero(
+            "max_unsettled_per_partition",
+            self.max_unsettled_per_partition > 0,
+        )?;
+        nonzero("ack_batch_size", self.ack_batch_size > 0)?;
+        nonzero("ack_batch_timeout", !self.ack_batch_timeout.is_zero())?;
+        nonzero("retry_backoff_base", !self.retry_backoff_base.is_zero())?;
+        nonzero("cache_max_entries", self.cache_entries() > 0)?;
+        nonzero("cache_max_bytes", self.cache_max_bytes > 0)?;
+        nonzero("cache_ttl", !self.cache_ttl.is_zero())?;
+        nonzero("request_timeout", !self.request_timeout.is_zero())?;
+        nonzero("failure_threshold", self.failure_threshold > 0)?;
+        nonzero("recovery_timeout", !self.recovery_timeout.is_zero())?;
+        nonzero("half_open_max_probes", self.half_open_max_probes > 0)?;
+        nonzero("half_open_max_wait", !self.half_open_max_wait.is_zero())?;
+        nonzero("drain_timeout", !self.drain_timeout.is_zero())?;
+        nonzero(
+            "empty_fetch_backoff_min",
+            !self.empty_fetch_backoff_min.is_zero(),
+        )?;
+        if self.retry_backoff_max < self.retry_backoff_base {
+            return Err(Inverted("retry_backoff_base", "retry_backoff_max"));
+        }
+        if self.empty_fetch_backoff_max < self.empty_fetch_backoff_min {
+            return Err(Inverted(
+                "empty_fetch_backoff_min",
+                "empty_fetch_backoff_max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No topic.
+    #[error("topic is empty")]
+    EmptyTopic,
+    /// No group.
+    #[error("consumer group is empty")]
+    EmptyGroup,
+    /// No partitions to consume.
+    #[error("no partitions assigned")]
+    NoPartitions,
+    /// A partition listed twice.
+    #[error("partition {0} is listed twice")]
+    DuplicatePartition(u32),
+    /// Dead letters would loop back into the source.
+    #[error("dead-letter topic is the consumed topic")]
+    DeadLetterIsSource,
+    /// An empty dead-letter topic name.
+    #[error("dead-letter topic is empty")]
+    EmptyDeadLetterTopic,
+    /// A size, count or duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// A lower bound above its upper bound.
+    #[error("{0} exceeds {1}")]
+    Inverted(&'static str, &'static str),
+}

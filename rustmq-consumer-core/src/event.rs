@@ -1,0 +1,266 @@
+//! What the state machine tells its driver: transmits, events, timer reasons, query results.
+
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Record, Request, TopicPartition};
+use crate::TransportError;
+
+/// Identifies one request from transmit to response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// A request the driver must send. Its answer goes back through `handle_response` with `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Correlates the answer.
+    pub id: RequestId,
+    /// What to send.
+    pub request: Request,
+}
+
+/// Names one delivery of one message. Acks, nacks and rejects take it back.
+///
+/// A tag goes stale when its partition is revoked or sought, or when the message was
+/// redelivered since; a stale tag is refused and never moves a watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeliveryTag {
+    /// Partition of the consumed topic.
+    pub partition: u32,
+    /// Offset of the message.
+    pub offset: u64,
+    /// Assignment epoch of the partition when it was delivered.
+    pub epoch: u64,
+    /// Delivery attempt, from 1.
+    pub attempt: u32,
+}
+
+/// A message handed to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Settle it with this.
+    pub tag: DeliveryTag,
+    /// The message.
+    pub record: Record,
+}
+
+/// State of the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed,
+    /// Nothing is sent until the recovery timeout passes.
+    Open,
+    /// A bounded number of probe requests decides.
+    HalfOpen,
+}
+
+/// A phase of `close`. Each is reported as it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ClosePhase {
+    /// No more fetches or deliveries; waiting for outstanding deliveries (bounded).
+    Draining,
+    /// Waiting for confirmed dead letters (bounded).
+    FlushingDeadLetters,
+    /// The final commit is in flight (bounded).
+    FinalCommit,
+    /// Done: nothing more will be sent.
+    Closed,
+}
+
+/// Why a partition cannot make progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StallReason {
+    /// A poison message cannot fit in one dead-letter request.
+    DeadLetterTooLarge {
+        /// Size of the request it would need.
+        size: usize,
+    },
+    /// The dead-letter topic rejected the produce.
+    DeadLetterRejected(String),
+}
+
+/// Something the application or the driver should know. Drain with `poll_event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message for the application.
+    Deliver(Delivery),
+    /// The broker stored these offsets (next offset to read). `ticket` covers every
+    /// `commit()` ticket up to it.
+    Committed {
+        /// Highest on-demand ticket this commit covers (0: none).
+        ticket: u64,
+        /// Partition and committed offset.
+        offsets: Vec<(u32, u64)>,
+    },
+    /// A commit failed; its offsets stay settled and are sent again with the next commit.
+    CommitFailed {
+        /// Highest on-demand ticket this commit covered.
+        ticket: u64,
+        /// Why.
+        error: String,
+    },
+    /// A poison message is in the dead-letter topic; its offset is settled.
+    DeadLettered {
+        /// Partition of the source.
+        partition: u32,
+        /// Offset in the source.
+        offset: u64,
+        /// Deliveries it had.
+        attempts: u32,
+    },
+    /// A poison message was dropped (no dead-letter topic configured); its offset is settled.
+    Discarded {
+        /// Partition.
+        partition: u32,
+        /// Offset.
+        offset: u64,
+        /// Deliveries it had.
+        attempts: u32,
+        /// The last reason given.
+        reason: String,
+    },
+    /// The circuit breaker changed state.
+    BreakerChanged {
+        /// Before.
+        from: BreakerState,
+        /// After.
+        to: BreakerState,
+    },
+    /// Partitions now consumed.
+    Assigned(Vec<TopicPartition>),
+    /// Partitions no longer consumed.
+    Revoked(Vec<TopicPartition>),
+    /// A partition is stuck at `offset` until an operator acts.
+    Stalled {
+        /// Partition.
+        partition: u32,
+        /// The offset that cannot settle.
+        offset: u64,
+        /// Why.
+        reason: StallReason,
+    },
+    /// A request failed (transport, broker error frame, error code or deadline).
+    RequestFailed {
+        /// Which request.
+        id: RequestId,
+        /// Why.
+        error: String,
+    },
+    /// A close phase started.
+    Closing(ClosePhase),
+    /// Closed: nothing more will happen.
+    Closed,
+}
+
+/// Why the state machine wants to be woken (`poll_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// A request's deadline.
+    RequestDeadline,
+    /// Settled offsets waited `ack_batch_timeout` for a commit.
+    AckFlush,
+    /// A nacked message is due for redelivery.
+    Retry,
+    /// A partition's next fetch after an empty one or a failure.
+    FetchBackoff,
+    /// A dead-letter produce is due for another try.
+    DeadLetterRetry,
+    /// The circuit breaker's recovery or half-open deadline.
+    Breaker,
+    /// A cached message's time to live.
+    CacheTtl,
+    /// A commit that failed is due for another try.
+    CommitRetry,
+    /// A close phase's deadline.
+    Close,
+}
+
+/// Lag of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Partition.
+    pub partition: u32,
+    /// Next offset the broker will write, from the latest fetch (`None` before any).
+    pub high_watermark: Option<u64>,
+    /// Last offset the broker confirmed as committed (next offset to read).
+    pub committed: Option<u64>,
+    /// Next offset this consumer will fetch.
+    pub position: u64,
+    /// High watermark minus the committed offset (or minus the settle watermark before any commit).
+    pub lag: u64,
+    /// High watermark minus the position: what is not fetched yet.
+    pub position_lag: u64,
+    /// Age of the oldest delivered, unsettled message.
+    pub oldest_unsettled_age: Option<Duration>,
+}
+
+/// How the consumer is doing, from the breaker and from progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Health {
+    /// Circuit closed, no partition stalled.
+    Healthy,
+    /// Circuit half-open, or a partition stalled.
+    Degraded,
+    /// Circuit open: the broker is unreachable or failing.
+    Unhealthy,
+    /// Closing or closed.
+    Closed,
+}
+
+/// A snapshot of counters and gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// Messages received from fetches.
+    pub received: u64,
+    /// Deliveries to the application (redeliveries included).
+    pub delivered: u64,
+    /// Acks.
+    pub acked: u64,
+    /// Nacks (explicit, dropped handles included).
+    pub nacked: u64,
+    /// Redeliveries.
+    pub retried: u64,
+    /// Rejects.
+    pub rejected: u64,
+    /// Messages confirmed in the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Poison messages dropped for want of a dead-letter topic.
+    pub discarded: u64,
+    /// Commit requests sent.
+    pub commits_sent: u64,
+    /// Commits that failed.
+    pub commits_failed: u64,
+    /// Settlements carried by successful commits.
+    pub committed_settlements: u64,
+    /// Largest settlement count of one commit.
+    pub max_batch: u64,
+    /// Requests failed (transport, broker, deadline).
+    pub requests_failed: u64,
+    /// Fetch requests sent.
+    pub fetches: u64,
+    /// Single-offset fetches for retries the cache had lost.
+    pub refetches: u64,
+    /// Cache hits.
+    pub cache_hits: u64,
+    /// Cache misses.
+    pub cache_misses: u64,
+    /// Cache evictions (capacity and time to live).
+    pub cache_evictions: u64,
+    /// Breaker transitions.
+    pub breaker_transitions: u64,
+    /// Requests in flight now.
+    pub in_flight_requests: u64,
+    /// Deliveries outstanding with the application now.
+    pub in_flight_deliveries: u64,
+    /// Fetched messages buffered now.
+    pub buffered: u64,
+    /// Messages in the cache now.
+    pub cached: u64,
+}

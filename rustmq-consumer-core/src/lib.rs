@@ -1,0 +1,16 @@
+//! The RustMQ consumer's core: a sans-IO state machine, the wire codec and the driver.
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod event;
+mod machine;
+pub mod protocol;
+
+pub use config::{ConfigError, ConsumerConfig, StartPosition};
+pub use error::{TransportError, UsageError};
+pub use event::{
+    BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,
+    RequestId, StallReason, Transmit,
+};
+pub use machine::ConsumerMachine;

@@ -1,0 +1,1 @@
+//! RustMQ consumer: smol crate (in progress).

@@ -1,0 +1,1 @@
+//! RustMQ consumer: testkit crate (in progress).

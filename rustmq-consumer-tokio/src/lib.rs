@@ -1,0 +1,1 @@
+//! RustMQ consumer: tokio crate (in progress).
