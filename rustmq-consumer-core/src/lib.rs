@@ -1,6 +1,8 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec and the driver.
 #![forbid(unsafe_code)]
 
+#[allow(dead_code)]
+mod breaker;
 mod config;
 mod error;
 mod event;
