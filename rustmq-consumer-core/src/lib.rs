@@ -3,6 +3,8 @@
 
 #[allow(dead_code)]
 mod breaker;
+#[allow(dead_code)]
+mod cache;
 mod config;
 mod error;
 mod event;
