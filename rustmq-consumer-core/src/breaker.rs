@@ -166,6 +166,7 @@ impl Breaker {
 
     /// A permit whose request ended with no verdict (e.g. cancelled before sending): frees a
     /// probe slot. A no-op for a normal permit.
+    #[cfg(test)]
     pub(crate) fn release(&mut self, permit: Permit) {
         if let (Inner::HalfOpen { in_flight, .. }, Permit::Probe) = (&mut self.inner, permit) {
             *in_flight = in_flight.saturating_sub(1);

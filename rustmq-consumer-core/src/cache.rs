@@ -218,6 +218,7 @@ impl MessageCache {
     }
 
     /// Whether nothing is held.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

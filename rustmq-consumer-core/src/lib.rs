@@ -1,15 +1,16 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec and the driver.
 #![forbid(unsafe_code)]
 
-#[allow(dead_code)]
+mod backoff;
 mod breaker;
-#[allow(dead_code)]
 mod cache;
 mod config;
 mod error;
 mod event;
+mod frame;
 mod machine;
 pub mod protocol;
+mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use error::{TransportError, UsageError};
@@ -17,4 +18,4 @@ pub use event::{
     BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,
     RequestId, StallReason, Transmit,
 };
-pub use machine::ConsumerMachine;
+pub use machine::{dead_letter_headers, ConsumerMachine};
