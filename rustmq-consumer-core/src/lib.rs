@@ -1,6 +1,7 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec and the driver.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 mod config;
 mod error;
 mod event;
