@@ -92,13 +92,17 @@ struct Partition {
     committed: Option<u64>,
     /// Offset in the commit in flight.
     commit_in_flight: Option<u64>,
+    /// Where consumption started without a commit: nothing to commit until the watermark moves.
+    start: Option<u64>,
     stalled: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PartitionPhase {
-    /// Waiting for the committed offset (FetchOffset) or the high watermark (start at Latest).
+    /// Waiting for the committed offset (FetchOffset).
     Starting,
+    /// No commit and the start position is Latest: waiting for the high watermark.
+    Latest,
     Active,
 }
 
@@ -881,9 +885,10 @@ impl ConsumerMachine {
                 }
                 if let Some(idx) = self.index(partition) {
                     let p = &mut self.partitions[idx];
-                    if p.epoch == epoch && p.phase == PartitionPhase::Starting {
+                    if p.epoch == epoch && p.phase == PartitionPhase::Latest {
                         p.high_watermark = Some(r.high_watermark);
                         p.window.reset(r.high_watermark);
+                        p.start = Some(r.high_watermark);
                         p.phase = PartitionPhase::Active;
                         p.fetch_in_flight = false;
                     }
@@ -956,14 +961,16 @@ impl ConsumerMachine {
             match start {
                 StartPosition::Earliest => {
                     p.window.reset(0);
+                    p.start = Some(0);
                     p.phase = PartitionPhase::Active;
                 }
                 StartPosition::Offset(o) => {
                     p.window.reset(o);
+                    p.start = Some(o);
                     p.phase = PartitionPhase::Active;
                 }
                 // Resolved by a one-record fetch that reports the high watermark.
-                _ => {}
+                _ => p.phase = PartitionPhase::Latest,
             }
         }
         Ok(())
@@ -1179,8 +1186,12 @@ impl ConsumerMachine {
     fn fail_owner(&mut self, now: Instant, owner: Owner) {
         match owner {
             Owner::FetchOffset | Owner::ResolveLatest { .. } => {
+                let phase = match owner {
+                    Owner::FetchOffset => PartitionPhase::Starting,
+                    _ => PartitionPhase::Latest,
+                };
                 for idx in 0..self.partitions.len() {
-                    if self.partitions[idx].phase == PartitionPhase::Starting {
+                    if self.partitions[idx].phase == phase {
                         let failures = self.partitions[idx].fetch_failures.saturating_add(1);
                         let delay = self.fetch_retry_delay(failures);
                         let p = &mut self.partitions[idx];
@@ -1374,14 +1385,9 @@ impl ConsumerMachine {
             return true;
         }
         if p.phase == PartitionPhase::Starting {
-            // Only reached for StartPosition::Latest once FetchOffset found no commit.
-            if self
-                .in_flight
-                .values()
-                .any(|f| matches!(f.owner, Owner::FetchOffset))
-            {
-                return true;
-            }
+            return true; // FetchOffset first
+        }
+        if p.phase == PartitionPhase::Latest {
             let Some(permit) = self.breaker.try_acquire() else {
                 return false;
             };
@@ -1728,6 +1734,7 @@ impl Partition {
             high_watermark: None,
             committed: None,
             commit_in_flight: None,
+            start: None,
             stalled: false,
         }
     }
@@ -1745,7 +1752,7 @@ impl Partition {
             return None;
         }
         let base = self.window.base();
-        let last = self.commit_in_flight.or(self.committed);
+        let last = self.commit_in_flight.or(self.committed).or(self.start);
         (last != Some(base)).then_some(base)
     }
 }

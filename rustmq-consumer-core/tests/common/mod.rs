@@ -81,7 +81,9 @@ impl Harness {
                     .get(&(f.topic.clone(), f.partition_id))
                     .cloned()
                     .unwrap_or_default();
-                let start = usize::try_from(f.fetch_offset).unwrap_or(usize::MAX).min(log.len());
+                let start = usize::try_from(f.fetch_offset)
+                    .unwrap_or(usize::MAX)
+                    .min(log.len());
                 let mut records = Vec::new();
                 let mut bytes = 0;
                 for r in &log[start..] {
@@ -115,7 +117,10 @@ impl Harness {
                 CommitOffsetResponse { error_code: 0 }.into()
             }
             Request::Produce(p) => {
-                let log = self.logs.entry((p.topic.clone(), p.partition_id)).or_default();
+                let log = self
+                    .logs
+                    .entry((p.topic.clone(), p.partition_id))
+                    .or_default();
                 let offset = log.len() as u64;
                 log.extend(p.records.iter().cloned());
                 ProduceResponse {
@@ -125,7 +130,12 @@ impl Harness {
                 }
                 .into()
             }
-            other => return Err(TransportError::Malformed(format!("unexpected {:?}", other.kind()))),
+            other => {
+                return Err(TransportError::Malformed(format!(
+                    "unexpected {:?}",
+                    other.kind()
+                )))
+            }
         })
     }
 
