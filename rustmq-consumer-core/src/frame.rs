@@ -21,3 +21,41 @@ pub(crate) fn commit_entry_len(topic: &str) -> usize {
 pub(crate) fn produce_base_len(topic: &str) -> usize {
     1 + string(topic) + 4 + 8 + 4 + 4
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::request_frame_len;
+    use crate::protocol::*;
+
+    #[test]
+    fn sizes_match_the_codec_byte_for_byte() {
+        let offsets = (0..3)
+            .map(|p| (TopicPartition::new("orders", p), 42))
+            .collect();
+        let commit = CommitOffsetRequest {
+            group_id: "billing".into(),
+            member_id: "m-1".into(),
+            generation_id: 3,
+            offsets,
+        };
+        assert_eq!(
+            request_frame_len(&commit.into()),
+            commit_base_len("billing", "m-1") + 3 * commit_entry_len("orders")
+        );
+        let mut record = Record::from_value(vec![1u8; 100]);
+        record.key = Some(vec![2u8; 5].into());
+        record.headers.push(Header::new("k", "v"));
+        let produce = ProduceRequest {
+            topic: "dlq".into(),
+            partition_id: 0,
+            records: vec![record.clone(), record.clone()],
+            acks: AcknowledgmentLevel::Leader,
+            timeout_ms: 5,
+        };
+        assert_eq!(
+            request_frame_len(&produce.into()),
+            produce_base_len("dlq") + 2 * record.encoded_len()
+        );
+    }
+}

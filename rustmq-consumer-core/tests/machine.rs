@@ -694,17 +694,7 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
     let total: usize = commits.iter().map(|c| c.offsets.len()).sum();
     assert_eq!(total, 100);
     for c in commits {
-        let size = 1
-            + 8
-            + c.group_id.len()
-            + 8
-            + c.member_id.len()
-            + 8
-            + 8
-            + c.offsets
-                .keys()
-                .map(|k| 8 + k.topic.len() + 4 + 8)
-                .sum::<usize>();
+        let size = codec::request_frame_len(&Request::CommitOffset(c.clone()));
         assert!(size <= MAX_REQUEST_FRAME, "{size}");
     }
 }
