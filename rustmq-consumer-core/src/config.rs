@@ -29,10 +29,18 @@ pub struct ConsumerConfig {
     pub consumer_group: String,
     /// An id for logs and the group session (`None`: derived from the seed).
     pub consumer_id: Option<String>,
-    /// Manually assigned partitions of `topic` (RustMQ topics have one partition, 0, by default).
+    /// Empty (the default): join `consumer_group` and consume what its coordinator assigns.
+    /// Non-empty: consume exactly these partitions of `topic`, with no group session (commits
+    /// still go to `consumer_group`, under `manual_generation`).
     pub partitions: Vec<u32>,
     /// Generation sent with commits of a manual assignment.
     pub manual_generation: u64,
+    /// Group session timeout: the broker evicts a member silent for longer.
+    pub session_timeout: Duration,
+    /// Time between heartbeats (`None`: a third of `session_timeout`).
+    pub heartbeat_interval: Option<Duration>,
+    /// Rebalance: longest wait for outstanding deliveries of revoked partitions.
+    pub rebalance_drain_timeout: Duration,
     /// Where to start where no offset was committed.
     pub start_position: StartPosition,
     /// Target number of fetched messages buffered ahead of the application.
@@ -97,8 +105,11 @@ impl ConsumerConfig {
             topic: topic.into(),
             consumer_group: consumer_group.into(),
             consumer_id: None,
-            partitions: vec![0],
+            partitions: Vec::new(),
             manual_generation: 0,
+            session_timeout: Duration::from_secs(30),
+            heartbeat_interval: None,
+            rebalance_drain_timeout: Duration::from_secs(5),
             start_position: StartPosition::Earliest,
             fetch_size,
             fetch_max_bytes: 1024 * 1024,
@@ -129,6 +140,16 @@ impl ConsumerConfig {
         }
     }
 
+    /// True when partitions come from a group session (no manual assignment).
+    pub fn uses_group_session(&self) -> bool {
+        self.partitions.is_empty()
+    }
+
+    /// The effective heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat_interval.unwrap_or(self.session_timeout / 3)
+    }
+
     /// The effective cache capacity in entries.
     pub fn cache_entries(&self) -> usize {
         self.cache_max_entries
@@ -144,9 +165,6 @@ impl ConsumerConfig {
         }
         if self.consumer_group.is_empty() {
             return Err(EmptyGroup);
-        }
-        if self.partitions.is_empty() {
-            return Err(NoPartitions);
         }
         let mut sorted = self.partitions.clone();
         sorted.sort_unstable();
@@ -179,6 +197,17 @@ impl ConsumerConfig {
         nonzero("half_open_max_probes", self.half_open_max_probes > 0)?;
         nonzero("half_open_max_wait", !self.half_open_max_wait.is_zero())?;
         nonzero("drain_timeout", !self.drain_timeout.is_zero())?;
+        nonzero("session_timeout", !self.session_timeout.is_zero())?;
+        nonzero(
+            "heartbeat_interval",
+            self.heartbeat_interval.is_none_or(|h| !h.is_zero()),
+        )?;
+        if u32::try_from(self.session_timeout.as_millis()).is_err() {
+            return Err(TooLarge("session_timeout"));
+        }
+        if self.heartbeat() >= self.session_timeout {
+            return Err(Inverted("heartbeat_interval", "session_timeout"));
+        }
         nonzero(
             "empty_fetch_backoff_min",
             !self.empty_fetch_backoff_min.is_zero(),
@@ -206,9 +235,6 @@ pub enum ConfigError {
     /// No group.
     #[error("consumer group is empty")]
     EmptyGroup,
-    /// No partitions to consume.
-    #[error("no partitions assigned")]
-    NoPartitions,
     /// A partition listed twice.
     #[error("partition {0} is listed twice")]
     DuplicatePartition(u32),
@@ -221,6 +247,9 @@ pub enum ConfigError {
     /// A size, count or duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// A duration the wire cannot carry.
+    #[error("{0} is too large")]
+    TooLarge(&'static str),
     /// A lower bound above its upper bound.
     #[error("{0} exceeds {1}")]
     Inverted(&'static str, &'static str),

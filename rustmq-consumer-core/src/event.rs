@@ -64,6 +64,8 @@ pub enum ClosePhase {
     FlushingDeadLetters,
     /// The final commit is in flight (bounded).
     FinalCommit,
+    /// Leaving the consumer group, after the final commit (bounded).
+    LeavingGroup,
     /// Done: nothing more will be sent.
     Closed,
 }
@@ -133,6 +135,8 @@ pub enum Event {
     Assigned(Vec<TopicPartition>),
     /// Partitions no longer consumed.
     Revoked(Vec<TopicPartition>),
+    /// The coordinator assigned partitions of topics this consumer did not subscribe to.
+    AssignmentIgnored(Vec<TopicPartition>),
     /// A partition is stuck at `offset` until an operator acts.
     Stalled {
         /// Partition.
@@ -177,6 +181,14 @@ pub enum Reason {
     CommitRetry,
     /// A close phase's deadline.
     Close,
+    /// The group heartbeat is due.
+    Heartbeat,
+    /// The group session expires without a confirmed heartbeat.
+    SessionExpiry,
+    /// A group request (FindCoordinator, JoinGroup) is due for another try.
+    GroupRetry,
+    /// A rebalance's drain deadline.
+    Rebalance,
 }
 
 /// Lag of one partition.

@@ -53,6 +53,7 @@
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
 //! - `cache`: the LRU + TTL message cache that redeliveries come from.
+//! - `group`: the consumer-group session (join, heartbeats, eager rebalance, fencing).
 //! - `backoff`: the seeded PRNG and exponential backoff with full jitter.
 //! - `frame`: exact request sizes, so commits and dead-letter batches fit the broker's 8 KiB.
 //! - [`protocol`]: typed RustMQ requests and responses; [`codec`]: their bytes on the wire.
@@ -67,6 +68,7 @@ mod config;
 mod error;
 mod event;
 mod frame;
+mod group;
 mod machine;
 pub mod protocol;
 mod window;

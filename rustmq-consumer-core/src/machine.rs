@@ -13,6 +13,7 @@ use crate::config::{ConfigError, ConsumerConfig, StartPosition};
 use crate::error::{TransportError, UsageError};
 use crate::event::*;
 use crate::frame;
+use crate::group::{GroupSession, Phase as GroupPhase};
 use crate::protocol::*;
 use crate::window::Window;
 
@@ -63,6 +64,11 @@ pub struct ConsumerMachine {
     cursor: usize,
     /// Reasons of poison messages being fetched again for the dead-letter path.
     refetch_reasons: BTreeMap<(u32, u64), String>,
+    /// The group session; `None` for a manual assignment.
+    group: Option<GroupSession>,
+    /// Where this member's revoked partitions stood, so a reassignment after the broker lost
+    /// its commits (a restart) does not fall back to the start position.
+    known_positions: BTreeMap<u32, u64>,
     close: Option<Close>,
     metrics: Metrics,
 }
@@ -73,6 +79,8 @@ struct Partition {
     epoch: u64,
     phase: PartitionPhase,
     paused: bool,
+    /// Being given back in a rebalance: no fetches, no deliveries.
+    revoking: bool,
     /// Settle window: base = lowest unsettled offset, end = next offset to fetch.
     window: Window<Slot>,
     /// Fetched, not yet delivered.
@@ -159,6 +167,12 @@ enum Owner {
         offsets: Vec<(u32, u64, u64)>,
         ticket: u64,
     },
+    FindCoordinator,
+    Join,
+    Heartbeat {
+        generation: u64,
+    },
+    Leave,
     DeadLetter {
         batch: Vec<DeadLetterEntry>,
     },
@@ -175,6 +189,8 @@ struct CommitState {
     advanced: u64,
     /// Advances carried by the commit in flight.
     advanced_in_flight: u64,
+    /// A commit was answered (either way) during the close's final-commit phase.
+    answered_in_close: bool,
     next_ticket: u64,
     /// Highest ticket asked for by `commit()`.
     requested: u64,
@@ -268,16 +284,18 @@ impl ConsumerMachine {
             buffered_bytes: 0,
             cursor: 0,
             refetch_reasons: BTreeMap::new(),
+            group: config
+                .uses_group_session()
+                .then(|| GroupSession::new(now, config.heartbeat(), config.session_timeout)),
+            known_positions: BTreeMap::new(),
             close: None,
             metrics: Metrics::default(),
             config,
         };
-        let assigned = machine
-            .partitions
-            .iter()
-            .map(|p| TopicPartition::new(machine.config.topic.clone(), p.id))
-            .collect();
-        machine.events.push_back(Event::Assigned(assigned));
+        if machine.group.is_none() {
+            let assigned = machine.topic_partitions(machine.partitions.iter().map(|p| p.id));
+            machine.events.push_back(Event::Assigned(assigned));
+        }
         machine.poll_work(now);
         Ok(machine)
     }
@@ -366,6 +384,22 @@ impl ConsumerMachine {
         }
         if self.commits.retry_at.is_some_and(|t| t <= now) {
             self.commits.retry_at = None;
+        }
+        if let Some(g) = &mut self.group {
+            if g.retry_at.is_some_and(|t| t <= now) {
+                g.retry_at = None;
+            }
+        }
+        if self.close.is_none()
+            && self
+                .group
+                .as_ref()
+                .and_then(|g| g.expires_at())
+                .is_some_and(|t| t <= now)
+        {
+            // The broker has evicted us by now: the assignment is lost. Fence locally.
+            warn!(group = %self.config.consumer_group, "session expired without a heartbeat; assignment lost");
+            self.fence(now);
         }
         if self.dead_letters.retry_at.is_some_and(|t| t <= now) {
             self.dead_letters.retry_at = None;
@@ -559,9 +593,29 @@ impl ConsumerMachine {
         offer(self.dead_letters.retry_at, Reason::DeadLetterRetry);
         offer(self.breaker.poll_timeout(), Reason::Breaker);
         offer(self.cache.poll_timeout(), Reason::CacheTtl);
+        if let Some(g) = &self.group {
+            if !g.heartbeat_in_flight && self.close.is_none() {
+                offer(
+                    g.next_heartbeat.filter(|_| g.is_member()),
+                    Reason::Heartbeat,
+                );
+            }
+            offer(
+                g.expires_at().filter(|_| self.close.is_none()),
+                Reason::SessionExpiry,
+            );
+            offer(g.retry_at, Reason::GroupRetry);
+            if let GroupPhase::Revoking {
+                deadline,
+                committing: false,
+            } = g.phase
+            {
+                offer(Some(deadline), Reason::Rebalance);
+            }
+        }
         if self.close.is_none() {
             for p in &self.partitions {
-                if !p.fetch_in_flight && !p.paused {
+                if !p.fetch_in_flight && !p.paused && !p.revoking {
                     offer(p.fetch_not_before, Reason::FetchBackoff);
                 }
             }
@@ -927,6 +981,19 @@ impl ConsumerMachine {
                 self.on_dead_lettered(now, batch);
                 Ok(())
             }
+            (Owner::FindCoordinator, Response::FindCoordinator(r)) => {
+                self.on_find_coordinator(now, r.error_code)
+            }
+            (Owner::Join, Response::JoinGroup(r)) => self.on_join(now, r),
+            (Owner::Heartbeat { generation }, Response::ConsumerHeartbeat(r)) => {
+                self.on_heartbeat(now, generation, r.error_code);
+                Ok(())
+            }
+            (Owner::Leave, Response::LeaveGroup(_)) => {
+                // 16 (unknown group) and 0 both mean we are not a member any more.
+                self.left();
+                Ok(())
+            }
             (owner, response) => {
                 let error = format!("unexpected {:?} response", response.kind());
                 self.fail_owner(now, owner);
@@ -955,6 +1022,13 @@ impl ConsumerMachine {
             if let Some(&committed) = r.offsets.get(&tp) {
                 p.committed = Some(committed);
                 p.window.reset(committed);
+                p.phase = PartitionPhase::Active;
+                continue;
+            }
+            // The broker lost its commits (a restart) but this member was here: keep its place.
+            if let Some(&known) = self.known_positions.get(&p.id) {
+                p.window.reset(known);
+                p.start = Some(known);
                 p.phase = PartitionPhase::Active;
                 continue;
             }
@@ -1129,18 +1203,35 @@ impl ConsumerMachine {
                 }
             }
         }
+        if code == error_code::UNKNOWN_GROUP || code == error_code::ILLEGAL_GENERATION {
+            // The group moved on: reported, never retried under this (or a newer) generation.
+            // Group state, not broker health, so the breaker does not count it.
+            warn!(code, ticket, "commit rejected by the group coordinator");
+            self.commits.failures = self.commits.failures.saturating_add(1);
+            self.metrics.commits_failed += 1;
+            self.commits.advanced += std::mem::take(&mut self.commits.advanced_in_flight);
+            self.commits.wanted = false;
+            self.commits.dirty_since = None;
+            self.events.push_back(Event::CommitFailed {
+                ticket,
+                error: format!("commit rejected with error code {code}"),
+            });
+            self.note_commit_answered(now);
+            if code == error_code::ILLEGAL_GENERATION {
+                self.start_rebalance(now, false);
+            }
+            return Ok(());
+        }
         if code != error_code::NONE {
             self.fail_owner(now, Owner::Commit { offsets, ticket });
-            return match code {
-                // Group state, not broker health: reported, not counted by the breaker.
-                error_code::UNKNOWN_GROUP | error_code::ILLEGAL_GENERATION => Ok(()),
-                _ => Err(format!("commit failed with error code {code}")),
-            };
+            return Err(format!("commit failed with error code {code}"));
         }
         let mut confirmed = Vec::with_capacity(offsets.len());
-        for (id, _, offset) in offsets {
+        for (id, epoch, offset) in offsets {
             if let Some(idx) = self.index(id) {
-                self.partitions[idx].committed = Some(offset);
+                if self.partitions[idx].epoch == epoch {
+                    self.partitions[idx].committed = Some(offset);
+                }
             }
             confirmed.push((id, offset));
         }
@@ -1153,6 +1244,7 @@ impl ConsumerMachine {
             ticket,
             offsets: confirmed,
         });
+        self.note_commit_answered(now);
         // A newer watermark or a newer ticket may be waiting.
         if self.commits.requested > ticket || self.dirty() {
             self.commits.wanted |= self.commits.requested > ticket
@@ -1185,6 +1277,24 @@ impl ConsumerMachine {
     /// A request failed (transport, deadline, error code): put its work back, with backoff.
     fn fail_owner(&mut self, now: Instant, owner: Owner) {
         match owner {
+            Owner::FindCoordinator | Owner::Join => {
+                if let Some(g) = &mut self.group {
+                    g.request_in_flight = false;
+                    g.failures = g.failures.saturating_add(1);
+                }
+                let failures = self.group.as_ref().map_or(1, |g| g.failures);
+                let delay = self.fetch_retry_delay(failures);
+                if let Some(g) = &mut self.group {
+                    g.retry_at = Some(now + delay);
+                }
+            }
+            Owner::Heartbeat { generation } => {
+                if let Some(g) = self.group.as_mut().filter(|g| g.generation == generation) {
+                    g.heartbeat_in_flight = false;
+                    g.heartbeat_failed(now);
+                }
+            }
+            Owner::Leave => self.left(),
             Owner::FetchOffset | Owner::ResolveLatest { .. } => {
                 let phase = match owner {
                     Owner::FetchOffset => PartitionPhase::Starting,
@@ -1242,12 +1352,12 @@ impl ConsumerMachine {
                 }
                 // Settled offsets stay settled; the next commit carries them again.
                 self.commits.advanced += std::mem::take(&mut self.commits.advanced_in_flight);
-                self.commits.wanted = self.close.is_some() || self.commits.requested > ticket;
-                if self.dirty() && !self.commits.wanted {
+                self.commits.wanted = self.dirty() || self.commits.requested > ticket;
+                if self.commits.wanted {
                     self.commits.retry_at =
                         Some(now + self.fetch_retry_delay(self.commits.failures));
-                    self.commits.wanted = true;
                 }
+                self.note_commit_answered(now);
                 self.events.push_back(Event::CommitFailed {
                     ticket,
                     error: "the broker did not confirm the commit".to_owned(),
@@ -1302,6 +1412,9 @@ impl ConsumerMachine {
     }
 
     fn send_work(&mut self, now: Instant) {
+        if !self.drive_group(now) {
+            return;
+        }
         // Commits first: in half-open they are the most valuable probes.
         if self.commits.wanted
             && !self.commits.in_flight
@@ -1381,7 +1494,7 @@ impl ConsumerMachine {
             }
         }
         let p = &self.partitions[idx];
-        if p.fetch_in_flight || p.paused {
+        if p.fetch_in_flight || p.paused || p.revoking {
             return true;
         }
         if p.phase == PartitionPhase::Starting {
@@ -1478,7 +1591,8 @@ impl ConsumerMachine {
         let Some(permit) = self.breaker.try_acquire() else {
             return false;
         };
-        let base = frame::commit_base_len(&self.config.consumer_group, "");
+        let member = self.group.as_ref().map_or("", |g| g.member_id.as_str());
+        let base = frame::commit_base_len(&self.config.consumer_group, member);
         let mut size = base;
         let mut offsets = BTreeMap::new();
         let mut owned = Vec::new();
@@ -1499,10 +1613,14 @@ impl ConsumerMachine {
         self.commits.dirty_since = None;
         self.commits.advanced_in_flight = std::mem::take(&mut self.commits.advanced);
         self.metrics.commits_sent += 1;
+        let (member_id, generation_id) = match &self.group {
+            Some(g) => (g.member_id.clone(), g.generation),
+            None => (String::new(), self.config.manual_generation),
+        };
         let request = CommitOffsetRequest {
             group_id: self.config.consumer_group.clone(),
-            member_id: String::new(),
-            generation_id: self.config.manual_generation,
+            member_id,
+            generation_id,
             offsets,
         };
         self.send(
@@ -1625,7 +1743,7 @@ impl ConsumerMachine {
             let idx = self.cursor % n;
             self.cursor = self.cursor.wrapping_add(1);
             let p = &mut self.partitions[idx];
-            if p.paused {
+            if p.paused || p.revoking {
                 idle += 1;
                 continue;
             }
@@ -1683,14 +1801,26 @@ impl ConsumerMachine {
                     self.commits.retry_at = None;
                     ClosePhase::FinalCommit
                 }
-                ClosePhase::FinalCommit if !self.commits.in_flight && !self.dirty() => {
-                    ClosePhase::Closed
+                ClosePhase::FinalCommit
+                    if !self.commits.in_flight
+                        && (!self.dirty() || self.commits.answered_in_close) =>
+                {
+                    self.leave_or_close()
                 }
                 ClosePhase::FinalCommit if expired => {
                     self.events.push_back(Event::CommitFailed {
                         ticket: self.commits.requested,
                         error: "closed before the final commit was confirmed".to_owned(),
                     });
+                    self.leave_or_close()
+                }
+                ClosePhase::LeavingGroup
+                    if expired
+                        || self
+                            .group
+                            .as_ref()
+                            .is_none_or(|g| g.phase == GroupPhase::Left) =>
+                {
                     ClosePhase::Closed
                 }
                 _ => return,
@@ -1702,7 +1832,7 @@ impl ConsumerMachine {
             });
             self.events.push_back(Event::Closing(next));
             match next {
-                ClosePhase::FinalCommit => self.send_work(now),
+                ClosePhase::FinalCommit | ClosePhase::LeavingGroup => self.send_work(now),
                 ClosePhase::Closed => {
                     self.events.push_back(Event::Closed);
                     return;
@@ -1715,6 +1845,302 @@ impl ConsumerMachine {
     }
 }
 
+impl ConsumerMachine {
+    fn topic_partitions(&self, ids: impl Iterator<Item = u32>) -> Vec<TopicPartition> {
+        ids.map(|id| TopicPartition::new(self.config.topic.clone(), id))
+            .collect()
+    }
+
+    /// A commit was answered (confirmed, rejected or failed).
+    fn note_commit_answered(&mut self, now: Instant) {
+        if self.close_phase() == Some(ClosePhase::FinalCommit) {
+            self.commits.answered_in_close = true;
+        }
+        let revoking = matches!(
+            self.group.as_ref().map(|g| g.phase),
+            Some(GroupPhase::Revoking {
+                committing: true,
+                ..
+            })
+        );
+        if revoking {
+            self.finish_revoke(now);
+        }
+    }
+
+    /// Sends what the group session needs: heartbeats (also while revoking), the revoke
+    /// commit, FindCoordinator, JoinGroup, LeaveGroup. False when the breaker said no.
+    fn drive_group(&mut self, now: Instant) -> bool {
+        let closing = self.close.is_some();
+        let Some(g) = &self.group else { return true };
+        let heartbeat_due = g.is_member()
+            && !closing
+            && !g.heartbeat_in_flight
+            && g.next_heartbeat.is_some_and(|t| t <= now);
+        if heartbeat_due {
+            let Some(permit) = self.breaker.try_acquire() else {
+                if let Some(g) = &mut self.group {
+                    g.heartbeat_failed(now);
+                }
+                return false;
+            };
+            let Some(g) = &mut self.group else {
+                return true;
+            };
+            g.heartbeat_in_flight = true;
+            g.next_heartbeat = None;
+            let generation = g.generation;
+            let request = ConsumerHeartbeatRequest {
+                group_id: self.config.consumer_group.clone(),
+                member_id: g.member_id.clone(),
+                generation_id: generation,
+            };
+            self.send(now, permit, Owner::Heartbeat { generation }, request.into());
+        }
+        if !closing && !self.drive_revoke(now) {
+            return false;
+        }
+        let Some(g) = &self.group else { return true };
+        if g.request_in_flight || g.retry_at.is_some() {
+            return true;
+        }
+        let group_id = self.config.consumer_group.clone();
+        let (owner, request): (Owner, Request) = match g.phase {
+            GroupPhase::FindCoordinator if !closing => (
+                Owner::FindCoordinator,
+                FindCoordinatorRequest { group_id }.into(),
+            ),
+            GroupPhase::Join if !closing => (
+                Owner::Join,
+                JoinGroupRequest {
+                    group_id,
+                    member_id: g.member_id.clone(),
+                    session_timeout_ms: u32::try_from(self.config.session_timeout.as_millis())
+                        .unwrap_or(u32::MAX),
+                    topics: vec![self.config.topic.clone()],
+                }
+                .into(),
+            ),
+            GroupPhase::Leaving => (
+                Owner::Leave,
+                LeaveGroupRequest {
+                    group_id,
+                    member_id: g.member_id.clone(),
+                }
+                .into(),
+            ),
+            _ => return true,
+        };
+        let Some(permit) = self.breaker.try_acquire() else {
+            return false;
+        };
+        if let Some(g) = &mut self.group {
+            g.request_in_flight = true;
+        }
+        self.send(now, permit, owner, request);
+        true
+    }
+
+    /// Revoking: once drained (or at the deadline), one commit under the generation that
+    /// owned the partitions, then let them go. False when the breaker said no.
+    fn drive_revoke(&mut self, now: Instant) -> bool {
+        let Some(GroupPhase::Revoking {
+            deadline,
+            committing: false,
+        }) = self.group.as_ref().map(|g| g.phase)
+        else {
+            return true;
+        };
+        let drained =
+            self.unacked == 0 && self.dead_letters.queue.is_empty() && !self.dead_letters.in_flight;
+        if !(drained || now >= deadline) || self.commits.in_flight {
+            return true;
+        }
+        if !self.dirty() {
+            self.finish_revoke(now);
+            return true;
+        }
+        if let Some(g) = &mut self.group {
+            g.phase = GroupPhase::Revoking {
+                deadline,
+                committing: true,
+            };
+        }
+        self.commits.retry_at = None;
+        if self.send_commit(now) {
+            return true;
+        }
+        self.events.push_back(Event::CommitFailed {
+            ticket: self.commits.requested,
+            error: "circuit open during a rebalance: settled offsets not committed".to_owned(),
+        });
+        self.finish_revoke(now);
+        false
+    }
+
+    /// Eager rebalance: stop fetching and delivering every partition, drain, commit, rejoin.
+    fn start_rebalance(&mut self, now: Instant, forget_member: bool) {
+        if self.close.is_some() {
+            return;
+        }
+        let Some(g) = &mut self.group else { return };
+        if forget_member {
+            g.forget_member();
+        }
+        if g.phase != GroupPhase::Stable {
+            return;
+        }
+        debug!(group = %self.config.consumer_group, generation = g.generation, "rebalance: revoking the assignment");
+        g.phase = GroupPhase::Revoking {
+            deadline: now + self.config.rebalance_drain_timeout,
+            committing: false,
+        };
+        // Undelivered messages and pending retries stay unsettled: the next owner reads them.
+        self.retries.clear();
+        self.refetch_reasons.clear();
+        for p in &mut self.partitions {
+            p.revoking = true;
+            p.redeliver.clear();
+            p.refetch.clear();
+            for (_, r) in p.buffered.drain(..) {
+                self.buffered -= 1;
+                self.buffered_bytes -= r.encoded_len();
+            }
+        }
+    }
+
+    /// Lets every partition go (after the revoke commit, or fenced without one) and rejoins.
+    fn finish_revoke(&mut self, _now: Instant) {
+        let ids: Vec<u32> = self.partitions.iter().map(|p| p.id).collect();
+        for idx in 0..self.partitions.len() {
+            let (id, base) = (self.partitions[idx].id, self.partitions[idx].window.base());
+            self.known_positions.insert(id, base);
+            self.reset_partition(idx, base);
+        }
+        self.partitions.clear();
+        self.commits.wanted = false;
+        self.commits.dirty_since = None;
+        self.commits.advanced = 0;
+        self.commits.retry_at = None;
+        if !ids.is_empty() {
+            let revoked = self.topic_partitions(ids.into_iter());
+            debug!(group = %self.config.consumer_group, ?revoked, "revoked");
+            self.events.push_back(Event::Revoked(revoked));
+        }
+        if let Some(g) = &mut self.group {
+            if g.is_member() {
+                g.phase = GroupPhase::Join;
+            }
+        }
+    }
+
+    /// The session expired: the broker evicted us, so the assignment is lost. No commit.
+    fn fence(&mut self, now: Instant) {
+        self.finish_revoke(now);
+        if let Some(g) = &mut self.group {
+            g.forget_member();
+            g.heartbeat_in_flight = false;
+            g.next_heartbeat = None;
+            g.phase = GroupPhase::Join;
+        }
+    }
+
+    fn leave_or_close(&mut self) -> ClosePhase {
+        match &mut self.group {
+            Some(g) if g.is_member() && !g.member_id.is_empty() => {
+                g.phase = GroupPhase::Leaving;
+                ClosePhase::LeavingGroup
+            }
+            _ => ClosePhase::Closed,
+        }
+    }
+
+    fn left(&mut self) {
+        if let Some(g) = &mut self.group {
+            g.request_in_flight = false;
+            g.phase = GroupPhase::Left;
+        }
+    }
+
+    fn on_find_coordinator(&mut self, now: Instant, code: u32) -> Result<(), String> {
+        if code != error_code::NONE {
+            self.fail_owner(now, Owner::FindCoordinator);
+            return Err(format!("find coordinator failed with error code {code}"));
+        }
+        if let Some(g) = &mut self.group {
+            g.request_in_flight = false;
+            if g.phase == GroupPhase::FindCoordinator {
+                g.phase = GroupPhase::Join;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_join(&mut self, now: Instant, r: JoinGroupResponse) -> Result<(), String> {
+        if r.error_code != error_code::NONE {
+            self.fail_owner(now, Owner::Join);
+            return Err(format!(
+                "join group failed with error code {}",
+                r.error_code
+            ));
+        }
+        let Some(g) = &mut self.group else {
+            return Ok(());
+        };
+        g.request_in_flight = false;
+        g.joined(now, r.member_id.clone(), r.generation_id);
+        debug!(group = %self.config.consumer_group, member = %r.member_id, generation = r.generation_id, "joined");
+        if self.close.is_some() {
+            return Ok(()); // the close will leave
+        }
+        let mine = r
+            .assigned_partitions
+            .get(&r.member_id)
+            .cloned()
+            .unwrap_or_default();
+        let (ours, others): (Vec<_>, Vec<_>) = mine
+            .into_iter()
+            .partition(|tp| tp.topic == self.config.topic);
+        if !others.is_empty() {
+            debug!(?others, "ignoring partitions of topics not subscribed");
+            self.events.push_back(Event::AssignmentIgnored(others));
+        }
+        let mut ids: Vec<u32> = ours.iter().map(|tp| tp.partition).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            if self.index(id).is_none() {
+                let p = Partition::new(id, self.next_epoch, 0);
+                self.next_epoch += 1;
+                let at = self.partitions.partition_point(|q| q.id < id);
+                self.partitions.insert(at, p);
+            }
+        }
+        let assigned = self.topic_partitions(ids.into_iter());
+        self.events.push_back(Event::Assigned(assigned));
+        Ok(())
+    }
+
+    fn on_heartbeat(&mut self, now: Instant, generation: u64, code: u32) {
+        let Some(g) = self.group.as_mut().filter(|g| g.generation == generation) else {
+            return; // an answer about an earlier generation
+        };
+        g.heartbeat_in_flight = false;
+        match code {
+            error_code::NONE => g.confirmed(now),
+            error_code::REBALANCE_IN_PROGRESS | error_code::ILLEGAL_GENERATION => {
+                g.heartbeat_failed(now);
+                self.start_rebalance(now, false);
+            }
+            error_code::UNKNOWN_MEMBER | error_code::UNKNOWN_GROUP => {
+                g.heartbeat_failed(now);
+                self.start_rebalance(now, true);
+            }
+            _ => g.heartbeat_failed(now),
+        }
+    }
+}
+
 impl Partition {
     fn new(id: u32, epoch: u64, offset: u64) -> Self {
         Self {
@@ -1722,6 +2148,7 @@ impl Partition {
             epoch,
             phase: PartitionPhase::Starting,
             paused: false,
+            revoking: false,
             window: Window::new(offset),
             buffered: VecDeque::new(),
             redeliver: VecDeque::new(),

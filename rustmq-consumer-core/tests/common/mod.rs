@@ -58,6 +58,7 @@ impl Harness {
 
     pub fn config(topic: &str) -> ConsumerConfig {
         let mut c = ConsumerConfig::new(topic, "g");
+        c.partitions = vec![0];
         c.empty_fetch_backoff_min = Duration::from_millis(10);
         c.empty_fetch_backoff_max = Duration::from_millis(100);
         c
