@@ -1019,17 +1019,27 @@ impl ConsumerMachine {
             }
             let tp = TopicPartition::new(self.config.topic.clone(), p.id);
             p.fetch_in_flight = false;
+            let known = self.known_positions.get(&p.id).copied();
             if let Some(&committed) = r.offsets.get(&tp) {
+                // Everything below this member's own settle watermark was processed, even if
+                // its commit was rejected in a rebalance: never go back behind it.
+                let position = known.map_or(committed, |k| k.max(committed));
                 p.committed = Some(committed);
-                p.window.reset(committed);
+                p.window.reset(position);
                 p.phase = PartitionPhase::Active;
+                if position != committed {
+                    self.commits.advanced += 1;
+                    self.commits.dirty_since.get_or_insert(now);
+                }
                 continue;
             }
             // The broker lost its commits (a restart) but this member was here: keep its place.
-            if let Some(&known) = self.known_positions.get(&p.id) {
+            if let Some(known) = known {
+                // No `start` baseline: the position is committed again with the next batch.
                 p.window.reset(known);
-                p.start = Some(known);
                 p.phase = PartitionPhase::Active;
+                self.commits.advanced += 1;
+                self.commits.dirty_since.get_or_insert(now);
                 continue;
             }
             match start {

@@ -1,0 +1,466 @@
+//! Consumer-group sessions against the simulated broker: join, heartbeats, rebalance with
+//! fencing, commit before leave, broker restarts. Several `ConsumerMachine`s share one
+//! `SimBroker`; every answer is immediate unless a test holds it.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rustmq_consumer_core::protocol::*;
+use rustmq_consumer_core::*;
+use rustmq_consumer_testkit::SimBroker;
+
+const TOPIC: &str = "orders";
+const GROUP: &str = "billing";
+
+struct Member {
+    m: ConsumerMachine,
+    events: Vec<Event>,
+    sent: Vec<Request>,
+    /// Drop every request (an unreachable broker) while true.
+    cut: bool,
+    /// Ack every delivery as it arrives.
+    auto_ack: bool,
+    acked: Vec<(u32, u64)>,
+}
+
+struct Cluster {
+    broker: SimBroker,
+    now: Instant,
+    members: Vec<Member>,
+}
+
+fn config() -> ConsumerConfig {
+    let mut c = ConsumerConfig::new(TOPIC, GROUP);
+    c.session_timeout = Duration::from_secs(9);
+    c.ack_batch_timeout = Duration::from_millis(200);
+    c.empty_fetch_backoff_max = Duration::from_millis(100);
+    c
+}
+
+impl Cluster {
+    fn new(partitions: u32, messages: usize) -> Self {
+        let mut broker = SimBroker::new();
+        broker.create_topic(TOPIC, partitions);
+        for p in 0..partitions {
+            broker
+                .produce_values(TOPIC, p, (0..messages).map(|i| format!("p{p}-m{i}")))
+                .unwrap();
+        }
+        Self {
+            broker,
+            now: Instant::now(),
+            members: Vec::new(),
+        }
+    }
+
+    fn join(&mut self, config: ConsumerConfig) -> usize {
+        self.join_acking(config, true)
+    }
+
+    fn join_acking(&mut self, config: ConsumerConfig, auto_ack: bool) -> usize {
+        let m = ConsumerMachine::new(config, self.now).unwrap();
+        self.members.push(Member {
+            m,
+            events: Vec::new(),
+            sent: Vec::new(),
+            cut: false,
+            auto_ack,
+            acked: Vec::new(),
+        });
+        self.pump();
+        self.members.len() - 1
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            for i in 0..self.members.len() {
+                while let Some(t) = self.members[i].m.poll_transmit() {
+                    progressed = true;
+                    self.members[i].sent.push(t.request.clone());
+                    if self.members[i].cut {
+                        continue; // never answered: the request deadline fires
+                    }
+                    let r = self
+                        .broker
+                        .handle(self.now, t.request)
+                        .map_err(|e| TransportError::Broker(e.0));
+                    self.members[i].m.handle_response(self.now, t.id, r);
+                }
+                while let Some(e) = self.members[i].m.poll_event() {
+                    progressed = true;
+                    if let (Event::Deliver(d), true) = (&e, self.members[i].auto_ack) {
+                        self.members[i].m.ack(self.now, d.tag).unwrap();
+                        self.members[i].acked.push((d.tag.partition, d.tag.offset));
+                    }
+                    self.members[i].events.push(e);
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let target = self.now + d;
+        for _ in 0..1_000_000 {
+            let next = self
+                .members
+                .iter()
+                .filter_map(|m| m.m.poll_timeout().map(|t| t.0))
+                .chain(self.broker.poll_timeout())
+                .min();
+            match next {
+                Some(at) if at <= target => {
+                    self.now = self.now.max(at);
+                    self.broker.handle_timeout(self.now);
+                    for m in &mut self.members {
+                        m.m.handle_timeout(self.now);
+                    }
+                    self.pump();
+                }
+                _ => break,
+            }
+        }
+        self.now = target;
+        self.broker.handle_timeout(self.now);
+        for m in &mut self.members {
+            m.m.handle_timeout(self.now);
+        }
+        self.pump();
+    }
+
+    fn committed(&self, partition: u32) -> Option<u64> {
+        self.broker
+            .committed(GROUP, &TopicPartition::new(TOPIC, partition))
+    }
+}
+
+fn sent_kinds(m: &Member) -> Vec<RequestKind> {
+    m.sent.iter().map(Request::kind).collect()
+}
+
+#[test]
+fn a_member_joins_consumes_from_offset_zero_and_commits_under_its_generation() {
+    let mut c = Cluster::new(1, 20);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(2));
+    let kinds = sent_kinds(&c.members[a]);
+    assert_eq!(
+        kinds[..3],
+        [
+            RequestKind::FindCoordinator,
+            RequestKind::JoinGroup,
+            RequestKind::FetchOffset
+        ]
+    );
+    assert_eq!(c.members[a].m.assigned_partitions(), [0]);
+    assert_eq!(c.members[a].acked.first(), Some(&(0, 0)));
+    assert_eq!(c.members[a].acked.len(), 20);
+    assert_eq!(c.committed(0), Some(20));
+    let generation = c.broker.generation(GROUP).unwrap();
+    let member = c.broker.members(GROUP)[0].clone();
+    for commit in c.broker.commit_log() {
+        assert_eq!(
+            (commit.generation, &commit.member),
+            (generation, &member),
+            "never a hard-coded generation"
+        );
+    }
+}
+
+#[test]
+fn heartbeats_keep_the_member_alive_past_the_session_timeout() {
+    let mut c = Cluster::new(1, 1);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(60));
+    assert_eq!(c.broker.members(GROUP).len(), 1, "not evicted");
+    let beats = sent_kinds(&c.members[a])
+        .iter()
+        .filter(|k| **k == RequestKind::ConsumerHeartbeat)
+        .count();
+    assert!(
+        (18..=21).contains(&beats),
+        "{beats} heartbeats in 60 s at 3 s"
+    );
+    assert!(!c.members[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Revoked(_))));
+}
+
+#[test]
+fn partitions_of_other_topics_are_ignored_with_an_event() {
+    let mut c = Cluster::new(3, 0);
+    c.broker.create_topic("other", 3);
+    // Another member subscribed to "other" makes the broker spread both topics over members.
+    let mut other = config();
+    other.topic = "other".into();
+    let b = c.join(other);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(30));
+    let ignored: Vec<&Event> = c
+        .members
+        .iter()
+        .flat_map(|m| &m.events)
+        .filter(|e| matches!(e, Event::AssignmentIgnored(_)))
+        .collect();
+    assert!(
+        !ignored.is_empty(),
+        "round-robin hands out partitions of topics a member did not subscribe to"
+    );
+    for m in [a, b] {
+        let topic = c.members[m].m.config().topic.clone();
+        for e in &c.members[m].events {
+            if let Event::Assigned(tps) = e {
+                assert!(tps.iter().all(|tp| tp.topic == topic));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rebalance_revokes_commits_with_the_owning_generation_and_rejoins() {
+    let mut c = Cluster::new(4, 50);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(1));
+    assert_eq!(c.members[a].m.assigned_partitions(), [0, 1, 2, 3]);
+    let b = c.join(config());
+    c.advance(Duration::from_secs(60));
+    // Both members consumed; nothing is lost: every message was acked by someone.
+    let mut seen = BTreeSet::new();
+    for m in &c.members {
+        seen.extend(m.acked.iter().copied());
+    }
+    assert_eq!(seen.len(), 200, "every message processed at least once");
+    assert!(c.members[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Revoked(_))));
+    assert!(
+        !c.members[b].m.assigned_partitions().is_empty()
+            || !c.members[a].m.assigned_partitions().is_empty()
+    );
+    // No accepted commit names a partition the committing member did not own.
+    for commit in c.broker.commit_log() {
+        let owned = commit.member_assignment.clone().unwrap_or_default();
+        for tp in commit.offsets.keys() {
+            assert!(
+                owned.contains(tp),
+                "commit for {tp} by a member that does not own it"
+            );
+        }
+    }
+}
+
+#[test]
+fn stale_generation_acks_are_refused_and_never_move_a_watermark() {
+    let mut c = Cluster::new(1, 5);
+    let mut cfg = config();
+    cfg.rebalance_drain_timeout = Duration::from_secs(1);
+    let a = c.join_acking(cfg, false);
+    c.advance(Duration::from_secs(1));
+    let held: Vec<DeliveryTag> = c.members[a]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deliver(d) => Some(d.tag),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held.len(), 5);
+    // Another member joins: generation moves on, `a` revokes after its drain deadline.
+    let _b = c.join(config());
+    c.advance(Duration::from_secs(8));
+    assert!(c.members[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Revoked(_))));
+    for tag in held {
+        let err = c.members[a].m.ack(c.now, tag).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UsageError::StaleDelivery { .. } | UsageError::UnknownPartition(_)
+            ),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        c.members[a].m.metrics().acked,
+        0,
+        "no stale ack settled anything"
+    );
+}
+
+#[test]
+fn an_unreachable_coordinator_fences_the_member_after_the_session_timeout() {
+    let mut c = Cluster::new(1, 3);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(1));
+    assert_eq!(c.members[a].m.assigned_partitions(), [0]);
+    c.members[a].cut = true;
+    c.advance(Duration::from_secs(10));
+    assert!(
+        c.members[a].m.assigned_partitions().is_empty(),
+        "assignment treated as lost"
+    );
+    assert!(c.members[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Revoked(_))));
+    c.members[a].cut = false;
+    c.advance(Duration::from_secs(70));
+    assert_eq!(
+        c.members[a].m.assigned_partitions(),
+        [0],
+        "rejoined once reachable"
+    );
+}
+
+#[test]
+fn close_commits_before_it_leaves() {
+    let mut c = Cluster::new(1, 10);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(1));
+    c.members[a].m.close(c.now);
+    c.pump();
+    c.advance(Duration::from_secs(1));
+    assert!(c.members[a].m.is_closed());
+    let kinds = sent_kinds(&c.members[a]);
+    let last_commit = kinds
+        .iter()
+        .rposition(|k| *k == RequestKind::CommitOffset)
+        .unwrap();
+    let leave = kinds
+        .iter()
+        .position(|k| *k == RequestKind::LeaveGroup)
+        .unwrap();
+    assert!(last_commit < leave, "commit before leave: {kinds:?}");
+    assert_eq!(leave, kinds.len() - 1, "nothing after leave");
+    assert_eq!(c.committed(0), Some(10));
+    assert!(c.broker.members(GROUP).is_empty());
+    let phases: Vec<ClosePhase> = c.members[a]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Closing(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases.last(), Some(&ClosePhase::Closed));
+    assert!(phases.contains(&ClosePhase::LeavingGroup));
+}
+
+#[test]
+fn a_broker_restart_loses_commits_but_a_running_member_keeps_its_place() {
+    let mut c = Cluster::new(1, 10);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(2));
+    assert_eq!(c.members[a].acked.len(), 10);
+    c.broker.restart();
+    assert_eq!(c.committed(0), None);
+    c.broker.produce_values(TOPIC, 0, ["late"]).unwrap();
+    c.advance(Duration::from_secs(20));
+    // The heartbeat saw 16, the member rejoined, and resumed at its own position: no replay.
+    let offsets: Vec<u64> = c.members[a].acked.iter().map(|(_, o)| *o).collect();
+    assert_eq!(
+        offsets,
+        (0..11).collect::<Vec<_>>(),
+        "no message replayed after the restart"
+    );
+    assert_eq!(
+        c.committed(0),
+        Some(11),
+        "{:#?}",
+        c.members[a]
+            .events
+            .iter()
+            .filter(|e| !matches!(e, Event::Deliver(_)))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_fresh_assignment_without_a_commit_uses_the_start_position() {
+    let mut c = Cluster::new(1, 10);
+    let mut cfg = config();
+    cfg.start_position = StartPosition::Latest;
+    let a = c.join(cfg);
+    c.advance(Duration::from_secs(1));
+    assert!(c.members[a].acked.is_empty(), "Latest skips what was there");
+    c.broker.produce_values(TOPIC, 0, ["new"]).unwrap();
+    c.advance(Duration::from_secs(1));
+    assert_eq!(c.members[a].acked, [(0, 10)]);
+    let lag = c.members[a].m.lag(c.now);
+    assert_eq!(lag[0].high_watermark, Some(11));
+}
+
+#[test]
+fn heartbeat_error_codes_each_lead_to_a_rejoin() {
+    for (what, code) in [
+        ("rebalance", 27u32),
+        ("generation", 22),
+        ("member", 25),
+        ("group", 16),
+    ] {
+        let mut c = Cluster::new(1, 0);
+        let a = c.join(config());
+        c.advance(Duration::from_secs(1));
+        let generation = c.broker.generation(GROUP).unwrap();
+        match code {
+            27 | 22 => {
+                // A second member joining moves the generation (22); its leave starts a rebalance (27).
+                let b = c.join(config());
+                if code == 27 {
+                    c.members[b].m.close(c.now);
+                    c.pump();
+                }
+            }
+            25 => {
+                let member = c.broker.members(GROUP)[0].clone();
+                c.broker
+                    .handle(
+                        c.now,
+                        LeaveGroupRequest {
+                            group_id: GROUP.into(),
+                            member_id: member,
+                        }
+                        .into(),
+                    )
+                    .unwrap();
+            }
+            _ => c.broker.restart(),
+        }
+        c.advance(Duration::from_secs(10));
+        let joins = sent_kinds(&c.members[a])
+            .iter()
+            .filter(|k| **k == RequestKind::JoinGroup)
+            .count();
+        assert!(joins >= 2, "{what} ({code}): rejoined");
+        assert!(c.broker.generation(GROUP).unwrap() >= generation, "{what}");
+        assert!(
+            !c.broker.members(GROUP).is_empty(),
+            "{what}: a member again"
+        );
+    }
+}
+
+#[test]
+fn manual_assignment_has_no_group_session() {
+    let mut c = Cluster::new(2, 3);
+    c.broker.ensure_group(GROUP);
+    let mut cfg = config();
+    cfg.partitions = vec![1];
+    let a = c.join(cfg);
+    c.advance(Duration::from_secs(30));
+    let kinds = sent_kinds(&c.members[a]);
+    assert!(
+        !kinds.contains(&RequestKind::JoinGroup)
+            && !kinds.contains(&RequestKind::ConsumerHeartbeat)
+    );
+    assert_eq!(c.members[a].acked, [(1, 0), (1, 1), (1, 2)]);
+    assert_eq!(c.committed(1), Some(3));
+}
