@@ -1408,8 +1408,9 @@ impl ConsumerMachine {
     /// Sends whatever is due and allowed, delivers what credit allows, and reports breaker
     /// transitions. Runs at the end of every input.
     fn poll_work(&mut self, now: Instant) {
-        self.send_work(now);
+        // Deliver first: it frees prefetch room, which the fetches below then refill.
         self.deliver(now);
+        self.send_work(now);
         if let Some(c) = self.close {
             if c.phase != ClosePhase::Closed {
                 self.advance_close(now, false);

@@ -445,6 +445,16 @@ fn deliveries_and_prefetch_are_bounded() {
 }
 
 #[test]
+fn a_fully_delivered_buffer_is_refilled_without_waiting_for_an_ack() {
+    let mut c = Harness::config("t");
+    c.fetch_size = 5;
+    c.max_unacked = 100;
+    let mut h = started(c, 20);
+    h.advance(Duration::from_millis(100));
+    assert_eq!(h.deliveries().len(), 20, "the application holds every message, unacked");
+}
+
+#[test]
 fn the_unsettled_span_per_partition_is_capped() {
     let mut c = Harness::config("t");
     c.max_unsettled_per_partition = 8;
