@@ -31,11 +31,7 @@ enum Inner {
     /// Nothing flows until `opened_at + recovery_timeout`.
     Open { opened_at: Instant },
     /// Probes flow, at most `max_probes` at a time.
-    HalfOpen {
-        since: Instant,
-        in_flight: u32,
-        successes: u32,
-    },
+    HalfOpen { since: Instant, successes: u32 },
 }
 
 /// A circuit breaker. Starts closed.
@@ -55,6 +51,9 @@ pub(crate) struct Breaker {
     half_open_max_wait: Duration,
     /// The current state.
     inner: Inner,
+    /// Probes sent and not yet answered, across half-open phases: a probe of an earlier phase
+    /// still in flight keeps its slot, so at most `max_probes` are ever outstanding.
+    probes_in_flight: u32,
     /// Transitions not yet drained, oldest first.
     pending: VecDeque<(BreakerState, BreakerState)>,
     /// Every transition since construction.
@@ -77,6 +76,7 @@ impl Breaker {
             inner: Inner::Closed {
                 consecutive_failures: 0,
             },
+            probes_in_flight: 0,
             pending: VecDeque::new(),
             transitions: 0,
         }
@@ -97,12 +97,12 @@ impl Breaker {
     /// A returned permit must come back through exactly one of [`Breaker::on_success`],
     /// [`Breaker::on_failure`] or [`Breaker::release`].
     pub(crate) fn try_acquire(&mut self) -> Option<Permit> {
-        match &mut self.inner {
+        match self.inner {
             Inner::Closed { .. } => Some(Permit::Normal),
             Inner::Open { .. } => None,
-            Inner::HalfOpen { in_flight, .. } => {
-                if *in_flight < self.max_probes {
-                    *in_flight += 1;
+            Inner::HalfOpen { .. } => {
+                if self.probes_in_flight < self.max_probes {
+                    self.probes_in_flight += 1;
                     Some(Permit::Probe)
                 } else {
                     None
@@ -116,6 +116,9 @@ impl Breaker {
     /// `_now` is unused today (success never starts a timer) but keeps the signature of
     /// [`Breaker::on_failure`].
     pub(crate) fn on_success(&mut self, _now: Instant, permit: Permit) {
+        if permit == Permit::Probe && !self.take_probe() {
+            return;
+        }
         match (&mut self.inner, permit) {
             (
                 Inner::Closed {
@@ -123,15 +126,7 @@ impl Breaker {
                 },
                 Permit::Normal,
             ) => *consecutive_failures = 0,
-            (
-                Inner::HalfOpen {
-                    in_flight,
-                    successes,
-                    ..
-                },
-                Permit::Probe,
-            ) if *in_flight > 0 => {
-                *in_flight -= 1;
+            (Inner::HalfOpen { successes, .. }, Permit::Probe) => {
                 *successes += 1;
                 if *successes >= self.max_probes {
                     self.transition(Inner::Closed {
@@ -145,6 +140,9 @@ impl Breaker {
 
     /// The request sent under `permit` failed (transport, broker error or deadline).
     pub(crate) fn on_failure(&mut self, now: Instant, permit: Permit) {
+        if permit == Permit::Probe && !self.take_probe() {
+            return;
+        }
         match (&mut self.inner, permit) {
             (
                 Inner::Closed {
@@ -157,7 +155,7 @@ impl Breaker {
                     self.transition(Inner::Open { opened_at: now });
                 }
             }
-            (Inner::HalfOpen { in_flight, .. }, Permit::Probe) if *in_flight > 0 => {
+            (Inner::HalfOpen { .. }, Permit::Probe) => {
                 self.transition(Inner::Open { opened_at: now });
             }
             _ => {}
@@ -168,9 +166,16 @@ impl Breaker {
     /// probe slot. A no-op for a normal permit.
     #[cfg(test)]
     pub(crate) fn release(&mut self, permit: Permit) {
-        if let (Inner::HalfOpen { in_flight, .. }, Permit::Probe) = (&mut self.inner, permit) {
-            *in_flight = in_flight.saturating_sub(1);
+        if permit == Permit::Probe {
+            self.take_probe();
         }
+    }
+
+    /// Frees one probe slot; false when no probe was outstanding (an outcome to ignore).
+    fn take_probe(&mut self) -> bool {
+        let had = self.probes_in_flight > 0;
+        self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        had
     }
 
     /// When [`Breaker::handle_timeout`] has work: Open, `opened_at + recovery_timeout` (the
@@ -197,7 +202,6 @@ impl Breaker {
             Inner::Closed { .. } => {}
             Inner::Open { .. } => self.transition(Inner::HalfOpen {
                 since: now,
-                in_flight: 0,
                 successes: 0,
             }),
             Inner::HalfOpen { .. } => self.transition(Inner::Open { opened_at: now }),
@@ -442,6 +446,29 @@ mod tests {
         b.on_success(at + MAX_WAIT + ms(1), Permit::Probe);
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.poll_transition(), None);
+    }
+
+    #[test]
+    fn probes_of_an_earlier_half_open_phase_keep_their_slots() {
+        let t0 = Instant::now();
+        let mut b = breaker();
+        let at = half_open(&mut b, t0);
+        let probes: Vec<Permit> = std::iter::from_fn(|| b.try_acquire()).collect();
+        assert!(!probes.is_empty());
+        b.handle_timeout(at + MAX_WAIT);
+        b.handle_timeout(at + MAX_WAIT + RECOVERY);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(
+            b.try_acquire(),
+            None,
+            "the earlier probes are still in flight"
+        );
+        b.on_success(at + MAX_WAIT + RECOVERY, probes[0]);
+        assert_eq!(
+            b.try_acquire(),
+            Some(Permit::Probe),
+            "an answer frees its slot"
+        );
     }
 
     #[test]

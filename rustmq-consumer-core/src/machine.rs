@@ -93,6 +93,9 @@ struct Partition {
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     fetch_not_before: Option<Instant>,
+    /// A fetch took nothing because its first record did not fit the prefetch byte budget
+    /// (at this many buffered bytes): no fetch until deliveries free room.
+    byte_blocked: Option<usize>,
     empty_fetches: u32,
     fetch_failures: u32,
     high_watermark: Option<u64>,
@@ -918,6 +921,7 @@ impl ConsumerMachine {
         p.fetch_in_flight = false;
         p.refetch_in_flight = false;
         p.fetch_not_before = None;
+        p.byte_blocked = None;
         p.empty_fetches = 0;
         p.stalled = false;
         self.retries.retain(|&(_, pid, _)| pid != id);
@@ -1130,6 +1134,10 @@ impl ConsumerMachine {
             self.buffered += 1;
             self.buffered_bytes += bytes;
             taken += 1;
+        }
+        if taken == 0 {
+            // Nothing fitted: wait for deliveries to free room rather than asking again now.
+            p.byte_blocked = Some(self.buffered_bytes);
         }
         self.metrics.received += taken;
         Ok(())
@@ -1353,7 +1361,18 @@ impl ConsumerMachine {
                     }
                 }
             }
-            Owner::Commit { ticket, .. } => {
+            Owner::Commit { ticket, offsets } => {
+                // The broker may or may not have stored it: forget what we believed it holds,
+                // so the next commit states the watermark again whatever it is.
+                for (id, epoch, _) in offsets {
+                    if let Some(idx) = self.index(id) {
+                        let p = &mut self.partitions[idx];
+                        if p.epoch == epoch {
+                            p.committed = None;
+                            p.start = None;
+                        }
+                    }
+                }
                 self.commits.in_flight = false;
                 self.commits.failures = self.commits.failures.saturating_add(1);
                 self.metrics.commits_failed += 1;
@@ -1530,7 +1549,8 @@ impl ConsumerMachine {
         }
         let flow_full = p.window.span() >= self.config.max_unsettled_per_partition
             || self.buffered >= self.config.fetch_size
-            || self.buffered_bytes >= self.config.prefetch_bytes;
+            || self.buffered_bytes >= self.config.prefetch_bytes
+            || p.byte_blocked.is_some_and(|b| self.buffered_bytes >= b);
         if flow_full {
             return true;
         }
@@ -1544,6 +1564,7 @@ impl ConsumerMachine {
             .min(self.config.fetch_max_bytes)
             .max(1);
         self.partitions[idx].fetch_in_flight = true;
+        self.partitions[idx].byte_blocked = None;
         self.metrics.fetches += 1;
         let request = self.fetch_request(offset, max_bytes);
         self.send(
@@ -2167,6 +2188,7 @@ impl Partition {
             fetch_in_flight: false,
             refetch_in_flight: false,
             fetch_not_before: None,
+            byte_blocked: None,
             empty_fetches: 0,
             fetch_failures: 0,
             high_watermark: None,

@@ -451,7 +451,65 @@ fn a_fully_delivered_buffer_is_refilled_without_waiting_for_an_ack() {
     c.max_unacked = 100;
     let mut h = started(c, 20);
     h.advance(Duration::from_millis(100));
-    assert_eq!(h.deliveries().len(), 20, "the application holds every message, unacked");
+    assert_eq!(
+        h.deliveries().len(),
+        20,
+        "the application holds every message, unacked"
+    );
+}
+
+#[test]
+fn a_fetch_that_fits_nothing_waits_for_room_instead_of_spinning() {
+    let mut c = Harness::config("t");
+    c.prefetch_bytes = 100;
+    c.max_unacked = 1;
+    let mut h = Harness::new(c);
+    let topic_log = h.logs.entry(("t".into(), 0)).or_default();
+    for _ in 0..5 {
+        topic_log.push(Record::from_value(vec![0u8; 40])); // 65 bytes encoded
+    }
+    h.advance(Duration::from_secs(1));
+    let held = h.deliveries();
+    assert_eq!(held.len(), 1, "the application holds one message");
+    let fetches = h.fetches_sent().len();
+    assert!(fetches <= 4, "{fetches} fetches while nothing fits: a spin");
+    h.ack(held[0].tag);
+    h.advance(Duration::from_millis(100));
+    assert_eq!(h.deliveries().len(), 1, "room freed: fetching resumes");
+}
+
+#[test]
+fn a_commit_with_an_unknown_outcome_is_stated_again_after_a_seek() {
+    let mut c = Harness::config("t");
+    c.request_timeout = Duration::from_secs(1);
+    let mut h = started(c, 10);
+    let ds = h.deliveries();
+    for d in &ds {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    assert_eq!(h.committed[&0], 10);
+    // A seek back to 5 is committed, but the answer is lost: the broker holds 5.
+    h.m.seek(h.now, 0, 5).unwrap();
+    h.mode = Mode::Hold;
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    let lost = h.pending.pop_front().unwrap();
+    let _ = h.answer(&lost.request); // the broker stores it; the answer never arrives
+    h.advance(Duration::from_millis(1500));
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    h.advance(Duration::from_secs(1));
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.advance(Duration::from_secs(5));
+    assert_eq!(
+        h.committed[&0], 10,
+        "the watermark is committed again, not assumed"
+    );
 }
 
 #[test]
