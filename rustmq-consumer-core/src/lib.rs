@@ -2,12 +2,17 @@
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod driver;
 mod error;
 mod event;
 mod machine;
 pub mod protocol;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
+pub use driver::{
+    sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
+    DeliveryStream, Runtime, Sleep, Transport,
+};
 pub use error::{TransportError, UsageError};
 pub use event::{
     BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,

@@ -43,7 +43,12 @@ impl ConsumerMachine {
     ) -> Result<(), UsageError> {
         todo!()
     }
-    pub fn reject(&mut self, now: Instant, tag: DeliveryTag, reason: &str) -> Result<(), UsageError> {
+    pub fn reject(
+        &mut self,
+        now: Instant,
+        tag: DeliveryTag,
+        reason: &str,
+    ) -> Result<(), UsageError> {
         todo!()
     }
     pub fn pause(&mut self, now: Instant, partitions: &[u32]) -> Result<(), UsageError> {
