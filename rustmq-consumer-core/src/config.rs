@@ -125,7 +125,7 @@ impl ConsumerConfig {
             half_open_max_probes: 3,
             half_open_max_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
-            seed: 0x5eed_0f_2b17_c0de,
+            seed: 0x5eed_0f2b_17c0_de00,
         }
     }
 

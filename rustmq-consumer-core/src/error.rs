@@ -25,6 +25,16 @@ pub enum UsageError {
         /// Offset.
         offset: u64,
     },
+    /// The delivery was already acked, nacked or rejected.
+    #[error(
+        "delivery of offset {offset} on partition {partition} is already settled or handed back"
+    )]
+    NotOutstanding {
+        /// Partition.
+        partition: u32,
+        /// Offset.
+        offset: u64,
+    },
     /// The consumer is closing or closed.
     #[error("consumer is closed")]
     Closed,

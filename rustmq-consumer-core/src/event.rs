@@ -1,9 +1,8 @@
 //! What the state machine tells its driver: transmits, events, timer reasons, query results.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::protocol::{Record, Request, TopicPartition};
-use crate::TransportError;
 
 /// Identifies one request from transmit to response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -263,4 +262,6 @@ pub struct Metrics {
     pub buffered: u64,
     /// Messages in the cache now.
     pub cached: u64,
+    /// Bytes the cache holds now.
+    pub cached_bytes: u64,
 }

@@ -1,12 +1,17 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec and the driver.
 #![forbid(unsafe_code)]
 
+mod backoff;
+mod breaker;
+mod cache;
 mod config;
 pub mod driver;
 mod error;
 mod event;
+mod frame;
 mod machine;
 pub mod protocol;
+mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
@@ -18,4 +23,4 @@ pub use event::{
     BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,
     RequestId, StallReason, Transmit,
 };
-pub use machine::ConsumerMachine;
+pub use machine::{dead_letter_headers, ConsumerMachine};

@@ -1,0 +1,87 @@
+//! Seeded randomness and exponential backoff with full jitter.
+
+use std::time::Duration;
+
+/// A small, fast, seedable PRNG (SplitMix64). Deterministic for a seed: simulation replays it.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..=max` (Lemire's multiply-shift; the tiny bias is irrelevant for jitter).
+    pub(crate) fn up_to(&mut self, max: u64) -> u64 {
+        if max == u64::MAX {
+            return self.next_u64();
+        }
+        ((u128::from(self.next_u64()) * (u128::from(max) + 1)) >> 64) as u64
+    }
+}
+
+/// The capped exponential delay before retry number `attempt` (1-based): `base * 2^(attempt-1)`,
+/// at most `max`.
+pub(crate) fn ceiling(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let shift = attempt.saturating_sub(1).min(32);
+    base.checked_mul(1u32 << shift.min(31))
+        .map_or(max, |d| d.min(max))
+}
+
+/// Full jitter: uniform in `[0, ceiling(base, max, attempt)]`.
+pub(crate) fn full_jitter(rng: &mut Rng, base: Duration, max: Duration, attempt: u32) -> Duration {
+    let cap = ceiling(base, max, attempt);
+    let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.up_to(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_then_caps() {
+        let b = Duration::from_millis(100);
+        let m = Duration::from_secs(1);
+        assert_eq!(ceiling(b, m, 1), b);
+        assert_eq!(ceiling(b, m, 2), Duration::from_millis(200));
+        assert_eq!(ceiling(b, m, 4), Duration::from_millis(800));
+        assert_eq!(ceiling(b, m, 5), m);
+        assert_eq!(ceiling(b, m, u32::MAX), m);
+    }
+
+    #[test]
+    fn jitter_stays_within_ceiling_and_is_seeded() {
+        let b = Duration::from_millis(10);
+        let m = Duration::from_millis(500);
+        let mut a = Rng::new(7);
+        let mut c = Rng::new(7);
+        let mut distinct = std::collections::BTreeSet::new();
+        for attempt in 1..200 {
+            let d = full_jitter(&mut a, b, m, attempt % 8 + 1);
+            assert!(d <= ceiling(b, m, attempt % 8 + 1));
+            assert_eq!(d, full_jitter(&mut c, b, m, attempt % 8 + 1));
+            distinct.insert(d);
+        }
+        assert!(distinct.len() > 100, "jitter should spread delays");
+    }
+
+    #[test]
+    fn up_to_covers_bounds() {
+        let mut r = Rng::new(1);
+        assert_eq!(r.up_to(0), 0);
+        let mut seen = [false; 4];
+        for _ in 0..1000 {
+            seen[r.up_to(3) as usize] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+}
