@@ -4,6 +4,7 @@
 mod backoff;
 mod breaker;
 mod cache;
+pub mod codec;
 mod config;
 pub mod driver;
 mod error;

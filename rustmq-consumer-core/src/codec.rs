@@ -1,0 +1,247 @@
+//! The RustMQ wire codec.
+//!
+//! A frame is what one QUIC stream carries in one direction: a type byte (the request kind, see
+//! [`RequestKind`]) followed by the bincode 1.3 body of the message (fixed-width little-endian
+//! integers, `u64` lengths, exactly `bincode::serialize`). An error response is `0xFF` followed
+//! by the UTF-8 text `Error: <message>`; a response of zero bytes means the broker did not know
+//! the request type.
+//!
+//! Limits: a request frame is at most [`MAX_REQUEST_FRAME`] bytes (the broker reads it with one
+//! read into an 8 KiB buffer), a response frame at most [`MAX_RESPONSE_FRAME`] bytes. Decoding
+//! never panics, and a length prefix can never make it allocate more than the frame's own size.
+
+use bincode::Options;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::error::TransportError;
+use crate::protocol::{Request, RequestKind, Response, MAX_REQUEST_FRAME};
+
+/// Largest response frame accepted from the broker, type byte included (16 MiB).
+pub const MAX_RESPONSE_FRAME: usize = 16 * 1024 * 1024;
+
+/// The type byte of an error response.
+pub const ERROR_TYPE_BYTE: u8 = 0xFF;
+
+/// The prefix the broker puts before the text of an error response.
+const ERROR_PREFIX: &str = "Error: ";
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The frame has no bytes at all.
+    #[error("empty frame")]
+    Empty,
+    /// The type byte names no request.
+    #[error("unknown request type {0:#04x}")]
+    UnknownType(u8),
+    /// The body is truncated or is not a valid encoding of its message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The request frame exceeds the broker's frame limit.
+    #[error("request of {size} bytes exceeds the {limit}-byte frame limit")]
+    RequestTooLarge {
+        /// Size of the frame, type byte included.
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The serializer refused the message.
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+impl From<CodecError> for TransportError {
+    fn from(error: CodecError) -> Self {
+        match error {
+            CodecError::RequestTooLarge { size, .. } => TransportError::RequestTooLarge(size),
+            other => TransportError::Malformed(other.to_string()),
+        }
+    }
+}
+
+/// Runs `$e` with `$body` bound to the message inside a [`Request`].
+macro_rules! with_request_body {
+    ($request:expr, $body:ident => $e:expr) => {
+        match $request {
+            Request::Produce($body) => $e,
+            Request::Fetch($body) => $e,
+            Request::Metadata($body) => $e,
+            Request::FindCoordinator($body) => $e,
+            Request::JoinGroup($body) => $e,
+            Request::ConsumerHeartbeat($body) => $e,
+            Request::CommitOffset($body) => $e,
+            Request::FetchOffset($body) => $e,
+            Request::LeaveGroup($body) => $e,
+        }
+    };
+}
+
+/// Runs `$e` with `$body` bound to the message inside a [`Response`].
+macro_rules! with_response_body {
+    ($response:expr, $body:ident => $e:expr) => {
+        match $response {
+            Response::Produce($body) => $e,
+            Response::Fetch($body) => $e,
+            Response::Metadata($body) => $e,
+            Response::FindCoordinator($body) => $e,
+            Response::JoinGroup($body) => $e,
+            Response::ConsumerHeartbeat($body) => $e,
+            Response::CommitOffset($body) => $e,
+            Response::FetchOffset($body) => $e,
+            Response::LeaveGroup($body) => $e,
+        }
+    };
+}
+
+/// Size of the frame for `body`: the type byte plus the bincode body.
+fn frame_size<T: Serialize>(body: &T) -> Result<usize, CodecError> {
+    let body_len = bincode::serialized_size(body).map_err(|e| CodecError::Encode(e.to_string()))?;
+    usize::try_from(body_len)
+        .ok()
+        .and_then(|len| len.checked_add(1))
+        .ok_or_else(|| CodecError::Encode("frame size overflows usize".to_owned()))
+}
+
+/// Writes the type byte and the bincode body into a buffer of exactly `size` bytes.
+fn write_frame<T: Serialize>(type_byte: u8, body: &T, size: usize) -> Result<Bytes, CodecError> {
+    let mut frame = Vec::with_capacity(size);
+    frame.push(type_byte);
+    bincode::serialize_into(&mut frame, body).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(Bytes::from(frame))
+}
+
+/// Decodes a bincode body with the broker's options, never reading (or allocating for) more
+/// than `body.len()` bytes. Trailing bytes are ignored, as the broker ignores them.
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(body.len() as u64)
+        .deserialize(body)
+}
+
+/// Encodes a request frame: its type byte, then its bincode body.
+///
+/// Refuses a frame over [`MAX_REQUEST_FRAME`] with [`CodecError::RequestTooLarge`], before
+/// allocating it.
+pub fn encode_request(request: &Request) -> Result<Bytes, CodecError> {
+    let type_byte = request.kind() as u8;
+    with_request_body!(request, body => {
+        let size = frame_size(body)?;
+        if size > MAX_REQUEST_FRAME {
+            return Err(CodecError::RequestTooLarge {
+                size,
+                limit: MAX_REQUEST_FRAME,
+            });
+        }
+        write_frame(type_byte, body, size)
+    })
+}
+
+/// The exact size of `request`'s frame, type byte included, as [`encode_request`] would write
+/// it (whether or not it fits in [`MAX_REQUEST_FRAME`]).
+///
+/// Returns `usize::MAX` (which never fits) if the size cannot be computed; for the protocol's
+/// types bincode always computes it.
+pub fn request_frame_len(request: &Request) -> usize {
+    with_request_body!(request, body => frame_size(body).unwrap_or(usize::MAX))
+}
+
+/// Decodes the response frame to a request of kind `kind`.
+///
+/// An empty frame is [`TransportError::EmptyResponse`], an error frame is
+/// [`TransportError::Broker`] with the broker's text (without its `Error: ` prefix), a frame
+/// over [`MAX_RESPONSE_FRAME`] is [`TransportError::ResponseTooLarge`], and a wrong type byte or
+/// an undecodable body is [`TransportError::Malformed`].
+pub fn decode_response(kind: RequestKind, frame: &[u8]) -> Result<Response, TransportError> {
+    if frame.len() > MAX_RESPONSE_FRAME {
+        return Err(TransportError::ResponseTooLarge(frame.len()));
+    }
+    let Some((&type_byte, body)) = frame.split_first() else {
+        return Err(TransportError::EmptyResponse);
+    };
+    if type_byte == ERROR_TYPE_BYTE {
+        let text = String::from_utf8_lossy(body);
+        let text = text.strip_prefix(ERROR_PREFIX).unwrap_or(&text);
+        return Err(TransportError::Broker(text.to_owned()));
+    }
+    if type_byte != kind as u8 {
+        return Err(TransportError::Malformed(format!(
+            "type byte {type_byte:#04x} in a response to {kind:?} ({:#04x})",
+            kind as u8
+        )));
+    }
+    decode_response_body(kind, body).map_err(|e| TransportError::Malformed(e.to_string()))
+}
+
+fn decode_response_body(kind: RequestKind, body: &[u8]) -> Result<Response, bincode::Error> {
+    Ok(match kind {
+        RequestKind::Produce => Response::Produce(decode_body(body)?),
+        RequestKind::Fetch => Response::Fetch(decode_body(body)?),
+        RequestKind::Metadata => Response::Metadata(decode_body(body)?),
+        RequestKind::FindCoordinator => Response::FindCoordinator(decode_body(body)?),
+        RequestKind::JoinGroup => Response::JoinGroup(decode_body(body)?),
+        RequestKind::ConsumerHeartbeat => Response::ConsumerHeartbeat(decode_body(body)?),
+        RequestKind::CommitOffset => Response::CommitOffset(decode_body(body)?),
+        RequestKind::FetchOffset => Response::FetchOffset(decode_body(body)?),
+        RequestKind::LeaveGroup => Response::LeaveGroup(decode_body(body)?),
+    })
+}
+
+/// Decodes a request frame (the broker's side).
+///
+/// A frame over [`MAX_REQUEST_FRAME`] is refused with [`CodecError::RequestTooLarge`]; trailing
+/// bytes after a valid body are ignored, as the broker ignores them.
+pub fn decode_request(frame: &[u8]) -> Result<Request, CodecError> {
+    let Some((&type_byte, body)) = frame.split_first() else {
+        return Err(CodecError::Empty);
+    };
+    if frame.len() > MAX_REQUEST_FRAME {
+        return Err(CodecError::RequestTooLarge {
+            size: frame.len(),
+            limit: MAX_REQUEST_FRAME,
+        });
+    }
+    let kind = RequestKind::from_byte(type_byte).ok_or(CodecError::UnknownType(type_byte))?;
+    decode_request_body(kind, body).map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+fn decode_request_body(kind: RequestKind, body: &[u8]) -> Result<Request, bincode::Error> {
+    Ok(match kind {
+        RequestKind::Produce => Request::Produce(decode_body(body)?),
+        RequestKind::Fetch => Request::Fetch(decode_body(body)?),
+        RequestKind::Metadata => Request::Metadata(decode_body(body)?),
+        RequestKind::FindCoordinator => Request::FindCoordinator(decode_body(body)?),
+        RequestKind::JoinGroup => Request::JoinGroup(decode_body(body)?),
+        RequestKind::ConsumerHeartbeat => Request::ConsumerHeartbeat(decode_body(body)?),
+        RequestKind::CommitOffset => Request::CommitOffset(decode_body(body)?),
+        RequestKind::FetchOffset => Request::FetchOffset(decode_body(body)?),
+        RequestKind::LeaveGroup => Request::LeaveGroup(decode_body(body)?),
+    })
+}
+
+/// Encodes a success response frame (the broker's side): the request's type byte, then the
+/// bincode body.
+///
+/// No size cap is applied here; a broker keeps its responses under [`MAX_RESPONSE_FRAME`]. If
+/// the serializer refused the message, the result is the error frame the broker would send.
+pub fn encode_response(response: &Response) -> Bytes {
+    let type_byte = response.kind() as u8;
+    let encoded = with_response_body!(response, body => {
+        frame_size(body).and_then(|size| write_frame(type_byte, body, size))
+    });
+    encoded.unwrap_or_else(|e| encode_error_frame(&format!("Serialization error: {e}")))
+}
+
+/// Encodes an error response frame (the broker's side): `0xFF`, then `Error: <message>`.
+pub fn encode_error_frame(message: &str) -> Bytes {
+    let mut frame = Vec::with_capacity(1 + ERROR_PREFIX.len() + message.len());
+    frame.push(ERROR_TYPE_BYTE);
+    frame.extend_from_slice(ERROR_PREFIX.as_bytes());
+    frame.extend_from_slice(message.as_bytes());
+    Bytes::from(frame)
+}

@@ -1,0 +1,608 @@
+//! Behaviour of the consumer state machine, one test per promise. Tests named after a defect
+//! of the old SDK (PROTOCOL.md, "How the broker's own SDK consumer failed") guard against it.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, Mode};
+use rustmq_consumer_core::protocol::*;
+use rustmq_consumer_core::*;
+
+fn started(config: ConsumerConfig, produced: usize) -> Harness {
+    let mut h = Harness::new(config);
+    h.produce(0, produced);
+    h.advance(Duration::from_millis(200));
+    h
+}
+
+#[test]
+fn starts_at_offset_zero_not_one() {
+    let mut h = started(Harness::config("t"), 3);
+    let ds = h.deliveries();
+    assert_eq!(ds.iter().map(|d| d.tag.offset).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(ds[0].record.value.as_ref(), b"m0");
+    for d in &ds {
+        h.ack(d.tag);
+    }
+    let t = h.m.commit(h.now).unwrap();
+    h.pump();
+    assert!(h.events.contains(&Event::Committed { ticket: t, offsets: vec![(0, 3)] }));
+    assert_eq!(h.committed[&0], 3, "commit is the next offset to read");
+}
+
+#[test]
+fn resumes_from_the_stored_commit_instead_of_ignoring_it() {
+    let mut h = Harness::new(Harness::config("t"));
+    h.committed.insert(0, 0);
+    // Rebuild with the commit in place.
+    let mut h2 = Harness::new(Harness::config("t"));
+    h2.committed.insert(0, 4);
+    h2.logs = h.logs.clone();
+    let mut h2 = {
+        let mut fresh = Harness::new(Harness::config("t"));
+        fresh.committed.insert(0, 4);
+        fresh
+    };
+    h.produce(0, 0);
+    h2.produce(0, 6);
+    // The first FetchOffset went out before the commit existed: restart the machine now.
+    let mut h3 = Harness::new(Harness::config("t"));
+    h3.logs = h2.logs.clone();
+    h3.committed.insert(0, 4);
+    let mut h3 = reboot(h3);
+    h3.advance(Duration::from_millis(50));
+    let offsets: Vec<u64> = h3.deliveries().iter().map(|d| d.tag.offset).collect();
+    assert_eq!(offsets, [4, 5]);
+}
+
+/// Rebuilds the machine over the same broker state (a consumer restart).
+fn reboot(h: Harness) -> Harness {
+    let config = h.m.config().clone();
+    let mut fresh = Harness::new_with(config, h.logs, h.committed);
+    fresh.pump();
+    fresh
+}
+
+#[test]
+fn start_position_applies_only_without_a_commit() {
+    for (start, expect) in [
+        (StartPosition::Earliest, 0),
+        (StartPosition::Latest, 5),
+        (StartPosition::Offset(3), 3),
+    ] {
+        let mut c = Harness::config("t");
+        c.start_position = start;
+        let mut logs = std::collections::BTreeMap::new();
+        logs.insert(("t".to_owned(), 0), (0..5).map(|i| Record::from_value(format!("m{i}"))).collect());
+        let mut h = Harness::new_with(c, logs, Default::default());
+        h.advance(Duration::from_millis(50));
+        h.produce(0, 2);
+        h.advance(Duration::from_millis(200));
+        let first = h.deliveries().first().map(|d| d.tag.offset);
+        assert_eq!(first, Some(expect), "{start:?}");
+    }
+}
+
+#[test]
+fn never_refetches_from_the_commit_point() {
+    let mut h = started(Harness::config("t"), 10);
+    assert_eq!(h.deliveries().len(), 10);
+    // The application holds every message; time passes.
+    h.advance(Duration::from_secs(30));
+    assert!(h.deliveries().is_empty(), "no redelivery of outstanding messages");
+    let fetches = h.fetches_sent();
+    assert!(fetches.iter().skip(1).all(|f| f.fetch_offset >= 10), "{fetches:?}");
+}
+
+#[test]
+fn out_of_order_acks_never_pass_a_gap() {
+    let mut h = started(Harness::config("t"), 3);
+    let ds = h.deliveries();
+    h.ack(ds[2].tag);
+    h.ack(ds[1].tag);
+    assert_eq!(h.m.settle_watermark(0), Some(0));
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    assert!(h.commits_sent().is_empty(), "nothing committable yet");
+    h.ack(ds[0].tag);
+    assert_eq!(h.m.settle_watermark(0), Some(3));
+}
+
+#[test]
+fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
+    let mut c = Harness::config("t");
+    c.ack_batch_size = 10;
+    c.ack_batch_timeout = Duration::from_secs(1);
+    c.fetch_size = 100;
+    let mut h = started(c, 25);
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 25);
+    h.mode = Mode::Hold;
+    for d in &ds[..20] {
+        h.ack(d.tag);
+    }
+    assert_eq!(h.commits_sent().len(), 1, "one commit in flight, the newer watermark waits");
+    assert_eq!(h.commits_sent()[0].offsets.values().next(), Some(&10));
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    assert_eq!(h.commits_sent().len(), 2, "superseding commit sent after the first");
+    assert_eq!(h.commits_sent()[1].offsets.values().next(), Some(&20));
+    for d in &ds[20..] {
+        h.ack(d.tag);
+    }
+    assert_eq!(h.commits_sent().len(), 2, "5 settlements: below the batch size");
+    h.advance(Duration::from_millis(999));
+    assert_eq!(h.commits_sent().len(), 2);
+    h.advance(Duration::from_millis(2));
+    assert_eq!(h.commits_sent().len(), 3, "batch timeout flushed");
+    assert_eq!(h.committed[&0], 25);
+    assert!(h.m.metrics().max_batch >= 10);
+}
+
+#[test]
+fn retries_count_attempts_back_off_and_stop_after_success() {
+    let mut c = Harness::config("t");
+    c.retry_backoff_base = Duration::from_millis(100);
+    c.retry_backoff_max = Duration::from_secs(10);
+    let mut h = started(c, 1);
+    let d = h.deliveries().remove(0);
+    assert_eq!(d.tag.attempt, 1);
+    h.nack(d.tag, Some(Duration::from_millis(500)));
+    h.advance(Duration::from_millis(499));
+    assert!(h.deliveries().is_empty(), "not before the explicit delay");
+    h.advance(Duration::from_millis(1));
+    let d2 = h.deliveries().remove(0);
+    assert_eq!((d2.tag.offset, d2.tag.attempt), (0, 2));
+    assert_eq!(d2.record, d.record);
+    // The old tag is stale now.
+    assert_eq!(h.m.ack(h.now, d.tag), Err(UsageError::StaleDelivery { partition: 0, offset: 0 }));
+    h.ack(d2.tag);
+    h.advance(Duration::from_secs(60));
+    assert!(h.deliveries().is_empty(), "retries_re_queued_after_success: no redelivery after an ack");
+    assert_eq!(h.m.metrics().retried, 1);
+}
+
+#[test]
+fn renacks_continue_the_chain_and_end_in_the_dead_letter_topic() {
+    let mut c = Harness::config("t");
+    c.max_retry_attempts = 2;
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = started(c, 2);
+    let mut attempts = Vec::new();
+    loop {
+        h.advance(Duration::from_secs(60));
+        let ds = h.deliveries();
+        let Some(d) = ds.iter().find(|d| d.tag.offset == 0) else { break };
+        attempts.push(d.tag.attempt);
+        h.nack(d.tag, None);
+        if let Some(d1) = ds.iter().find(|d| d.tag.offset == 1) {
+            h.ack(d1.tag);
+        }
+    }
+    assert_eq!(attempts, [1, 2, 3], "attempts grow and stop at max_retry_attempts + 1");
+    let dlq = &h.logs[&("dlq".to_owned(), 0)];
+    assert_eq!(dlq.len(), 1);
+    let header = |k: &str| String::from_utf8(dlq[0].header(k).unwrap().to_vec()).unwrap();
+    assert_eq!(header(dead_letter_headers::ORIGINAL_TOPIC), "t");
+    assert_eq!(header(dead_letter_headers::ORIGINAL_PARTITION), "0");
+    assert_eq!(header(dead_letter_headers::ORIGINAL_OFFSET), "0");
+    assert_eq!(header(dead_letter_headers::ATTEMPTS), "3");
+    assert_eq!(header(dead_letter_headers::CONSUMER_GROUP), "g");
+    assert!(header(dead_letter_headers::LAST_REASON).contains("retries exhausted"));
+    assert_eq!(dlq[0].value.as_ref(), b"m0");
+    assert_eq!(h.count(|e| matches!(e, Event::DeadLettered { offset: 0, attempts: 3, .. })), 1);
+}
+
+#[test]
+fn a_dead_lettered_offset_settles_and_the_partition_moves_on() {
+    let mut c = Harness::config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = started(c, 3);
+    let ds = h.deliveries();
+    h.mode = Mode::Hold;
+    h.m.reject(h.now, ds[0].tag, "bad payload").unwrap();
+    h.pump();
+    h.ack(ds[1].tag);
+    h.ack(ds[2].tag);
+    assert_eq!(h.m.settle_watermark(0), Some(0), "not settled before the produce is confirmed");
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    assert_eq!(h.m.settle_watermark(0), Some(3));
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    assert_eq!(h.committed[&0], 3);
+    assert_eq!(h.m.metrics().dead_lettered, 1);
+}
+
+#[test]
+fn one_dead_letter_produce_in_flight_batching_the_rest() {
+    let mut c = Harness::config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = started(c, 6);
+    let ds = h.deliveries();
+    h.mode = Mode::Hold;
+    for d in &ds {
+        h.m.reject(h.now, d.tag, "poison").unwrap();
+        h.pump();
+    }
+    assert_eq!(h.produces_sent().len(), 1, "one producer request at a time");
+    assert_eq!(h.produces_sent()[0].records.len(), 1);
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    let produces = h.produces_sent();
+    assert_eq!(produces.len(), 2, "the other five went in one batch");
+    assert_eq!(produces[1].records.len(), 5);
+    assert_eq!(h.m.settle_watermark(0), Some(6));
+}
+
+#[test]
+fn poison_without_a_dead_letter_topic_is_discarded_explicitly() {
+    let mut c = Harness::config("t");
+    c.max_retry_attempts = 0;
+    let mut h = started(c, 1);
+    let d = h.deliveries().remove(0);
+    h.nack(d.tag, None);
+    assert_eq!(h.count(|e| matches!(e, Event::Discarded { offset: 0, attempts: 1, .. })), 1);
+    assert_eq!(h.m.metrics().discarded, 1);
+    assert_eq!(h.m.settle_watermark(0), Some(1));
+}
+
+#[test]
+fn oversized_poison_stalls_the_partition_visibly() {
+    let mut c = Harness::config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = Harness::new(c);
+    h.logs.insert(("t".into(), 0), vec![Record::from_value(vec![7u8; 9000])]);
+    h.advance(Duration::from_millis(100));
+    let d = h.deliveries().remove(0);
+    h.m.reject(h.now, d.tag, "too big").unwrap();
+    h.pump();
+    assert!(h.produces_sent().is_empty(), "nothing over 8 KiB is sent");
+    assert!(h.events.iter().any(|e| matches!(e, Event::Stalled { partition: 0, offset: 0, reason: StallReason::DeadLetterTooLarge { .. } })));
+    assert_eq!(h.m.health(), Health::Degraded);
+    assert_eq!(h.m.settle_watermark(0), Some(0), "never silently settled");
+}
+
+#[test]
+fn circuit_breaker_is_called_opens_and_recovers() {
+    let mut c = Harness::config("t");
+    c.failure_threshold = 3;
+    c.recovery_timeout = Duration::from_secs(5);
+    c.half_open_max_probes = 1;
+    let mut h = Harness::new(c);
+    h.mode = Mode::Fail;
+    h.advance(Duration::from_secs(120));
+    assert_eq!(h.m.breaker_state(), BreakerState::Open);
+    assert_eq!(h.m.health(), Health::Unhealthy);
+    let sent = h.sent.len();
+    h.advance(Duration::from_millis(10));
+    assert_eq!(h.sent.len(), sent, "nothing sent while open");
+    h.mode = Mode::Answer;
+    h.produce(0, 2);
+    h.advance(Duration::from_secs(6));
+    assert_eq!(h.m.breaker_state(), BreakerState::Closed);
+    assert!(h.events.iter().any(|e| *e == Event::BreakerChanged { from: BreakerState::Open, to: BreakerState::HalfOpen }));
+    assert!(h.events.iter().any(|e| *e == Event::BreakerChanged { from: BreakerState::HalfOpen, to: BreakerState::Closed }));
+    assert_eq!(h.deliveries().len(), 2, "consumption resumes");
+}
+
+#[test]
+fn handler_nacks_never_count_as_broker_failures() {
+    let mut c = Harness::config("t");
+    c.failure_threshold = 1;
+    c.max_retry_attempts = 10;
+    let mut h = started(c, 1);
+    for _ in 0..5 {
+        let d = h.deliveries().remove(0);
+        h.nack(d.tag, Some(Duration::from_millis(1)));
+        h.advance(Duration::from_millis(5));
+    }
+    assert_eq!(h.m.breaker_state(), BreakerState::Closed);
+}
+
+#[test]
+fn acks_settle_while_open_and_commit_when_closed_again() {
+    let mut c = Harness::config("t");
+    c.failure_threshold = 1;
+    c.recovery_timeout = Duration::from_secs(5);
+    c.half_open_max_probes = 1;
+    let mut h = started(c, 2);
+    let ds = h.deliveries();
+    h.mode = Mode::Fail;
+    h.advance(Duration::from_millis(200));
+    assert_eq!(h.m.breaker_state(), BreakerState::Open);
+    h.ack(ds[0].tag);
+    h.ack(ds[1].tag);
+    assert_eq!(h.m.settle_watermark(0), Some(2));
+    h.m.commit(h.now).unwrap();
+    h.mode = Mode::Answer;
+    h.advance(Duration::from_secs(6));
+    assert_eq!(h.committed.get(&0), Some(&2));
+}
+
+#[test]
+fn cache_eviction_is_counted_and_the_retry_refetches() {
+    let mut c = Harness::config("t");
+    c.cache_max_entries = Some(1);
+    let mut h = started(c, 3);
+    let ds = h.deliveries();
+    assert!(h.m.metrics().cache_evictions >= 2, "evictions are counted, not silent");
+    for d in &ds {
+        h.nack(d.tag, Some(Duration::from_millis(10)));
+    }
+    h.advance(Duration::from_millis(100));
+    let again = h.deliveries();
+    assert_eq!(again.len(), 3);
+    for (a, b) in ds.iter().zip(&again) {
+        assert_eq!(a.record, b.record, "the refetched record is the original");
+        assert_eq!(b.tag.attempt, 2);
+    }
+    assert!(h.m.metrics().refetches >= 2);
+}
+
+#[test]
+fn cache_ttl_is_read_and_expiry_refetches() {
+    let mut c = Harness::config("t");
+    c.cache_ttl = Duration::from_secs(1);
+    let mut h = started(c, 1);
+    let d = h.deliveries().remove(0);
+    h.nack(d.tag, Some(Duration::from_secs(5)));
+    h.advance(Duration::from_secs(6));
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1);
+    assert!(h.m.metrics().cache_evictions >= 1);
+    assert_eq!(h.m.metrics().refetches, 1);
+}
+
+#[test]
+fn deliveries_and_prefetch_are_bounded() {
+    let mut c = Harness::config("t");
+    c.max_unacked = 5;
+    c.fetch_size = 10;
+    let mut h = started(c, 100);
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.deliveries().len(), 5, "credit stops deliveries");
+    let m = h.m.metrics();
+    assert!(m.buffered <= 10, "{m:?}");
+    assert_eq!(m.in_flight_deliveries, 5);
+}
+
+#[test]
+fn the_unsettled_span_per_partition_is_capped() {
+    let mut c = Harness::config("t");
+    c.max_unsettled_per_partition = 8;
+    c.max_unacked = 100;
+    let mut h = started(c, 50);
+    h.advance(Duration::from_secs(5));
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 8);
+    h.ack(ds[1].tag);
+    h.advance(Duration::from_secs(1));
+    assert!(h.deliveries().is_empty(), "offset 0 unsettled: the span is still full");
+    h.ack(ds[0].tag);
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.deliveries().len(), 2);
+}
+
+#[test]
+fn pause_holds_buffered_messages_and_resume_releases_them() {
+    let mut c = Harness::config("t");
+    c.max_unacked = 2;
+    let mut h = started(c, 5);
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 2);
+    h.m.pause(h.now, &[0]).unwrap();
+    h.ack(ds[0].tag);
+    h.ack(ds[1].tag);
+    let fetches = h.fetches_sent().len();
+    h.advance(Duration::from_secs(5));
+    assert!(h.deliveries().is_empty());
+    assert_eq!(h.fetches_sent().len(), fetches, "no fetch while paused");
+    h.m.resume(h.now, &[0]).unwrap();
+    h.pump();
+    let after: Vec<u64> = h.deliveries().iter().map(|d| d.tag.offset).collect();
+    assert_eq!(after, [2, 3], "buffered messages were kept");
+    assert_eq!(h.m.pause(h.now, &[9]), Err(UsageError::UnknownPartition(9)));
+}
+
+#[test]
+fn seek_resets_the_partition_and_stales_old_deliveries() {
+    let mut h = started(Harness::config("t"), 10);
+    let ds = h.deliveries();
+    h.m.seek(h.now, 0, 7).unwrap();
+    h.pump();
+    h.advance(Duration::from_millis(100));
+    let after: Vec<u64> = h.deliveries().iter().map(|d| d.tag.offset).collect();
+    assert_eq!(after, [7, 8, 9]);
+    assert_eq!(h.m.ack(h.now, ds[0].tag), Err(UsageError::StaleDelivery { partition: 0, offset: 0 }));
+    assert_eq!(h.m.metrics().in_flight_deliveries, 3);
+    assert_eq!(h.m.settle_watermark(0), Some(7));
+}
+
+#[test]
+fn usage_errors_are_clear_and_change_nothing() {
+    let mut h = started(Harness::config("t"), 2);
+    let ds = h.deliveries();
+    let mut forged = ds[0].tag;
+    forged.offset = 99;
+    assert_eq!(h.m.ack(h.now, forged), Err(UsageError::UnknownDelivery { partition: 0, offset: 99 }));
+    forged.partition = 3;
+    assert_eq!(h.m.ack(h.now, forged).unwrap_err().to_string(), "partition 3 is not assigned");
+    h.ack(ds[1].tag);
+    assert_eq!(h.m.ack(h.now, ds[1].tag), Err(UsageError::NotOutstanding { partition: 0, offset: 1 }));
+    assert_eq!(h.m.settle_watermark(0), Some(0));
+    assert_eq!(h.m.seek(h.now, 5, 0), Err(UsageError::UnknownPartition(5)));
+}
+
+#[test]
+fn empty_fetches_back_off() {
+    let mut c = Harness::config("t");
+    c.empty_fetch_backoff_min = Duration::from_millis(10);
+    c.empty_fetch_backoff_max = Duration::from_millis(80);
+    let mut h = Harness::new(c);
+    h.advance(Duration::from_secs(1));
+    let n = h.fetches_sent().len();
+    // 10, 20, 40, 80, 80, ... ms: about 15 fetches a second at most, not one per pump.
+    assert!((5..=20).contains(&n), "{n} fetches in one idle second");
+}
+
+#[test]
+fn late_responses_to_expired_requests_are_ignored() {
+    let mut c = Harness::config("t");
+    c.request_timeout = Duration::from_secs(1);
+    let mut h = Harness::new(c);
+    h.answer_all_pending();
+    h.produce(0, 3);
+    h.mode = Mode::Hold;
+    h.advance(Duration::from_millis(200));
+    assert!(!h.pending.is_empty());
+    h.advance(Duration::from_secs(2));
+    assert!(h.count(|e| matches!(e, Event::RequestFailed { .. })) >= 1);
+    // Answer the stale fetch now: it must not deliver anything.
+    let stale = h.pending.pop_front().unwrap();
+    let r = h.answer(&stale.request);
+    h.m.handle_response(h.now, stale.id, r);
+    h.pump();
+    assert!(h.deliveries().is_empty());
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.deliveries().iter().map(|d| d.tag.offset).collect::<Vec<_>>(), [0, 1, 2]);
+}
+
+#[test]
+fn malformed_and_error_responses_are_failures_not_panics() {
+    let mut h = Harness::new(Harness::config("t"));
+    h.mode = Mode::Hold;
+    h.advance(Duration::from_millis(100));
+    let t = h.pending.pop_front().unwrap();
+    h.m.handle_response(h.now, t.id, Ok(LeaveGroupResponse { error_code: 0 }.into()));
+    h.pump();
+    assert_eq!(h.m.metrics().requests_failed, 1);
+    h.advance(Duration::from_secs(1));
+    if let Some(t) = h.pending.pop_front() {
+        h.m.handle_response(h.now, t.id, Err(TransportError::Broker("Partition not found: t:0".into())));
+    }
+    h.pump();
+    assert_eq!(h.m.metrics().requests_failed, 2);
+    h.m.handle_response(h.now, RequestId(424242), Ok(CommitOffsetResponse { error_code: 0 }.into()));
+    h.pump();
+    assert_eq!(h.m.metrics().requests_failed, 2, "an unknown id is ignored");
+}
+
+#[test]
+fn close_drains_flushes_dead_letters_then_commits_last() {
+    let mut c = Harness::config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    c.drain_timeout = Duration::from_secs(5);
+    let mut h = started(c, 4);
+    let ds = h.deliveries();
+    h.ack(ds[0].tag);
+    h.m.close(h.now);
+    h.pump();
+    assert_eq!(h.m.close_phase(), Some(ClosePhase::Draining));
+    h.m.close(h.now); // idempotent
+    h.mode = Mode::Hold;
+    h.m.reject(h.now, ds[1].tag, "poison").unwrap();
+    h.ack(ds[2].tag);
+    h.ack(ds[3].tag);
+    assert_eq!(h.m.close_phase(), Some(ClosePhase::FlushingDeadLetters));
+    h.mode = Mode::Answer;
+    h.answer_all_pending();
+    assert!(h.m.is_closed());
+    assert_eq!(h.committed[&0], 4, "every ack made before close is committed");
+    let phases: Vec<ClosePhase> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Closing(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases, [ClosePhase::Draining, ClosePhase::FlushingDeadLetters, ClosePhase::FinalCommit, ClosePhase::Closed]);
+    assert_eq!(h.events.last(), Some(&Event::Closed));
+    assert_eq!(h.m.ack(h.now, ds[0].tag), Err(UsageError::Closed));
+    let sent = h.sent.len();
+    h.advance(Duration::from_secs(60));
+    assert_eq!(h.sent.len(), sent, "nothing is sent after Closed");
+}
+
+#[test]
+fn close_leaves_unacked_deliveries_uncommitted_after_the_drain_deadline() {
+    let mut c = Harness::config("t");
+    c.drain_timeout = Duration::from_secs(2);
+    let mut h = started(c, 3);
+    let ds = h.deliveries();
+    h.ack(ds[0].tag);
+    h.ack(ds[2].tag);
+    h.m.close(h.now);
+    h.pump();
+    h.advance(Duration::from_secs(3));
+    assert!(h.m.is_closed());
+    assert_eq!(h.committed[&0], 1, "offset 1 was never settled: redelivered to the next member");
+}
+
+#[test]
+fn commit_maps_are_split_to_fit_the_frame_limit() {
+    let mut c = Harness::config(&"t".repeat(200));
+    c.partitions = (0..100).collect();
+    let mut h = Harness::new(c);
+    for p in 0..100 {
+        h.produce(p, 1);
+    }
+    h.advance(Duration::from_millis(200));
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    let commits = h.commits_sent();
+    assert!(commits.len() >= 3, "100 entries of 220 bytes need three frames");
+    let total: usize = commits.iter().map(|c| c.offsets.len()).sum();
+    assert_eq!(total, 100);
+    for c in commits {
+        let size = 1 + 8 + c.group_id.len() + 8 + c.member_id.len() + 8 + 8 + c.offsets.keys().map(|k| 8 + k.topic.len() + 4 + 8).sum::<usize>();
+        assert!(size <= MAX_REQUEST_FRAME, "{size}");
+    }
+}
+
+#[test]
+fn lag_reports_high_watermark_commit_position_and_age() {
+    let mut h = started(Harness::config("t"), 10);
+    let ds = h.deliveries();
+    for d in &ds[..4] {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    h.produce(0, 5);
+    h.advance(Duration::from_secs(2));
+    let lag = h.m.lag(h.now)[0];
+    assert_eq!(lag.high_watermark, Some(15));
+    assert_eq!(lag.committed, Some(4));
+    assert_eq!(lag.lag, 11);
+    assert_eq!(lag.position, 15);
+    assert_eq!(lag.position_lag, 0);
+    assert!(lag.oldest_unsettled_age.unwrap() >= Duration::from_secs(2));
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    let mut c = Harness::config("t");
+    c.ack_batch_size = 0;
+    assert_eq!(ConsumerMachine::new(c, std::time::Instant::now()).unwrap_err(), ConfigError::Zero("ack_batch_size"));
+    let mut c = Harness::config("t");
+    c.cache_max_entries = Some(0);
+    assert!(c.validate().is_err());
+    let mut c = Harness::config("t");
+    c.request_timeout = Duration::ZERO;
+    assert_eq!(c.validate().unwrap_err().to_string(), "request_timeout must be greater than zero");
+    let mut c = Harness::config("t");
+    c.dead_letter_queue = Some("t".into());
+    assert_eq!(c.validate(), Err(ConfigError::DeadLetterIsSource));
+    let mut c = Harness::config("t");
+    c.partitions = vec![1, 1];
+    assert_eq!(c.validate(), Err(ConfigError::DuplicatePartition(1)));
+}
