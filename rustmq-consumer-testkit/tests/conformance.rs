@@ -11,10 +11,11 @@ fn init_tracing() {
 }
 
 macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$meta:meta])* $name:ident),* $(,)?) => {
         mod on_tokio {
             use rustmq_consumer_tokio::TokioRuntime;
             $(
+                $(#[$meta])*
                 #[tokio::test(start_paused = true)]
                 async fn $name() {
                     super::suite::$name(TokioRuntime).await;
@@ -24,6 +25,7 @@ macro_rules! conformance {
         mod on_smol {
             use rustmq_consumer_smol::SmolRuntime;
             $(
+                $(#[$meta])*
                 #[test]
                 fn $name() {
                     smol::block_on(super::suite::$name(SmolRuntime));
@@ -33,6 +35,7 @@ macro_rules! conformance {
         mod on_virtual {
             use rustmq_consumer_testkit::VirtualRuntime;
             $(
+                $(#[$meta])*
                 #[test]
                 fn $name() {
                     super::init_tracing();
@@ -59,4 +62,7 @@ conformance!(
     bounded_when_not_acking,
     bad_input,
     close_with_timeout,
+    two_partitions,
+    #[ignore = "machine bug: poll_work runs send_work before deliver, so no fetch follows a fully delivered buffer until the next input"]
+    holding_more_than_fetch_size,
 );
