@@ -407,8 +407,8 @@ pub async fn close<R: Runtime + Clone>(rt: R) {
     let rest = held.split_off(60);
     // Acks in a scrambled order: 59, 0, 58, 1, ...
     let mut order = Vec::new();
-    while !held.is_empty() {
-        order.push(held.pop().expect("non-empty"));
+    while let Some(last) = held.pop() {
+        order.push(last);
         if !held.is_empty() {
             order.push(held.remove(0));
         }
