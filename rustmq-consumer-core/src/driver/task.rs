@@ -219,6 +219,9 @@ impl Driver {
             }
             Event::Assigned(partitions) => tracing::info!(?partitions, "assigned"),
             Event::Revoked(partitions) => tracing::info!(?partitions, "revoked"),
+            Event::AssignmentIgnored(partitions) => {
+                tracing::info!(?partitions, "ignoring partitions of topics not subscribed")
+            }
             Event::Stalled {
                 partition,
                 offset,
