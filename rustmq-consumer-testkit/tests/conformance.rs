@@ -64,7 +64,6 @@ conformance!(
     bad_input,
     close_with_timeout,
     two_partitions,
-    #[ignore = "machine bug: poll_work runs send_work before deliver, so no fetch follows a fully delivered buffer until the next input"]
     holding_more_than_fetch_size,
 );
 
