@@ -12,6 +12,8 @@ mod event;
 mod frame;
 mod machine;
 pub mod protocol;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
