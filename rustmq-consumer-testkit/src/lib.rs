@@ -33,6 +33,8 @@ pub use broker::{
     REAPER_INTERVAL,
 };
 #[cfg(feature = "quic")]
-pub use loopback::{Fault, LoopbackBroker, LoopbackError, INJECTED_ERROR, LOOPBACK_SERVER_NAME};
+pub use loopback::{
+    Fault, LoopbackBroker, LoopbackError, DRAIN_GRACE, INJECTED_ERROR, LOOPBACK_SERVER_NAME,
+};
 pub use transport::{SharedBroker, SimTransport};
 pub use virtual_rt::{Stalled, VirtualRuntime};

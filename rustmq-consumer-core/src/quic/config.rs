@@ -137,18 +137,13 @@ impl Default for TlsMode {
     }
 }
 
-impl Default for RootCerts {
-    fn default() -> Self {
-        Self::WebPki
-    }
-}
-
 /// Trust anchors for [`TlsMode::Verify`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub enum RootCerts {
     /// The Mozilla root program, bundled at build time by `webpki-roots` (works offline and
     /// identically on every machine). The default.
+    #[default]
     WebPki,
     /// These DER-encoded certificates (a private CA, or a broker's own self-signed
     /// certificate).

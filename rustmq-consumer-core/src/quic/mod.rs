@@ -26,6 +26,10 @@
 //! No lock is held across an `.await`; the transport never retries a request (the core owns
 //! retries and deadlines); it never logs at a level above `debug!` per request.
 
+// This module is I/O glue beside the sans-IO machine, not part of it: one `std::sync::Mutex`
+// guards the connection handle, and it is never held across an `.await`.
+#![allow(clippy::disallowed_types)]
+
 mod config;
 mod tls;
 
