@@ -72,6 +72,8 @@ mod frame;
 mod group;
 mod machine;
 pub mod protocol;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};

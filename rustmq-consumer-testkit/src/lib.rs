@@ -10,6 +10,9 @@
 //!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read.
 //! - `transport`: [`SimTransport`], an in-memory transport from a consumer's driver to a
 //!   [`SharedBroker`], with optional latency on the runtime's clock.
+//! - `loopback` (feature `quic`, on by default): [`LoopbackBroker`], a [`SharedBroker`] served
+//!   over real QUIC on 127.0.0.1 with the real broker's framing quirks and fault knobs. It is
+//!   the one part of the testkit that does I/O.
 //! - `virtual_rt`: [`VirtualRuntime`], a deterministic single-threaded executor whose clock
 //!   jumps to the next timer when every task is idle.
 //!
@@ -20,12 +23,18 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+#[cfg(feature = "quic")]
+mod loopback;
 mod transport;
 mod virtual_rt;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
     REAPER_INTERVAL,
+};
+#[cfg(feature = "quic")]
+pub use loopback::{
+    Fault, LoopbackBroker, LoopbackError, DRAIN_GRACE, INJECTED_ERROR, LOOPBACK_SERVER_NAME,
 };
 pub use transport::{SharedBroker, SimTransport};
 pub use virtual_rt::{Stalled, VirtualRuntime};

@@ -1,0 +1,178 @@
+//! [`QuicConfig`]: where the broker is, how to trust it, and the connection's timers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::QuicError;
+
+/// How a [`QuicTransport`](super::QuicTransport) reaches one broker.
+///
+/// Build it with [`QuicConfig::new`] and the `with_*` methods; the defaults verify the broker's
+/// certificate against the bundled Mozilla roots, offer no ALPN and send a keep-alive every
+/// 10 s.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct QuicConfig {
+    /// The broker's UDP address.
+    pub server_addr: SocketAddr,
+    /// The name the broker's certificate must be valid for (also sent as SNI).
+    pub server_name: String,
+    /// How the broker's certificate is checked. Default: [`TlsMode::Verify`] with
+    /// [`RootCerts::WebPki`].
+    pub tls: TlsMode,
+    /// ALPN protocols to offer, in preference order. Default: none. Today's RustMQ broker
+    /// configures no ALPN and fails the handshake of any client that offers one, after which its
+    /// accept loop stops; leave this empty for it.
+    pub alpn: Vec<Vec<u8>>,
+    /// Interval between QUIC keep-alive pings. Default 10 s: the broker closes a connection idle
+    /// for 30 s and sends no keep-alives of its own.
+    pub keep_alive_interval: Duration,
+    /// The client's idle timeout (the smaller of both peers' values applies). Default 30 s.
+    pub idle_timeout: Duration,
+    /// How long a handshake may take before the attempt counts as failed. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Wait after the first failed connection attempt before the next one. Doubles with each
+    /// consecutive failure up to [`reconnect_backoff_max`](Self::reconnect_backoff_max).
+    /// Default 100 ms.
+    pub reconnect_backoff_min: Duration,
+    /// Longest wait between connection attempts. Default 5 s.
+    pub reconnect_backoff_max: Duration,
+    /// Local address of the client's UDP socket. Default: the unspecified address of the
+    /// server's family, port 0.
+    pub bind_addr: Option<SocketAddr>,
+}
+
+impl QuicConfig {
+    /// A config for the broker at `server_addr` whose certificate is valid for `server_name`,
+    /// with every other field at its default.
+    pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
+        Self {
+            server_addr,
+            server_name: server_name.into(),
+            tls: TlsMode::default(),
+            alpn: Vec::new(),
+            keep_alive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            reconnect_backoff_min: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(5),
+            bind_addr: None,
+        }
+    }
+
+    /// Sets how the broker's certificate is checked.
+    pub fn with_tls(mut self, tls: TlsMode) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets the ALPN protocols to offer (none by default; see [`alpn`](Self::alpn)).
+    pub fn with_alpn(mut self, alpn: Vec<Vec<u8>>) -> Self {
+        self.alpn = alpn;
+        self
+    }
+
+    /// Sets the keep-alive interval.
+    pub fn with_keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.keep_alive_interval = interval;
+        self
+    }
+
+    /// Sets the client's idle timeout.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the handshake timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the reconnect backoff range.
+    pub fn with_reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_backoff_min = min;
+        self.reconnect_backoff_max = max.max(min);
+        self
+    }
+
+    /// Sets the local address of the client's UDP socket.
+    pub fn with_bind_addr(mut self, addr: SocketAddr) -> Self {
+        self.bind_addr = Some(addr);
+        self
+    }
+}
+
+/// How the broker's certificate is checked.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TlsMode {
+    /// Verify the certificate chain against `roots` and the name against
+    /// [`QuicConfig::server_name`]. The default.
+    Verify {
+        /// The trust anchors.
+        roots: RootCerts,
+    },
+    /// Accept **any** certificate for any name (the handshake signature is still checked, so
+    /// the peer holds the key of the certificate it showed, whoever it is).
+    ///
+    /// This exists for today's RustMQ broker, which presents a self-signed certificate that it
+    /// regenerates at every start and never writes to disk: no client can pin or trust it. It
+    /// gives no protection against an active attacker on the path; use it only on networks you
+    /// trust, and prefer [`TlsMode::Verify`] with the broker's CA as soon as the broker has a
+    /// stable certificate. A warning is logged when a transport is built with it.
+    DangerousAcceptAnyCertificate,
+}
+
+impl Default for TlsMode {
+    /// [`TlsMode::Verify`] against [`RootCerts::WebPki`].
+    fn default() -> Self {
+        Self::Verify {
+            roots: RootCerts::default(),
+        }
+    }
+}
+
+/// Trust anchors for [`TlsMode::Verify`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum RootCerts {
+    /// The Mozilla root program, bundled at build time by `webpki-roots` (works offline and
+    /// identically on every machine). The default.
+    #[default]
+    WebPki,
+    /// These DER-encoded certificates (a private CA, or a broker's own self-signed
+    /// certificate).
+    Certificates(Vec<Vec<u8>>),
+}
+
+impl RootCerts {
+    /// Trust exactly these DER-encoded certificates.
+    pub fn from_der<I, C>(certificates: I) -> Self
+    where
+        I: IntoIterator<Item = C>,
+        C: Into<Vec<u8>>,
+    {
+        Self::Certificates(certificates.into_iter().map(Into::into).collect())
+    }
+
+    /// Trust every `CERTIFICATE` in this PEM text (other PEM sections are skipped).
+    pub fn from_pem(pem: &[u8]) -> Result<Self, QuicError> {
+        let mut certificates = Vec::new();
+        for certificate in CertificateDer::pem_slice_iter(pem) {
+            let certificate =
+                certificate.map_err(|e| QuicError::InvalidCertificate(e.to_string()))?;
+            certificates.push(certificate.as_ref().to_vec());
+        }
+        if certificates.is_empty() {
+            return Err(QuicError::InvalidCertificate(
+                "no CERTIFICATE section in the PEM text".to_owned(),
+            ));
+        }
+        Ok(Self::Certificates(certificates))
+    }
+}
