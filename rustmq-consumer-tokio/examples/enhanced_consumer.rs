@@ -1,21 +1,25 @@
-//! An enhanced consumer against an embedded, in-process simulated broker.
+//! An enhanced consumer against an embedded broker that speaks RustMQ's wire protocol over QUIC
+//! on loopback.
 //!
-//! Produces 10,000 messages (some of them poison), consumes them with retries and a
-//! dead-letter topic, shows live progress on one line and ends with a summary.
+//! Produces 10,000 messages (some of them poison), consumes them in a consumer group with
+//! retries and a dead-letter topic, shows live progress on one line and ends with a summary.
 //!
 //! ```text
-//! cargo run --example enhanced_consumer                    # on tokio
-//! cargo run --example enhanced_consumer -- --runtime smol  # on smol
+//! cargo run --example enhanced_consumer                    # on tokio, over QUIC
+//! cargo run --example enhanced_consumer -- --runtime smol  # on smol, over QUIC
+//! cargo run --example enhanced_consumer -- --in-memory     # no network: an in-memory transport
 //! ```
 #![allow(clippy::print_stdout)]
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustmq_consumer_core::quic::{quinn, QuicTransport};
 use rustmq_consumer_core::{
     ConsumerBuilder, ConsumerConfig, ConsumerError, Health, Metrics, Runtime,
 };
-use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
+use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker, SimBroker, SimTransport};
 
 const TOPIC: &str = "orders";
 const GROUP: &str = "billing";
@@ -28,17 +32,32 @@ fn main() {
         .skip_while(|a| a != "--runtime")
         .nth(1)
         .is_some_and(|r| r == "smol");
+    let in_memory = std::env::args().any(|a| a == "--in-memory");
     let broker = embedded_broker();
     let result = if smol {
         println!("runtime: smol");
-        smol::block_on(run(rustmq_consumer_smol::SmolRuntime, broker.clone()))
+        let quic: Arc<dyn quinn::Runtime> = Arc::new(quinn::SmolRuntime);
+        smol::block_on(run(
+            rustmq_consumer_smol::SmolRuntime,
+            quic,
+            broker.clone(),
+            in_memory,
+        ))
     } else {
         println!("runtime: tokio");
         match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
         {
-            Ok(rt) => rt.block_on(run(rustmq_consumer_tokio::TokioRuntime, broker.clone())),
+            Ok(rt) => {
+                let quic: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+                rt.block_on(run(
+                    rustmq_consumer_tokio::TokioRuntime,
+                    quic,
+                    broker.clone(),
+                    in_memory,
+                ))
+            }
             Err(error) => {
                 println!("cannot start tokio: {error}");
                 std::process::exit(1);
@@ -112,7 +131,9 @@ impl Summary {
 
 async fn run<R: Runtime + Clone + Default>(
     runtime: R,
+    quic: Arc<dyn quinn::Runtime>,
     broker: SharedBroker,
+    in_memory: bool,
 ) -> Result<Summary, ConsumerError> {
     let mut config = ConsumerConfig::new(TOPIC, GROUP);
     config.fetch_size = 500;
@@ -125,15 +146,41 @@ async fn run<R: Runtime + Clone + Default>(
     config.empty_fetch_backoff_max = Duration::from_millis(50);
     config.dead_letter_queue = Some(DEAD_LETTERS.to_owned());
 
-    // The same builder on either runtime: `rustmq_consumer_tokio::ConsumerBuilder::new()` or
-    // `rustmq_consumer_smol::ConsumerBuilder::new()`.
-    let consumer = ConsumerBuilder::<R>::new()
+    // The embedded broker serves the wire protocol on 127.0.0.1 until it is dropped.
+    let mut _server = None;
+    let builder = ConsumerBuilder::<R>::new()
         .topic(TOPIC)
         .consumer_group(GROUP)
-        .config(config)
-        .client(SimTransport::new(broker, runtime))
-        .build()
-        .await?;
+        .config(config);
+    let builder = if in_memory {
+        println!("transport: in memory");
+        builder.client(SimTransport::new(broker, runtime))
+    } else {
+        let server = match LoopbackBroker::start(broker, quic.clone()) {
+            Ok(server) => server,
+            Err(error) => {
+                println!("cannot start the embedded broker: {error}");
+                std::process::exit(1);
+            }
+        };
+        println!(
+            "transport: QUIC to the embedded broker at {}",
+            server.addr()
+        );
+        // `rustmq_consumer_tokio::quic_transport(config)` builds the same on tokio.
+        let transport = match QuicTransport::new(server.client_config(), quic) {
+            Ok(transport) => transport,
+            Err(error) => {
+                println!("bad QUIC configuration: {error}");
+                std::process::exit(1);
+            }
+        };
+        _server = Some(server);
+        builder.client(transport)
+    };
+    // The same builder on either runtime: `rustmq_consumer_tokio::ConsumerBuilder::new()` or
+    // `rustmq_consumer_smol::ConsumerBuilder::new()`.
+    let consumer = builder.build().await?;
 
     let start = Instant::now();
     let mut last_report = start;

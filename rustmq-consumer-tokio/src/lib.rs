@@ -35,6 +35,33 @@ pub use rustmq_consumer_core::{
     TransportError, UsageError,
 };
 
+#[cfg(feature = "quic")]
+pub use rustmq_consumer_core::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
+
+/// A [`QuicTransport`] to the broker in `config`, running on tokio (feature `quic`, on by
+/// default). Nothing touches the network until the first request.
+///
+/// ```no_run
+/// # fn main() -> Result<(), rustmq_consumer_tokio::QuicError> {
+/// use rustmq_consumer_tokio::{quic_transport, QuicConfig, TlsMode};
+///
+/// // Today's RustMQ broker shows a self-signed certificate it regenerates at every start.
+/// let addr = "127.0.0.1:9092".parse().expect("an address");
+/// let transport = quic_transport(
+///     QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate),
+/// )?;
+/// # drop(transport);
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "quic")]
+pub fn quic_transport(config: QuicConfig) -> Result<QuicTransport, QuicError> {
+    QuicTransport::new(
+        config,
+        std::sync::Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime),
+    )
+}
+
 /// The consumer builder bound to tokio: `ConsumerBuilder::new()`.
 pub type ConsumerBuilder = rustmq_consumer_core::ConsumerBuilder<TokioRuntime>;
 

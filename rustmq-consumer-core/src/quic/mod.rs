@@ -54,6 +54,9 @@ use crate::error::TransportError;
 use crate::protocol::{Request, Response};
 
 pub use config::{QuicConfig, RootCerts, TlsMode};
+/// The quinn this transport is built on, for its runtimes (`quinn::TokioRuntime`,
+/// `quinn::SmolRuntime`) without a second dependency on it.
+pub use quinn;
 
 /// Why a [`QuicTransport`] could not be built. Nothing touched the network.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
