@@ -8,6 +8,16 @@
 //! - `broker`: [`SimBroker`], a model of the RustMQ broker with the semantics of
 //!   `PROTOCOL.md` (storage, group coordinator, session reaper, crash and restart), plus the
 //!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read.
+//! - `faults`: [`FaultPlan`] (latency, error frames, lost requests and answers, connection
+//!   loss, crash and restart, storage failures; all stop at a heal time) and [`SimRng`], the
+//!   seeded PRNG every choice comes from.
+//! - `invariants`: [`Checker`], the consumer's invariants checked from what is observable,
+//!   and [`Violation`] naming the one that broke ([`invariant_names`]).
+//! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
+//!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
+//!   derives everything from one seed; [`run_seeds`] and [`seeds_from_env`] run many and
+//!   [`replay_command`] says how to replay one.
+//! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
 //!
 //! # Absences
 //!
@@ -16,8 +26,19 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod faults;
+mod invariants;
+mod sim;
+pub mod strategies;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
     REAPER_INTERVAL,
+};
+pub use faults::{Fate, FaultPlan, SimRng};
+pub use invariants::{names as invariant_names, Checker, Violation};
+pub use sim::{
+    check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
+    Decision, Failure, Handler, KnownBugs, ModelApp, Mutation, Scenario, SimReport, Simulation, Summary,
+    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };
