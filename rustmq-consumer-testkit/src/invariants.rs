@@ -54,6 +54,9 @@ pub mod names {
     pub const LIVENESS: &str = "liveness";
     /// Close ends with `Event::Closed` within its bound, phases in order, silence after.
     pub const CLOSE: &str = "close";
+    /// A fetch that returned records is not repeated at the same offset over and over (the
+    /// consumer took none of them and did not back off).
+    pub const NO_FETCH_SPIN: &str = "no-fetch-spin";
     /// The same seed gives the same trace.
     pub const DETERMINISM: &str = "determinism";
 }
@@ -137,6 +140,11 @@ pub struct Checker {
     half_open_phase: u64,
     /// Tolerate probes of an earlier half-open phase still in flight (a known core bug).
     tolerate_stale_probes: bool,
+    /// Per partition: the offset of the last fetch answered with records, and how many times
+    /// in a row the same fetch was sent again after such an answer.
+    fetch_spin: BTreeMap<u32, (u64, u32)>,
+    /// Tolerate fetch spins (a known core bug).
+    tolerate_fetch_spin: bool,
     closed: bool,
     step: u64,
     at: Duration,
@@ -164,6 +172,8 @@ impl Checker {
             probes: BTreeMap::new(),
             half_open_phase: 0,
             tolerate_stale_probes: false,
+            fetch_spin: BTreeMap::new(),
+            tolerate_fetch_spin: false,
             closed: false,
             step: 0,
             at: Duration::ZERO,
@@ -175,6 +185,25 @@ impl Checker {
     /// ignored `stale_probe_*` test). Probes of the current phase are always bounded.
     pub fn tolerate_stale_probes(&mut self, tolerate: bool) {
         self.tolerate_stale_probes = tolerate;
+    }
+
+    /// Tolerates a fetch repeated without backoff after records came back and none were
+    /// taken (the prefetch byte budget check differs between sending and taking; see the
+    /// ignored `fetch_spin_*` test).
+    pub fn tolerate_fetch_spin(&mut self, tolerate: bool) {
+        self.tolerate_fetch_spin = tolerate;
+    }
+
+    /// A fetch of `partition` at `offset` was answered; `records` came back.
+    pub fn on_fetch_answer(&mut self, partition: u32, offset: u64, records: usize) {
+        if records == 0 {
+            self.fetch_spin.remove(&partition);
+        } else {
+            let e = self.fetch_spin.entry(partition).or_insert((offset, 0));
+            if e.0 != offset {
+                *e = (offset, 0);
+            }
+        }
     }
 
     /// Sets the step counter and simulated time reported in violations.
@@ -324,6 +353,28 @@ impl Checker {
     ) -> Result<(), Violation> {
         if self.closed {
             return self.fail(CLOSE, format!("{:?} sent after Closed", request.kind()));
+        }
+        if let Request::Fetch(f) = request {
+            let spins = match self.fetch_spin.get_mut(&f.partition_id) {
+                Some(e) if f.max_bytes > 1 && e.0 == f.fetch_offset => {
+                    e.1 += 1;
+                    e.1
+                }
+                Some(_) if f.max_bytes > 1 => {
+                    self.fetch_spin.remove(&f.partition_id);
+                    0
+                }
+                _ => 0,
+            };
+            if spins > 50 && !self.tolerate_fetch_spin {
+                return self.fail(
+                    NO_FETCH_SPIN,
+                    format!(
+                        "fetch of partition {} at {} sent {spins} times in a row although each answer had records",
+                        f.partition_id, f.fetch_offset
+                    ),
+                );
+            }
         }
         match breaker {
             BreakerState::Open => {

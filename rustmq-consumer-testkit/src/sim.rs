@@ -270,6 +270,11 @@ pub struct KnownBugs {
     /// flight, so more than `half_open_max_probes` are in flight. Tolerated: only probes of
     /// the current phase are bounded.
     pub stale_probes: bool,
+    /// A fetch whose records all miss the prefetch byte budget takes nothing and is sent
+    /// again at once, without backoff, while the application holds the buffered messages.
+    /// Tolerated: the spin is allowed, and every request takes at least 1 ms one way so
+    /// simulated time still moves.
+    pub fetch_spin: bool,
 }
 
 impl KnownBugs {
@@ -277,11 +282,13 @@ impl KnownBugs {
     pub const ALL: KnownBugs = KnownBugs {
         seek_commit: true,
         stale_probes: true,
+        fetch_spin: true,
     };
     /// Tolerate none: the strict invariants.
     pub const NONE: KnownBugs = KnownBugs {
         seek_commit: false,
         stale_probes: false,
+        fetch_spin: false,
     };
 }
 
@@ -565,6 +572,7 @@ impl<H: Handler> Simulation<H> {
         let start = Instant::now();
         let mut checker = Checker::new(&scenario.config);
         checker.tolerate_stale_probes(KnownBugs::ALL.stale_probes);
+        checker.tolerate_fetch_spin(KnownBugs::ALL.fetch_spin);
         let produced = vec![0; scenario.messages.len()];
         Self {
             handler,
@@ -612,6 +620,7 @@ impl<H: Handler> Simulation<H> {
     pub fn known_bugs(mut self, known: KnownBugs) -> Self {
         self.known_bugs = known;
         self.checker.tolerate_stale_probes(known.stale_probes);
+        self.checker.tolerate_fetch_spin(known.fetch_spin);
         self
     }
 
@@ -745,7 +754,10 @@ impl<H: Handler> Simulation<H> {
                     return Err(self.checker.broken(
                         names::LIVENESS,
                         format!(
-                            "time stopped: {same_instant} wake-ups at one instant (machine timeout {machine_at:?})"
+                            "time stopped: {same_instant} wake-ups at one instant (machine timeout {:?}, broker {:?}, queue {:?})",
+                            machine_at.map(|m| (m.0.saturating_duration_since(self.start), m.1)),
+                            broker_at.map(|b| b.saturating_duration_since(self.start)),
+                            self.queue.iter().next().map(|(k, v)| (k.0.saturating_duration_since(self.start), v))
                         ),
                     ));
                 }
@@ -935,7 +947,7 @@ impl<H: Handler> Simulation<H> {
                     let answer = flight
                         .answer
                         .unwrap_or_else(|| Err(TransportError::TimedOut));
-                    self.deliver_answer(id, answer)?;
+                    self.deliver_answer(id, Some(&flight.request), answer)?;
                 }
             }
             Item::AppDone(key) => self.app_done(key)?,
@@ -1131,6 +1143,7 @@ impl<H: Handler> Simulation<H> {
     fn deliver_answer(
         &mut self,
         id: RequestId,
+        request: Option<&Request>,
         answer: Result<Response, TransportError>,
     ) -> Result<(), Violation> {
         self.checker.on_resolved(id);
@@ -1138,6 +1151,10 @@ impl<H: Handler> Simulation<H> {
             return Ok(());
         }
         self.trace("answer", &(id, answer.as_ref().map(|r| r.kind())));
+        if let (Some(Request::Fetch(f)), Ok(Response::Fetch(r))) = (request, &answer) {
+            self.checker
+                .on_fetch_answer(f.partition_id, f.fetch_offset, r.records.len());
+        }
         let now = self.now;
         self.machine().handle_response(now, id, answer);
         self.after_input()
@@ -1148,7 +1165,7 @@ impl<H: Handler> Simulation<H> {
         for id in ids {
             self.flights.remove(&id);
             self.report.faults += 1;
-            self.deliver_answer(id, Err(TransportError::ConnectionLost(why.to_owned())))?;
+            self.deliver_answer(id, None, Err(TransportError::ConnectionLost(why.to_owned())))?;
         }
         Ok(())
     }
@@ -1270,6 +1287,14 @@ impl<H: Handler> Simulation<H> {
         };
         let elapsed = self.elapsed();
         let mut fate = self.scenario.faults.fate(&mut self.fault_rng, elapsed);
+        if self.known_bugs.fetch_spin {
+            match &mut fate {
+                Fate::Deliver { there, .. } | Fate::LostResponse { there } => {
+                    *there = (*there).max(Duration::from_millis(1));
+                }
+                _ => {}
+            }
+        }
         if !self.scenario.faults.late_arrival {
             // The request reaches the broker before its deadline (its answer may still be late).
             let limit = self
@@ -1366,7 +1391,7 @@ fn trace_lines() -> usize {
 /// Wake-ups at one simulated instant before the loop calls it a livelock.
 const MAX_STEPS_AT_ONE_INSTANT: u64 = 10_000;
 /// Inputs one run may take.
-const MAX_STEPS: u64 = 1_000_000;
+const MAX_STEPS: u64 = 300_000;
 
 /// Request ids from here on belong to mutant drivers, not to the machine.
 const ROGUE_IDS: u64 = 1 << 62;
