@@ -304,17 +304,16 @@ impl Checker {
 
     /// Checks a commit request about to be sent; returns the bound (lowest unsettled offset
     /// per partition now) to check the broker's acceptance against later.
-    pub fn on_commit_sent(
-        &self,
-        offsets: &[(u32, u64)],
-    ) -> Result<BTreeMap<u32, u64>, Violation> {
+    pub fn on_commit_sent(&self, offsets: &[(u32, u64)]) -> Result<BTreeMap<u32, u64>, Violation> {
         let mut bound = BTreeMap::new();
         for &(p, o) in offsets {
             let low = self.lowest_unsettled(p).unwrap_or(0);
             if o > low {
                 return self.fail(
                     COMMIT_AFTER_SIDE_EFFECT,
-                    format!("commit of partition {p} at {o} sent while offset {low} is not processed"),
+                    format!(
+                        "commit of partition {p} at {o} sent while offset {low} is not processed"
+                    ),
                 );
             }
             bound.insert(p, low);
@@ -447,7 +446,10 @@ impl Checker {
                 if attempt > self.max_attempts || attempt == 0 {
                     return self.fail(
                         ATTEMPTS_BOUNDED,
-                        format!("partition {p} offset {o} delivered with attempt {attempt} (max {})", self.max_attempts),
+                        format!(
+                            "partition {p} offset {o} delivered with attempt {attempt} (max {})",
+                            self.max_attempts
+                        ),
                     );
                 }
                 match log(p, o) {
@@ -549,7 +551,10 @@ impl Checker {
             if w > t.low {
                 return self.fail(
                     SETTLE_AFTER_SIDE_EFFECT,
-                    format!("partition {p}: settle watermark {w} passed unprocessed offset {}", t.low),
+                    format!(
+                        "partition {p}: settle watermark {w} passed unprocessed offset {}",
+                        t.low
+                    ),
                 );
             }
         }
@@ -565,7 +570,10 @@ impl Checker {
         if metrics.buffered > self.fetch_size {
             return self.fail(
                 PREFETCH_BOUNDED,
-                format!("{} messages buffered (fetch_size {})", metrics.buffered, self.fetch_size),
+                format!(
+                    "{} messages buffered (fetch_size {})",
+                    metrics.buffered, self.fetch_size
+                ),
             );
         }
         let outstanding = self.outstanding();

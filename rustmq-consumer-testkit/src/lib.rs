@@ -39,6 +39,6 @@ pub use faults::{Fate, FaultPlan, SimRng};
 pub use invariants::{names as invariant_names, Checker, Violation};
 pub use sim::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
-    Decision, Failure, Handler, KnownBugs, ModelApp, Mutation, Scenario, SimReport, Simulation, Summary,
-    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
+    Decision, Failure, Handler, KnownBugs, ModelApp, Mutation, Scenario, SimReport, Simulation,
+    Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };

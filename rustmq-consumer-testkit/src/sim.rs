@@ -19,8 +19,8 @@ use rustmq_consumer_core::protocol::{
     CommitOffsetRequest, Record, Request, Response, TopicPartition,
 };
 use rustmq_consumer_core::{
-    dead_letter_headers, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery, DeliveryTag,
-    Event, RequestId, TransportError, UsageError,
+    dead_letter_headers, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery, DeliveryTag, Event,
+    RequestId, TransportError, UsageError,
 };
 use tracing::debug;
 
@@ -665,12 +665,15 @@ impl<H: Handler> Simulation<H> {
             if self.tail.len() == self.tail_len {
                 self.tail.pop_front();
             }
-            self.tail.push_back(format!("#{} {}", self.report.steps, self.scratch));
+            self.tail
+                .push_back(format!("#{} {}", self.report.steps, self.scratch));
         }
     }
 
     fn machine(&mut self) -> &mut ConsumerMachine {
-        self.machine.as_mut().expect("the machine exists once run() started")
+        self.machine
+            .as_mut()
+            .expect("the machine exists once run() started")
     }
 
     /// Runs the scenario to the end: faults, heal, liveness, close. Returns the report, or the
@@ -841,9 +844,7 @@ impl<H: Handler> Simulation<H> {
         };
         (0..self.produced.len() as u32).all(|p| {
             let hw = self.broker.high_watermark(TOPIC, p).unwrap_or(0);
-            let broker = self
-                .broker
-                .committed(GROUP, &TopicPartition::new(TOPIC, p));
+            let broker = self.broker.committed(GROUP, &TopicPartition::new(TOPIC, p));
             self.checker.lowest_unsettled(p) == Some(hw)
                 && m.settle_watermark(p) == Some(hw)
                 && m.committed_offset(p).unwrap_or(0) == hw
@@ -905,14 +906,14 @@ impl<H: Handler> Simulation<H> {
         };
         let mut found = BTreeSet::new();
         for r in self.broker.records(dlq, 0) {
-            let bad = |what: String| {
-                Err(self.checker.broken(names::DEAD_LETTER_CONTENT, what))
-            };
+            let bad = |what: String| Err(self.checker.broken(names::DEAD_LETTER_CONTENT, what));
             let (Ok(p), Ok(o)) = (
                 text(r, ORIGINAL_PARTITION).parse::<u32>(),
                 text(r, ORIGINAL_OFFSET).parse::<u64>(),
             ) else {
-                return bad(format!("dead letter without partition/offset headers: {r:?}"));
+                return bad(format!(
+                    "dead letter without partition/offset headers: {r:?}"
+                ));
             };
             let attempts = text(r, ATTEMPTS).parse::<u32>().unwrap_or(0);
             let original = self.broker.records(TOPIC, p).get(o as usize);
@@ -1086,7 +1087,9 @@ impl<H: Handler> Simulation<H> {
         self.trace("produce", &self.produced.clone());
         if !last {
             let heal = self.scenario.faults.heal_at.as_millis() as u64;
-            let d = self.fault_rng.millis(0, heal * 8 / 10 / u64::from(self.scenario.bursts));
+            let d = self
+                .fault_rng
+                .millis(0, heal * 8 / 10 / u64::from(self.scenario.bursts));
             self.schedule(d, Item::Produce);
         }
     }
@@ -1165,7 +1168,11 @@ impl<H: Handler> Simulation<H> {
         for id in ids {
             self.flights.remove(&id);
             self.report.faults += 1;
-            self.deliver_answer(id, None, Err(TransportError::ConnectionLost(why.to_owned())))?;
+            self.deliver_answer(
+                id,
+                None,
+                Err(TransportError::ConnectionLost(why.to_owned())),
+            )?;
         }
         Ok(())
     }
@@ -1174,9 +1181,7 @@ impl<H: Handler> Simulation<H> {
         match r {
             Ok(()) => self.after_input(),
             Err(UsageError::Closed) if self.phase == Phase::Closing => Ok(()),
-            Err(e) => Err(self
-                .checker
-                .command_refused(format!("{what} refused: {e}"))),
+            Err(e) => Err(self.checker.command_refused(format!("{what} refused: {e}"))),
         }
     }
 
@@ -1201,7 +1206,11 @@ impl<H: Handler> Simulation<H> {
             Action::Nack(delay) => self.machine().nack(now, tag, *delay),
             Action::Reject(reason) => self.machine().reject(now, tag, reason),
             Action::Drop => {
-                debug!(partition = tag.partition, offset = tag.offset, "handle dropped: nack");
+                debug!(
+                    partition = tag.partition,
+                    offset = tag.offset,
+                    "handle dropped: nack"
+                );
                 self.machine().nack(now, tag, None)
             }
         };
