@@ -16,7 +16,9 @@
 //! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
 //!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
 //!   derives everything from one seed; [`run_seeds`] and [`seeds_from_env`] run many and
-//!   [`replay_command`] says how to replay one.
+//!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
+//!   policies (the checker must catch them) and [`KnownBugs`] lists the core bugs the
+//!   simulation found and tolerates by default (each has an ignored test that fails).
 //! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
 //!
 //! # Absences

@@ -265,10 +265,11 @@ pub struct KnownBugs {
     /// stays behind. Tolerated: the broker's final offset may be below the high watermark on
     /// a sought partition.
     pub seek_commit: bool,
-    /// When `half_open_max_wait` reopens the circuit and it half-opens again, the probes of
-    /// the earlier phase are forgotten by the breaker while the machine still has them in
-    /// flight, so more than `half_open_max_probes` are in flight. Tolerated: only probes of
-    /// the current phase are bounded.
+    /// When the circuit reopens (a failed probe, or `half_open_max_wait`) and half-opens
+    /// again, the probes of the earlier phase are forgotten by the breaker while the machine
+    /// still has them in flight, and a late answer to one of them is counted against the new
+    /// phase, freeing a slot for one more probe: more than `half_open_max_probes` fly.
+    /// Tolerated: only probes of the current phase are bounded (plus one per stale answer).
     pub stale_probes: bool,
     /// A fetch whose records all miss the prefetch byte budget takes nothing and is sent
     /// again at once, without backoff, while the application holds the buffered messages.
@@ -326,7 +327,7 @@ impl Scenario {
         let mut rng = SimRng::new(seed);
         let mut knobs = rng.fork(1);
         let partitions = knobs.range(1, 4) as u32;
-        let total = knobs.pick(&[0u64, 1, 10, 40, 80, 150, 250]);
+        let total = knobs.pick(&[0u64, 1, 10, 40, 80, 150, 250, 500, 1000, 2000]);
         let mut messages = vec![0u64; partitions as usize];
         for _ in 0..total {
             let p = knobs.range_usize(0, partitions as usize - 1);
@@ -1191,7 +1192,7 @@ impl<H: Handler> Simulation<H> {
         };
         let (tag, generation, action) = (w.tag, w.generation, w.action.clone());
         let honest_ack = self.mutation != Mutation::AckBeforeSideEffect;
-        if !(action == Action::Ack && !honest_ack) {
+        if action != Action::Ack || honest_ack {
             self.work.remove(&key);
         }
         if action == Action::Ack && honest_ack {

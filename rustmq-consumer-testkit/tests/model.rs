@@ -300,12 +300,13 @@ impl World {
                 self.b.fail_next_fetches(0);
                 self.b.fail_next_commits(0);
                 match (&pending.request, &r) {
-                    (Request::Produce(req), Ok(Response::Produce(resp))) if resp.error_code == 0 => {
+                    (Request::Produce(req), Ok(Response::Produce(resp)))
+                        if resp.error_code == 0 =>
+                    {
                         for rec in &req.records {
                             let h = |k| {
-                                rec.header(k).and_then(|v| {
-                                    std::str::from_utf8(v).ok()?.parse::<u64>().ok()
-                                })
+                                rec.header(k)
+                                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
                             };
                             let p = h(dead_letter_headers::ORIGINAL_PARTITION).unwrap();
                             let o = h(dead_letter_headers::ORIGINAL_OFFSET).unwrap();
@@ -340,20 +341,26 @@ impl World {
         let generation = self.parts[tag.partition as usize].generation;
         let r = match what {
             0 => {
-                self.checker.side_effect(tag.partition, tag.offset, generation);
+                self.checker
+                    .side_effect(tag.partition, tag.offset, generation);
                 self.m.ack(self.now, tag)
             }
-            1 => self
-                .m
-                .nack(self.now, tag, delay.map(|d| Duration::from_millis(d.into()))),
+            1 => self.m.nack(
+                self.now,
+                tag,
+                delay.map(|d| Duration::from_millis(d.into())),
+            ),
             _ => self.m.reject(self.now, tag, "model says no"),
         };
         match r {
             Ok(()) => {
                 if what == 0 {
-                    self.parts[tag.partition as usize].settled.insert(tag.offset);
+                    self.parts[tag.partition as usize]
+                        .settled
+                        .insert(tag.offset);
                 }
-                self.checker.handed_back(tag.partition, tag.offset, generation);
+                self.checker
+                    .handed_back(tag.partition, tag.offset, generation);
                 self.drain(None)
             }
             Err(UsageError::Closed) if self.m.is_closed() => Ok(()),

@@ -142,7 +142,13 @@ fn a_healthy_run_acks_everything_and_commits_the_high_watermark() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::Direct("proptest-regressions/simulation.txt"),
+        )),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn healthy_scenarios_settle(s in strategies::healthy_scenario()) {
@@ -166,22 +172,14 @@ proptest! {
 
 // ------------------------------------------------------------------------------------------
 // Core bugs found by the simulation. Each fails until the core is fixed; the swarm tolerates
-// them (`KnownBugs::ALL`) so it keeps checking everything else.
+// them (`KnownBugs::ALL`) so it keeps checking everything else. Seed-based repros depend on
+// `Scenario::from_seed`: when its derivation changes, re-pick the seed (run the swarm with the
+// bug's `KnownBugs` flag off). The seek/commit bug is rare in the swarm; its repro is minimal.
 
 fn strict(seed: u64, known: KnownBugs, late_arrival: bool) -> Result<SimReport, Failure> {
     let mut s = Scenario::from_seed(seed);
     s.faults.late_arrival = late_arrival;
     Simulation::new(s).known_bugs(known).keep_trace(80).run()
-}
-
-#[test]
-#[ignore = "core bug: after a backward seek, a commit with an unknown outcome leaves the broker behind for good"]
-fn seek_back_then_unknown_commit_outcome_seed() {
-    let known = KnownBugs {
-        seek_commit: false,
-        ..KnownBugs::ALL
-    };
-    strict(917, known, false).unwrap_or_else(|f| panic!("{f}"));
 }
 
 #[test]
@@ -191,7 +189,7 @@ fn stale_probe_seed() {
         stale_probes: false,
         ..KnownBugs::ALL
     };
-    strict(156, known, false).unwrap_or_else(|f| panic!("{f}"));
+    strict(6, known, false).unwrap_or_else(|f| panic!("{f}"));
 }
 
 #[test]
@@ -205,9 +203,19 @@ fn fetch_spin_seed() {
 }
 
 #[test]
+#[ignore = "core bug: a late answer to a probe of an earlier half-open phase frees a probe slot of the current phase"]
+fn stale_probe_answer_frees_a_slot_seed() {
+    let known = KnownBugs {
+        stale_probes: false,
+        ..KnownBugs::ALL
+    };
+    strict(3907, known, false).unwrap_or_else(|f| panic!("{f}"));
+}
+
+#[test]
 #[ignore = "core limitation: a CommitOffset reaching the broker after its deadline overwrites a newer commit"]
 fn late_commit_arrival_seed() {
-    strict(524, KnownBugs::ALL, true).unwrap_or_else(|f| panic!("{f}"));
+    strict(356, KnownBugs::ALL, true).unwrap_or_else(|f| panic!("{f}"));
 }
 
 /// Answers every transmit at once through the broker, except those `hold` keeps; returns the
