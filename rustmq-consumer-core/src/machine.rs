@@ -60,6 +60,8 @@ pub struct ConsumerMachine {
     /// Fetched messages not yet delivered, all partitions.
     buffered: usize,
     buffered_bytes: usize,
+    /// The partition whose fetch goes first next time (partitions take turns).
+    fetch_cursor: usize,
     /// Round-robin cursor over partitions for fair delivery.
     cursor: usize,
     /// Reasons of poison messages being fetched again for the dead-letter path.
@@ -93,8 +95,8 @@ struct Partition {
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     fetch_not_before: Option<Instant>,
-    /// A fetch took nothing because its first record did not fit the prefetch byte budget
-    /// (at this many buffered bytes): no fetch until deliveries free room.
+    /// A fetch took nothing because its first record (this many bytes) did not fit the
+    /// prefetch byte budget: no fetch until deliveries free room for it.
     byte_blocked: Option<usize>,
     empty_fetches: u32,
     fetch_failures: u32,
@@ -285,6 +287,7 @@ impl ConsumerMachine {
             unacked: 0,
             buffered: 0,
             buffered_bytes: 0,
+            fetch_cursor: 0,
             cursor: 0,
             refetch_reasons: BTreeMap::new(),
             group: config
@@ -1119,6 +1122,7 @@ impl ConsumerMachine {
             .max_unsettled_per_partition
             .saturating_sub(p.window.span());
         let mut taken = 0u64;
+        let first_bytes = r.records.first().map_or(0, |record| record.encoded_len());
         for record in r.records {
             let bytes = record.encoded_len();
             let over_bytes =
@@ -1137,7 +1141,7 @@ impl ConsumerMachine {
         }
         if taken == 0 {
             // Nothing fitted: wait for deliveries to free room rather than asking again now.
-            p.byte_blocked = Some(self.buffered_bytes);
+            p.byte_blocked = Some(first_bytes);
         }
         self.metrics.received += taken;
         Ok(())
@@ -1442,7 +1446,8 @@ impl ConsumerMachine {
     }
 
     fn send_work(&mut self, now: Instant) {
-        if !self.drive_group(now) {
+        // Closed is final: nothing more goes on the wire, not even a commit still wanted.
+        if self.is_closed() || !self.drive_group(now) {
             return;
         }
         // Commits first: in half-open they are the most valuable probes.
@@ -1487,15 +1492,22 @@ impl ConsumerMachine {
         if self.close.is_some() {
             return;
         }
-        for idx in 0..self.partitions.len() {
-            if !self.send_fetches(now, idx) {
+        // Every fetch in flight reserves a slot of the prefetch buffer, so concurrent fetches
+        // of several partitions never bring back more than the buffer takes (which would be
+        // dropped and fetched again). When slots are scarce, partitions take turns.
+        let mut reserved = self.partitions.iter().filter(|p| p.fetch_in_flight).count();
+        let n = self.partitions.len();
+        for k in 0..n {
+            let idx = (self.fetch_cursor + k) % n;
+            if !self.send_fetches(now, idx, &mut reserved) {
                 return;
             }
         }
     }
 
-    /// Sends the partition's refetch or fetch if due. False when the breaker said no.
-    fn send_fetches(&mut self, now: Instant, idx: usize) -> bool {
+    /// Sends the partition's refetch or fetch if due; a fetch sent takes one of the
+    /// `reserved` slots. False when the breaker said no.
+    fn send_fetches(&mut self, now: Instant, idx: usize, reserved: &mut usize) -> bool {
         let p = &self.partitions[idx];
         let (id, epoch) = (p.id, p.epoch);
         if p.fetch_not_before.is_some() {
@@ -1548,9 +1560,11 @@ impl ConsumerMachine {
             return true;
         }
         let flow_full = p.window.span() >= self.config.max_unsettled_per_partition
-            || self.buffered >= self.config.fetch_size
+            || self.buffered + *reserved >= self.config.fetch_size
             || self.buffered_bytes >= self.config.prefetch_bytes
-            || p.byte_blocked.is_some_and(|b| self.buffered_bytes >= b);
+            || p.byte_blocked.is_some_and(|need| {
+                self.buffered > 0 && self.buffered_bytes + need > self.config.prefetch_bytes
+            });
         if flow_full {
             return true;
         }
@@ -1565,6 +1579,8 @@ impl ConsumerMachine {
             .max(1);
         self.partitions[idx].fetch_in_flight = true;
         self.partitions[idx].byte_blocked = None;
+        *reserved += 1;
+        self.fetch_cursor = idx + 1;
         self.metrics.fetches += 1;
         let request = self.fetch_request(offset, max_bytes);
         self.send(

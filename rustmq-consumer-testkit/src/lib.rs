@@ -15,6 +15,18 @@
 //!   the one part of the testkit that does I/O.
 //! - `virtual_rt`: [`VirtualRuntime`], a deterministic single-threaded executor whose clock
 //!   jumps to the next timer when every task is idle.
+//! - `faults`: [`FaultPlan`] (latency, error frames, lost requests and answers, connection
+//!   loss, crash and restart, storage failures; all stop at a heal time) and [`SimRng`], the
+//!   seeded PRNG every choice comes from.
+//! - `invariants`: [`Checker`], the consumer's invariants checked from what is observable,
+//!   and [`Violation`] naming the one that broke ([`invariant_names`]).
+//! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
+//!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
+//!   derives everything from one seed; [`run_seeds`] and [`seeds_from_env`] run many and
+//!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
+//!   policies (the checker must catch them) and [`KnownBugs`] lists the core bugs the
+//!   simulation found and tolerates by default (each has an ignored test that fails).
+//! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
 //!
 //! # Absences
 //!
@@ -27,6 +39,10 @@ mod broker;
 mod loopback;
 mod transport;
 mod virtual_rt;
+mod faults;
+mod invariants;
+mod sim;
+pub mod strategies;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
@@ -38,3 +54,10 @@ pub use loopback::{
 };
 pub use transport::{SharedBroker, SimTransport};
 pub use virtual_rt::{Stalled, VirtualRuntime};
+pub use faults::{Fate, FaultPlan, SimRng};
+pub use invariants::{names as invariant_names, Checker, Violation};
+pub use sim::{
+    check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
+    Decision, Failure, Handler, KnownBugs, ModelApp, Mutation, Scenario, SimReport, Simulation,
+    Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
+};

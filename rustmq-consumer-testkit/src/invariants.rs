@@ -1,0 +1,619 @@
+//! Invariants of a consumer, checked from what is observable: the machine's queries, its
+//! events and transmits, and what the broker accepted.
+//!
+//! The [`Checker`] keeps the *application's* truth per partition: which offsets had their side
+//! effect done (acked after processing, confirmed in the dead-letter topic by the broker, or
+//! discarded with an event), and which deliveries are outstanding. Every check compares the
+//! consumer against that truth; a broken one is a [`Violation`] naming the invariant.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use rustmq_consumer_core::protocol::{Record, Request};
+use rustmq_consumer_core::{BreakerState, ConsumerConfig, Event, Metrics, RequestId};
+
+/// Names of the invariants, as they appear in a [`Violation`].
+pub mod names {
+    /// The settle watermark never passes an offset whose side effect is not done.
+    pub const SETTLE_AFTER_SIDE_EFFECT: &str = "settle-after-side-effect";
+    /// A commit request never carries an offset past one whose side effect is not done.
+    pub const COMMIT_AFTER_SIDE_EFFECT: &str = "commit-after-side-effect";
+    /// The broker never stores an offset past one whose side effect was not done when the
+    /// commit was sent.
+    pub const BROKER_COMMIT_AFTER_SIDE_EFFECT: &str = "broker-commit-after-side-effect";
+    /// `Event::Committed` only reports offsets the broker accepted.
+    pub const COMMITTED_MEANS_ACCEPTED: &str = "committed-means-accepted";
+    /// A message is delivered at most `max_retry_attempts + 1` times.
+    pub const ATTEMPTS_BOUNDED: &str = "attempts-bounded";
+    /// A message is never delivered again while a delivery of it is outstanding.
+    pub const NO_CONCURRENT_DELIVERY: &str = "no-concurrent-delivery";
+    /// A delivered record is the broker's record at that offset.
+    pub const DELIVERY_MATCHES_LOG: &str = "delivery-matches-log";
+    /// A paused partition delivers nothing.
+    pub const PAUSE_HOLDS: &str = "pause-holds";
+    /// The cache stays within its entry and byte bounds.
+    pub const CACHE_BOUNDED: &str = "cache-bounded";
+    /// Buffered messages stay within `fetch_size`.
+    pub const PREFETCH_BOUNDED: &str = "prefetch-bounded";
+    /// Outstanding deliveries stay within `max_unacked` and match the application's count.
+    pub const DELIVERIES_BOUNDED: &str = "deliveries-bounded";
+    /// Nothing is sent while the circuit is open.
+    pub const BREAKER_OPEN_SILENCE: &str = "breaker-open-silence";
+    /// At most `half_open_max_probes` probes are in flight while half-open.
+    pub const HALF_OPEN_PROBES: &str = "half-open-probes";
+    /// `Event::DeadLettered` only after the broker confirmed the produce.
+    pub const DEAD_LETTER_CONFIRMED: &str = "dead-letter-confirmed";
+    /// A dead-lettered record carries the original record and the documented headers.
+    pub const DEAD_LETTER_CONTENT: &str = "dead-letter-content";
+    /// Poison messages are discarded only when no dead-letter topic is configured.
+    pub const DISCARD_ONLY_WITHOUT_DLQ: &str = "discard-only-without-dlq";
+    /// The application's commands are refused only for the documented reasons.
+    pub const COMMAND_ACCEPTED: &str = "command-accepted";
+    /// After the faults heal, everything is settled and committed within a bounded time.
+    pub const LIVENESS: &str = "liveness";
+    /// Close ends with `Event::Closed` within its bound, phases in order, silence after.
+    pub const CLOSE: &str = "close";
+    /// A fetch that returned records is not repeated at the same offset over and over (the
+    /// consumer took none of them and did not back off).
+    pub const NO_FETCH_SPIN: &str = "no-fetch-spin";
+    /// The same seed gives the same trace.
+    pub const DETERMINISM: &str = "determinism";
+}
+
+use names::*;
+
+/// A broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which invariant ([`names`]).
+    pub invariant: &'static str,
+    /// The simulation step (input to the machine) after which it was found.
+    pub step: u64,
+    /// Simulated time since the start.
+    pub at: Duration,
+    /// What exactly.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invariant `{}` broken at step {} (t={:?}): {}",
+            self.invariant, self.step, self.at, self.detail
+        )
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// The application's truth about one partition.
+#[derive(Debug, Default, Clone)]
+struct Truth {
+    /// Offsets below are not owed in this generation (the start, or a seek).
+    floor: u64,
+    /// Offsets at or above `low` whose side effect is done.
+    done: BTreeSet<u64>,
+    /// Lowest offset at or above `floor` whose side effect is not done.
+    low: u64,
+    /// Outstanding deliveries: offset -> attempt.
+    outstanding: BTreeMap<u64, u32>,
+    /// Bumped by every seek.
+    generation: u64,
+    paused: bool,
+}
+
+impl Truth {
+    fn mark_done(&mut self, offset: u64) {
+        if offset < self.low {
+            return;
+        }
+        self.done.insert(offset);
+        while self.done.remove(&self.low) {
+            self.low += 1;
+        }
+    }
+}
+
+/// Checks a consumer's invariants step by step. Feed it everything that happens; every
+/// method returns the first [`Violation`] it finds.
+#[derive(Debug)]
+pub struct Checker {
+    max_attempts: u32,
+    cache_entries: u64,
+    cache_bytes: u64,
+    fetch_size: u64,
+    max_unacked: u64,
+    max_probes: u32,
+    dead_letter: bool,
+    partitions: BTreeMap<u32, Truth>,
+    /// (partition, offset) pairs the broker accepted in a commit.
+    accepted: BTreeSet<(u32, u64)>,
+    /// (partition, offset) pairs the broker confirmed in the dead-letter topic.
+    dead_lettered: BTreeSet<(u32, u64)>,
+    breaker: BreakerState,
+    /// Probes sent while half-open and not resolved yet, with the half-open phase they were
+    /// sent in.
+    probes: BTreeMap<RequestId, u64>,
+    /// Half-open phases entered so far.
+    half_open_phase: u64,
+    /// Probes of earlier phases resolved during the current phase (each can free a slot of
+    /// the current phase in the core's breaker: the known stale-probe bug).
+    stale_resolved: usize,
+    /// Tolerate probes of an earlier half-open phase still in flight (a known core bug).
+    tolerate_stale_probes: bool,
+    /// Per partition: the offset of the last fetch answered with records, and how many times
+    /// in a row the same fetch was sent again after such an answer.
+    fetch_spin: BTreeMap<u32, (u64, u32)>,
+    /// Tolerate fetch spins (a known core bug).
+    tolerate_fetch_spin: bool,
+    closed: bool,
+    step: u64,
+    at: Duration,
+}
+
+impl Checker {
+    /// A checker for a consumer with `config`, whose partitions start at offset 0.
+    pub fn new(config: &ConsumerConfig) -> Self {
+        Self {
+            max_attempts: config.max_retry_attempts.saturating_add(1),
+            cache_entries: config.cache_entries() as u64,
+            cache_bytes: config.cache_max_bytes as u64,
+            fetch_size: config.fetch_size as u64,
+            max_unacked: config.max_unacked as u64,
+            max_probes: config.half_open_max_probes,
+            dead_letter: config.dead_letter_queue.is_some(),
+            partitions: config
+                .partitions
+                .iter()
+                .map(|&p| (p, Truth::default()))
+                .collect(),
+            accepted: BTreeSet::new(),
+            dead_lettered: BTreeSet::new(),
+            breaker: BreakerState::Closed,
+            probes: BTreeMap::new(),
+            half_open_phase: 0,
+            stale_resolved: 0,
+            tolerate_stale_probes: false,
+            fetch_spin: BTreeMap::new(),
+            tolerate_fetch_spin: false,
+            closed: false,
+            step: 0,
+            at: Duration::ZERO,
+        }
+    }
+
+    /// Tolerates probes of an earlier half-open phase still in flight when a new phase sends
+    /// its own (the core forgets them when the circuit reopens and half-opens again, and
+    /// counts their late outcomes against the new phase, freeing a slot each; see the ignored
+    /// `stale_probe_*` tests). Probes of the current phase stay bounded by the maximum plus
+    /// the stale probes resolved during it.
+    pub fn tolerate_stale_probes(&mut self, tolerate: bool) {
+        self.tolerate_stale_probes = tolerate;
+    }
+
+    /// Tolerates a fetch repeated without backoff after records came back and none were
+    /// taken (the prefetch byte budget check differs between sending and taking; see the
+    /// ignored `fetch_spin_*` test).
+    pub fn tolerate_fetch_spin(&mut self, tolerate: bool) {
+        self.tolerate_fetch_spin = tolerate;
+    }
+
+    /// A fetch of `partition` at `offset` was answered; `records` came back.
+    pub fn on_fetch_answer(&mut self, partition: u32, offset: u64, records: usize) {
+        if records == 0 {
+            self.fetch_spin.remove(&partition);
+        } else {
+            let e = self.fetch_spin.entry(partition).or_insert((offset, 0));
+            if e.0 != offset {
+                *e = (offset, 0);
+            }
+        }
+    }
+
+    /// Sets the step counter and simulated time reported in violations.
+    pub fn set_step(&mut self, step: u64, at: Duration) {
+        self.step = step;
+        self.at = at;
+    }
+
+    fn violation(&self, invariant: &'static str, detail: String) -> Violation {
+        Violation {
+            invariant,
+            step: self.step,
+            at: self.at,
+            detail,
+        }
+    }
+
+    fn fail<T>(&self, invariant: &'static str, detail: String) -> Result<T, Violation> {
+        Err(self.violation(invariant, detail))
+    }
+
+    /// The lowest offset of `partition` whose side effect is not done.
+    pub fn lowest_unsettled(&self, partition: u32) -> Option<u64> {
+        self.partitions.get(&partition).map(|t| t.low)
+    }
+
+    /// The generation (number of seeks) of `partition`.
+    pub fn generation(&self, partition: u32) -> u64 {
+        self.partitions.get(&partition).map_or(0, |t| t.generation)
+    }
+
+    /// Deliveries outstanding with the application, all partitions.
+    pub fn outstanding(&self) -> u64 {
+        self.partitions
+            .values()
+            .map(|t| t.outstanding.len() as u64)
+            .sum()
+    }
+
+    /// True once `Event::Closed` was seen.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Offsets the broker confirmed in the dead-letter topic.
+    pub fn dead_lettered(&self) -> &BTreeSet<(u32, u64)> {
+        &self.dead_lettered
+    }
+
+    /// The application did the side effect of delivery `offset` of `generation` (before
+    /// acking it). Side effects of a previous generation do not count.
+    pub fn side_effect(&mut self, partition: u32, offset: u64, generation: u64) {
+        if let Some(t) = self.partitions.get_mut(&partition) {
+            if t.generation == generation {
+                t.mark_done(offset);
+            }
+        }
+    }
+
+    /// The application handed a delivery back (ack, nack, reject or drop accepted).
+    pub fn handed_back(&mut self, partition: u32, offset: u64, generation: u64) {
+        if let Some(t) = self.partitions.get_mut(&partition) {
+            if t.generation == generation {
+                t.outstanding.remove(&offset);
+            }
+        }
+    }
+
+    /// The application sought `partition` to `offset`: outstanding deliveries go stale and
+    /// nothing below `offset` is owed any more; everything from `offset` is owed again.
+    pub fn seek(&mut self, partition: u32, offset: u64) {
+        if let Some(t) = self.partitions.get_mut(&partition) {
+            t.generation += 1;
+            t.floor = offset;
+            t.low = offset;
+            t.done.clear();
+            t.outstanding.clear();
+        }
+    }
+
+    /// The application paused or resumed `partition`.
+    pub fn set_paused(&mut self, partition: u32, paused: bool) {
+        if let Some(t) = self.partitions.get_mut(&partition) {
+            t.paused = paused;
+        }
+    }
+
+    /// The broker stored `record` in the dead-letter topic: its original offset's side effect
+    /// is done.
+    pub fn dead_letter_stored(&mut self, partition: u32, offset: u64) {
+        self.dead_lettered.insert((partition, offset));
+        if let Some(t) = self.partitions.get_mut(&partition) {
+            if offset >= t.floor {
+                t.mark_done(offset);
+            }
+        }
+    }
+
+    /// Checks a commit request about to be sent; returns the bound (lowest unsettled offset
+    /// per partition now) to check the broker's acceptance against later.
+    pub fn on_commit_sent(&self, offsets: &[(u32, u64)]) -> Result<BTreeMap<u32, u64>, Violation> {
+        let mut bound = BTreeMap::new();
+        for &(p, o) in offsets {
+            let low = self.lowest_unsettled(p).unwrap_or(0);
+            if o > low {
+                return self.fail(
+                    COMMIT_AFTER_SIDE_EFFECT,
+                    format!(
+                        "commit of partition {p} at {o} sent while offset {low} is not processed"
+                    ),
+                );
+            }
+            bound.insert(p, low);
+        }
+        Ok(bound)
+    }
+
+    /// The broker accepted a commit whose request was checked with `bound`.
+    pub fn on_commit_accepted(
+        &mut self,
+        offsets: &[(u32, u64)],
+        bound: &BTreeMap<u32, u64>,
+    ) -> Result<(), Violation> {
+        for &(p, o) in offsets {
+            self.accepted.insert((p, o));
+            let low = bound.get(&p).copied().unwrap_or(0);
+            if o > low {
+                return self.fail(
+                    BROKER_COMMIT_AFTER_SIDE_EFFECT,
+                    format!(
+                        "broker stored partition {p} at {o}; offset {low} was unprocessed when it was sent"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A request the machine transmitted, with the breaker's state after the input that
+    /// produced it (call [`Checker::on_events_of_input`] for that input first).
+    pub fn on_transmit(
+        &mut self,
+        id: RequestId,
+        request: &Request,
+        breaker: BreakerState,
+    ) -> Result<(), Violation> {
+        if self.closed {
+            return self.fail(CLOSE, format!("{:?} sent after Closed", request.kind()));
+        }
+        if let Request::Fetch(f) = request {
+            let spins = match self.fetch_spin.get_mut(&f.partition_id) {
+                Some(e) if f.max_bytes > 1 && e.0 == f.fetch_offset => {
+                    e.1 += 1;
+                    e.1
+                }
+                Some(_) if f.max_bytes > 1 => {
+                    self.fetch_spin.remove(&f.partition_id);
+                    0
+                }
+                _ => 0,
+            };
+            if spins > 50 && !self.tolerate_fetch_spin {
+                return self.fail(
+                    NO_FETCH_SPIN,
+                    format!(
+                        "fetch of partition {} at {} sent {spins} times in a row although each answer had records",
+                        f.partition_id, f.fetch_offset
+                    ),
+                );
+            }
+        }
+        match breaker {
+            BreakerState::Open => {
+                return self.fail(
+                    BREAKER_OPEN_SILENCE,
+                    format!("{:?} sent while the circuit is open", request.kind()),
+                );
+            }
+            BreakerState::HalfOpen => {
+                let phase = self.half_open_phase;
+                self.probes.insert(id, phase);
+                let current = self.probes.values().filter(|&&p| p == phase).count();
+                let total = self.probes.len();
+                let max = self.max_probes as usize;
+                let broken = if self.tolerate_stale_probes {
+                    current > max + self.stale_resolved
+                } else {
+                    total > max
+                };
+                if broken {
+                    return self.fail(
+                        HALF_OPEN_PROBES,
+                        format!(
+                            "{total} probes in flight while half-open ({current} of this phase, max {max}): {:?}",
+                            self.probes
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A request's fate reached the machine (an answer, a failure, or its deadline).
+    pub fn on_resolved(&mut self, id: RequestId) {
+        if let Some(phase) = self.probes.remove(&id) {
+            if phase < self.half_open_phase {
+                self.stale_resolved += 1;
+            }
+        }
+    }
+
+    /// Applies the side effects an input's events report before its transmits are checked:
+    /// a discard is its own side effect, and happens in the same input as the commit it
+    /// allows. Call once per input with all of its events, before [`Checker::on_transmit`].
+    pub fn on_events_of_input(&mut self, events: &[Event]) {
+        for e in events {
+            if let Event::BreakerChanged {
+                to: BreakerState::HalfOpen,
+                ..
+            } = e
+            {
+                self.half_open_phase += 1;
+                self.stale_resolved = 0;
+            }
+            if let Event::Discarded {
+                partition, offset, ..
+            } = e
+            {
+                if let Some(t) = self.partitions.get_mut(partition) {
+                    if *offset >= t.floor {
+                        t.mark_done(*offset);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An event the machine emitted. `log` gives the broker's record at an offset, to check
+    /// deliveries against.
+    pub fn on_event<'a>(
+        &mut self,
+        event: &Event,
+        log: impl Fn(u32, u64) -> Option<&'a Record>,
+    ) -> Result<(), Violation> {
+        match event {
+            Event::Deliver(d) => {
+                let (p, o, attempt) = (d.tag.partition, d.tag.offset, d.tag.attempt);
+                if attempt > self.max_attempts || attempt == 0 {
+                    return self.fail(
+                        ATTEMPTS_BOUNDED,
+                        format!(
+                            "partition {p} offset {o} delivered with attempt {attempt} (max {})",
+                            self.max_attempts
+                        ),
+                    );
+                }
+                match log(p, o) {
+                    Some(r) if r.value == d.record.value && r.key == d.record.key => {}
+                    other => {
+                        return self.fail(
+                            DELIVERY_MATCHES_LOG,
+                            format!(
+                                "partition {p} offset {o}: delivered {:?}, broker has {:?}",
+                                d.record.value,
+                                other.map(|r| &r.value)
+                            ),
+                        )
+                    }
+                }
+                let Some(t) = self.partitions.get_mut(&p) else {
+                    return self.fail(
+                        DELIVERY_MATCHES_LOG,
+                        format!("delivery from unassigned partition {p}"),
+                    );
+                };
+                if t.paused {
+                    return self.fail(
+                        PAUSE_HOLDS,
+                        format!("partition {p} offset {o} delivered while paused"),
+                    );
+                }
+                if let Some(prev) = t.outstanding.insert(o, attempt) {
+                    return self.fail(
+                        NO_CONCURRENT_DELIVERY,
+                        format!("partition {p} offset {o} delivered (attempt {attempt}) while attempt {prev} is outstanding"),
+                    );
+                }
+            }
+            Event::DeadLettered {
+                partition,
+                offset,
+                attempts,
+            } => {
+                if *attempts > self.max_attempts {
+                    return self.fail(
+                        ATTEMPTS_BOUNDED,
+                        format!("partition {partition} offset {offset} dead-lettered after {attempts} attempts"),
+                    );
+                }
+                if !self.dead_lettered.contains(&(*partition, *offset)) {
+                    return self.fail(
+                        DEAD_LETTER_CONFIRMED,
+                        format!("partition {partition} offset {offset} reported dead-lettered, the broker has no such record"),
+                    );
+                }
+            }
+            Event::Discarded {
+                partition,
+                offset,
+                attempts,
+                reason,
+            } => {
+                if *attempts > self.max_attempts {
+                    return self.fail(
+                        ATTEMPTS_BOUNDED,
+                        format!("partition {partition} offset {offset} discarded after {attempts} attempts"),
+                    );
+                }
+                if self.dead_letter && !reason.contains("no longer on the broker") {
+                    return self.fail(
+                        DISCARD_ONLY_WITHOUT_DLQ,
+                        format!("partition {partition} offset {offset} discarded ({reason}) although a dead-letter topic is configured"),
+                    );
+                }
+            }
+            Event::Committed { offsets, .. } => {
+                for &(p, o) in offsets {
+                    if !self.accepted.contains(&(p, o)) {
+                        return self.fail(
+                            COMMITTED_MEANS_ACCEPTED,
+                            format!("Committed reports partition {p} at {o}, which the broker never accepted"),
+                        );
+                    }
+                }
+            }
+            Event::RequestFailed { id, .. } => self.on_resolved(*id),
+            Event::BreakerChanged { to, .. } => self.breaker = *to,
+            Event::Closed => self.closed = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Checks the machine's state after a step: watermarks against the application's truth,
+    /// and every bound.
+    pub fn check_state(
+        &self,
+        metrics: &Metrics,
+        watermark: impl Fn(u32) -> Option<u64>,
+    ) -> Result<(), Violation> {
+        for (&p, t) in &self.partitions {
+            let Some(w) = watermark(p) else { continue };
+            if w > t.low {
+                return self.fail(
+                    SETTLE_AFTER_SIDE_EFFECT,
+                    format!(
+                        "partition {p}: settle watermark {w} passed unprocessed offset {}",
+                        t.low
+                    ),
+                );
+            }
+        }
+        if metrics.cached > self.cache_entries || metrics.cached_bytes > self.cache_bytes {
+            return self.fail(
+                CACHE_BOUNDED,
+                format!(
+                    "cache holds {} entries / {} bytes (bounds {} / {})",
+                    metrics.cached, metrics.cached_bytes, self.cache_entries, self.cache_bytes
+                ),
+            );
+        }
+        if metrics.buffered > self.fetch_size {
+            return self.fail(
+                PREFETCH_BOUNDED,
+                format!(
+                    "{} messages buffered (fetch_size {})",
+                    metrics.buffered, self.fetch_size
+                ),
+            );
+        }
+        let outstanding = self.outstanding();
+        if metrics.in_flight_deliveries > self.max_unacked
+            || (!self.closed && metrics.in_flight_deliveries != outstanding)
+        {
+            return self.fail(
+                DELIVERIES_BOUNDED,
+                format!(
+                    "machine counts {} outstanding deliveries, application holds {outstanding} (max_unacked {})",
+                    metrics.in_flight_deliveries, self.max_unacked
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reports a command the machine refused for a reason the application did not expect.
+    pub fn command_refused(&self, detail: String) -> Violation {
+        self.violation(COMMAND_ACCEPTED, detail)
+    }
+
+    /// A violation of `invariant` at the current step (for checks made by the simulation).
+    pub fn broken(&self, invariant: &'static str, detail: String) -> Violation {
+        self.violation(invariant, detail)
+    }
+}
