@@ -1225,6 +1225,16 @@ impl ConsumerMachine {
                 }
             }
         }
+        if code == error_code::UNKNOWN_GROUP && self.group.is_none() {
+            // Manual assignment: a restarted broker forgets groups until a member joins again.
+            // Retried with backoff; group state, not broker health, so the breaker ignores it.
+            debug!(
+                code,
+                ticket, "commit to a group the broker does not know; retrying"
+            );
+            self.fail_owner(now, Owner::Commit { offsets, ticket });
+            return Ok(());
+        }
         if code == error_code::UNKNOWN_GROUP || code == error_code::ILLEGAL_GENERATION {
             // The group moved on: reported, never retried under this (or a newer) generation.
             // Group state, not broker health, so the breaker does not count it.
@@ -1249,11 +1259,11 @@ impl ConsumerMachine {
             return Err(format!("commit failed with error code {code}"));
         }
         let mut confirmed = Vec::with_capacity(offsets.len());
-        for (id, epoch, offset) in offsets {
+        for (id, _, offset) in offsets {
+            // What the broker holds now, even if a seek since then moved the partition on:
+            // the next commit compares against it.
             if let Some(idx) = self.index(id) {
-                if self.partitions[idx].epoch == epoch {
-                    self.partitions[idx].committed = Some(offset);
-                }
+                self.partitions[idx].committed = Some(offset);
             }
             confirmed.push((id, offset));
         }
@@ -1366,15 +1376,14 @@ impl ConsumerMachine {
                 }
             }
             Owner::Commit { ticket, offsets } => {
-                // The broker may or may not have stored it: forget what we believed it holds,
-                // so the next commit states the watermark again whatever it is.
-                for (id, epoch, _) in offsets {
+                // The broker may or may not have stored it (even if a seek since then moved
+                // the partition on): forget what we believed it holds, so the next commit
+                // states the watermark again whatever it is.
+                for (id, _, _) in offsets {
                     if let Some(idx) = self.index(id) {
                         let p = &mut self.partitions[idx];
-                        if p.epoch == epoch {
-                            p.committed = None;
-                            p.start = None;
-                        }
+                        p.committed = None;
+                        p.start = None;
                     }
                 }
                 self.commits.in_flight = false;

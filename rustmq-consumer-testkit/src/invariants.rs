@@ -138,16 +138,9 @@ pub struct Checker {
     probes: BTreeMap<RequestId, u64>,
     /// Half-open phases entered so far.
     half_open_phase: u64,
-    /// Probes of earlier phases resolved during the current phase (each can free a slot of
-    /// the current phase in the core's breaker: the known stale-probe bug).
-    stale_resolved: usize,
-    /// Tolerate probes of an earlier half-open phase still in flight (a known core bug).
-    tolerate_stale_probes: bool,
     /// Per partition: the offset of the last fetch answered with records, and how many times
     /// in a row the same fetch was sent again after such an answer.
     fetch_spin: BTreeMap<u32, (u64, u32)>,
-    /// Tolerate fetch spins (a known core bug).
-    tolerate_fetch_spin: bool,
     closed: bool,
     step: u64,
     at: Duration,
@@ -174,30 +167,11 @@ impl Checker {
             breaker: BreakerState::Closed,
             probes: BTreeMap::new(),
             half_open_phase: 0,
-            stale_resolved: 0,
-            tolerate_stale_probes: false,
             fetch_spin: BTreeMap::new(),
-            tolerate_fetch_spin: false,
             closed: false,
             step: 0,
             at: Duration::ZERO,
         }
-    }
-
-    /// Tolerates probes of an earlier half-open phase still in flight when a new phase sends
-    /// its own (the core forgets them when the circuit reopens and half-opens again, and
-    /// counts their late outcomes against the new phase, freeing a slot each; see the ignored
-    /// `stale_probe_*` tests). Probes of the current phase stay bounded by the maximum plus
-    /// the stale probes resolved during it.
-    pub fn tolerate_stale_probes(&mut self, tolerate: bool) {
-        self.tolerate_stale_probes = tolerate;
-    }
-
-    /// Tolerates a fetch repeated without backoff after records came back and none were
-    /// taken (the prefetch byte budget check differs between sending and taking; see the
-    /// ignored `fetch_spin_*` test).
-    pub fn tolerate_fetch_spin(&mut self, tolerate: bool) {
-        self.tolerate_fetch_spin = tolerate;
     }
 
     /// A fetch of `partition` at `offset` was answered; `records` came back.
@@ -371,7 +345,7 @@ impl Checker {
                 }
                 _ => 0,
             };
-            if spins > 50 && !self.tolerate_fetch_spin {
+            if spins > 50 {
                 return self.fail(
                     NO_FETCH_SPIN,
                     format!(
@@ -394,12 +368,7 @@ impl Checker {
                 let current = self.probes.values().filter(|&&p| p == phase).count();
                 let total = self.probes.len();
                 let max = self.max_probes as usize;
-                let broken = if self.tolerate_stale_probes {
-                    current > max + self.stale_resolved
-                } else {
-                    total > max
-                };
-                if broken {
+                if total > max {
                     return self.fail(
                         HALF_OPEN_PROBES,
                         format!(
@@ -416,11 +385,7 @@ impl Checker {
 
     /// A request's fate reached the machine (an answer, a failure, or its deadline).
     pub fn on_resolved(&mut self, id: RequestId) {
-        if let Some(phase) = self.probes.remove(&id) {
-            if phase < self.half_open_phase {
-                self.stale_resolved += 1;
-            }
-        }
+        self.probes.remove(&id);
     }
 
     /// Applies the side effects an input's events report before its transmits are checked:
@@ -434,7 +399,6 @@ impl Checker {
             } = e
             {
                 self.half_open_phase += 1;
-                self.stale_resolved = 0;
             }
             if let Event::Discarded {
                 partition, offset, ..

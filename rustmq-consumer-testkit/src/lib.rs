@@ -24,8 +24,7 @@
 //!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
 //!   derives everything from one seed; [`run_seeds`] and [`seeds_from_env`] run many and
 //!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
-//!   policies (the checker must catch them) and [`KnownBugs`] lists the core bugs the
-//!   simulation found and tolerates by default (each has an ignored test that fails).
+//!   policies (the checker must catch them).
 //! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
 //!
 //! # Absences
@@ -35,29 +34,29 @@
 #![forbid(unsafe_code)]
 
 mod broker;
-#[cfg(feature = "quic")]
-mod loopback;
-mod transport;
-mod virtual_rt;
 mod faults;
 mod invariants;
+#[cfg(feature = "quic")]
+mod loopback;
 mod sim;
 pub mod strategies;
+mod transport;
+mod virtual_rt;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
     REAPER_INTERVAL,
 };
+pub use faults::{Fate, FaultPlan, SimRng};
+pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]
 pub use loopback::{
     Fault, LoopbackBroker, LoopbackError, DRAIN_GRACE, INJECTED_ERROR, LOOPBACK_SERVER_NAME,
 };
-pub use transport::{SharedBroker, SimTransport};
-pub use virtual_rt::{Stalled, VirtualRuntime};
-pub use faults::{Fate, FaultPlan, SimRng};
-pub use invariants::{names as invariant_names, Checker, Violation};
 pub use sim::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
-    Decision, Failure, Handler, KnownBugs, ModelApp, Mutation, Scenario, SimReport, Simulation,
-    Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
+    Decision, Failure, Handler, ModelApp, Mutation, Scenario, SimReport, Simulation, Summary,
+    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };
+pub use transport::{SharedBroker, SimTransport};
+pub use virtual_rt::{Stalled, VirtualRuntime};

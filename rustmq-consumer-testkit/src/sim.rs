@@ -255,44 +255,6 @@ pub enum Mutation {
     CommitAtDelivery,
 }
 
-/// Core bugs the simulation found and tolerates by default, so the swarm keeps checking
-/// everything else. Each has an ignored test in `tests/simulation.rs` that fails until fixed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KnownBugs {
-    /// After a backward seek, a commit whose outcome the machine never learnt (lost answer,
-    /// deadline) may be stored by the broker while the machine keeps its pre-seek `committed`
-    /// offset; when the watermark returns there, nothing is committed again and the broker
-    /// stays behind. Tolerated: the broker's final offset may be below the high watermark on
-    /// a sought partition.
-    pub seek_commit: bool,
-    /// When the circuit reopens (a failed probe, or `half_open_max_wait`) and half-opens
-    /// again, the probes of the earlier phase are forgotten by the breaker while the machine
-    /// still has them in flight, and a late answer to one of them is counted against the new
-    /// phase, freeing a slot for one more probe: more than `half_open_max_probes` fly.
-    /// Tolerated: only probes of the current phase are bounded (plus one per stale answer).
-    pub stale_probes: bool,
-    /// A fetch whose records all miss the prefetch byte budget takes nothing and is sent
-    /// again at once, without backoff, while the application holds the buffered messages.
-    /// Tolerated: the spin is allowed, and every request takes at least 1 ms one way so
-    /// simulated time still moves.
-    pub fetch_spin: bool,
-}
-
-impl KnownBugs {
-    /// Tolerate every known bug (the swarm's default).
-    pub const ALL: KnownBugs = KnownBugs {
-        seek_commit: true,
-        stale_probes: true,
-        fetch_spin: true,
-    };
-    /// Tolerate none: the strict invariants.
-    pub const NONE: KnownBugs = KnownBugs {
-        seek_commit: false,
-        stale_probes: false,
-        fetch_spin: false,
-    };
-}
-
 /// Everything one simulated run does, derived from a seed.
 #[derive(Debug, Clone)]
 pub struct Scenario {
@@ -520,7 +482,6 @@ pub struct Simulation<H: Handler = ModelApp> {
     scenario: Scenario,
     handler: H,
     mutation: Mutation,
-    known_bugs: KnownBugs,
     start: Instant,
     now: Instant,
     broker: SimBroker,
@@ -535,8 +496,6 @@ pub struct Simulation<H: Handler = ModelApp> {
     work: BTreeMap<u64, Work>,
     next_work: u64,
     paused: BTreeSet<u32>,
-    /// Partitions the application sought.
-    sought: BTreeSet<u32>,
     produced: Vec<u64>,
     bursts_left: u32,
     crashed: bool,
@@ -571,14 +530,11 @@ impl<H: Handler> Simulation<H> {
     pub fn with_handler(scenario: Scenario, handler: H) -> Self {
         let mut rng = SimRng::new(scenario.seed ^ 0x51u64.rotate_left(56));
         let start = Instant::now();
-        let mut checker = Checker::new(&scenario.config);
-        checker.tolerate_stale_probes(KnownBugs::NONE.stale_probes);
-        checker.tolerate_fetch_spin(KnownBugs::NONE.fetch_spin);
+        let checker = Checker::new(&scenario.config);
         let produced = vec![0; scenario.messages.len()];
         Self {
             handler,
             mutation: Mutation::None,
-            known_bugs: KnownBugs::NONE,
             start,
             now: start,
             broker: SimBroker::with_seed(scenario.seed),
@@ -593,7 +549,6 @@ impl<H: Handler> Simulation<H> {
             work: BTreeMap::new(),
             next_work: 0,
             paused: BTreeSet::new(),
-            sought: BTreeSet::new(),
             produced,
             bursts_left: scenario.bursts,
             crashed: false,
@@ -614,14 +569,6 @@ impl<H: Handler> Simulation<H> {
     /// Runs a deliberately wrong policy instead of the real one.
     pub fn with_mutation(mut self, mutation: Mutation) -> Self {
         self.mutation = mutation;
-        self
-    }
-
-    /// Chooses which known core bugs to tolerate ([`KnownBugs::ALL`] by default).
-    pub fn known_bugs(mut self, known: KnownBugs) -> Self {
-        self.known_bugs = known;
-        self.checker.tolerate_stale_probes(known.stale_probes);
-        self.checker.tolerate_fetch_spin(known.fetch_spin);
         self
     }
 
@@ -849,14 +796,7 @@ impl<H: Handler> Simulation<H> {
             self.checker.lowest_unsettled(p) == Some(hw)
                 && m.settle_watermark(p) == Some(hw)
                 && m.committed_offset(p).unwrap_or(0) == hw
-                && (broker == Some(hw)
-                    || (broker.is_none() && (hw == 0 || self.crashed))
-                    // Known core bug (see `seek_back_then_unknown_commit_outcome` in
-                    // tests/simulation.rs): after a backward seek, a commit whose outcome is
-                    // unknown can leave the broker behind the machine's `committed`.
-                    || (self.known_bugs.seek_commit
-                        && self.sought.contains(&p)
-                        && broker.is_some_and(|b| b <= hw)))
+                && (broker == Some(hw) || (broker.is_none() && (hw == 0 || self.crashed)))
         })
     }
 
@@ -1028,7 +968,6 @@ impl<H: Handler> Simulation<H> {
                 let offset = self.app_rng.range(0, hw);
                 if self.phase == Phase::Faulty {
                     self.report.seeks += 1;
-                    self.sought.insert(p);
                     self.checker.seek(p, offset);
                     self.trace("app", &("seek", p, offset));
                     let now = self.now;
@@ -1297,14 +1236,6 @@ impl<H: Handler> Simulation<H> {
         };
         let elapsed = self.elapsed();
         let mut fate = self.scenario.faults.fate(&mut self.fault_rng, elapsed);
-        if self.known_bugs.fetch_spin {
-            match &mut fate {
-                Fate::Deliver { there, .. } | Fate::LostResponse { there } => {
-                    *there = (*there).max(Duration::from_millis(1));
-                }
-                _ => {}
-            }
-        }
         if !self.scenario.faults.late_arrival {
             // The request reaches the broker before its deadline (its answer may still be late).
             let limit = self

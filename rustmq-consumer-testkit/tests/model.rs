@@ -149,16 +149,12 @@ struct World {
     outstanding: Vec<DeliveryTag>,
     paused: BTreeSet<u32>,
     closing: bool,
-    /// Check the known core bugs too (the property run tolerates them; ignored tests do not).
-    strict: bool,
-    /// Requests the machine sent after it reported Closed (a known core bug).
-    sent_after_closed: Vec<Request>,
 }
 
 type R = Result<(), TestCaseError>;
 
 impl World {
-    fn new(config: ConsumerConfig, strict: bool) -> Result<Self, TestCaseError> {
+    fn new(config: ConsumerConfig) -> Result<Self, TestCaseError> {
         let now = Instant::now();
         let mut b = SimBroker::new();
         b.create_topic(TOPIC, config.partitions.len() as u32);
@@ -166,9 +162,7 @@ impl World {
             b.create_topic(dlq, 1);
         }
         b.ensure_group(GROUP);
-        let mut checker = Checker::new(&config);
-        checker.tolerate_stale_probes(!strict);
-        checker.tolerate_fetch_spin(!strict);
+        let checker = Checker::new(&config);
         let parts = config.partitions.iter().map(|_| Part::default()).collect();
         let m = ConsumerMachine::new(config, now).unwrap();
         let mut w = Self {
@@ -183,8 +177,6 @@ impl World {
             outstanding: Vec::new(),
             paused: BTreeSet::new(),
             closing: false,
-            strict,
-            sent_after_closed: Vec::new(),
         };
         w.drain(None)?;
         Ok(w)
@@ -204,11 +196,6 @@ impl World {
         let breaker = self.m.breaker_state();
         self.checker.on_events_of_input(&events);
         for t in transmits {
-            if self.checker.closed() && !self.strict {
-                // Known core bug (see `commit_sent_after_closed`): recorded, not answered.
-                self.sent_after_closed.push(t.request);
-                continue;
-            }
             Self::v(self.checker.on_transmit(t.id, &t.request, breaker))?;
             let bound = match &t.request {
                 Request::CommitOffset(c) => {
@@ -475,7 +462,7 @@ fn machine_matches_the_reference_model() {
     let result = runner.run(&strategy, |(config, ops)| {
         ran.set(ran.get() + 1);
         ops_total.set(ops_total.get() + ops.len() as u64);
-        let mut w = World::new(config, false)?;
+        let mut w = World::new(config)?;
         for op in ops {
             w.apply(op)?;
         }
@@ -532,7 +519,7 @@ fn commit_sent_after_closed() {
         Op::Advance(500),
         Op::Advance(300),
     ];
-    let mut w = World::new(c, true).unwrap();
+    let mut w = World::new(c).unwrap();
     for op in ops {
         if let Err(e) = w.apply(op.clone()) {
             panic!("after {op:?}: {e}");
