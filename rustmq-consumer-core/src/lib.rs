@@ -6,6 +6,7 @@ mod breaker;
 mod cache;
 pub mod codec;
 mod config;
+pub mod driver;
 mod error;
 mod event;
 mod frame;
@@ -14,6 +15,10 @@ pub mod protocol;
 mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
+pub use driver::{
+    sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
+    DeliveryStream, Runtime, Sleep, Transport,
+};
 pub use error::{TransportError, UsageError};
 pub use event::{
     BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,

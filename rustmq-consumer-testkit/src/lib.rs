@@ -8,6 +8,10 @@
 //! - `broker`: [`SimBroker`], a model of the RustMQ broker with the semantics of
 //!   `PROTOCOL.md` (storage, group coordinator, session reaper, crash and restart), plus the
 //!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read.
+//! - `transport`: [`SimTransport`], an in-memory transport from a consumer's driver to a
+//!   [`SharedBroker`], with optional latency on the runtime's clock.
+//! - `virtual_rt`: [`VirtualRuntime`], a deterministic single-threaded executor whose clock
+//!   jumps to the next timer when every task is idle.
 //!
 //! # Absences
 //!
@@ -16,8 +20,12 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod transport;
+mod virtual_rt;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
     REAPER_INTERVAL,
 };
+pub use transport::{SharedBroker, SimTransport};
+pub use virtual_rt::{Stalled, VirtualRuntime};

@@ -1,0 +1,167 @@
+//! `ConsumerBuilder`: the old SDK's way to make a consumer.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use tracing::Instrument;
+
+use super::consumer::{Consumer, Shared};
+use super::error::ConsumerError;
+use super::runtime::Runtime;
+use super::task::{Driver, DriverChannels};
+use super::transport::Transport;
+use crate::config::ConsumerConfig;
+use crate::machine::ConsumerMachine;
+
+/// Capacity of the command channel from the handles to the driver.
+const COMMAND_CAPACITY: usize = 256;
+
+/// Builds a [`Consumer`] on runtime `R`.
+///
+/// ```ignore
+/// let consumer = ConsumerBuilder::new()
+///     .topic("orders")
+///     .consumer_group("billing")
+///     .config(config)
+///     .client(transport)
+///     .build()
+///     .await?;
+/// ```
+///
+/// The runtime crates (`rustmq-consumer-tokio`, `rustmq-consumer-smol`) alias this type with
+/// their runtime, so `ConsumerBuilder::new()` needs no runtime argument there.
+pub struct ConsumerBuilder<R> {
+    runtime: R,
+    topic: Option<String>,
+    consumer_group: Option<String>,
+    config: Option<ConsumerConfig>,
+    transport: Option<Arc<dyn Transport>>,
+}
+
+impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("runtime", &self.runtime)
+            .field("topic", &self.topic)
+            .field("consumer_group", &self.consumer_group)
+            .field("config", &self.config)
+            .field("transport", &self.transport.is_some())
+            .finish()
+    }
+}
+
+impl<R: Runtime + Default> ConsumerBuilder<R> {
+    /// A builder on the runtime's default handle.
+    pub fn new() -> Self {
+        Self::with_runtime(R::default())
+    }
+}
+
+impl<R: Runtime + Default> Default for ConsumerBuilder<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<R: Runtime> ConsumerBuilder<R> {
+    /// A builder on `runtime`.
+    pub fn with_runtime(runtime: R) -> Self {
+        Self {
+            runtime,
+            topic: None,
+            consumer_group: None,
+            config: None,
+            transport: None,
+        }
+    }
+
+    /// The topic to consume (overrides the config's).
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// The consumer group (overrides the config's).
+    pub fn consumer_group(mut self, group: impl Into<String>) -> Self {
+        self.consumer_group = Some(group.into());
+        self
+    }
+
+    /// Every other setting; defaults to `ConsumerConfig::new(topic, group)`.
+    pub fn config(mut self, config: ConsumerConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The transport to the broker (the old SDK's name).
+    pub fn client(self, transport: impl Transport) -> Self {
+        self.transport(transport)
+    }
+
+    /// The transport to the broker.
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// Validates the settings and starts the consumer's driver task.
+    pub async fn build(self) -> Result<Consumer, ConsumerError> {
+        let mut config = self
+            .config
+            .unwrap_or_else(|| ConsumerConfig::new(String::new(), String::new()));
+        if let Some(topic) = self.topic {
+            config.topic = topic;
+        }
+        if let Some(group) = self.consumer_group {
+            config.consumer_group = group;
+        }
+        if config.topic.is_empty() {
+            return Err(ConsumerError::MissingTopic);
+        }
+        if config.consumer_group.is_empty() {
+            return Err(ConsumerError::MissingGroup);
+        }
+        let transport = self.transport.ok_or(ConsumerError::MissingTransport)?;
+        config.validate()?;
+
+        let runtime: Arc<dyn Runtime> = Arc::new(self.runtime);
+        let consumer_id = config
+            .consumer_id
+            .clone()
+            .unwrap_or_else(|| format!("consumer-{:016x}", config.seed));
+        let topic = config.topic.clone();
+        let span = tracing::info_span!("consumer", consumer_id = %consumer_id, group = %config.consumer_group, topic = %topic);
+        let max_unacked = config.max_unacked;
+        let machine = ConsumerMachine::new(config, runtime.now())?;
+
+        let (commands_tx, commands) = async_channel::bounded(COMMAND_CAPACITY);
+        let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
+        let (lifeline_tx, lifeline) = async_channel::bounded(1);
+        let (deliveries, undelivered) = async_channel::bounded(max_unacked);
+        let final_state = Arc::new(OnceLock::new());
+        let shared = Arc::new(Shared {
+            topic,
+            consumer_id,
+            commands: commands_tx,
+            dropped: dropped_tx,
+            runtime: Arc::clone(&runtime),
+            final_state: Arc::clone(&final_state),
+        });
+        let consumer = Consumer::new(Arc::clone(&shared), undelivered.clone(), lifeline_tx);
+        let driver = Driver::new(
+            machine,
+            Arc::clone(&runtime),
+            transport,
+            DriverChannels {
+                commands: Box::pin(commands),
+                dropped: Box::pin(dropped),
+                lifeline: Box::pin(lifeline),
+                deliveries,
+                undelivered,
+                final_state,
+            },
+        );
+        runtime.spawn(Box::pin(driver.run().instrument(span)));
+        Ok(consumer)
+    }
+}

@@ -1,0 +1,367 @@
+//! The application's handles: `Consumer`, `Delivery` and the delivery stream.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender};
+use bytes::Bytes;
+use futures_lite::Stream;
+
+use super::error::ConsumerError;
+use super::runtime::{sleep, Runtime};
+use super::task::{Command, FinalState, Reply};
+use crate::error::UsageError;
+use crate::event::{self, DeliveryTag, Health, Metrics, PartitionLag};
+use crate::protocol::Record;
+
+/// State shared by a consumer's handles and its deliveries.
+pub(crate) struct Shared {
+    pub(crate) topic: String,
+    pub(crate) consumer_id: String,
+    pub(crate) commands: Sender<Command>,
+    pub(crate) dropped: Sender<DeliveryTag>,
+    pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) final_state: Arc<OnceLock<FinalState>>,
+}
+
+impl Shared {
+    /// Sends a command and waits for its reply; `None` once the driver has exited.
+    async fn request<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.commands.send(command(reply)).await.ok()?;
+        answer.recv().await.ok()
+    }
+
+    async fn settle(
+        &self,
+        command: impl FnOnce(Reply<Result<(), UsageError>>) -> Command,
+    ) -> Result<(), ConsumerError> {
+        match self.request(command).await {
+            Some(result) => result.map_err(ConsumerError::Usage),
+            None => Err(ConsumerError::closed()),
+        }
+    }
+}
+
+/// A running consumer: receive deliveries, settle them, steer and observe the consumer.
+///
+/// One driver task per consumer (spawned by `ConsumerBuilder::build`) owns the state machine;
+/// every method here sends it a command over a bounded channel. Handles are cheap to clone
+/// and share one consumer. When every handle is dropped the consumer closes gracefully.
+#[derive(Clone)]
+pub struct Consumer {
+    shared: Arc<Shared>,
+    deliveries: Receiver<event::Delivery>,
+    _lifeline: Sender<()>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("consumer_id", &self.shared.consumer_id)
+            .field("topic", &self.shared.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        deliveries: Receiver<event::Delivery>,
+        lifeline: Sender<()>,
+    ) -> Self {
+        Self {
+            shared,
+            deliveries,
+            _lifeline: lifeline,
+        }
+    }
+
+    /// The next delivery; `None` once the consumer is closed.
+    pub async fn receive(&self) -> Result<Option<Delivery>, ConsumerError> {
+        Ok(self
+            .deliveries
+            .recv()
+            .await
+            .ok()
+            .map(|inner| Delivery::new(inner, Arc::clone(&self.shared))))
+    }
+
+    /// The deliveries as a stream, ending when the consumer is closed.
+    pub fn stream(&self) -> DeliveryStream {
+        DeliveryStream {
+            deliveries: Box::pin(self.deliveries.clone()),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Commits every settled offset now and waits for the broker to store it.
+    pub async fn commit(&self) -> Result<(), ConsumerError> {
+        self.shared
+            .request(Command::Commit)
+            .await
+            .unwrap_or_else(|| Err(ConsumerError::closed()))
+    }
+
+    /// Lag of every assigned partition (the last known values once closed).
+    pub async fn get_lag(&self) -> Vec<PartitionLag> {
+        match self.shared.request(Command::Lag).await {
+            Some(lag) => lag,
+            None => self.final_state().map(|s| s.lag).unwrap_or_default(),
+        }
+    }
+
+    /// Partitions of the topic this consumer reads (none once closed).
+    pub async fn assigned_partitions(&self) -> Vec<u32> {
+        self.shared
+            .request(Command::Assigned)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Stops fetching and delivering these partitions until resumed.
+    pub async fn pause_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
+        let partitions = partitions.to_vec();
+        self.shared
+            .settle(|reply| Command::Pause(partitions, reply))
+            .await
+    }
+
+    /// Resumes paused partitions.
+    pub async fn resume_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
+        let partitions = partitions.to_vec();
+        self.shared
+            .settle(|reply| Command::Resume(partitions, reply))
+            .await
+    }
+
+    /// Moves a partition's position; outstanding deliveries of it become stale.
+    pub async fn seek(&self, partition: u32, offset: u64) -> Result<(), ConsumerError> {
+        self.shared
+            .settle(|reply| Command::Seek(partition, offset, reply))
+            .await
+    }
+
+    /// A snapshot of the consumer's counters (the final one once closed).
+    pub async fn metrics(&self) -> Metrics {
+        match self.shared.request(Command::Metrics).await {
+            Some(metrics) => metrics,
+            None => self.final_state().map(|s| s.metrics).unwrap_or_default(),
+        }
+    }
+
+    /// How the consumer is doing.
+    pub async fn health(&self) -> Health {
+        self.shared
+            .request(Command::Health)
+            .await
+            .unwrap_or(Health::Closed)
+    }
+
+    /// Closes gracefully: stop fetching, drain, flush acks and dead letters, final commit,
+    /// leave the group. Every ack made before the call is committed. Idempotent.
+    pub async fn close(&self) -> Result<(), ConsumerError> {
+        self.shared.request(Command::Close).await.unwrap_or(Ok(()))
+    }
+
+    /// Like [`Consumer::close`], but stops the consumer without finishing the close if it takes
+    /// longer than `limit` on the runtime's clock ([`ConsumerError::CloseTimedOut`]).
+    pub async fn close_with_timeout(&self, limit: Duration) -> Result<(), ConsumerError> {
+        let expiry = sleep(&*self.shared.runtime, limit);
+        let outcome = futures_lite::future::or(async { Some(self.close().await) }, async {
+            expiry.await;
+            None
+        })
+        .await;
+        match outcome {
+            Some(result) => result,
+            None => {
+                // An error means the driver has already exited: nothing left to stop.
+                let _ = self.shared.commands.send(Command::Abandon).await;
+                Err(ConsumerError::CloseTimedOut)
+            }
+        }
+    }
+
+    /// The consumed topic.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// This consumer's id (from the config, or derived from its seed).
+    pub fn consumer_id(&self) -> &str {
+        &self.shared.consumer_id
+    }
+
+    fn final_state(&self) -> Option<FinalState> {
+        self.shared.final_state.get().cloned()
+    }
+}
+
+/// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed.
+pub struct DeliveryStream {
+    deliveries: Pin<Box<Receiver<event::Delivery>>>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DeliveryStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryStream")
+            .field("topic", &self.shared.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for DeliveryStream {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let this = &mut *self;
+        this.deliveries
+            .as_mut()
+            .poll_next(cx)
+            .map(|inner| inner.map(|inner| Delivery::new(inner, Arc::clone(&this.shared))))
+    }
+}
+
+/// One message handed to the application. Settle it with exactly one of `ack`, `nack`,
+/// `nack_with_delay` or `reject`.
+///
+/// A delivery dropped unsettled counts as a nack (with a warning), so a forgotten handle
+/// cannot stall its partition.
+pub struct Delivery {
+    inner: event::Delivery,
+    shared: Arc<Shared>,
+    settled: bool,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("topic", &self.shared.topic)
+            .field("tag", &self.inner.tag)
+            .field("settled", &self.settled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    fn new(inner: event::Delivery, shared: Arc<Shared>) -> Self {
+        Self {
+            inner,
+            shared,
+            settled: false,
+        }
+    }
+
+    /// Sends a settling command. The delivery counts as settled once the command is queued:
+    /// if this future is dropped before that, the delivery's drop nacks it.
+    async fn settle(
+        mut self,
+        command: impl FnOnce(DeliveryTag, Reply<Result<(), UsageError>>) -> Command,
+    ) -> Result<(), ConsumerError> {
+        let (reply, answer) = async_channel::bounded(1);
+        if self
+            .shared
+            .commands
+            .send(command(self.inner.tag, reply))
+            .await
+            .is_err()
+        {
+            self.settled = true;
+            return Err(ConsumerError::closed());
+        }
+        self.settled = true;
+        match answer.recv().await {
+            Ok(result) => result.map_err(ConsumerError::Usage),
+            Err(_) => Err(ConsumerError::closed()),
+        }
+    }
+
+    /// Done with it: its offset may be committed.
+    pub async fn ack(self) -> Result<(), ConsumerError> {
+        self.settle(Command::Ack).await
+    }
+
+    /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).
+    pub async fn nack(self) -> Result<(), ConsumerError> {
+        self.settle(|tag, reply| Command::Nack(tag, None, reply))
+            .await
+    }
+
+    /// Failed: redeliver after `delay`.
+    pub async fn nack_with_delay(self, delay: Duration) -> Result<(), ConsumerError> {
+        self.settle(|tag, reply| Command::Nack(tag, Some(delay), reply))
+            .await
+    }
+
+    /// Poison: straight to the dead-letter path, with `reason` in its headers.
+    pub async fn reject(self, reason: impl Into<String>) -> Result<(), ConsumerError> {
+        let reason = reason.into();
+        self.settle(|tag, reply| Command::Reject(tag, reason, reply))
+            .await
+    }
+
+    /// Delivery attempt, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.inner.tag.attempt
+    }
+
+    /// Partition of the message.
+    pub fn partition(&self) -> u32 {
+        self.inner.tag.partition
+    }
+
+    /// Offset of the message.
+    pub fn offset(&self) -> u64 {
+        self.inner.tag.offset
+    }
+
+    /// The consumed topic.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// The message.
+    pub fn record(&self) -> &Record {
+        &self.inner.record
+    }
+
+    /// The message (the old SDK's name for [`Delivery::record`]).
+    pub fn message(&self) -> &Record {
+        &self.inner.record
+    }
+
+    /// The message's payload.
+    pub fn value(&self) -> &Bytes {
+        &self.inner.record.value
+    }
+
+    /// The tag the state machine knows this delivery by.
+    pub fn tag(&self) -> DeliveryTag {
+        self.inner.tag
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let tag = self.inner.tag;
+        tracing::warn!(
+            consumer_id = %self.shared.consumer_id,
+            topic = %self.shared.topic,
+            partition = tag.partition,
+            offset = tag.offset,
+            attempt = tag.attempt,
+            "delivery dropped unsettled: counted as a nack"
+        );
+        // Never full: at most `max_unacked` deliveries are outstanding, the channel's capacity.
+        // Closed means the consumer is gone and the message stays uncommitted.
+        let _ = self.shared.dropped.try_send(tag);
+    }
+}

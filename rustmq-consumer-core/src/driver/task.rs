@@ -1,0 +1,423 @@
+//! The driver task: one per consumer, owning the state machine by value.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use futures_lite::{future, Stream};
+use futures_util::stream::FuturesUnordered;
+
+use super::error::ConsumerError;
+use super::runtime::{AsyncTimer, Runtime};
+use super::transport::Transport;
+use crate::error::{TransportError, UsageError};
+use crate::event::{Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, RequestId};
+use crate::machine::ConsumerMachine;
+use crate::protocol::Response;
+
+/// A one-shot reply from the driver (a channel of capacity one).
+pub(crate) type Reply<T> = Sender<T>;
+
+/// What the application asks of the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Ack(DeliveryTag, Reply<Result<(), UsageError>>),
+    Nack(DeliveryTag, Option<Duration>, Reply<Result<(), UsageError>>),
+    Reject(DeliveryTag, String, Reply<Result<(), UsageError>>),
+    Pause(Vec<u32>, Reply<Result<(), UsageError>>),
+    Resume(Vec<u32>, Reply<Result<(), UsageError>>),
+    Seek(u32, u64, Reply<Result<(), UsageError>>),
+    Commit(Reply<Result<(), ConsumerError>>),
+    Lag(Reply<Vec<PartitionLag>>),
+    Assigned(Reply<Vec<u32>>),
+    Metrics(Reply<Metrics>),
+    Health(Reply<Health>),
+    Close(Reply<Result<(), ConsumerError>>),
+    /// Stop now, without finishing the close (`close_with_timeout` expired).
+    Abandon,
+}
+
+/// What the consumer can still answer after the driver has exited.
+#[derive(Debug, Clone)]
+pub(crate) struct FinalState {
+    pub(crate) metrics: Metrics,
+    pub(crate) lag: Vec<PartitionLag>,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = (RequestId, Result<Response, TransportError>)> + Send>>;
+type PushFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The channels between the driver and its consumer handles.
+pub(crate) struct DriverChannels {
+    pub(crate) commands: Pin<Box<Receiver<Command>>>,
+    pub(crate) dropped: Pin<Box<Receiver<DeliveryTag>>>,
+    pub(crate) lifeline: Pin<Box<Receiver<()>>>,
+    pub(crate) deliveries: Sender<Delivery>,
+    pub(crate) undelivered: Receiver<Delivery>,
+    pub(crate) final_state: Arc<OnceLock<FinalState>>,
+}
+
+/// What woke the driver.
+enum Wake {
+    Timer,
+    Response(RequestId, Result<Response, TransportError>),
+    Command(Command),
+    CommandsClosed,
+    Dropped(DeliveryTag),
+    DroppedClosed,
+    LifelineClosed,
+    Pushed,
+}
+
+/// The driver: the state machine plus everything needed to feed it.
+pub(crate) struct Driver {
+    machine: ConsumerMachine,
+    runtime: Arc<dyn Runtime>,
+    transport: Arc<dyn Transport>,
+    channels: DriverChannels,
+    in_flight: FuturesUnordered<ResponseFuture>,
+    timer: Option<Pin<Box<dyn AsyncTimer>>>,
+    armed: Option<Instant>,
+    /// Deliveries the channel had no room for (only after a seek or revoke left stale ones in it).
+    backlog: VecDeque<Delivery>,
+    pushing: Option<PushFuture>,
+    commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
+    close_waiters: Vec<Reply<Result<(), ConsumerError>>>,
+    closing: bool,
+    abandoned: bool,
+    commands_open: bool,
+    dropped_open: bool,
+    lifeline_open: bool,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        machine: ConsumerMachine,
+        runtime: Arc<dyn Runtime>,
+        transport: Arc<dyn Transport>,
+        channels: DriverChannels,
+    ) -> Self {
+        Self {
+            machine,
+            runtime,
+            transport,
+            channels,
+            in_flight: FuturesUnordered::new(),
+            timer: None,
+            armed: None,
+            backlog: VecDeque::new(),
+            pushing: None,
+            commit_waiters: Vec::new(),
+            close_waiters: Vec::new(),
+            closing: false,
+            abandoned: false,
+            commands_open: true,
+            dropped_open: true,
+            lifeline_open: true,
+        }
+    }
+
+    /// The run loop: drain outputs, then wait for the first input, until the machine is closed.
+    pub(crate) async fn run(mut self) {
+        tracing::debug!("driver started");
+        loop {
+            self.drain_outputs();
+            if self.machine.is_closed() || self.abandoned {
+                break;
+            }
+            self.arm_timer();
+            let wake = self.wait().await;
+            let now = self.runtime.now();
+            match wake {
+                Wake::Timer => {
+                    // A fired timer must be reset before it is polled again.
+                    self.armed = None;
+                    self.machine.handle_timeout(now);
+                }
+                Wake::Response(id, result) => self.machine.handle_response(now, id, result),
+                Wake::Command(command) => self.command(now, command),
+                Wake::Dropped(tag) => {
+                    if let Err(error) = self.machine.nack(now, tag, None) {
+                        tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "nack of a dropped delivery refused");
+                    }
+                }
+                Wake::Pushed => self.pushing = None,
+                Wake::CommandsClosed => self.commands_open = false,
+                Wake::DroppedClosed => self.dropped_open = false,
+                Wake::LifelineClosed => {
+                    self.lifeline_open = false;
+                    tracing::debug!("every consumer handle dropped: closing");
+                    self.begin_close(now);
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Starts every transmit and routes every event, until the machine has nothing to say.
+    fn drain_outputs(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(transmit) = self.machine.poll_transmit() {
+                progressed = true;
+                let transport = Arc::clone(&self.transport);
+                let id = transmit.id;
+                tracing::trace!(request = id.0, kind = ?transmit.request.kind(), "send");
+                self.in_flight.push(Box::pin(async move {
+                    let result = transport.request(transmit.request).await;
+                    (id, result)
+                }));
+            }
+            while let Some(event) = self.machine.poll_event() {
+                progressed = true;
+                self.event(event);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.push_backlog();
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Deliver(delivery) => {
+                tracing::trace!(
+                    partition = delivery.tag.partition,
+                    offset = delivery.tag.offset,
+                    attempt = delivery.tag.attempt,
+                    "deliver"
+                );
+                self.backlog.push_back(delivery);
+            }
+            Event::Committed { ticket, offsets } => {
+                tracing::debug!(ticket, ?offsets, "committed");
+                self.resolve_commits(ticket, Ok(()));
+            }
+            Event::CommitFailed { ticket, error } => {
+                tracing::warn!(ticket, %error, "commit failed");
+                self.resolve_commits(ticket, Err(ConsumerError::CommitFailed(error)));
+            }
+            Event::DeadLettered {
+                partition,
+                offset,
+                attempts,
+            } => tracing::info!(partition, offset, attempts, "dead-lettered"),
+            Event::Discarded {
+                partition,
+                offset,
+                attempts,
+                reason,
+            } => tracing::warn!(partition, offset, attempts, %reason, "poison message discarded"),
+            Event::BreakerChanged { from, to } => {
+                tracing::warn!(?from, ?to, "circuit breaker changed")
+            }
+            Event::Assigned(partitions) => tracing::info!(?partitions, "assigned"),
+            Event::Revoked(partitions) => tracing::info!(?partitions, "revoked"),
+            Event::Stalled {
+                partition,
+                offset,
+                reason,
+            } => tracing::error!(partition, offset, ?reason, "partition stalled"),
+            Event::RequestFailed { id, error } => {
+                tracing::debug!(request = id.0, %error, "request failed")
+            }
+            Event::Closing(phase) => tracing::debug!(?phase, "closing"),
+            Event::Closed => tracing::info!("closed"),
+        }
+    }
+
+    /// Moves deliveries into the channel. The machine never has more than `max_unacked`
+    /// outstanding, the channel's capacity, so the backlog only holds anything when stale
+    /// deliveries (after a seek or revoke) still sit in the channel.
+    fn push_backlog(&mut self) {
+        if self.pushing.is_some() {
+            return;
+        }
+        while let Some(delivery) = self.backlog.pop_front() {
+            match self.channels.deliveries.try_send(delivery) {
+                Ok(()) => {}
+                Err(async_channel::TrySendError::Full(delivery)) => {
+                    let sender = self.channels.deliveries.clone();
+                    self.pushing = Some(Box::pin(async move {
+                        // An error means every receiver is gone; nothing is left to deliver to.
+                        let _ = sender.send(delivery).await;
+                    }));
+                    return;
+                }
+                Err(async_channel::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resolve_commits(&mut self, ticket: u64, result: Result<(), ConsumerError>) {
+        self.commit_waiters.retain(|(waiting, reply)| {
+            if *waiting <= ticket {
+                let _ = reply.try_send(result.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn arm_timer(&mut self) {
+        let deadline = self.machine.poll_timeout().map(|(deadline, _)| deadline);
+        if deadline == self.armed {
+            return;
+        }
+        self.armed = deadline;
+        if let Some(deadline) = deadline {
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(self.runtime.new_timer(deadline)),
+            }
+        }
+    }
+
+    /// Waits for the first input. Order: timer, responses, dropped deliveries, commands.
+    async fn wait(&mut self) -> Wake {
+        future::poll_fn(|cx| {
+            if self.armed.is_some() {
+                if let Some(timer) = &mut self.timer {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Timer);
+                    }
+                }
+            }
+            if !self.in_flight.is_empty() {
+                if let Poll::Ready(Some((id, result))) = Pin::new(&mut self.in_flight).poll_next(cx)
+                {
+                    return Poll::Ready(Wake::Response(id, result));
+                }
+            }
+            if let Some(push) = &mut self.pushing {
+                if push.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Pushed);
+                }
+            }
+            if self.dropped_open {
+                if let Poll::Ready(tag) = self.channels.dropped.as_mut().poll_next(cx) {
+                    return Poll::Ready(tag.map_or(Wake::DroppedClosed, Wake::Dropped));
+                }
+            }
+            if self.commands_open {
+                if let Poll::Ready(command) = self.channels.commands.as_mut().poll_next(cx) {
+                    return Poll::Ready(command.map_or(Wake::CommandsClosed, Wake::Command));
+                }
+            }
+            if self.lifeline_open {
+                if let Poll::Ready(None) = self.channels.lifeline.as_mut().poll_next(cx) {
+                    return Poll::Ready(Wake::LifelineClosed);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn command(&mut self, now: Instant, command: Command) {
+        let machine = &mut self.machine;
+        match command {
+            Command::Ack(tag, reply) => {
+                let _ = reply.try_send(machine.ack(now, tag));
+            }
+            Command::Nack(tag, delay, reply) => {
+                let _ = reply.try_send(machine.nack(now, tag, delay));
+            }
+            Command::Reject(tag, reason, reply) => {
+                let _ = reply.try_send(machine.reject(now, tag, &reason));
+            }
+            Command::Pause(partitions, reply) => {
+                let _ = reply.try_send(machine.pause(now, &partitions));
+            }
+            Command::Resume(partitions, reply) => {
+                let _ = reply.try_send(machine.resume(now, &partitions));
+            }
+            Command::Seek(partition, offset, reply) => {
+                let _ = reply.try_send(machine.seek(now, partition, offset));
+            }
+            Command::Commit(reply) => match machine.commit(now) {
+                Ok(ticket) => self.commit_waiters.push((ticket, reply)),
+                Err(error) => {
+                    let _ = reply.try_send(Err(error.into()));
+                }
+            },
+            Command::Lag(reply) => {
+                let _ = reply.try_send(machine.lag(now));
+            }
+            Command::Assigned(reply) => {
+                let _ = reply.try_send(machine.assigned_partitions());
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.try_send(machine.metrics());
+            }
+            Command::Health(reply) => {
+                let _ = reply.try_send(machine.health());
+            }
+            Command::Close(reply) => {
+                self.close_waiters.push(reply);
+                self.begin_close(now);
+            }
+            Command::Abandon => {
+                if !self.machine.is_closed() {
+                    tracing::warn!(phase = ?self.machine.close_phase(), "close timed out: stopping without finishing it");
+                }
+                self.abandoned = true;
+            }
+        }
+    }
+
+    /// Starts the machine's phased close, and hands back deliveries the application never took.
+    fn begin_close(&mut self, now: Instant) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        tracing::info!("close requested");
+        self.machine.close(now);
+        // Deliveries still queued were never seen by the application: return them so the drain
+        // phase does not wait for them. They stay unsettled (redelivered to the next member).
+        let queued = std::iter::from_fn(|| self.channels.undelivered.try_recv().ok());
+        let returned: Vec<Delivery> = queued.chain(self.backlog.drain(..)).collect();
+        for delivery in returned {
+            let tag = delivery.tag;
+            if let Err(error) = self.machine.nack(now, tag, None) {
+                tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "undelivered message not returned");
+            }
+        }
+    }
+
+    /// Replies to every waiter and leaves the final snapshot for the handles.
+    fn finish(self) {
+        let now = self.runtime.now();
+        let _ = self.channels.final_state.set(FinalState {
+            metrics: self.machine.metrics(),
+            lag: self.machine.lag(now),
+        });
+        let close_result = if self.machine.is_closed() {
+            Ok(())
+        } else {
+            Err(ConsumerError::CloseTimedOut)
+        };
+        for reply in self.close_waiters {
+            let _ = reply.try_send(close_result.clone());
+        }
+        for (_, reply) in self.commit_waiters {
+            let _ = reply.try_send(Err(ConsumerError::closed()));
+        }
+        tracing::debug!(
+            in_flight = self.in_flight.len(),
+            closed = self.machine.is_closed(),
+            "driver stopped"
+        );
+    }
+}

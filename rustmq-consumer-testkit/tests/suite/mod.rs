@@ -1,0 +1,615 @@
+//! The driver conformance suite, written once as generic async fns over any [`Runtime`].
+//!
+//! `conformance.rs` runs every scenario unchanged on tokio (paused clock), smol (real clock)
+//! and the testkit's virtual runtime. Timings are short so the real-clock run is quick; no
+//! assertion depends on how long anything took.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustmq_consumer_core::driver::Delivery;
+use rustmq_consumer_core::protocol::TopicPartition;
+use rustmq_consumer_core::{
+    timeout, AsyncTimer, ConfigError, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError,
+    Health, Runtime, UsageError,
+};
+use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
+
+pub const TOPIC: &str = "orders";
+pub const GROUP: &str = "billing";
+pub const DLQ: &str = "dead_letter_queue";
+
+/// Longest any single step may take before the test fails instead of hanging.
+const GUARD: Duration = Duration::from_secs(60);
+
+/// A config whose every timer is a few milliseconds, so real-clock runs are quick.
+pub fn fast_config() -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.fetch_size = 20;
+    config.max_unacked = 64;
+    config.ack_batch_size = 10;
+    config.ack_batch_timeout = Duration::from_millis(5);
+    config.retry_backoff_base = Duration::from_millis(1);
+    config.retry_backoff_max = Duration::from_millis(4);
+    config.empty_fetch_backoff_min = Duration::from_millis(1);
+    config.empty_fetch_backoff_max = Duration::from_millis(5);
+    config.request_timeout = Duration::from_secs(5);
+    config.drain_timeout = Duration::from_secs(5);
+    config.recovery_timeout = Duration::from_millis(50);
+    config
+}
+
+/// A broker with `TOPIC` (`partitions` partitions, `messages` values `m<i>` in partition 0),
+/// the dead-letter topic and the group.
+pub fn broker(partitions: u32, messages: usize) -> SharedBroker {
+    let mut broker = SimBroker::new();
+    broker.create_topic(TOPIC, partitions);
+    broker.create_topic(DLQ, 1);
+    broker.ensure_group(GROUP);
+    if messages > 0 {
+        broker
+            .produce_values(TOPIC, 0, (0..messages).map(|i| format!("m{i}")))
+            .expect("topic exists");
+    }
+    SharedBroker::new(broker)
+}
+
+pub async fn start<R: Runtime + Clone>(
+    rt: &R,
+    broker: &SharedBroker,
+    config: ConsumerConfig,
+) -> Consumer {
+    ConsumerBuilder::with_runtime(rt.clone())
+        .topic(TOPIC)
+        .consumer_group(GROUP)
+        .config(config)
+        .client(SimTransport::new(broker.clone(), rt.clone()))
+        .build()
+        .await
+        .expect("valid consumer")
+}
+
+/// Waits for `future`, failing the test after `GUARD` on the runtime's clock.
+pub async fn within<R: Runtime, F: Future>(rt: &R, future: F) -> F::Output {
+    timeout(rt, GUARD, future)
+        .await
+        .expect("step did not finish in time")
+}
+
+pub async fn next<R: Runtime>(rt: &R, consumer: &Consumer) -> Delivery {
+    within(rt, consumer.receive())
+        .await
+        .expect("receive")
+        .expect("a delivery")
+}
+
+/// The next delivery if one comes within `wait` on the runtime's clock.
+pub async fn maybe_next<R: Runtime>(
+    rt: &R,
+    consumer: &Consumer,
+    wait: Duration,
+) -> Option<Delivery> {
+    timeout(rt, wait, consumer.receive())
+        .await
+        .map(|r| r.expect("receive").expect("open consumer"))
+}
+
+pub fn committed(broker: &SharedBroker, partition: u32) -> Option<u64> {
+    broker
+        .lock()
+        .committed(GROUP, &TopicPartition::new(TOPIC, partition))
+}
+
+fn value(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(delivery.value()).into_owned()
+}
+
+// ------------------------------------------------------------------ scenarios
+
+/// Every message arrives once, in order, with its topic, offset and first attempt.
+pub async fn receive<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 50);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    assert_eq!(consumer.assigned_partitions().await, vec![0]);
+    for i in 0..50u64 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!((d.partition(), d.offset(), d.attempt()), (0, i, 1));
+        assert_eq!(d.topic(), TOPIC);
+        assert_eq!(value(&d), format!("m{i}"));
+        assert_eq!(d.record(), d.message());
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(50));
+    assert!(consumer.receive().await.expect("receive").is_none());
+    assert_eq!(consumer.metrics().await.acked, 50);
+}
+
+/// Out-of-order acks never commit past a gap; filling it commits everything.
+pub async fn out_of_order_acks<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 10);
+    let mut config = fast_config();
+    config.enable_auto_commit = false;
+    let consumer = start(&rt, &broker, config).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(next(&rt, &consumer).await);
+    }
+    let first = held.remove(0);
+    assert_eq!(first.offset(), 0);
+    for d in held.into_iter().rev() {
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.commit()).await.expect("commit");
+    assert!(
+        committed(&broker, 0).unwrap_or(0) == 0,
+        "committed past the gap at 0"
+    );
+    first.ack().await.expect("ack");
+    within(&rt, consumer.commit()).await.expect("commit");
+    assert_eq!(committed(&broker, 0), Some(10));
+    within(&rt, consumer.close()).await.expect("close");
+}
+
+/// A nacked message comes back with the next attempt number and can then be acked.
+pub async fn nack_and_retry<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 3);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    let mut attempts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let mut acked = 0;
+    while acked < 3 {
+        let d = next(&rt, &consumer).await;
+        attempts.entry(d.offset()).or_default().push(d.attempt());
+        match (d.offset(), d.attempt()) {
+            (0, 1) => d.nack().await.expect("nack"),
+            (1, 1) => d
+                .nack_with_delay(Duration::from_millis(3))
+                .await
+                .expect("nack with delay"),
+            _ => {
+                d.ack().await.expect("ack");
+                acked += 1;
+            }
+        }
+    }
+    assert_eq!(attempts[&0], vec![1, 2]);
+    assert_eq!(attempts[&1], vec![1, 2]);
+    assert_eq!(attempts[&2], vec![1]);
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(3));
+    let metrics = consumer.metrics().await;
+    assert_eq!((metrics.nacked, metrics.retried, metrics.acked), (2, 2, 3));
+}
+
+/// A rejected message and a message out of retries both land in the dead-letter topic, and
+/// their offsets settle.
+pub async fn reject_to_dead_letter<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 5);
+    let mut config = fast_config();
+    config.dead_letter_queue = Some(DLQ.to_owned());
+    config.max_retry_attempts = 2;
+    let consumer = start(&rt, &broker, config).await;
+    let mut deliveries_of_3 = 0;
+    let mut done = 0;
+    while done < 5 {
+        let d = next(&rt, &consumer).await;
+        match d.offset() {
+            1 => {
+                d.reject("unparseable").await.expect("reject");
+                done += 1;
+            }
+            3 => {
+                deliveries_of_3 += 1;
+                let last = d.attempt() == 3;
+                d.nack().await.expect("nack");
+                if last {
+                    done += 1;
+                }
+            }
+            _ => {
+                d.ack().await.expect("ack");
+                done += 1;
+            }
+        }
+    }
+    assert_eq!(deliveries_of_3, 3, "delivered max_retry_attempts + 1 times");
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(5));
+    let dead: Vec<String> = broker
+        .lock()
+        .records(DLQ, 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    assert_eq!(dead, vec!["m1".to_owned(), "m3".to_owned()]);
+    assert_eq!(consumer.metrics().await.dead_lettered, 2);
+}
+
+/// A paused partition delivers nothing until resumed.
+pub async fn pause_resume<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 0);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    consumer.pause_partitions(&[0]).await.expect("pause");
+    assert_eq!(
+        consumer.pause_partitions(&[7]).await,
+        Err(ConsumerError::Usage(UsageError::UnknownPartition(7)))
+    );
+    broker
+        .lock()
+        .produce_values(TOPIC, 0, (0..10).map(|i| format!("m{i}")))
+        .expect("partition 0 exists");
+    let early = maybe_next(&rt, &consumer, Duration::from_millis(200)).await;
+    assert!(early.is_none(), "paused partition delivered {early:?}");
+    consumer.resume_partitions(&[0]).await.expect("resume");
+    for i in 0..10 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!(
+            (d.partition(), d.offset(), value(&d)),
+            (0, i, format!("m{i}"))
+        );
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(10));
+}
+
+/// Each partition delivers its own records, and pausing one leaves the other flowing.
+pub async fn two_partitions<R: Runtime + Clone>(rt: R) {
+    let broker = broker(2, 10);
+    let mut config = fast_config();
+    config.partitions = vec![0, 1];
+    let consumer = start(&rt, &broker, config).await;
+    consumer.pause_partitions(&[1]).await.expect("pause");
+    broker
+        .lock()
+        .produce_values(TOPIC, 1, (0..10).map(|i| format!("p1-{i}")))
+        .expect("partition 1 exists");
+    for i in 0..10 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!(
+            (d.partition(), d.offset(), value(&d)),
+            (0, i, format!("m{i}"))
+        );
+        d.ack().await.expect("ack");
+    }
+    consumer.resume_partitions(&[1]).await.expect("resume");
+    for i in 0..10 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!(
+            (d.partition(), d.offset(), value(&d)),
+            (1, i, format!("p1-{i}"))
+        );
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(
+        (committed(&broker, 0), committed(&broker, 1)),
+        (Some(10), Some(10))
+    );
+}
+
+/// Seek moves the position; deliveries from before it are stale and cannot be acked.
+pub async fn seek<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 20);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    for i in 0..5 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!(d.offset(), i);
+        d.ack().await.expect("ack");
+    }
+    let held = next(&rt, &consumer).await;
+    assert_eq!(held.offset(), 5);
+    let old_epoch = held.tag().epoch;
+    consumer.seek(0, 15).await.expect("seek");
+    assert_eq!(
+        held.ack().await,
+        Err(ConsumerError::Usage(UsageError::StaleDelivery {
+            partition: 0,
+            offset: 5
+        }))
+    );
+    let mut stale = 0;
+    let mut fresh = Vec::new();
+    while fresh.len() < 5 {
+        let d = next(&rt, &consumer).await;
+        if d.tag().epoch == old_epoch {
+            // Delivered before the seek, still queued: refused.
+            assert!(matches!(
+                d.ack().await,
+                Err(ConsumerError::Usage(UsageError::StaleDelivery { .. }))
+            ));
+            stale += 1;
+        } else {
+            fresh.push(d.offset());
+            d.ack().await.expect("ack");
+        }
+    }
+    assert!(stale <= 14, "{stale} stale deliveries");
+    assert_eq!(fresh, vec![15, 16, 17, 18, 19]);
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(20));
+    assert!(consumer.seek(0, 0).await.is_err(), "seek after close");
+}
+
+/// Lag is the high watermark minus the committed offset.
+pub async fn lag<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 30);
+    let mut config = fast_config();
+    config.enable_auto_commit = false;
+    let consumer = start(&rt, &broker, config).await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let d = next(&rt, &consumer).await;
+        held.push(d);
+    }
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.commit()).await.expect("commit");
+    let lag = consumer.get_lag().await;
+    assert_eq!(lag.len(), 1);
+    let p0 = lag[0];
+    assert_eq!(p0.partition, 0);
+    assert_eq!(p0.high_watermark, Some(30));
+    assert_eq!(p0.committed, Some(10));
+    assert_eq!(p0.lag, 20);
+    assert!(p0.position >= 10 && p0.position <= 30);
+    assert_eq!(p0.position_lag, 30 - p0.position);
+    within(&rt, consumer.close()).await.expect("close");
+}
+
+/// `commit()` stores every settled offset; a failed commit is reported, then retried.
+pub async fn commit<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 10);
+    let mut config = fast_config();
+    config.enable_auto_commit = false;
+    let consumer = start(&rt, &broker, config).await;
+    for _ in 0..6 {
+        next(&rt, &consumer).await.ack().await.expect("ack");
+    }
+    assert_eq!(
+        committed(&broker, 0),
+        None,
+        "nothing committed before commit()"
+    );
+    broker.lock().fail_next_commits(1);
+    let failed = within(&rt, consumer.commit()).await;
+    assert!(
+        matches!(failed, Err(ConsumerError::CommitFailed(_))),
+        "{failed:?}"
+    );
+    within(&rt, consumer.commit()).await.expect("commit");
+    assert_eq!(committed(&broker, 0), Some(6));
+    within(&rt, consumer.close()).await.expect("close");
+}
+
+/// Close commits every ack made before it, hands back dropped deliveries, is idempotent,
+/// and refuses later acks.
+pub async fn close<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 100);
+    let mut config = fast_config();
+    config.max_unacked = 100;
+    config.fetch_size = 100;
+    // `late` stays outstanding: the drain phase waits this long for it.
+    config.drain_timeout = Duration::from_millis(300);
+    config.ack_batch_size = 1000;
+    config.ack_batch_timeout = Duration::from_secs(3600);
+    let consumer = start(&rt, &broker, config).await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(next(&rt, &consumer).await);
+    }
+    let late = held.pop().expect("100 deliveries");
+    let rest = held.split_off(60);
+    // Acks in a scrambled order: 59, 0, 58, 1, ...
+    let mut order = Vec::new();
+    while !held.is_empty() {
+        order.push(held.pop().expect("non-empty"));
+        if !held.is_empty() {
+            order.push(held.remove(0));
+        }
+    }
+    for d in order {
+        d.ack().await.expect("ack");
+    }
+    drop(rest); // counted as nacks: redelivered to the next member
+    let closer = consumer.clone();
+    within(&rt, closer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(60));
+    within(&rt, consumer.close())
+        .await
+        .expect("close is idempotent");
+    assert_eq!(
+        late.ack().await,
+        Err(ConsumerError::Usage(UsageError::Closed))
+    );
+    assert!(consumer.receive().await.expect("receive").is_none());
+    assert_eq!(consumer.health().await, Health::Closed);
+    let metrics = consumer.metrics().await;
+    assert_eq!(metrics.acked, 60);
+    assert!(metrics.nacked >= 39, "{metrics:?}");
+}
+
+/// The deliveries stream yields the same messages as `receive`.
+pub async fn stream<R: Runtime + Clone>(rt: R) {
+    use futures_lite::StreamExt;
+    let broker = broker(1, 20);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    let mut stream = consumer.stream();
+    let mut offsets = Vec::new();
+    while offsets.len() < 20 {
+        let d = within(&rt, stream.next()).await.expect("open stream");
+        offsets.push(d.offset());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(offsets, (0..20).collect::<Vec<_>>());
+    within(&rt, consumer.close()).await.expect("close");
+    assert!(
+        within(&rt, stream.next()).await.is_none(),
+        "stream ends after close"
+    );
+    assert_eq!(committed(&broker, 0), Some(20));
+}
+
+/// A runtime that counts what is spawned through it.
+#[derive(Debug, Clone)]
+pub struct Counting<R> {
+    inner: R,
+    spawned: Arc<AtomicU64>,
+}
+
+impl<R: Runtime> Runtime for Counting<R> {
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+    fn new_timer(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        self.inner.new_timer(deadline)
+    }
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.spawned.fetch_add(1, Ordering::SeqCst);
+        self.inner.spawn(future);
+    }
+}
+
+/// One task per consumer, however many messages, acks and requests flow.
+pub async fn one_driver_task<R: Runtime + Clone>(rt: R) {
+    let rt = Counting {
+        inner: rt,
+        spawned: Arc::new(AtomicU64::new(0)),
+    };
+    let broker = broker(1, 500);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    let mut acked = 0;
+    while acked < 500 {
+        let d = next(&rt, &consumer).await;
+        if d.offset() % 7 == 3 && d.attempt() == 1 {
+            d.nack().await.expect("nack");
+        } else {
+            d.ack().await.expect("ack");
+            acked += 1;
+            if acked % 100 == 0 {
+                within(&rt, consumer.commit()).await.expect("commit");
+            }
+        }
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(500));
+    let metrics = consumer.metrics().await;
+    assert!(
+        metrics.fetches > 1 && metrics.commits_sent > 1,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics.retried, 71);
+    assert_eq!(rt.spawned.load(Ordering::SeqCst), 1);
+}
+
+/// The application may hold more deliveries than one fetch brings (`max_unacked` >
+/// `fetch_size`): fetching must go on without any ack.
+pub async fn holding_more_than_fetch_size<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 50);
+    let mut config = fast_config();
+    config.fetch_size = 10;
+    config.max_unacked = 50;
+    let consumer = start(&rt, &broker, config).await;
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let d = next(&rt, &consumer).await;
+        assert_eq!(d.offset(), i);
+        held.push(d);
+    }
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(50));
+}
+
+/// When the application stops settling, deliveries stop at `max_unacked`.
+pub async fn bounded_when_not_acking<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 1000);
+    let mut config = fast_config();
+    config.max_unacked = 8;
+    config.fetch_size = 16;
+    let consumer = start(&rt, &broker, config).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(next(&rt, &consumer).await);
+    }
+    let extra = maybe_next(&rt, &consumer, Duration::from_millis(200)).await;
+    assert!(extra.is_none(), "delivered past max_unacked: {extra:?}");
+    let metrics = consumer.metrics().await;
+    assert_eq!((metrics.delivered, metrics.in_flight_deliveries), (8, 8));
+    assert!(
+        metrics.buffered <= 16 && metrics.received < 100,
+        "{metrics:?}"
+    );
+    for d in held {
+        d.ack().await.expect("ack");
+    }
+    let d = next(&rt, &consumer).await;
+    assert_eq!(d.offset(), 8);
+    d.ack().await.expect("ack");
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(9));
+}
+
+/// Missing settings and bad configs are refused by `build()` with a clear error.
+pub async fn bad_input<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 0);
+    let transport = || SimTransport::new(broker.clone(), rt.clone());
+    let no_topic = ConsumerBuilder::with_runtime(rt.clone())
+        .consumer_group(GROUP)
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(no_topic.err(), Some(ConsumerError::MissingTopic));
+    assert_eq!(ConsumerError::MissingTopic.to_string(), "no topic given");
+    let no_group = ConsumerBuilder::with_runtime(rt.clone())
+        .topic(TOPIC)
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(no_group.err(), Some(ConsumerError::MissingGroup));
+    let no_transport = ConsumerBuilder::with_runtime(rt.clone())
+        .topic(TOPIC)
+        .consumer_group(GROUP)
+        .build()
+        .await;
+    assert_eq!(no_transport.err(), Some(ConsumerError::MissingTransport));
+    let mut bad = fast_config();
+    bad.max_unacked = 0;
+    let bad_config = ConsumerBuilder::with_runtime(rt.clone())
+        .config(bad)
+        .transport(transport())
+        .build()
+        .await;
+    let error = bad_config.err();
+    assert_eq!(
+        error,
+        Some(ConsumerError::Config(ConfigError::Zero("max_unacked")))
+    );
+    assert_eq!(
+        error.map(|e| e.to_string()).as_deref(),
+        Some("invalid configuration: max_unacked must be greater than zero")
+    );
+}
+
+/// `close_with_timeout` returns in time even when the close cannot finish.
+pub async fn close_with_timeout<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 10);
+    let mut config = fast_config();
+    config.drain_timeout = Duration::from_secs(3600);
+    let consumer = start(&rt, &broker, config).await;
+    let held = next(&rt, &consumer).await;
+    let result = within(&rt, consumer.close_with_timeout(Duration::from_millis(50))).await;
+    assert_eq!(result, Err(ConsumerError::CloseTimedOut));
+    assert!(consumer.receive().await.expect("receive").is_none());
+    assert_eq!(
+        held.ack().await,
+        Err(ConsumerError::Usage(UsageError::Closed))
+    );
+}
