@@ -396,22 +396,61 @@ impl Driver {
         }
     }
 
-    /// Replies to every waiter and leaves the final snapshot for the handles.
-    fn finish(self) {
+    /// Replies to every waiter and every queued command, and leaves the final snapshot for
+    /// the handles.
+    fn finish(mut self) {
         let now = self.runtime.now();
-        let _ = self.channels.final_state.set(FinalState {
+        let final_state = FinalState {
             metrics: self.machine.metrics(),
             lag: self.machine.lag(now),
-        });
+        };
+        let _ = self.channels.final_state.set(final_state.clone());
         let close_result = if self.machine.is_closed() {
             Ok(())
         } else {
             Err(ConsumerError::CloseTimedOut)
         };
-        for reply in self.close_waiters {
+        // Close the channels first: a command queued after this fails to send and the handle
+        // falls back to the final snapshot; one queued before is answered here. (Queued
+        // commands would otherwise outlive this task with their reply channels open.)
+        self.channels.commands.close();
+        self.channels.dropped.close();
+        self.channels.undelivered.close();
+        while self.channels.undelivered.try_recv().is_ok() {}
+        while let Ok(command) = self.channels.commands.try_recv() {
+            let closed = || Err(UsageError::Closed);
+            match command {
+                Command::Ack(_, reply)
+                | Command::Nack(_, _, reply)
+                | Command::Reject(_, _, reply)
+                | Command::Pause(_, reply)
+                | Command::Resume(_, reply)
+                | Command::Seek(_, _, reply) => {
+                    let _ = reply.try_send(closed());
+                }
+                Command::Commit(reply) => {
+                    let _ = reply.try_send(Err(ConsumerError::closed()));
+                }
+                Command::Lag(reply) => {
+                    let _ = reply.try_send(final_state.lag.clone());
+                }
+                Command::Assigned(reply) => {
+                    let _ = reply.try_send(Vec::new());
+                }
+                Command::Metrics(reply) => {
+                    let _ = reply.try_send(final_state.metrics);
+                }
+                Command::Health(reply) => {
+                    let _ = reply.try_send(Health::Closed);
+                }
+                Command::Close(reply) => self.close_waiters.push(reply),
+                Command::Abandon => {}
+            }
+        }
+        for reply in self.close_waiters.drain(..) {
             let _ = reply.try_send(close_result.clone());
         }
-        for (_, reply) in self.commit_waiters {
+        for (_, reply) in self.commit_waiters.drain(..) {
             let _ = reply.try_send(Err(ConsumerError::closed()));
         }
         tracing::debug!(

@@ -407,8 +407,8 @@ pub async fn close<R: Runtime + Clone>(rt: R) {
     let rest = held.split_off(60);
     // Acks in a scrambled order: 59, 0, 58, 1, ...
     let mut order = Vec::new();
-    while !held.is_empty() {
-        order.push(held.pop().expect("non-empty"));
+    while let Some(last) = held.pop() {
+        order.push(last);
         if !held.is_empty() {
             order.push(held.remove(0));
         }
@@ -612,4 +612,123 @@ pub async fn close_with_timeout<R: Runtime + Clone>(rt: R) {
         held.ack().await,
         Err(ConsumerError::Usage(UsageError::Closed))
     );
+}
+
+// ------------------------------------------------------------------ differential
+
+/// What the application saw of one seeded run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// Every delivery in arrival order: (offset, attempt, what the application did).
+    pub ordered: Vec<(u64, u32, &'static str)>,
+    /// The same, per message: the attempts and outcomes of each offset in order.
+    pub per_message: BTreeMap<u64, Vec<(u32, &'static str)>>,
+    /// Values in the dead-letter topic, in order.
+    pub dead_letters: Vec<String>,
+    /// Committed offset after close.
+    pub committed: Option<u64>,
+    /// (acked, nacked, rejected, retried, dead_lettered) after close.
+    pub counters: (u64, u64, u64, u64, u64),
+}
+
+impl Trace {
+    /// The run without the interleaving of messages (arrival order, dead-letter order),
+    /// which depends on the clock.
+    pub fn canonical(&self) -> Self {
+        let mut dead_letters = self.dead_letters.clone();
+        dead_letters.sort();
+        Self {
+            ordered: Vec::new(),
+            dead_letters,
+            ..self.clone()
+        }
+    }
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What the application does with each message of a seeded scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    Ack,
+    RetryOnce,
+    Poison,
+    Reject,
+}
+
+/// A seeded scenario: message count and per-message behaviour and the consumer's seed all come
+/// from `seed`.
+pub async fn scripted<R: Runtime + Clone>(rt: R, seed: u64) -> Trace {
+    let mut state = seed;
+    let messages = 40 + splitmix(&mut state) % 60;
+    let plans: Vec<Plan> = (0..messages)
+        .map(|_| match splitmix(&mut state) % 10 {
+            0 => Plan::Reject,
+            1 => Plan::Poison,
+            2 | 3 => Plan::RetryOnce,
+            _ => Plan::Ack,
+        })
+        .collect();
+    let broker = broker(1, messages as usize);
+    let mut config = fast_config();
+    config.seed = splitmix(&mut state);
+    config.dead_letter_queue = Some(DLQ.to_owned());
+    config.max_retry_attempts = 2;
+    let consumer = start(&rt, &broker, config).await;
+    let mut ordered = Vec::new();
+    let mut finished = 0;
+    while finished < messages {
+        let d = next(&rt, &consumer).await;
+        let (offset, attempt) = (d.offset(), d.attempt());
+        let plan = plans[offset as usize];
+        let outcome = match plan {
+            Plan::Ack => "ack",
+            Plan::RetryOnce if attempt > 1 => "ack",
+            Plan::RetryOnce | Plan::Poison => "nack",
+            Plan::Reject => "reject",
+        };
+        match outcome {
+            "ack" => d.ack().await.expect("ack"),
+            "nack" => d.nack().await.expect("nack"),
+            _ => d.reject("seeded poison").await.expect("reject"),
+        }
+        if outcome != "nack" || attempt == 3 {
+            finished += 1;
+        }
+        ordered.push((offset, attempt, outcome));
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    let mut per_message: BTreeMap<u64, Vec<(u32, &'static str)>> = BTreeMap::new();
+    for &(offset, attempt, outcome) in &ordered {
+        per_message
+            .entry(offset)
+            .or_default()
+            .push((attempt, outcome));
+    }
+    let dead_letters = broker
+        .lock()
+        .records(DLQ, 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    let m = consumer.metrics().await;
+    let poison = plans
+        .iter()
+        .filter(|p| matches!(p, Plan::Poison | Plan::Reject))
+        .count() as u64;
+    assert_eq!(m.dead_lettered, poison);
+    assert_eq!(committed(&broker, 0), Some(messages));
+    Trace {
+        ordered,
+        per_message,
+        dead_letters,
+        committed: committed(&broker, 0),
+        counters: (m.acked, m.nacked, m.rejected, m.retried, m.dead_lettered),
+    }
 }
