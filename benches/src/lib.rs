@@ -1,1 +1,354 @@
-//! Benchmarks live in benches/.
+//! Helpers shared by the criterion benchmarks (`benches/consumer_benchmarks.rs`) and the
+//! resident-memory check (`src/bin/memory.rs`).
+//!
+//! - [`core`]: drive a `ConsumerMachine` by hand with canned broker answers (no I/O, a fixed
+//!   `now`), the way `rustmq-consumer-core/tests/common` does.
+//! - [`transport`]: transports for the driver benchmarks: [`transport::DelayedTransport`]
+//!   (a fixed round trip in front of any transport, timed by a delay-line thread) and
+//!   [`transport::ChunkedSimTransport`] (a `SimTransport` whose broker only ever holds one
+//!   bounded chunk of the log, for the memory check).
+//! - [`vm_rss_kib`]: the process's resident memory.
+
+use bytes::Bytes;
+use rustmq_consumer_core::protocol::Record;
+
+/// The topic every benchmark consumes.
+pub const TOPIC: &str = "bench";
+/// The consumer group every benchmark commits to.
+pub const GROUP: &str = "bench-group";
+/// The payload of every message: small, like a typical event.
+pub const PAYLOAD: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+/// `n` records with [`PAYLOAD`] as value (the payload bytes are shared, not copied).
+pub fn records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|_| Record::from_value(Bytes::from_static(PAYLOAD)))
+        .collect()
+}
+
+/// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`), if readable.
+pub fn vm_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub mod core {
+    //! Driving a [`ConsumerMachine`] by hand: canned answers, a fixed clock, no I/O.
+
+    use std::time::{Duration, Instant};
+
+    use rustmq_consumer_core::protocol::{
+        CommitOffsetResponse, FetchOffsetResponse, FetchResponse, Record, Request, Response,
+    };
+    use rustmq_consumer_core::{
+        ConsumerConfig, ConsumerMachine, DeliveryTag, Event, RequestId, TransportError,
+    };
+
+    use super::{GROUP, TOPIC};
+
+    /// A manually assigned partition 0 where `n` messages can be outstanding at once, the cache
+    /// holds all of them, and no commit or fetch happens on its own while `n` are delivered:
+    /// the setting of the ack-path benchmarks.
+    pub fn wide_config(n: usize) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new(TOPIC, GROUP);
+        c.partitions = vec![0];
+        c.fetch_size = n;
+        c.max_unacked = n;
+        c.max_unsettled_per_partition = n as u64;
+        c.fetch_max_bytes = u32::MAX;
+        c.prefetch_bytes = usize::MAX / 2;
+        c.ack_batch_size = usize::MAX;
+        c.ack_batch_timeout = Duration::from_secs(24 * 3600);
+        c.cache_max_entries = Some(n);
+        c.cache_max_bytes = usize::MAX / 2;
+        c
+    }
+
+    /// Answers the start-up FetchOffset with "nothing committed" (so consumption starts at 0);
+    /// returns the machine and the id and offset of its first Fetch, to be answered.
+    pub fn start(config: ConsumerConfig, now: Instant) -> (ConsumerMachine, (RequestId, u64)) {
+        let mut m = ConsumerMachine::new(config, now).expect("valid benchmark config");
+        while let Some(t) = m.poll_transmit() {
+            match t.request {
+                Request::FetchOffset(_) => m.handle_response(
+                    now,
+                    t.id,
+                    Ok(FetchOffsetResponse {
+                        offsets: Default::default(),
+                        error_code: 0,
+                    }
+                    .into()),
+                ),
+                Request::Fetch(f) => {
+                    while m.poll_event().is_some() {}
+                    return (m, (t.id, f.fetch_offset));
+                }
+                other => panic!("unexpected start-up request {:?}", other.kind()),
+            }
+        }
+        panic!("the machine never fetched")
+    }
+
+    /// The answer to a fetch at `offset` carrying `records`.
+    pub fn fetch_response(offset: u64, records: Vec<Record>) -> Response {
+        let high_watermark = offset + records.len() as u64;
+        FetchResponse {
+            records,
+            high_watermark,
+            error_code: 0,
+            error_message: None,
+        }
+        .into()
+    }
+
+    /// A successful commit answer.
+    pub fn commit_ok() -> Response {
+        CommitOffsetResponse { error_code: 0 }.into()
+    }
+
+    /// Drains `poll_transmit`: answers commits at once, and returns the id and offset of the
+    /// first fetch it finds (later transmits stay queued).
+    pub fn next_fetch(m: &mut ConsumerMachine, now: Instant) -> Option<(RequestId, u64)> {
+        while let Some(t) = m.poll_transmit() {
+            match t.request {
+                Request::Fetch(f) => return Some((t.id, f.fetch_offset)),
+                Request::CommitOffset(_) => m.handle_response(now, t.id, Ok(commit_ok())),
+                other => panic!("unexpected request {:?}", other.kind()),
+            }
+        }
+        None
+    }
+
+    /// Moves every delivery into `tags`; other events are dropped.
+    pub fn drain_deliveries(m: &mut ConsumerMachine, tags: &mut Vec<DeliveryTag>) {
+        while let Some(e) = m.poll_event() {
+            if let Event::Deliver(d) = e {
+                tags.push(d.tag);
+            }
+        }
+    }
+
+    /// A machine on [`wide_config`]`(n)` with `n` messages fetched and delivered; returns it
+    /// and the tags of the deliveries, lowest offset first.
+    pub fn delivered(
+        config: ConsumerConfig,
+        n: usize,
+        now: Instant,
+    ) -> (ConsumerMachine, Vec<DeliveryTag>) {
+        let (mut m, (id, offset)) = start(config, now);
+        m.handle_response(now, id, Ok(fetch_response(offset, super::records(n))));
+        let mut tags = Vec::with_capacity(n);
+        drain_deliveries(&mut m, &mut tags);
+        assert_eq!(tags.len(), n, "every message delivered");
+        (m, tags)
+    }
+
+    /// A transport failure, to feed the breaker.
+    pub fn failure() -> Result<Response, TransportError> {
+        Err(TransportError::ConnectionLost("benchmark".into()))
+    }
+
+    /// A deterministic permutation of `0..n` (xorshift Fisher-Yates).
+    pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut x = seed | 1;
+        for i in (1..n).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let j = (x % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+}
+
+pub mod transport {
+    //! Transports for the driver benchmarks.
+
+    use std::sync::mpsc;
+    use std::sync::{Mutex, PoisonError};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use async_trait::async_trait;
+    use rustmq_consumer_core::protocol::{Request, Response};
+    use rustmq_consumer_core::{Transport, TransportError};
+    use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
+
+    use super::{GROUP, PAYLOAD, TOPIC};
+
+    type Job = (
+        Instant,
+        Request,
+        async_channel::Sender<Result<Response, TransportError>>,
+    );
+
+    /// Answers every request `delay` after it was sent, through `inner`.
+    ///
+    /// A runtime timer would not do: tokio's timer wheel has a 1 ms resolution, which would
+    /// quadruple a 0.25 ms round trip. Instead one delay-line thread takes requests in send
+    /// order (so their due times never decrease), sleeps until each is due, then answers it
+    /// from `inner` (which must answer without waiting, like a zero-latency `SimTransport`).
+    /// Works under any runtime: the answer comes back on an `async-channel`.
+    pub struct DelayedTransport {
+        jobs: Mutex<mpsc::Sender<Job>>,
+        delay: Duration,
+    }
+
+    impl std::fmt::Debug for DelayedTransport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DelayedTransport")
+                .field("delay", &self.delay)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl DelayedTransport {
+        /// `inner` answering `delay` after each request. The delay-line thread ends when the
+        /// transport is dropped.
+        pub fn new(inner: impl Transport, delay: Duration) -> Self {
+            let (tx, rx) = mpsc::channel::<Job>();
+            thread::Builder::new()
+                .name("delay-line".into())
+                .spawn(move || {
+                    for (due, request, reply) in rx {
+                        let now = Instant::now();
+                        if due > now {
+                            thread::sleep(due - now);
+                        }
+                        let answer = futures_lite::future::block_on(inner.request(request));
+                        let _ = reply.try_send(answer);
+                    }
+                })
+                .expect("spawn the delay-line thread");
+            Self {
+                jobs: Mutex::new(tx),
+                delay,
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Transport for DelayedTransport {
+        async fn request(&self, request: Request) -> Result<Response, TransportError> {
+            let (reply, answer) = async_channel::bounded(1);
+            let due = Instant::now() + self.delay;
+            self.jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send((due, request, reply))
+                .map_err(|_| TransportError::ConnectionLost("delay line stopped".into()))?;
+            answer
+                .recv()
+                .await
+                .map_err(|_| TransportError::ConnectionLost("delay line stopped".into()))?
+        }
+    }
+
+    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] on partition 0 of [`TOPIC`],
+    /// with [`GROUP`] created (for a manually assigned consumer).
+    pub fn broker_with(messages: usize) -> SharedBroker {
+        let mut b = SimBroker::new();
+        b.create_topic(TOPIC, 1);
+        b.produce_values(
+            TOPIC,
+            0,
+            (0..messages).map(|_| bytes::Bytes::from_static(PAYLOAD)),
+        )
+        .expect("topic exists");
+        b.ensure_group(GROUP);
+        SharedBroker::new(b)
+    }
+
+    struct Chunk {
+        /// Offset of the chunk's first message in the logical log.
+        base: u64,
+        len: u64,
+        produced: u64,
+    }
+
+    /// A [`SimTransport`] over a broker that only ever holds one chunk of the log: a log of
+    /// `total` messages of [`TOPIC`]/0 is produced lazily, `chunk` at a time, and a chunk is
+    /// dropped (the broker replaced by a fresh one with the next chunk) once the consumer
+    /// fetches past it. Offsets are shifted on the way in and out, so the consumer sees one
+    /// contiguous log. This stands in for broker-side retention, which `SimBroker` does not
+    /// model, so the memory check measures the consumer and not the broker's storage.
+    pub struct ChunkedSimTransport {
+        inner: SimTransport,
+        chunk: u64,
+        total: u64,
+        state: Mutex<Chunk>,
+    }
+
+    impl std::fmt::Debug for ChunkedSimTransport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ChunkedSimTransport")
+                .field("chunk", &self.chunk)
+                .field("total", &self.total)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl ChunkedSimTransport {
+        /// A log of `total` messages served `chunk` at a time, over `inner`'s broker.
+        pub fn new(inner: SimTransport, chunk: u64, total: u64) -> Self {
+            let this = Self {
+                inner,
+                chunk,
+                total,
+                state: Mutex::new(Chunk {
+                    base: 0,
+                    len: 0,
+                    produced: 0,
+                }),
+            };
+            this.refill(&mut this.state.lock().unwrap_or_else(PoisonError::into_inner));
+            this
+        }
+
+        /// Replaces the broker's log with the next chunk.
+        fn refill(&self, s: &mut Chunk) {
+            s.base += s.len;
+            s.len = self.chunk.min(self.total - s.produced);
+            s.produced += s.len;
+            let mut b = SimBroker::new();
+            b.create_topic(TOPIC, 1);
+            b.produce_values(
+                TOPIC,
+                0,
+                (0..s.len).map(|_| bytes::Bytes::from_static(PAYLOAD)),
+            )
+            .expect("topic exists");
+            b.ensure_group(GROUP);
+            *self.inner.broker().lock() = b;
+        }
+    }
+
+    #[async_trait]
+    impl Transport for ChunkedSimTransport {
+        async fn request(&self, request: Request) -> Result<Response, TransportError> {
+            let Request::Fetch(mut fetch) = request else {
+                return self.inner.request(request).await;
+            };
+            let base = {
+                let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                while fetch.fetch_offset >= s.base + s.len && s.produced < self.total {
+                    self.refill(&mut s);
+                }
+                s.base
+            };
+            // Below the chunk: gone from the broker (a refetch of a dropped message).
+            fetch.fetch_offset = fetch.fetch_offset.checked_sub(base).unwrap_or(u64::MAX);
+            let response = self.inner.request(Request::Fetch(fetch)).await?;
+            Ok(match response {
+                Response::Fetch(mut f) => {
+                    f.high_watermark += base;
+                    Response::Fetch(f)
+                }
+                other => other,
+            })
+        }
+    }
+}
