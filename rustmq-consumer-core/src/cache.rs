@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use hashlink::LinkedHashMap;
+use rustc_hash::FxBuildHasher;
 use tracing::trace;
 
 use crate::protocol::Record;
@@ -60,7 +61,9 @@ pub(crate) struct MessageCache {
     /// Time to live from insertion.
     ttl: Duration,
     /// The entries, least recently used first.
-    map: LinkedHashMap<CacheKey, Entry>,
+    /// Keys are `(partition, offset)` pairs the consumer assigns itself, so a fast
+    /// non-keyed hasher is safe.
+    map: LinkedHashMap<CacheKey, Entry, FxBuildHasher>,
     /// `(inserted, seq, key)` in insertion order; items whose `seq` differs from the entry's
     /// are stale. Invariant after every call: the front is live, and `len <= 2 * map.len()`.
     expiry: VecDeque<(Instant, u64, CacheKey)>,
@@ -80,7 +83,7 @@ impl MessageCache {
             max_entries,
             max_bytes,
             ttl,
-            map: LinkedHashMap::new(),
+            map: LinkedHashMap::with_hasher(FxBuildHasher),
             expiry: VecDeque::new(),
             next_seq: 0,
             bytes: 0,
@@ -178,9 +181,17 @@ impl MessageCache {
 
     /// Removes a settled message (not an eviction). Returns whether it was cached.
     pub(crate) fn remove(&mut self, key: CacheKey) -> bool {
-        let removed = self.drop_entry(key);
+        let Some(entry) = self.map.remove(&key) else {
+            return false;
+        };
+        self.bytes -= entry.cost;
+        // Settling in order removes the oldest entry: its expiry item is the front, known
+        // stale without a lookup.
+        if self.expiry.front().is_some_and(|&(_, seq, _)| seq == entry.seq) {
+            self.expiry.pop_front();
+        }
         self.tidy();
-        removed
+        true
     }
 
     /// Removes every entry of `partition` (revoke, seek); not counted as evictions. O(n).

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rustc_hash::FxBuildHasher;
 use tracing::{debug, trace, warn};
 
 use crate::backoff::{self, Rng};
@@ -44,7 +45,7 @@ pub struct ConsumerMachine {
     partitions: Vec<Partition>,
     next_epoch: u64,
     next_request: u64,
-    in_flight: HashMap<RequestId, InFlight>,
+    in_flight: HashMap<RequestId, InFlight, FxBuildHasher>,
     /// Request deadlines, earliest first.
     deadlines: BTreeSet<(Instant, RequestId)>,
     /// Retry schedule: (due, partition id, offset).
@@ -277,7 +278,7 @@ impl ConsumerMachine {
             partitions,
             next_epoch,
             next_request: 0,
-            in_flight: HashMap::new(),
+            in_flight: HashMap::with_hasher(FxBuildHasher),
             deadlines: BTreeSet::new(),
             retries: BTreeSet::new(),
             transmits: VecDeque::new(),
