@@ -187,7 +187,11 @@ impl MessageCache {
         self.bytes -= entry.cost;
         // Settling in order removes the oldest entry: its expiry item is the front, known
         // stale without a lookup.
-        if self.expiry.front().is_some_and(|&(_, seq, _)| seq == entry.seq) {
+        if self
+            .expiry
+            .front()
+            .is_some_and(|&(_, seq, _)| seq == entry.seq)
+        {
             self.expiry.pop_front();
         }
         self.tidy();
