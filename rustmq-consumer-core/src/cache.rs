@@ -288,6 +288,10 @@ impl MessageCache {
 
     /// Restores the deque invariants: a live front, and at most twice the live entry count.
     fn tidy(&mut self) {
+        // Every entry has exactly one live item, so equal lengths mean no stale item at all.
+        if self.expiry.len() == self.map.len() {
+            return;
+        }
         while let Some(&(_, seq, key)) = self.expiry.front() {
             if self.is_live(seq, key) {
                 break;
