@@ -811,3 +811,89 @@ fn bad_configs_are_rejected() {
     c.partitions = vec![1, 1];
     assert_eq!(c.validate(), Err(ConfigError::DuplicatePartition(1)));
 }
+
+#[test]
+fn fetches_of_several_partitions_never_bring_back_more_than_the_buffer_takes() {
+    let mut c = Harness::config("t");
+    c.partitions = vec![0, 1, 2];
+    c.fetch_size = 2;
+    c.max_unacked = 1;
+    let mut h = Harness::new(c);
+    for p in 0..3 {
+        h.produce(p, 50);
+    }
+    h.advance(Duration::from_millis(200));
+    let mut from = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let held = h.deliveries();
+        assert_eq!(held.len(), 1, "one delivery at a time");
+        from.insert(held[0].tag.partition);
+        h.ack(held[0].tag);
+    }
+    let fetches = h.fetches_sent().len();
+    // Before the fix every ack sent a fetch for each of the three partitions, and two of the
+    // three answers were dropped: 180 fetches for 60 messages.
+    assert!(fetches <= 70, "{fetches} fetches for 60 messages");
+    assert_eq!(from.len(), 3, "partitions take turns: {from:?}");
+}
+
+#[test]
+fn a_manual_commit_to_a_group_the_restarted_broker_forgot_is_retried() {
+    let mut c = Harness::config("t");
+    c.failure_threshold = 1;
+    let mut h = started(c, 10);
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    h.mode = Mode::Hold;
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    let t = h.pending.pop_front().unwrap();
+    assert!(matches!(t.request, Request::CommitOffset(_)));
+    // The broker restarted and forgot the group: 16, until a member recreates it.
+    let unknown_group = CommitOffsetResponse { error_code: 16 };
+    h.m.handle_response(h.now, t.id, Ok(unknown_group.into()));
+    h.pump();
+    assert_eq!(
+        h.m.breaker_state(),
+        BreakerState::Closed,
+        "group state, not broker health"
+    );
+    h.mode = Mode::Answer;
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.committed.get(&0), Some(&10), "the commit is retried");
+}
+
+#[test]
+fn a_commit_of_unknown_outcome_is_forgotten_even_if_a_seek_came_between() {
+    let mut c = Harness::config("t");
+    c.request_timeout = Duration::from_secs(1);
+    let mut h = started(c, 10);
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    assert_eq!(h.committed[&0], 10);
+    // Seek back to 5 and commit it; the broker stores 5 but the answer is lost.
+    h.m.seek(h.now, 0, 5).unwrap();
+    h.mode = Mode::Hold;
+    h.m.commit(h.now).unwrap();
+    h.pump();
+    let at = h
+        .pending
+        .iter()
+        .position(|t| matches!(t.request, Request::CommitOffset(_)))
+        .unwrap();
+    let lost = h.pending.remove(at).unwrap();
+    let _ = h.answer(&lost.request);
+    assert_eq!(h.committed[&0], 5);
+    // Seek forward to 10 again while that commit's outcome is unknown, then it times out.
+    h.m.seek(h.now, 0, 10).unwrap();
+    h.mode = Mode::Answer;
+    h.advance(Duration::from_secs(5));
+    h.answer_all_pending();
+    h.m.commit(h.now).unwrap();
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.committed[&0], 10, "the watermark is stated again");
+}
