@@ -359,7 +359,11 @@ impl Scenario {
             c.retry_backoff_max + a.slow_max + a.nack_delay_max + rtt + c.empty_fetch_backoff_max;
         let breaker = c.recovery_timeout + c.half_open_max_wait + c.request_timeout * 2;
         let total: u64 = self.messages.iter().sum();
-        let serial = (a.delay_max + rtt + c.empty_fetch_backoff_max)
+        // What slowness and retries cost a message on average, twice: with one unsettled
+        // message per partition (`max_unsettled_per_partition = 1`) they add up serially.
+        let retries = (c.retry_backoff_max + a.nack_delay_max).mul_f64(a.nack_rate);
+        let expected = a.slow_max.mul_f64(a.slow_rate) + retries;
+        let serial = (a.delay_max + rtt + c.empty_fetch_backoff_max + expected * 2)
             .saturating_mul(u32::try_from(total).unwrap_or(u32::MAX));
         per_try * attempts * 4
             + breaker * 8
