@@ -45,7 +45,8 @@ pub struct ConsumerConfig {
     pub start_position: StartPosition,
     /// Target number of fetched messages buffered ahead of the application.
     pub fetch_size: usize,
-    /// Byte budget of one fetch (`max_bytes` on the wire).
+    /// Most bytes one fetch asks for (`max_bytes` on the wire). Each fetch asks for about
+    /// what the buffer has room for, estimated from the sizes of the records fetched so far.
     pub fetch_max_bytes: u32,
     /// Byte budget of fetched messages buffered ahead of the application.
     pub prefetch_bytes: usize,

@@ -63,6 +63,9 @@ pub struct ConsumerMachine {
     buffered_bytes: usize,
     /// The partition whose fetch goes first next time (partitions take turns).
     fetch_cursor: usize,
+    /// Estimated encoded size of a record (a moving average of what fetches returned), to
+    /// size fetches to what the buffer takes.
+    record_bytes: usize,
     /// Round-robin cursor over partitions for fair delivery.
     cursor: usize,
     /// Reasons of poison messages being fetched again for the dead-letter path.
@@ -289,6 +292,8 @@ impl ConsumerMachine {
             buffered: 0,
             buffered_bytes: 0,
             fetch_cursor: 0,
+            // Until a fetch says otherwise: `fetch_max_bytes` spread over `fetch_size` records.
+            record_bytes: (config.fetch_max_bytes as usize / config.fetch_size.max(1)).max(1),
             cursor: 0,
             refetch_reasons: BTreeMap::new(),
             group: config
@@ -1124,6 +1129,14 @@ impl ConsumerMachine {
             .saturating_sub(p.window.span());
         let mut taken = 0u64;
         let first_bytes = r.records.first().map_or(0, |record| record.encoded_len());
+        let total: usize = r.records.iter().map(Record::encoded_len).sum();
+        let average = total / r.records.len().max(1);
+        self.record_bytes = if self.metrics.received == 0 {
+            average
+        } else {
+            (3 * self.record_bytes + average) / 4
+        }
+        .max(1);
         for record in r.records {
             let bytes = record.encoded_len();
             let over_bytes =
@@ -1583,7 +1596,18 @@ impl ConsumerMachine {
         };
         let offset = p.window.end();
         let room = self.config.prefetch_bytes - self.buffered_bytes;
-        let max_bytes = u32::try_from(room)
+        // Ask for about what the buffer can take (a quarter and one record of slack for
+        // sizes that vary), not `fetch_max_bytes` of records that would be dropped.
+        let slots = self
+            .config
+            .fetch_size
+            .saturating_sub(self.buffered + *reserved)
+            .max(1);
+        let want = slots
+            .saturating_mul(self.record_bytes)
+            .saturating_add(slots.saturating_mul(self.record_bytes) / 4)
+            .saturating_add(self.record_bytes);
+        let max_bytes = u32::try_from(room.min(want))
             .unwrap_or(u32::MAX)
             .min(self.config.fetch_max_bytes)
             .max(1);
