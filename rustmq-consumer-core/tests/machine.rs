@@ -897,3 +897,28 @@ fn a_commit_of_unknown_outcome_is_forgotten_even_if_a_seek_came_between() {
     h.advance(Duration::from_secs(5));
     assert_eq!(h.committed[&0], 10, "the watermark is stated again");
 }
+
+#[test]
+fn fetches_ask_for_what_the_buffer_takes_not_fetch_max_bytes() {
+    let mut c = Harness::config("t");
+    c.fetch_size = 10;
+    c.max_unacked = 1000;
+    let mut h = started(c, 500);
+    let record = Record::from_value("m100").encoded_len() as u32;
+    // Once records came back (fetches at offset 0 know nothing of their size yet).
+    let later: Vec<(u64, u32)> = h
+        .fetches_sent()
+        .iter()
+        .filter(|f| f.fetch_offset > 0)
+        .map(|f| (f.fetch_offset, f.max_bytes))
+        .collect();
+    assert!(!later.is_empty());
+    for (offset, max_bytes) in later {
+        // Ten records and a little slack, never the 1 MiB default budget.
+        assert!(
+            max_bytes <= 14 * record,
+            "fetch at {offset}: {max_bytes} bytes for ten records of {record}"
+        );
+    }
+    assert_eq!(h.deliveries().len(), 500, "and everything still arrives");
+}
