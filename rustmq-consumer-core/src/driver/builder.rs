@@ -7,6 +7,7 @@ use tracing::Instrument;
 
 use super::consumer::{Consumer, Shared};
 use super::error::ConsumerError;
+use super::gate::AckGate;
 use super::runtime::Runtime;
 use super::task::{Driver, DriverChannels};
 use super::transport::Transport;
@@ -138,12 +139,15 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
         let (lifeline_tx, lifeline) = async_channel::bounded(1);
         let (deliveries, undelivered) = async_channel::bounded(max_unacked);
+        let (gate, kicked) = AckGate::new(max_unacked);
+        let gate = Arc::new(gate);
         let final_state = Arc::new(OnceLock::new());
         let shared = Arc::new(Shared {
             topic,
             consumer_id,
             commands: commands_tx,
             dropped: dropped_tx,
+            gate: Arc::clone(&gate),
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
         });
@@ -156,6 +160,8 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 commands: Box::pin(commands),
                 dropped: Box::pin(dropped),
                 lifeline: Box::pin(lifeline),
+                kicked: Box::pin(kicked),
+                gate,
                 deliveries,
                 undelivered,
                 final_state,

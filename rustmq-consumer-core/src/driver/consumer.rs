@@ -11,8 +11,9 @@ use bytes::Bytes;
 use futures_lite::Stream;
 
 use super::error::ConsumerError;
+use super::gate::AckGate;
 use super::runtime::{sleep, Runtime};
-use super::task::{Command, FinalState, Reply};
+use super::task::{Command, FinalState, Reply, Stamped};
 use crate::error::UsageError;
 use crate::event::{self, DeliveryTag, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
@@ -23,6 +24,7 @@ pub(crate) struct Shared {
     pub(crate) consumer_id: String,
     pub(crate) commands: Sender<Command>,
     pub(crate) dropped: Sender<DeliveryTag>,
+    pub(crate) gate: Arc<AckGate>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
 }
@@ -49,12 +51,13 @@ impl Shared {
 /// A running consumer: receive deliveries, settle them, steer and observe the consumer.
 ///
 /// One driver task per consumer (spawned by `ConsumerBuilder::build`) owns the state machine;
-/// every method here sends it a command over a bounded channel. Handles are cheap to clone
-/// and share one consumer. When every handle is dropped the consumer closes gracefully.
+/// every method here sends it a command over a bounded channel (an ack the driver is certain
+/// to accept skips the reply: see [`Delivery::ack`]). Handles are cheap to clone and share one
+/// consumer. When every handle is dropped the consumer closes gracefully.
 #[derive(Clone)]
 pub struct Consumer {
     shared: Arc<Shared>,
-    deliveries: Receiver<event::Delivery>,
+    deliveries: Receiver<Stamped>,
     _lifeline: Sender<()>,
 }
 
@@ -70,7 +73,7 @@ impl fmt::Debug for Consumer {
 impl Consumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        deliveries: Receiver<event::Delivery>,
+        deliveries: Receiver<Stamped>,
         lifeline: Sender<()>,
     ) -> Self {
         Self {
@@ -87,7 +90,66 @@ impl Consumer {
             .recv()
             .await
             .ok()
-            .map(|inner| Delivery::new(inner, Arc::clone(&self.shared))))
+            .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
+    }
+
+    /// Waits for the next delivery, then takes every other one already waiting, up to `max`
+    /// in all; empty once the consumer is closed (or when `max` is 0).
+    ///
+    /// The batch form of [`Consumer::receive`]; settle the batch with
+    /// [`Consumer::ack_all`] or one delivery at a time.
+    pub async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, ConsumerError> {
+        let mut batch = Vec::new();
+        if max == 0 {
+            return Ok(batch);
+        }
+        let Ok(first) = self.deliveries.recv().await else {
+            return Ok(batch);
+        };
+        batch.reserve(max.min(self.deliveries.len() + 1));
+        batch.push(Delivery::new(first, Arc::clone(&self.shared)));
+        while batch.len() < max {
+            match self.deliveries.try_recv() {
+                Ok(stamped) => batch.push(Delivery::new(stamped, Arc::clone(&self.shared))),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Acks every delivery of `deliveries`, in order, as one batch: acks the consumer is
+    /// certain to accept are queued together without waiting for the driver; the others
+    /// (stale deliveries, deliveries of another consumer, any ack after close) are sent one by
+    /// one and answered as [`Delivery::ack`] would.
+    ///
+    /// Every delivery is settled or refused; the result is the first refusal, if any.
+    pub async fn ack_all(
+        &self,
+        deliveries: impl IntoIterator<Item = Delivery>,
+    ) -> Result<(), ConsumerError> {
+        let mut foreign = Vec::new();
+        let mut ours = Vec::new();
+        for delivery in deliveries {
+            if Arc::ptr_eq(&delivery.shared, &self.shared) {
+                ours.push(delivery);
+            } else {
+                foreign.push(delivery);
+            }
+        }
+        let stamped = ours.into_iter().map(|mut delivery| {
+            // Counted as settled from here: queued below, or acked on the slow path.
+            delivery.settled = true;
+            (delivery.inner.tag, delivery.generation, delivery)
+        });
+        let refused = self.shared.gate.try_ack_many(stamped);
+        let mut first_error = None;
+        for mut delivery in refused.into_iter().chain(foreign) {
+            delivery.settled = false;
+            if let Err(error) = delivery.ack().await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The deliveries as a stream, ending when the consumer is closed.
@@ -203,7 +265,7 @@ impl Consumer {
 
 /// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed.
 pub struct DeliveryStream {
-    deliveries: Pin<Box<Receiver<event::Delivery>>>,
+    deliveries: Pin<Box<Receiver<Stamped>>>,
     shared: Arc<Shared>,
 }
 
@@ -223,7 +285,7 @@ impl Stream for DeliveryStream {
         this.deliveries
             .as_mut()
             .poll_next(cx)
-            .map(|inner| inner.map(|inner| Delivery::new(inner, Arc::clone(&this.shared))))
+            .map(|stamped| stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&this.shared))))
     }
 }
 
@@ -234,6 +296,8 @@ impl Stream for DeliveryStream {
 /// cannot stall its partition.
 pub struct Delivery {
     inner: event::Delivery,
+    /// The ack gate's generation when the machine emitted it.
+    generation: u64,
     shared: Arc<Shared>,
     settled: bool,
 }
@@ -249,9 +313,10 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    fn new(inner: event::Delivery, shared: Arc<Shared>) -> Self {
+    fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
         Self {
-            inner,
+            inner: stamped.delivery,
+            generation: stamped.generation,
             shared,
             settled: false,
         }
@@ -282,7 +347,17 @@ impl Delivery {
     }
 
     /// Done with it: its offset may be committed.
-    pub async fn ack(self) -> Result<(), ConsumerError> {
+    ///
+    /// When nothing since the delivery can have made it stale (no seek, rebalance or close),
+    /// the ack is queued for the driver and this returns `Ok` without waiting: the driver
+    /// applies queued acks before any other input, so the machine accepts it. Otherwise the
+    /// driver is asked and its answer returned ([`UsageError::StaleDelivery`],
+    /// [`UsageError::Closed`], ...).
+    pub async fn ack(mut self) -> Result<(), ConsumerError> {
+        if self.shared.gate.try_ack(self.inner.tag, self.generation) {
+            self.settled = true;
+            return Ok(());
+        }
         self.settle(Command::Ack).await
     }
 

@@ -11,6 +11,7 @@
 mod builder;
 mod consumer;
 mod error;
+mod gate;
 mod runtime;
 mod task;
 mod transport;

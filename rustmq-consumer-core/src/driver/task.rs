@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
@@ -12,6 +12,7 @@ use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
 use super::error::ConsumerError;
+use super::gate::{AckGate, GateState};
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
 use crate::error::{TransportError, UsageError};
@@ -41,6 +42,18 @@ pub(crate) enum Command {
     Abandon,
 }
 
+/// Most queued commands and dropped deliveries taken per wake-up before the outputs are
+/// drained (the command channel's capacity: one wake-up can empty it).
+const DRAIN_BATCH: usize = 256;
+
+/// A delivery on its way to the application, stamped with the ack gate's generation at the
+/// time the machine emitted it (see `gate`).
+#[derive(Debug)]
+pub(crate) struct Stamped {
+    pub(crate) delivery: Delivery,
+    pub(crate) generation: u64,
+}
+
 /// What the consumer can still answer after the driver has exited.
 #[derive(Debug, Clone)]
 pub(crate) struct FinalState {
@@ -57,8 +70,10 @@ pub(crate) struct DriverChannels {
     pub(crate) commands: Pin<Box<Receiver<Command>>>,
     pub(crate) dropped: Pin<Box<Receiver<DeliveryTag>>>,
     pub(crate) lifeline: Pin<Box<Receiver<()>>>,
-    pub(crate) deliveries: Sender<Delivery>,
-    pub(crate) undelivered: Receiver<Delivery>,
+    pub(crate) kicked: Pin<Box<Receiver<()>>>,
+    pub(crate) gate: Arc<AckGate>,
+    pub(crate) deliveries: Sender<Stamped>,
+    pub(crate) undelivered: Receiver<Stamped>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
 }
 
@@ -72,6 +87,8 @@ enum Wake {
     DroppedClosed,
     LifelineClosed,
     Pushed,
+    /// Acks are waiting in the gate (applied at the top of every iteration anyway).
+    Kicked,
 }
 
 /// The driver: the state machine plus everything needed to feed it.
@@ -84,7 +101,7 @@ pub(crate) struct Driver {
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     armed: Option<Instant>,
     /// Deliveries the channel had no room for (only after a seek or revoke left stale ones in it).
-    backlog: VecDeque<Delivery>,
+    backlog: VecDeque<Stamped>,
     pushing: Option<PushFuture>,
     commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
     close_waiters: Vec<Reply<Result<(), ConsumerError>>>,
@@ -122,45 +139,100 @@ impl Driver {
         }
     }
 
-    /// The run loop: drain outputs, then wait for the first input, until the machine is closed.
+    /// The run loop: apply the gate's acks, then handle inputs as the old one-input-per-wake-up
+    /// loop did (each followed by a drain of the outputs and a re-armed timer), but take every
+    /// input that is already ready (a bounded number) before waiting again; then wait for the
+    /// first input, until the machine is closed. The gate's lock is held while the machine is
+    /// fed (see `gate`) and released before waiting.
     pub(crate) async fn run(mut self) {
         tracing::debug!("driver started");
+        let gate = Arc::clone(&self.channels.gate);
+        let mut wake = None;
         loop {
-            self.drain_outputs();
-            if self.machine.is_closed() || self.abandoned {
+            let done = {
+                let mut state = gate.lock();
+                self.apply_pending(self.runtime.now(), &mut state);
+                self.handle_ready(wake.take(), &mut state);
+                let done = self.machine.is_closed() || self.abandoned;
+                if done {
+                    state.open = false;
+                }
+                done
+            };
+            if done {
                 break;
             }
             self.arm_timer();
-            let wake = self.wait().await;
-            let now = self.runtime.now();
-            match wake {
-                Wake::Timer => {
-                    // A fired timer must be reset before it is polled again.
-                    self.armed = None;
-                    self.machine.handle_timeout(now);
-                }
-                Wake::Response(id, result) => self.machine.handle_response(now, id, result),
-                Wake::Command(command) => self.command(now, command),
-                Wake::Dropped(tag) => {
-                    if let Err(error) = self.machine.nack(now, tag, None) {
-                        tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "nack of a dropped delivery refused");
-                    }
-                }
-                Wake::Pushed => self.pushing = None,
-                Wake::CommandsClosed => self.commands_open = false,
-                Wake::DroppedClosed => self.dropped_open = false,
-                Wake::LifelineClosed => {
-                    self.lifeline_open = false;
-                    tracing::debug!("every consumer handle dropped: closing");
-                    self.begin_close(now);
-                }
-            }
+            wake = Some(self.wait().await);
         }
         self.finish();
     }
 
+    /// Handles `wake` and then every input already ready, in `wait`'s order, up to
+    /// `DRAIN_BATCH` of them: a burst of commands or responses costs one wake-up.
+    fn handle_ready(&mut self, mut wake: Option<Wake>, state: &mut GateState) {
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..DRAIN_BATCH {
+            if let Some(wake) = wake.take() {
+                let now = self.runtime.now();
+                self.wake(now, wake, state);
+            }
+            self.drain_outputs(state);
+            if self.machine.is_closed() || self.abandoned {
+                return;
+            }
+            self.arm_timer();
+            // The no-op waker is fine: `wait` polls every source again with the real one
+            // before the task sleeps.
+            match self.poll_wake(&mut cx) {
+                Poll::Ready(next) => wake = Some(next),
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Feeds the machine every ack the gate accepted. Each was checked against a generation
+    /// the machine has not moved past, so a refusal is a bug in the gate's bookkeeping.
+    fn apply_pending(&mut self, now: Instant, state: &mut GateState) {
+        for tag in state.pending.drain(..) {
+            let result = self.machine.ack(now, tag);
+            if let Err(error) = &result {
+                tracing::error!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "an ack the gate accepted was refused");
+            }
+            debug_assert!(result.is_ok(), "gate accepted a refused ack: {result:?}");
+        }
+    }
+
+    fn wake(&mut self, now: Instant, wake: Wake, state: &mut GateState) {
+        match wake {
+            Wake::Timer => {
+                // A fired timer must be reset before it is polled again.
+                self.armed = None;
+                self.machine.handle_timeout(now);
+            }
+            Wake::Response(id, result) => self.machine.handle_response(now, id, result),
+            Wake::Command(command) => self.command(now, command, state),
+            Wake::Dropped(tag) => self.dropped(now, tag),
+            Wake::Pushed => self.pushing = None,
+            Wake::Kicked => {}
+            Wake::CommandsClosed => self.commands_open = false,
+            Wake::DroppedClosed => self.dropped_open = false,
+            Wake::LifelineClosed => {
+                self.lifeline_open = false;
+                tracing::debug!("every consumer handle dropped: closing");
+                self.begin_close(now, state);
+            }
+        }
+    }
+
+    fn dropped(&mut self, now: Instant, tag: DeliveryTag) {
+        if let Err(error) = self.machine.nack(now, tag, None) {
+            tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "nack of a dropped delivery refused");
+        }
+    }
+
     /// Starts every transmit and routes every event, until the machine has nothing to say.
-    fn drain_outputs(&mut self) {
+    fn drain_outputs(&mut self, state: &mut GateState) {
         loop {
             let mut progressed = false;
             while let Some(transmit) = self.machine.poll_transmit() {
@@ -175,7 +247,7 @@ impl Driver {
             }
             while let Some(event) = self.machine.poll_event() {
                 progressed = true;
-                self.event(event);
+                self.event(event, state);
             }
             if !progressed {
                 break;
@@ -184,7 +256,10 @@ impl Driver {
         self.push_backlog();
     }
 
-    fn event(&mut self, event: Event) {
+    /// Routes one event. Events after which an outstanding delivery may be refused (its
+    /// partition revoked or given a new epoch, or the consumer closed) bump the gate's
+    /// generation, so acks of deliveries stamped before them take the slow path.
+    fn event(&mut self, event: Event, state: &mut GateState) {
         match event {
             Event::Deliver(delivery) => {
                 tracing::trace!(
@@ -193,7 +268,10 @@ impl Driver {
                     attempt = delivery.tag.attempt,
                     "deliver"
                 );
-                self.backlog.push_back(delivery);
+                self.backlog.push_back(Stamped {
+                    delivery,
+                    generation: state.generation,
+                });
             }
             Event::Committed { ticket, offsets } => {
                 tracing::debug!(ticket, ?offsets, "committed");
@@ -217,8 +295,14 @@ impl Driver {
             Event::BreakerChanged { from, to } => {
                 tracing::warn!(?from, ?to, "circuit breaker changed")
             }
-            Event::Assigned(partitions) => tracing::info!(?partitions, "assigned"),
-            Event::Revoked(partitions) => tracing::info!(?partitions, "revoked"),
+            Event::Assigned(partitions) => {
+                state.generation += 1;
+                tracing::info!(?partitions, "assigned");
+            }
+            Event::Revoked(partitions) => {
+                state.generation += 1;
+                tracing::info!(?partitions, "revoked");
+            }
             Event::AssignmentIgnored(partitions) => {
                 tracing::info!(?partitions, "ignoring partitions of topics not subscribed")
             }
@@ -231,7 +315,11 @@ impl Driver {
                 tracing::debug!(request = id.0, %error, "request failed")
             }
             Event::Closing(phase) => tracing::debug!(?phase, "closing"),
-            Event::Closed => tracing::info!("closed"),
+            Event::Closed => {
+                state.generation += 1;
+                state.open = false;
+                tracing::info!("closed");
+            }
         }
     }
 
@@ -286,48 +374,53 @@ impl Driver {
         }
     }
 
-    /// Waits for the first input. Order: timer, responses, dropped deliveries, commands.
+    /// Waits for the first input. Order: timer, responses, dropped deliveries, commands,
+    /// lifeline, gate.
     async fn wait(&mut self) -> Wake {
-        future::poll_fn(|cx| {
-            if self.armed.is_some() {
-                if let Some(timer) = &mut self.timer {
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Timer);
-                    }
-                }
-            }
-            if !self.in_flight.is_empty() {
-                if let Poll::Ready(Some((id, result))) = Pin::new(&mut self.in_flight).poll_next(cx)
-                {
-                    return Poll::Ready(Wake::Response(id, result));
-                }
-            }
-            if let Some(push) = &mut self.pushing {
-                if push.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Pushed);
-                }
-            }
-            if self.dropped_open {
-                if let Poll::Ready(tag) = self.channels.dropped.as_mut().poll_next(cx) {
-                    return Poll::Ready(tag.map_or(Wake::DroppedClosed, Wake::Dropped));
-                }
-            }
-            if self.commands_open {
-                if let Poll::Ready(command) = self.channels.commands.as_mut().poll_next(cx) {
-                    return Poll::Ready(command.map_or(Wake::CommandsClosed, Wake::Command));
-                }
-            }
-            if self.lifeline_open {
-                if let Poll::Ready(None) = self.channels.lifeline.as_mut().poll_next(cx) {
-                    return Poll::Ready(Wake::LifelineClosed);
-                }
-            }
-            Poll::Pending
-        })
-        .await
+        future::poll_fn(|cx| self.poll_wake(cx)).await
     }
 
-    fn command(&mut self, now: Instant, command: Command) {
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if self.armed.is_some() {
+            if let Some(timer) = &mut self.timer {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+            }
+        }
+        if !self.in_flight.is_empty() {
+            if let Poll::Ready(Some((id, result))) = Pin::new(&mut self.in_flight).poll_next(cx) {
+                return Poll::Ready(Wake::Response(id, result));
+            }
+        }
+        if let Some(push) = &mut self.pushing {
+            if push.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Pushed);
+            }
+        }
+        if self.dropped_open {
+            if let Poll::Ready(tag) = self.channels.dropped.as_mut().poll_next(cx) {
+                return Poll::Ready(tag.map_or(Wake::DroppedClosed, Wake::Dropped));
+            }
+        }
+        if self.commands_open {
+            if let Poll::Ready(command) = self.channels.commands.as_mut().poll_next(cx) {
+                return Poll::Ready(command.map_or(Wake::CommandsClosed, Wake::Command));
+            }
+        }
+        if self.lifeline_open {
+            if let Poll::Ready(None) = self.channels.lifeline.as_mut().poll_next(cx) {
+                return Poll::Ready(Wake::LifelineClosed);
+            }
+        }
+        // Never closed while the driver runs: the gate holds the sender.
+        if let Poll::Ready(Some(())) = self.channels.kicked.as_mut().poll_next(cx) {
+            return Poll::Ready(Wake::Kicked);
+        }
+        Poll::Pending
+    }
+
+    fn command(&mut self, now: Instant, command: Command, state: &mut GateState) {
         let machine = &mut self.machine;
         match command {
             Command::Ack(tag, reply) => {
@@ -346,7 +439,11 @@ impl Driver {
                 let _ = reply.try_send(machine.resume(now, &partitions));
             }
             Command::Seek(partition, offset, reply) => {
-                let _ = reply.try_send(machine.seek(now, partition, offset));
+                // Deliveries the machine emitted before the seek keep the old generation; the
+                // seek may make any of them stale.
+                self.drain_outputs(state);
+                state.generation += 1;
+                let _ = reply.try_send(self.machine.seek(now, partition, offset));
             }
             Command::Commit(reply) => match machine.commit(now) {
                 Ok(ticket) => self.commit_waiters.push((ticket, reply)),
@@ -368,7 +465,7 @@ impl Driver {
             }
             Command::Close(reply) => {
                 self.close_waiters.push(reply);
-                self.begin_close(now);
+                self.begin_close(now, state);
             }
             Command::Abandon => {
                 if !self.machine.is_closed() {
@@ -380,7 +477,7 @@ impl Driver {
     }
 
     /// Starts the machine's phased close, and hands back deliveries the application never took.
-    fn begin_close(&mut self, now: Instant) {
+    fn begin_close(&mut self, now: Instant, state: &mut GateState) {
         if self.closing {
             return;
         }
@@ -389,10 +486,12 @@ impl Driver {
         self.machine.close(now);
         // Deliveries still queued were never seen by the application: return them so the drain
         // phase does not wait for them. They stay unsettled (redelivered to the next member).
+        // Events the close emitted first: the backlog then holds every delivery made so far.
+        self.drain_outputs(state);
         let queued = std::iter::from_fn(|| self.channels.undelivered.try_recv().ok());
-        let returned: Vec<Delivery> = queued.chain(self.backlog.drain(..)).collect();
-        for delivery in returned {
-            let tag = delivery.tag;
+        let returned: Vec<Stamped> = queued.chain(self.backlog.drain(..)).collect();
+        for stamped in returned {
+            let tag = stamped.delivery.tag;
             if let Err(error) = self.machine.nack(now, tag, None) {
                 tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "undelivered message not returned");
             }
@@ -403,6 +502,8 @@ impl Driver {
     /// the handles.
     fn finish(mut self) {
         let now = self.runtime.now();
+        // The run loop closed the gate under the lock after its last input; nothing is pending.
+        self.channels.gate.lock().open = false;
         let final_state = FinalState {
             metrics: self.machine.metrics(),
             lag: self.machine.lag(now),

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use rustmq_consumer_core::driver::Delivery;
 use rustmq_consumer_core::protocol::TopicPartition;
 use rustmq_consumer_core::{
-    timeout, AsyncTimer, ConfigError, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError,
-    Health, Runtime, UsageError,
+    sleep, timeout, AsyncTimer, ConfigError, Consumer, ConsumerBuilder, ConsumerConfig,
+    ConsumerError, Health, Runtime, UsageError,
 };
 use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
@@ -453,6 +453,112 @@ pub async fn stream<R: Runtime + Clone>(rt: R) {
         "stream ends after close"
     );
     assert_eq!(committed(&broker, 0), Some(20));
+}
+
+/// `receive_many` takes what is waiting (at least one, at most `max`); `ack_all` settles a
+/// batch with one call, refusing the stale deliveries in it with the machine's own error.
+pub async fn batches<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 60);
+    let consumer = start(&rt, &broker, fast_config()).await;
+    assert!(consumer
+        .receive_many(0)
+        .await
+        .expect("receive_many")
+        .is_empty());
+    let mut offsets = Vec::new();
+    while offsets.len() < 40 {
+        let max = (40 - offsets.len()).min(8);
+        let batch = within(&rt, consumer.receive_many(max))
+            .await
+            .expect("receive_many");
+        assert!(!batch.is_empty() && batch.len() <= max, "{}", batch.len());
+        offsets.extend(batch.iter().map(Delivery::offset));
+        within(&rt, consumer.ack_all(batch)).await.expect("ack_all");
+    }
+    assert_eq!(offsets, (0..40).collect::<Vec<_>>());
+
+    // Held across a seek: stale. The batch still acks its fresh deliveries.
+    let held = vec![next(&rt, &consumer).await, next(&rt, &consumer).await];
+    assert_eq!(held[0].offset(), 40);
+    let old_epoch = held[0].tag().epoch;
+    consumer.seek(0, 50).await.expect("seek");
+    let mut batch = held;
+    let mut fresh = 0;
+    while fresh < 10 {
+        let d = next(&rt, &consumer).await;
+        if d.tag().epoch != old_epoch {
+            assert_eq!(d.offset(), 50 + fresh);
+            fresh += 1;
+        }
+        batch.push(d);
+    }
+    assert_eq!(
+        within(&rt, consumer.ack_all(batch)).await,
+        Err(ConsumerError::Usage(UsageError::StaleDelivery {
+            partition: 0,
+            offset: 40
+        }))
+    );
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(60));
+    assert_eq!(consumer.metrics().await.acked, 50);
+    assert!(consumer
+        .receive_many(5)
+        .await
+        .expect("receive_many")
+        .is_empty());
+}
+
+/// A delivery held across a rebalance that revoked its partition is stale: its ack is refused
+/// (never a silent `Ok`), and acks of deliveries made after the rebalance are accepted.
+pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
+    let broker = broker(2, 40);
+    let mut config = fast_config();
+    config.session_timeout = Duration::from_millis(300);
+    config.heartbeat_interval = Some(Duration::from_millis(5));
+    config.rebalance_drain_timeout = Duration::from_millis(20);
+    config.max_unacked = 1;
+    let first = start(&rt, &broker, config.clone()).await;
+    let held = next(&rt, &first).await;
+    assert_eq!((held.partition(), held.offset()), (0, 0));
+    let mut second_config = config;
+    second_config.consumer_id = Some("second".to_owned());
+    second_config.seed ^= 1;
+    let second = start(&rt, &broker, second_config).await;
+    // Wait until the first consumer has been through the revoke and rejoined.
+    let start_generation = broker.lock().generation(GROUP);
+    within(&rt, async {
+        loop {
+            let generation = broker.lock().generation(GROUP);
+            if generation != start_generation && broker.lock().members(GROUP).len() == 2 {
+                break;
+            }
+            sleep(&rt, Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    sleep(&rt, Duration::from_millis(50)).await;
+    assert_eq!(
+        held.ack().await,
+        Err(ConsumerError::Usage(UsageError::StaleDelivery {
+            partition: 0,
+            offset: 0
+        }))
+    );
+    within(&rt, second.close()).await.expect("close");
+    // Alone again: everything left is delivered to the first consumer and acked.
+    let mut acked = 0;
+    while committed(&broker, 0).unwrap_or(0) + committed(&broker, 1).unwrap_or(0) < 40 {
+        match maybe_next(&rt, &first, Duration::from_millis(50)).await {
+            Some(d) => {
+                d.ack().await.expect("ack after the rebalance");
+                acked += 1;
+            }
+            None => within(&rt, first.commit()).await.expect("commit"),
+        }
+        assert!(acked <= 40, "acked {acked}");
+    }
+    within(&rt, first.close()).await.expect("close");
 }
 
 /// A runtime that counts what is spawned through it.
