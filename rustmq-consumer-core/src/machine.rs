@@ -205,6 +205,9 @@ struct CommitState {
     requested: u64,
     failures: u32,
     retry_at: Option<Instant>,
+    /// The group generation the coordinator refused a commit under (code 22): nothing more
+    /// is committed under it, since every such commit would be refused too.
+    fenced_generation: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -1264,6 +1267,7 @@ impl ConsumerMachine {
             });
             self.note_commit_answered(now);
             if code == error_code::ILLEGAL_GENERATION {
+                self.commits.fenced_generation = self.group.as_ref().map(|g| g.generation);
                 self.start_rebalance(now, false);
             }
             return Ok(());
@@ -1477,6 +1481,7 @@ impl ConsumerMachine {
         if self.commits.wanted
             && !self.commits.in_flight
             && self.commits.retry_at.is_none()
+            && !self.commits_fenced()
             && !self.send_commit(now)
         {
             return;
@@ -1885,7 +1890,9 @@ impl ConsumerMachine {
                 }
                 ClosePhase::FinalCommit
                     if !self.commits.in_flight
-                        && (!self.dirty() || self.commits.answered_in_close) =>
+                        && (!self.dirty()
+                            || self.commits.answered_in_close
+                            || self.commits_fenced()) =>
                 {
                     self.leave_or_close()
                 }
@@ -1934,6 +1941,12 @@ impl ConsumerMachine {
     }
 
     /// A commit was answered (confirmed, rejected or failed).
+    /// Whether the coordinator refused commits under the current generation.
+    fn commits_fenced(&self) -> bool {
+        let generation = self.group.as_ref().map(|g| g.generation);
+        generation.is_some() && generation == self.commits.fenced_generation
+    }
+
     fn note_commit_answered(&mut self, now: Instant) {
         if self.close_phase() == Some(ClosePhase::FinalCommit) {
             self.commits.answered_in_close = true;
@@ -2038,7 +2051,9 @@ impl ConsumerMachine {
         if !(drained || now >= deadline) || self.commits.in_flight {
             return true;
         }
-        if !self.dirty() {
+        if !self.dirty() || self.commits_fenced() {
+            // Fenced: the coordinator refuses this generation's commits; the next owner
+            // starts from the last commit (at-least-once).
             self.finish_revoke(now);
             return true;
         }
@@ -2212,6 +2227,9 @@ impl ConsumerMachine {
             error_code::NONE => g.confirmed(now),
             error_code::REBALANCE_IN_PROGRESS | error_code::ILLEGAL_GENERATION => {
                 g.heartbeat_failed(now);
+                if code == error_code::ILLEGAL_GENERATION {
+                    self.commits.fenced_generation = Some(generation);
+                }
                 self.start_rebalance(now, false);
             }
             error_code::UNKNOWN_MEMBER | error_code::UNKNOWN_GROUP => {

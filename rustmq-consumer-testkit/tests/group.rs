@@ -464,3 +464,48 @@ fn manual_assignment_has_no_group_session() {
     assert_eq!(c.members[a].acked, [(1, 0), (1, 1), (1, 2)]);
     assert_eq!(c.committed(1), Some(3));
 }
+
+#[test]
+fn no_commit_goes_out_under_a_generation_the_coordinator_refused() {
+    let mut c = Cluster::new(1, 10);
+    let mut cfg = config();
+    cfg.ack_batch_size = 1;
+    cfg.rebalance_drain_timeout = Duration::from_secs(30);
+    let a = c.join_acking(cfg, false);
+    c.advance(Duration::from_secs(1));
+    let generation = c.broker.generation(GROUP).unwrap();
+    let held: Vec<DeliveryTag> = c.members[a]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deliver(d) => Some(d.tag),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held.len(), 10);
+    // Another member joins: the broker moves the generation on, and `a` learns it from its
+    // next heartbeat (22) while it still holds every delivery, draining.
+    let mark = c.members[a].sent.len();
+    let _b = c.join(config());
+    c.advance(Duration::from_secs(4));
+    for tag in held {
+        // Acks during the drain settle locally; each would batch a commit of its own.
+        let _ = c.members[a].m.ack(c.now, tag);
+        c.pump();
+    }
+    c.advance(Duration::from_secs(10));
+    let refused_generation = c.members[a].sent[mark..]
+        .iter()
+        .filter(
+            |r| matches!(r, Request::CommitOffset(commit) if commit.generation_id == generation),
+        )
+        .count();
+    assert_eq!(
+        refused_generation, 0,
+        "every commit under a generation the coordinator refused is refused too"
+    );
+    assert!(c.members[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Revoked(_))));
+}
