@@ -9,9 +9,9 @@
 //! - `end_to_end`: the public `Consumer` on tokio and smol over a zero-latency `SimTransport`,
 //!   beside a bare bounded channel between two tasks;
 //! - `ack_throughput_vs_old_design`: acks against a 0.25 ms round trip, beside the old design
-//!   (a task per message, one CommitOffset per ack).
-//!
-//! `quic_loopback` is absent: the quic branch has no committed embedded broker yet.
+//!   (a task per message, one CommitOffset per ack);
+//! - `quic_loopback`: the public `Consumer` over QUIC on 127.0.0.1 against the embedded
+//!   `LoopbackBroker`, beside a raw loop of Fetch requests on the same kind of connection.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
@@ -26,8 +26,9 @@ use rustmq_consumer_benches::core::{
 use rustmq_consumer_benches::transport::{broker_with, DelayedTransport};
 use rustmq_consumer_benches::{records, GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
+use rustmq_consumer_core::protocol::{FetchRequest, Response};
 use rustmq_consumer_core::{BreakerState, ConsumerConfig, Event, Transport};
-use rustmq_consumer_testkit::SimTransport;
+use rustmq_consumer_testkit::{LoopbackBroker, SimTransport};
 
 /// Deliveries acked per `core_ack_path` iteration.
 const ACK_N: usize = 10_000;
@@ -38,6 +39,10 @@ const CYCLE_BATCH: usize = 100;
 const RETRY_N: usize = 1_000;
 /// Messages consumed per `end_to_end` iteration.
 const E2E_N: usize = 20_000;
+/// Messages consumed per `quic_loopback` iteration.
+const QUIC_N: usize = 20_000;
+/// Records per fetch in `quic_loopback`, for the consumer and the raw loop alike.
+const QUIC_FETCH: usize = 1_000;
 /// Messages acked per iteration by our consumer in `ack_throughput_vs_old_design`.
 const ACK_RTT_N: usize = 10_000;
 /// Messages acked per iteration by the old design (about a quarter of a second each).
@@ -268,6 +273,26 @@ macro_rules! consume {
     }};
 }
 
+/// Consumes `n` messages with the batch calls: `receive_many` what is waiting, `ack_all` it.
+macro_rules! consume_batched {
+    ($builder:ty, $transport:expr, $config:expr, $n:expr) => {{
+        let consumer = <$builder>::new()
+            .config($config)
+            .client($transport)
+            .build()
+            .await
+            .unwrap();
+        let mut acked = 0;
+        while acked < $n {
+            let batch = consumer.receive_many($n - acked).await.unwrap();
+            assert!(!batch.is_empty(), "consumer closed early");
+            acked += batch.len();
+            consumer.ack_all(batch).await.unwrap();
+        }
+        consumer
+    }};
+}
+
 /// The baseline: `n` messages between two tasks over a bounded channel of the same capacity
 /// as the consumer's delivery channel (`max_unacked`).
 async fn channel_loop<S>(spawn: S, n: usize, capacity: usize)
@@ -333,6 +358,28 @@ fn end_to_end(c: &mut Criterion) {
             total
         })
     });
+    g.bench_function("tokio_consumer_batched", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let broker = broker_with(E2E_N);
+                total += tokio_rt.block_on(async {
+                    let transport = SimTransport::new(broker, rustmq_consumer_tokio::TokioRuntime);
+                    let start = Instant::now();
+                    let consumer = consume_batched!(
+                        rustmq_consumer_tokio::ConsumerBuilder,
+                        transport,
+                        e2e_config(),
+                        E2E_N
+                    );
+                    let elapsed = start.elapsed();
+                    consumer.close().await.unwrap();
+                    elapsed
+                });
+            }
+            total
+        })
+    });
     g.bench_function("smol_consumer", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -342,6 +389,28 @@ fn end_to_end(c: &mut Criterion) {
                     let transport = SimTransport::new(broker, rustmq_consumer_smol::SmolRuntime);
                     let start = Instant::now();
                     let consumer = consume!(
+                        rustmq_consumer_smol::ConsumerBuilder,
+                        transport,
+                        e2e_config(),
+                        E2E_N
+                    );
+                    let elapsed = start.elapsed();
+                    consumer.close().await.unwrap();
+                    elapsed
+                }));
+            }
+            total
+        })
+    });
+    g.bench_function("smol_consumer_batched", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let broker = broker_with(E2E_N);
+                total += smol::block_on(smol::spawn(async move {
+                    let transport = SimTransport::new(broker, rustmq_consumer_smol::SmolRuntime);
+                    let start = Instant::now();
+                    let consumer = consume_batched!(
                         rustmq_consumer_smol::ConsumerBuilder,
                         transport,
                         e2e_config(),
@@ -515,12 +584,147 @@ fn ack_throughput_vs_old_design(c: &mut Criterion) {
     g.finish();
 }
 
+// ------------------------------------------------------------------------ quic
+
+/// The consumer's settings over QUIC: manual partition 0, fetches of [`QUIC_FETCH`] records
+/// (`fetch_max_bytes` and `prefetch_bytes` sized to exactly that many of our records, so a
+/// fetch never brings records the buffer cannot take), room for two fetches outstanding with
+/// the application, and a commit per fetch's worth of acks.
+fn quic_config(group: &str) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(TOPIC, group);
+    config.partitions = vec![0];
+    let bytes = QUIC_FETCH * records(1)[0].encoded_len();
+    config.fetch_size = QUIC_FETCH;
+    config.fetch_max_bytes = u32::try_from(bytes).unwrap();
+    config.prefetch_bytes = bytes;
+    config.max_unacked = 2 * QUIC_FETCH;
+    config.max_unsettled_per_partition = 4 * QUIC_FETCH as u64;
+    config.ack_batch_size = QUIC_FETCH;
+    config
+}
+
+/// The raw loop: Fetch requests one after another at advancing offsets, the same size as the
+/// consumer's, counting records until `n` arrived.
+async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
+    let mut offset = 0u64;
+    let mut received = 0usize;
+    while received < n {
+        let request = FetchRequest {
+            topic: TOPIC.to_owned(),
+            partition_id: 0,
+            fetch_offset: offset,
+            max_bytes,
+            timeout_ms: 1_000,
+        };
+        let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
+            panic!("fetch at {offset} failed");
+        };
+        assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
+        for record in &fetched.records {
+            black_box(record);
+        }
+        received += fetched.records.len();
+        offset += fetched.records.len() as u64;
+    }
+}
+
+fn quic_loopback(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quic_loopback");
+    g.throughput(Throughput::Elements(QUIC_N as u64));
+    g.sample_size(10);
+    // Two worker threads: the machine's two cores, shared by the server, the client's QUIC
+    // endpoint, the consumer's driver and the application loop.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let quic: Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
+        Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
+    let loopback = rt
+        .block_on(async { LoopbackBroker::start(broker_with(QUIC_N), Arc::clone(&quic)).unwrap() });
+    let connect = || {
+        rt.block_on(async {
+            let transport =
+                rustmq_consumer_tokio::quic_transport(loopback.client_config()).unwrap();
+            transport.connect().await.unwrap();
+            transport
+        })
+    };
+    let max_bytes = quic_config(GROUP).fetch_max_bytes;
+
+    g.bench_function("raw_fetch_loop", |b| {
+        let transport = connect();
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += rt.block_on(async {
+                    let start = Instant::now();
+                    raw_fetch_loop(&transport, QUIC_N, max_bytes).await;
+                    start.elapsed()
+                });
+            }
+            total
+        })
+    });
+
+    // Each iteration consumes from offset 0 under a group of its own (nothing committed yet).
+    let mut run = 0u64;
+    let mut fresh_group = || {
+        run += 1;
+        let group = format!("{GROUP}-quic-{run}");
+        loopback.broker().lock().ensure_group(&group);
+        group
+    };
+    for batched in [false, true] {
+        let name = if batched {
+            "consumer_batched"
+        } else {
+            "consumer"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let transport = connect();
+                    let config = quic_config(&fresh_group());
+                    total += rt.block_on(async {
+                        let start = Instant::now();
+                        let consumer = if batched {
+                            consume_batched!(
+                                rustmq_consumer_tokio::ConsumerBuilder,
+                                transport,
+                                config,
+                                QUIC_N
+                            )
+                        } else {
+                            consume!(
+                                rustmq_consumer_tokio::ConsumerBuilder,
+                                transport,
+                                config,
+                                QUIC_N
+                            )
+                        };
+                        let elapsed = start.elapsed();
+                        consumer.close().await.unwrap();
+                        elapsed
+                    });
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+    rt.block_on(loopback.stop());
+}
+
 criterion_group!(
     benches,
     core_ack_path,
     core_cycle,
     core_subsystems,
     end_to_end,
-    ack_throughput_vs_old_design
+    ack_throughput_vs_old_design,
+    quic_loopback
 );
 criterion_main!(benches);
