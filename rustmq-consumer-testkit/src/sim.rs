@@ -348,7 +348,7 @@ impl Scenario {
         c.empty_fetch_backoff_max = c.empty_fetch_backoff_min + knobs.millis(0, 500);
         c.seed = rng.next_u64();
         let heal_at = rng.millis(500, 8_000);
-        let faults = FaultPlan::from_rng(&mut rng.fork(2), heal_at);
+        let mut faults = FaultPlan::from_rng(&mut rng.fork(2), heal_at);
         let mut app = AppBehaviour::from_rng(&mut rng.fork(3));
         if !c.enable_auto_commit && app.commit_per_sec == 0.0 {
             app.commit_per_sec = 1.0;
@@ -359,8 +359,6 @@ impl Scenario {
         // Drawn after everything else, so a manual-assignment seed derives what it always did.
         let mut g = rng.fork(4);
         let coin = g.chance(1.0 / 3.0);
-        let mut faults = faults;
-        let mut app = app;
         if group.unwrap_or(coin) {
             c.partitions.clear();
             c.session_timeout = g.millis(3_000, 10_000);
@@ -462,6 +460,8 @@ pub struct SimReport {
     pub crashes: u64,
     /// Seeks.
     pub seeks: u64,
+    /// The run was a group session.
+    pub group: bool,
     /// Group session: assignments the consumer received (`Assigned` events).
     pub assignments: u64,
     /// Group session: JoinGroup requests of other (phantom) members.
@@ -770,7 +770,11 @@ impl<H: Handler> Simulation<H> {
         self.schedule_poisson(f.storage_failure_per_sec, Item::StorageFailure, true);
         let a = self.scenario.app.clone();
         self.schedule_poisson(a.pause_per_sec, Item::Pause, true);
-        self.schedule_poisson(a.seek_per_sec, Item::Seek, true);
+        if !self.scenario.is_group() {
+            // A seek is not durable across a rebalance (the next assignment starts at the
+            // group's commit), so group sessions do not seek whatever the behaviour says.
+            self.schedule_poisson(a.seek_per_sec, Item::Seek, true);
+        }
         self.schedule_poisson(a.commit_per_sec, Item::CommitNow, false);
 
         let machine = ConsumerMachine::new(cfg.clone(), self.now).map_err(|e| Violation {
@@ -1006,6 +1010,7 @@ impl<H: Handler> Simulation<H> {
         let (assignments, _) = self.checker.rebalances();
         self.report.assignments = assignments;
         self.report.stale_refused = self.checker.stale_refused();
+        self.report.group = self.scenario.is_group();
         let m = self.machine.as_ref().expect("running").metrics();
         self.report.delivered = m.delivered;
         self.report.acked = m.acked;
@@ -1759,10 +1764,42 @@ pub struct Summary {
     pub crashes: u64,
     /// Simulated time, summed.
     pub simulated: Duration,
+    /// Seeds that ran a group session.
+    pub group_runs: u64,
+    /// Assignments received in group sessions.
+    pub assignments: u64,
+    /// JoinGroups of phantom members.
+    pub phantom_joins: u64,
+    /// Stale acks, nacks and rejects refused.
+    pub stale_refused: u64,
+    /// Known-bug revoke-deadline spins polled through.
+    pub rebalance_spins: u64,
 }
 
 impl Summary {
+    fn merge(&mut self, s: &Summary) {
+        self.runs += s.runs;
+        self.steps += s.steps;
+        self.produced += s.produced;
+        self.delivered += s.delivered;
+        self.dead_lettered += s.dead_lettered;
+        self.discarded += s.discarded;
+        self.faults += s.faults;
+        self.crashes += s.crashes;
+        self.simulated += s.simulated;
+        self.group_runs += s.group_runs;
+        self.assignments += s.assignments;
+        self.phantom_joins += s.phantom_joins;
+        self.stale_refused += s.stale_refused;
+        self.rebalance_spins += s.rebalance_spins;
+    }
+
     fn add(&mut self, r: &SimReport) {
+        self.group_runs += u64::from(r.group);
+        self.assignments += r.assignments;
+        self.phantom_joins += r.phantom_joins;
+        self.stale_refused += r.stale_refused;
+        self.rebalance_spins += r.rebalance_spins;
         self.runs += 1;
         self.steps += r.steps;
         self.produced += r.produced;
@@ -1806,17 +1843,7 @@ pub fn run_seeds(seeds: &[u64], threads: usize) -> Result<Summary, Failure> {
     let mut first: Option<Failure> = None;
     for r in results {
         match r {
-            Ok(s) => {
-                total.runs += s.runs;
-                total.steps += s.steps;
-                total.produced += s.produced;
-                total.delivered += s.delivered;
-                total.dead_lettered += s.dead_lettered;
-                total.discarded += s.discarded;
-                total.faults += s.faults;
-                total.crashes += s.crashes;
-                total.simulated += s.simulated;
-            }
+            Ok(s) => total.merge(&s),
             Err(f) => {
                 if first.as_ref().is_none_or(|g| f.seed < g.seed) {
                     first = Some(f);
