@@ -251,6 +251,11 @@ impl Checker {
         &self.member
     }
 
+    /// CommitOffset requests of the machine not resolved yet.
+    pub fn commits_in_flight(&self) -> usize {
+        self.commits_in_flight.len()
+    }
+
     /// Stale acks, nacks and rejects the machine refused.
     pub fn stale_refused(&self) -> u64 {
         self.stale_refused

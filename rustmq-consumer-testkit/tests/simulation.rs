@@ -571,3 +571,53 @@ fn core_bug_rebalance_deadline_spin_seed() {
         .unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(report.rebalance_spins, 0);
 }
+
+/// Close: a final commit answered with a transient failure (storage failure, error frame) is
+/// not retried although the close deadline leaves time: the consumer leaves (or closes) with
+/// its settled offsets uncommitted, and the next member reprocesses them. Found by the group
+/// swarm (seed 1269 at the time: a commit sent just before heal failed during the close).
+/// The swarm now closes a group session only when no commit is in flight.
+#[test]
+#[ignore = "core bug: a failed final commit is not retried within the close deadline"]
+fn core_bug_final_commit_not_retried_minimal() {
+    let mut b = SimBroker::new();
+    b.create_topic("t", 1);
+    b.ensure_group("g");
+    b.produce_values("t", 0, ["a", "b", "c"]).unwrap();
+    let mut c = ConsumerConfig::new("t", "g");
+    c.ack_batch_size = 100;
+    c.ack_batch_timeout = Duration::from_secs(60);
+    c.drain_timeout = Duration::from_secs(5);
+    let mut now = Instant::now();
+    let mut m = ConsumerMachine::new(c, now).unwrap();
+    let mut sent = Vec::new();
+    let none = |_: &Request| false;
+    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    for tag in delivered(&ev) {
+        m.ack(now, tag).unwrap();
+    }
+    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    assert_eq!(m.settle_watermark(0), Some(3));
+    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), None);
+    // The final commit meets one storage failure; the close has 5 s per phase.
+    b.fail_next_commits(1);
+    m.close(now);
+    for _ in 0..100 {
+        pump(&mut m, &mut b, now, &none, 100, &mut sent);
+        if m.is_closed() {
+            break;
+        }
+        now += Duration::from_millis(100);
+        m.handle_timeout(now);
+    }
+    assert!(m.is_closed());
+    let commits = sent
+        .iter()
+        .filter(|r| matches!(r, Request::CommitOffset(_)))
+        .count();
+    assert_eq!(
+        b.committed("g", &TopicPartition::new("t", 0)),
+        Some(3),
+        "closed after {commits} commit(s) with everything settled but not committed, well before the close deadline"
+    );
+}
