@@ -176,6 +176,10 @@ pub struct Checker {
     close_phase: Option<ClosePhase>,
     /// The final commit's deadline passed (a `CommitFailed` during `FinalCommit`).
     final_commit_expired: bool,
+    /// A `CommitFailed` was reported since the close started.
+    close_commit_failed: bool,
+    /// A LeaveGroup was sent.
+    leave_sent: bool,
     /// Acks, nacks and rejects of stale deliveries the machine refused.
     stale_refused: u64,
     /// Assignments (`Assigned` events) and revocations seen.
@@ -216,6 +220,8 @@ impl Checker {
             commits_in_flight: BTreeSet::new(),
             close_phase: None,
             final_commit_expired: false,
+            close_commit_failed: false,
+            leave_sent: false,
             stale_refused: 0,
             assignments: 0,
             revocations: 0,
@@ -316,9 +322,25 @@ impl Checker {
     }
 
     /// Checks that a LeaveGroup about to be sent comes after the final commit: the close
-    /// reached `LeavingGroup` and no commit is unanswered, unless the final commit's deadline
-    /// passed.
-    pub fn on_leave_sent(&self) -> Result<(), Violation> {
+    /// reached `LeavingGroup`, no commit is unanswered unless the final commit's deadline
+    /// passed, and every settled offset is committed (`uncommitted` lists the owned partitions
+    /// whose settle watermark the broker has not confirmed) unless a `CommitFailed` said why.
+    pub fn on_leave_sent(&mut self, uncommitted: &[u32]) -> Result<(), Violation> {
+        self.check_leave(uncommitted)?;
+        self.leave_sent = true;
+        Ok(())
+    }
+
+    fn check_leave(&self, uncommitted: &[u32]) -> Result<(), Violation> {
+        if !uncommitted.is_empty() && !self.close_commit_failed {
+            return self.fail(
+                COMMIT_BEFORE_LEAVE,
+                format!(
+                    "LeaveGroup sent with the settled offsets of partitions {uncommitted:?} uncommitted and no CommitFailed reported (close phase {:?})",
+                    self.close_phase
+                ),
+            );
+        }
         if self.close_phase != Some(ClosePhase::LeavingGroup) {
             return self.fail(
                 COMMIT_BEFORE_LEAVE,
@@ -555,6 +577,12 @@ impl Checker {
             return self.fail(CLOSE, format!("{:?} sent after Closed", request.kind()));
         }
         if let Request::CommitOffset(_) = request {
+            if self.leave_sent {
+                return self.fail(
+                    COMMIT_BEFORE_LEAVE,
+                    "CommitOffset sent after the LeaveGroup".to_owned(),
+                );
+            }
             self.commits_in_flight.insert(id);
         }
         if let Request::Fetch(f) = request {
@@ -620,8 +648,11 @@ impl Checker {
         for e in events {
             match e {
                 Event::Closing(phase) => self.close_phase = Some(*phase),
-                Event::CommitFailed { .. } if self.close_phase == Some(ClosePhase::FinalCommit) => {
-                    self.final_commit_expired = true;
+                Event::CommitFailed { .. } if self.close_phase.is_some() => {
+                    self.close_commit_failed = true;
+                    if self.close_phase == Some(ClosePhase::FinalCommit) {
+                        self.final_commit_expired = true;
+                    }
                 }
                 Event::RequestFailed { id, .. } => {
                     self.commits_in_flight.remove(id);

@@ -20,8 +20,8 @@ use rustmq_consumer_core::protocol::{
     Record, Request, Response, TopicPartition,
 };
 use rustmq_consumer_core::{
-    dead_letter_headers, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery, DeliveryTag, Event,
-    Reason, RequestId, TransportError, UsageError,
+    dead_letter_headers, BreakerState, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery,
+    DeliveryTag, Event, Reason, RequestId, TransportError, UsageError,
 };
 use tracing::debug;
 
@@ -965,6 +965,9 @@ impl<H: Handler> Simulation<H> {
                 // A commit sent before heal may still meet a fault; a failed final commit is
                 // not retried (known core bug, `core_bug_final_commit_not_retried_minimal`).
                 && self.checker.commits_in_flight() == 0
+                // An open circuit (from a fault before heal) would hold the final commit past
+                // the close deadline; wait for it to close like the manual swarm does.
+                && m.breaker_state() == BreakerState::Closed
                 && all.iter().all(|&p| {
                     let hw = self.broker.high_watermark(TOPIC, p).unwrap_or(0);
                     self.checker.lowest_unsettled(p) == Some(hw)
@@ -1536,7 +1539,16 @@ impl<H: Handler> Simulation<H> {
                 self.checker.on_commit_sent(&offsets)?
             }
             Request::LeaveGroup(_) => {
-                self.checker.on_leave_sent()?;
+                let uncommitted: Vec<u32> = self.machine.as_ref().map_or(Vec::new(), |m| {
+                    m.assigned_partitions()
+                        .into_iter()
+                        .filter(|&p| {
+                            m.settle_watermark(p)
+                                .is_some_and(|w| m.committed_offset(p).unwrap_or(0) < w)
+                        })
+                        .collect()
+                });
+                self.checker.on_leave_sent(&uncommitted)?;
                 BTreeMap::new()
             }
             _ => BTreeMap::new(),

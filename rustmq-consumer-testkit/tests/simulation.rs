@@ -204,7 +204,7 @@ fn checker_catches_group_session_violations() {
         attempt: 1,
     };
     // LeaveGroup before the final commit, and while it is unanswered.
-    let err = checker.on_leave_sent().unwrap_err();
+    let err = checker.on_leave_sent(&[]).unwrap_err();
     assert_eq!(err.invariant, invariant_names::COMMIT_BEFORE_LEAVE);
     checker.on_events_of_input(&[Event::Closing(ClosePhase::FinalCommit)]);
     let commit = Request::CommitOffset(rustmq_consumer_core::protocol::CommitOffsetRequest {
@@ -221,10 +221,13 @@ fn checker_catches_group_session_violations() {
         )
         .unwrap();
     checker.on_events_of_input(&[Event::Closing(ClosePhase::LeavingGroup)]);
-    let err = checker.on_leave_sent().unwrap_err();
+    let err = checker.on_leave_sent(&[]).unwrap_err();
     assert_eq!(err.invariant, invariant_names::COMMIT_BEFORE_LEAVE);
     checker.on_resolved(RequestId(1));
-    checker.on_leave_sent().unwrap();
+    checker.on_leave_sent(&[]).unwrap();
+    // Settled offsets left uncommitted without a CommitFailed saying so.
+    let err = checker.on_leave_sent(&[0]).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::COMMIT_BEFORE_LEAVE);
 }
 
 #[test]
@@ -619,5 +622,76 @@ fn core_bug_final_commit_not_retried_minimal() {
         b.committed("g", &TopicPartition::new("t", 0)),
         Some(3),
         "closed after {commits} commit(s) with everything settled but not committed, well before the close deadline"
+    );
+}
+
+/// Close of a group member with the circuit open: the final commit cannot go out, its phase
+/// deadline passes (`CommitFailed`), the LeaveGroup waits for half-open and goes as the probe;
+/// its success closes the circuit, and the commit still wanted goes out *after* the
+/// LeaveGroup, in the input that reaches `Closed`. Commit before leave is broken (and under a
+/// generation the member has left). Found by the group swarm (seed 5470 at the time, when a
+/// group close could start with the circuit open; the swarm now waits for it to close).
+#[test]
+#[ignore = "core bug: a CommitOffset goes out after the LeaveGroup when the close ran with the circuit open"]
+fn core_bug_commit_after_leave_minimal() {
+    let mut b = SimBroker::new();
+    b.create_topic("t", 1);
+    b.produce_values("t", 0, ["a", "b", "c"]).unwrap();
+    let mut c = ConsumerConfig::new("t", "g");
+    c.partitions.clear(); // group session
+    c.ack_batch_size = 100;
+    c.ack_batch_timeout = Duration::from_secs(60);
+    c.failure_threshold = 1;
+    c.recovery_timeout = Duration::from_millis(700);
+    c.drain_timeout = Duration::from_millis(500);
+    let mut now = Instant::now();
+    let mut m = ConsumerMachine::new(c, now).unwrap();
+    let mut sent = Vec::new();
+    let none = |_: &Request| false;
+    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    for tag in delivered(&ev) {
+        m.ack(now, tag).unwrap();
+    }
+    assert_eq!(m.settle_watermark(0), Some(3));
+    // The next fetch fails: the circuit opens with offsets 0..3 settled and uncommitted.
+    let is_fetch = |r: &Request| matches!(r, Request::Fetch(_));
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let (_, h) = pump(&mut m, &mut b, now, &is_fetch, 100, &mut sent);
+        held.extend(h);
+        if !held.is_empty() {
+            break;
+        }
+        now += Duration::from_millis(50);
+        m.handle_timeout(now);
+    }
+    let (id, _) = held.pop().expect("a fetch");
+    m.handle_response(now, id, Err(TransportError::TimedOut));
+    assert_eq!(m.breaker_state(), rustmq_consumer_core::BreakerState::Open);
+    m.close(now);
+    for _ in 0..100 {
+        pump(&mut m, &mut b, now, &none, 100, &mut sent);
+        if m.is_closed() {
+            break;
+        }
+        now += Duration::from_millis(50);
+        m.handle_timeout(now);
+    }
+    assert!(m.is_closed());
+    let leave = sent
+        .iter()
+        .position(|r| matches!(r, Request::LeaveGroup(_)))
+        .unwrap_or_else(|| {
+            panic!(
+                "no LeaveGroup: {:?}",
+                sent.iter().map(Request::kind).collect::<Vec<_>>()
+            )
+        });
+    let after: Vec<_> = sent[leave..].iter().map(Request::kind).collect();
+    assert!(
+        !sent[leave..]
+            .iter()
+            .any(|r| matches!(r, Request::CommitOffset(_))),
+        "requests from the LeaveGroup on: {after:?}"
     );
 }
