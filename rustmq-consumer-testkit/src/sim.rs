@@ -965,6 +965,9 @@ impl<H: Handler> Simulation<H> {
                 // A commit sent before heal may still meet a fault; a failed final commit is
                 // not retried (known core bug, `core_bug_final_commit_not_retried_minimal`).
                 && self.checker.commits_in_flight() == 0
+                // A FetchOffset answered during the close makes a partition dirty after the
+                // LeaveGroup (known core bug, `core_bug_commit_after_leave_fetch_offset_*`).
+                && self.checker.joins_in_flight() == 0
                 // An open circuit (from a fault before heal) would hold the final commit past
                 // the close deadline; wait for it to close like the manual swarm does.
                 && m.breaker_state() == BreakerState::Closed

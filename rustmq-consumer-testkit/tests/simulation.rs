@@ -695,3 +695,81 @@ fn core_bug_commit_after_leave_minimal() {
         "requests from the LeaveGroup on: {after:?}"
     );
 }
+
+/// The same broken order with another trigger: a member closes right after rejoining, while
+/// its FetchOffset is in flight. Nothing is dirty yet, so the close goes straight to the
+/// LeaveGroup; then the FetchOffset answer (no commit on the broker after a restart, the
+/// member's own settled position known from before) makes the partition dirty and a
+/// CommitOffset goes out after the LeaveGroup. Found by the group swarm (seed 2316 at the time; the swarm now
+/// closes only with no JoinGroup or FetchOffset in flight).
+#[test]
+#[ignore = "core bug: a FetchOffset answered during close sends a CommitOffset after the LeaveGroup"]
+fn core_bug_commit_after_leave_fetch_offset_minimal() {
+    let mut b = SimBroker::new();
+    b.create_topic("t", 1);
+    b.produce_values("t", 0, ["a", "b", "c"]).unwrap();
+    let mut c = ConsumerConfig::new("t", "g");
+    c.partitions.clear(); // group session
+    c.session_timeout = Duration::from_secs(9);
+    c.ack_batch_size = 1;
+    c.ack_batch_timeout = Duration::from_millis(100);
+    let mut now = Instant::now();
+    let mut m = ConsumerMachine::new(c, now).unwrap();
+    let mut sent = Vec::new();
+    let none = |_: &Request| false;
+    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    for tag in delivered(&ev) {
+        m.ack(now, tag).unwrap();
+        pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    }
+    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), Some(3));
+    // The broker restarts and loses the group and its commits; the member's next heartbeat
+    // sees 16, it rejoins knowing it settled up to 3.
+    b.restart();
+    let is_fetch_offset = |r: &Request| matches!(r, Request::FetchOffset(_));
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        now += Duration::from_millis(100);
+        m.handle_timeout(now);
+        let (_, h) = pump(&mut m, &mut b, now, &is_fetch_offset, 100, &mut sent);
+        held.extend(h);
+        if !held.is_empty() {
+            break;
+        }
+    }
+    let (id, request) = held.pop().expect("the rejoin's FetchOffset");
+    assert_eq!(m.assigned_partitions(), [0]);
+    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), None);
+    // Close now: nothing is dirty yet, the LeaveGroup goes out (its answer takes a while).
+    m.close(now);
+    let is_leave = |r: &Request| matches!(r, Request::LeaveGroup(_));
+    let (_, mut leave) = pump(&mut m, &mut b, now, &is_leave, 100, &mut sent);
+    let (leave_id, leave_request) = leave.pop().expect("a LeaveGroup");
+    // The FetchOffset answer arrives first, then (200 ms later) the LeaveGroup's.
+    let r = b
+        .handle(now, request)
+        .map_err(|e| TransportError::Broker(e.0));
+    m.handle_response(now, id, r);
+    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    // The ack-batch timer fires before the LeaveGroup is answered.
+    now += Duration::from_millis(200);
+    m.handle_timeout(now);
+    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    let r = b
+        .handle(now, leave_request)
+        .map_err(|e| TransportError::Broker(e.0));
+    m.handle_response(now, leave_id, r);
+    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    assert!(m.is_closed());
+    let leave = sent
+        .iter()
+        .position(|r| matches!(r, Request::LeaveGroup(_)))
+        .expect("a LeaveGroup");
+    let after: Vec<_> = sent[leave..].iter().map(Request::kind).collect();
+    assert!(
+        !sent[leave..]
+            .iter()
+            .any(|r| matches!(r, Request::CommitOffset(_))),
+        "requests from the LeaveGroup on: {after:?}"
+    );
+}
