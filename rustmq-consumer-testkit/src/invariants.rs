@@ -5,6 +5,11 @@
 //! effect done (acked after processing, confirmed in the dead-letter topic by the broker, or
 //! discarded with an event), and which deliveries are outstanding. Every check compares the
 //! consumer against that truth; a broken one is a [`Violation`] naming the invariant.
+//!
+//! In a group session (no manual assignment) it also learns ownership from the machine's
+//! `Assigned` and `Revoked` events and the JoinGroup answers they follow: side effects stay
+//! done across rebalances (at least once), deliveries of a revoked assignment go stale, and
+//! commits, leaves and stale acks are checked against what the consumer owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -115,7 +120,7 @@ struct Truth {
     low: u64,
     /// Outstanding deliveries: offset -> attempt.
     outstanding: BTreeMap<u64, u32>,
-    /// Bumped by every seek.
+    /// Bumped by every seek and every revoke: deliveries of an older one are stale.
     generation: u64,
     paused: bool,
 }
@@ -461,7 +466,7 @@ impl Checker {
         self.partitions.get(&partition).map(|t| t.low)
     }
 
-    /// The generation (number of seeks) of `partition`.
+    /// The generation of `partition` (bumped by every seek and revoke).
     pub fn generation(&self, partition: u32) -> u64 {
         self.partitions.get(&partition).map_or(0, |t| t.generation)
     }
