@@ -189,6 +189,9 @@ pub struct Checker {
     leave_sent: bool,
     /// Acks, nacks and rejects of stale deliveries the machine refused.
     stale_refused: u64,
+    /// Deliveries of offsets whose side effect was already done (at least once: a rebalance
+    /// or a restart hands them out again).
+    duplicates: u64,
     /// Assignments (`Assigned` events) and revocations seen.
     assignments: u64,
     revocations: u64,
@@ -231,6 +234,7 @@ impl Checker {
             close_commit_failed: false,
             leave_sent: false,
             stale_refused: 0,
+            duplicates: 0,
             assignments: 0,
             revocations: 0,
         }
@@ -278,6 +282,11 @@ impl Checker {
     /// Stale acks, nacks and rejects the machine refused.
     pub fn stale_refused(&self) -> u64 {
         self.stale_refused
+    }
+
+    /// Deliveries of offsets already processed (duplicates, allowed: at least once).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 
     /// `Assigned` and `Revoked` events seen.
@@ -770,6 +779,9 @@ impl Checker {
                         PAUSE_HOLDS,
                         format!("partition {p} offset {o} delivered while paused"),
                     );
+                }
+                if o < t.low || t.done.contains(&o) {
+                    self.duplicates += 1;
                 }
                 if let Some(prev) = t.outstanding.insert(o, attempt) {
                     return self.fail(

@@ -6,6 +6,11 @@
 //! actions, fault events). After every input to the machine it drains the outputs in the
 //! documented order and checks every invariant of [`crate::invariants`].
 //!
+//! About a third of the seeds run a consumer-group session instead of manual assignment:
+//! phantom members, driven straight against the broker, join, rejoin, leave and go silent
+//! before heal; partitions they hold stall until they are gone, then the consumer owns every
+//! partition and must settle everything and commit it in its close.
+//!
 //! One `u64` seed derives the whole [`Scenario`] (swarm style: partition and message counts,
 //! every config knob, which faults are on and how often) and every sub-seed, so
 //! `RUSTMQ_SIM_SEED=<seed>` replays a failure exactly.
@@ -468,6 +473,9 @@ pub struct SimReport {
     pub phantom_joins: u64,
     /// Acks, nacks and rejects of stale deliveries (revoked or sought) the machine refused.
     pub stale_refused: u64,
+    /// Deliveries of messages already processed (at least once across rebalances, restarts
+    /// and seeks).
+    pub duplicates: u64,
     /// Known core bug (see `tests/simulation.rs`, `core_bug_rebalance_deadline_spin_*`):
     /// episodes where the machine's revoke deadline had passed while a commit was in flight
     /// and `poll_timeout` kept returning it; the loop then polled every [`SPIN_STEP`] instead
@@ -1019,6 +1027,7 @@ impl<H: Handler> Simulation<H> {
         let (assignments, _) = self.checker.rebalances();
         self.report.assignments = assignments;
         self.report.stale_refused = self.checker.stale_refused();
+        self.report.duplicates = self.checker.duplicates();
         self.report.group = self.scenario.is_group();
         let m = self.machine.as_ref().expect("running").metrics();
         self.report.delivered = m.delivered;
@@ -1790,6 +1799,8 @@ pub struct Summary {
     pub phantom_joins: u64,
     /// Stale acks, nacks and rejects refused.
     pub stale_refused: u64,
+    /// Deliveries of messages already processed, in group sessions.
+    pub group_duplicates: u64,
     /// Known-bug revoke-deadline spins polled through.
     pub rebalance_spins: u64,
 }
@@ -1809,6 +1820,7 @@ impl Summary {
         self.assignments += s.assignments;
         self.phantom_joins += s.phantom_joins;
         self.stale_refused += s.stale_refused;
+        self.group_duplicates += s.group_duplicates;
         self.rebalance_spins += s.rebalance_spins;
     }
 
@@ -1817,6 +1829,9 @@ impl Summary {
         self.assignments += r.assignments;
         self.phantom_joins += r.phantom_joins;
         self.stale_refused += r.stale_refused;
+        if r.group {
+            self.group_duplicates += r.duplicates;
+        }
         self.rebalance_spins += r.rebalance_spins;
         self.runs += 1;
         self.steps += r.steps;

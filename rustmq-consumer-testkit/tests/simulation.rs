@@ -20,9 +20,9 @@ fn seeds_hold_every_invariant() {
         Ok(s) => {
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} stale acks refused, {} revoke-deadline spins (known core bug)",
+                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused, {} revoke-deadline spins (known core bug)",
                 s.runs, s.steps, s.produced, s.delivered, s.delivered as f64 / secs, s.dead_lettered, s.discarded, s.faults, s.crashes, s.simulated,
-                s.group_runs, s.assignments, s.phantom_joins, s.stale_refused, s.rebalance_spins
+                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused, s.rebalance_spins
             );
             assert_eq!(s.runs, seeds.len() as u64);
         }
