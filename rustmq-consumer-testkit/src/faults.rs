@@ -107,6 +107,50 @@ pub struct FaultPlan {
     /// back, which no consumer of this protocol can see (see the `late_commit_*` test).
     /// Late *answers* are always possible.
     pub late_arrival: bool,
+    /// Other members of the consumer group joining and leaving (group-session scenarios
+    /// only; empty otherwise). Each is gone by `heal_at` plus its session timeout.
+    pub phantoms: Vec<PhantomPlan>,
+}
+
+/// Another member of the consumer group, driven by the simulation straight against the
+/// broker: it joins at `join_at`, heartbeats (rejoining on 22, 25 and 27 like an eager
+/// consumer), and at `leave_at` either sends LeaveGroup or goes silent and is evicted by the
+/// broker's session reaper. It never fetches and never commits: partitions the broker assigns
+/// to it stall until it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhantomPlan {
+    /// When it first joins.
+    pub join_at: Duration,
+    /// When it leaves or goes silent (before heal).
+    pub leave_at: Duration,
+    /// Goes silent instead of leaving.
+    pub silent: bool,
+    /// Its session timeout (it heartbeats at a third of it).
+    pub session_timeout: Duration,
+}
+
+impl PhantomPlan {
+    /// Up to `max` phantoms, swarm style, each joining and gone before `heal_at`.
+    pub fn swarm(rng: &mut SimRng, heal_at: Duration, max: u64) -> Vec<PhantomPlan> {
+        let heal = heal_at.as_millis() as u64;
+        (0..rng.range(1, max))
+            .map(|_| {
+                let join = rng.range(0, heal * 7 / 10);
+                let leave = rng.range(join + 1, heal.max(join + 1));
+                PhantomPlan {
+                    join_at: Duration::from_millis(join),
+                    leave_at: Duration::from_millis(leave),
+                    silent: rng.chance(0.4),
+                    session_timeout: rng.millis(300, 3_000),
+                }
+            })
+            .collect()
+    }
+
+    /// Its heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.session_timeout / 3
+    }
 }
 
 impl FaultPlan {
@@ -127,6 +171,7 @@ impl FaultPlan {
             storage_failure_per_sec: 0.0,
             storage_failure_burst: 0,
             late_arrival: false,
+            phantoms: Vec::new(),
         }
     }
 
@@ -156,6 +201,7 @@ impl FaultPlan {
             storage_failure_per_sec: on(rng, 0.1, 2.0),
             storage_failure_burst: rng.range(1, 8) as u32,
             late_arrival: false,
+            phantoms: Vec::new(),
         }
     }
 

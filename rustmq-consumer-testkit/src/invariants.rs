@@ -5,13 +5,20 @@
 //! effect done (acked after processing, confirmed in the dead-letter topic by the broker, or
 //! discarded with an event), and which deliveries are outstanding. Every check compares the
 //! consumer against that truth; a broken one is a [`Violation`] naming the invariant.
+//!
+//! In a group session (no manual assignment) it also learns ownership from the machine's
+//! `Assigned` and `Revoked` events and the JoinGroup answers they follow: side effects stay
+//! done across rebalances (at least once), deliveries of a revoked assignment go stale, and
+//! commits, leaves and stale acks are checked against what the consumer owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
 use rustmq_consumer_core::protocol::{Record, Request};
-use rustmq_consumer_core::{BreakerState, ConsumerConfig, Event, Metrics, RequestId};
+use rustmq_consumer_core::{
+    BreakerState, ClosePhase, ConsumerConfig, Event, Metrics, RequestId, UsageError,
+};
 
 /// Names of the invariants, as they appear in a [`Violation`].
 pub mod names {
@@ -59,6 +66,20 @@ pub mod names {
     pub const NO_FETCH_SPIN: &str = "no-fetch-spin";
     /// The same seed gives the same trace.
     pub const DETERMINISM: &str = "determinism";
+    /// The LeaveGroup goes out only after the close's final commit was answered, or after its
+    /// deadline passed (reported with `CommitFailed`): commit before leave.
+    pub const COMMIT_BEFORE_LEAVE: &str = "commit-before-leave";
+    /// An ack, nack or reject of a delivery from a revoked assignment (or of a partition
+    /// sought since) is refused as `StaleDelivery` and moves no watermark.
+    pub const STALE_ACK_REFUSED: &str = "stale-ack-refused";
+    /// A commit names only partitions the consumer owns, under the generation and member id
+    /// of the join that assigned them.
+    pub const COMMIT_OWNED: &str = "commit-owned";
+    /// In a group session (no seeks), an accepted commit never moves the broker's offset of a
+    /// partition backwards (a restart that lost it aside).
+    pub const BROKER_COMMIT_MONOTONIC: &str = "broker-commit-monotonic";
+    /// In a group session, deliveries come only from partitions the consumer owns.
+    pub const DELIVER_ONLY_OWNED: &str = "deliver-only-owned";
 }
 
 use names::*;
@@ -99,7 +120,7 @@ struct Truth {
     low: u64,
     /// Outstanding deliveries: offset -> attempt.
     outstanding: BTreeMap<u64, u32>,
-    /// Bumped by every seek.
+    /// Bumped by every seek and every revoke: deliveries of an older one are stale.
     generation: u64,
     paused: bool,
 }
@@ -144,6 +165,36 @@ pub struct Checker {
     closed: bool,
     step: u64,
     at: Duration,
+    /// Group-session mode (no manual assignment): ownership comes from `Assigned`/`Revoked`.
+    group: bool,
+    /// Partitions the consumer owns now.
+    owned: BTreeSet<u32>,
+    /// The generation and member id the owned partitions were assigned under (manual:
+    /// `manual_generation` and the empty id).
+    owned_generation: u64,
+    member: String,
+    /// A JoinGroup answer handed to the machine in the current input, adopted on `Assigned`.
+    pending_join: Option<(u64, String)>,
+    /// CommitOffset requests of the machine not resolved yet.
+    commits_in_flight: BTreeSet<RequestId>,
+    /// JoinGroup and FetchOffset requests of the machine not resolved yet.
+    joins_in_flight: BTreeSet<RequestId>,
+    /// The last close phase the machine reported.
+    close_phase: Option<ClosePhase>,
+    /// The final commit's deadline passed (a `CommitFailed` during `FinalCommit`).
+    final_commit_expired: bool,
+    /// A `CommitFailed` was reported since the close started.
+    close_commit_failed: bool,
+    /// A LeaveGroup was sent.
+    leave_sent: bool,
+    /// Acks, nacks and rejects of stale deliveries the machine refused.
+    stale_refused: u64,
+    /// Deliveries of offsets whose side effect was already done (at least once: a rebalance
+    /// or a restart hands them out again).
+    duplicates: u64,
+    /// Assignments (`Assigned` events) and revocations seen.
+    assignments: u64,
+    revocations: u64,
 }
 
 impl Checker {
@@ -171,7 +222,221 @@ impl Checker {
             closed: false,
             step: 0,
             at: Duration::ZERO,
+            group: config.partitions.is_empty(),
+            owned: config.partitions.iter().copied().collect(),
+            owned_generation: config.manual_generation,
+            member: String::new(),
+            pending_join: None,
+            commits_in_flight: BTreeSet::new(),
+            joins_in_flight: BTreeSet::new(),
+            close_phase: None,
+            final_commit_expired: false,
+            close_commit_failed: false,
+            leave_sent: false,
+            stale_refused: 0,
+            duplicates: 0,
+            assignments: 0,
+            revocations: 0,
         }
+    }
+
+    /// Tracks the application's truth for partitions `0..partitions` of the topic (group
+    /// mode: the consumer may be assigned any of them; side effects done under one assignment
+    /// stay done across rebalances).
+    pub fn track_partitions(&mut self, partitions: u32) {
+        for p in 0..partitions {
+            self.partitions.entry(p).or_default();
+        }
+    }
+
+    /// True in group-session mode.
+    pub fn is_group(&self) -> bool {
+        self.group
+    }
+
+    /// Partitions the consumer owns now.
+    pub fn owned(&self) -> &BTreeSet<u32> {
+        &self.owned
+    }
+
+    /// The generation the owned partitions were assigned under.
+    pub fn owned_generation(&self) -> u64 {
+        self.owned_generation
+    }
+
+    /// The member id the consumer joined with (empty before a join, and in manual mode).
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// CommitOffset requests of the machine not resolved yet.
+    pub fn commits_in_flight(&self) -> usize {
+        self.commits_in_flight.len()
+    }
+
+    /// JoinGroup and FetchOffset requests of the machine not resolved yet.
+    pub fn joins_in_flight(&self) -> usize {
+        self.joins_in_flight.len()
+    }
+
+    /// Stale acks, nacks and rejects the machine refused.
+    pub fn stale_refused(&self) -> u64 {
+        self.stale_refused
+    }
+
+    /// Deliveries of offsets already processed (duplicates, allowed: at least once).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// `Assigned` and `Revoked` events seen.
+    pub fn rebalances(&self) -> (u64, u64) {
+        (self.assignments, self.revocations)
+    }
+
+    /// A successful JoinGroup answer (`generation`, `member`) is about to be handed to the
+    /// machine; an `Assigned` event in the same input adopts it. Call
+    /// [`Checker::end_of_input`] after the input.
+    pub fn on_join_answer(&mut self, generation: u64, member: &str) {
+        self.pending_join = Some((generation, member.to_owned()));
+    }
+
+    /// Forgets what the current input did not use (a late JoinGroup answer the machine ignored).
+    pub fn end_of_input(&mut self) {
+        self.pending_join = None;
+    }
+
+    /// True when a delivery of `generation` on `partition` is stale: the partition was revoked
+    /// or sought since.
+    pub fn is_stale(&self, partition: u32, generation: u64) -> bool {
+        self.generation(partition) != generation
+    }
+
+    /// The application handed back a *stale* delivery (its partition was revoked or sought
+    /// since): the machine must refuse it as [`UsageError::StaleDelivery`], and the settle
+    /// watermark (`before`, `after` the command) must not move.
+    pub fn on_stale_handback(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        result: Result<(), &UsageError>,
+        before: Option<u64>,
+        after: Option<u64>,
+    ) -> Result<(), Violation> {
+        match result {
+            Err(UsageError::StaleDelivery { .. }) if before == after => {
+                self.stale_refused += 1;
+                Ok(())
+            }
+            Err(UsageError::StaleDelivery { .. }) => self.fail(
+                STALE_ACK_REFUSED,
+                format!("refused stale delivery of partition {partition} offset {offset} moved the watermark from {before:?} to {after:?}"),
+            ),
+            Ok(()) => self.fail(
+                STALE_ACK_REFUSED,
+                format!("delivery of partition {partition} offset {offset} from a revoked assignment (or before a seek) was accepted (watermark {before:?} -> {after:?})"),
+            ),
+            Err(e) => self.fail(
+                STALE_ACK_REFUSED,
+                format!("stale delivery of partition {partition} offset {offset} refused for the wrong reason: {e}"),
+            ),
+        }
+    }
+
+    /// Checks that a LeaveGroup about to be sent comes after the final commit: the close
+    /// reached `LeavingGroup`, no commit is unanswered unless the final commit's deadline
+    /// passed, and every settled offset is committed (`uncommitted` lists the owned partitions
+    /// whose settle watermark the broker has not confirmed) unless a `CommitFailed` said why.
+    pub fn on_leave_sent(&mut self, uncommitted: &[u32]) -> Result<(), Violation> {
+        self.check_leave(uncommitted)?;
+        self.leave_sent = true;
+        Ok(())
+    }
+
+    fn check_leave(&self, uncommitted: &[u32]) -> Result<(), Violation> {
+        if !uncommitted.is_empty() && !self.close_commit_failed {
+            return self.fail(
+                COMMIT_BEFORE_LEAVE,
+                format!(
+                    "LeaveGroup sent with the settled offsets of partitions {uncommitted:?} uncommitted and no CommitFailed reported (close phase {:?})",
+                    self.close_phase
+                ),
+            );
+        }
+        if self.close_phase != Some(ClosePhase::LeavingGroup) {
+            return self.fail(
+                COMMIT_BEFORE_LEAVE,
+                format!(
+                    "LeaveGroup sent in close phase {:?}, before the final commit was done",
+                    self.close_phase
+                ),
+            );
+        }
+        if !self.commits_in_flight.is_empty() && !self.final_commit_expired {
+            return self.fail(
+                COMMIT_BEFORE_LEAVE,
+                format!(
+                    "LeaveGroup sent while commit {:?} is unanswered and the final commit's deadline has not passed",
+                    self.commits_in_flight
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks that a commit names only owned partitions, under the generation and member id
+    /// that assigned them.
+    pub fn check_commit_owner(
+        &self,
+        offsets: &[(u32, u64)],
+        generation: u64,
+        member: &str,
+    ) -> Result<(), Violation> {
+        for &(p, o) in offsets {
+            if !self.owned.contains(&p) {
+                return self.fail(
+                    COMMIT_OWNED,
+                    format!(
+                        "commit of partition {p} at {o} while the consumer owns {:?}",
+                        self.owned
+                    ),
+                );
+            }
+        }
+        // The machine forgets its member id when the broker answers 25 or 16, before the
+        // revoke commit: an empty id is tolerated (the broker does not check membership).
+        let member_ok = member == self.member || member.is_empty();
+        if !offsets.is_empty() && (generation != self.owned_generation || !member_ok) {
+            return self.fail(
+                COMMIT_OWNED,
+                format!(
+                    "commit {offsets:?} under generation {generation} member {member:?}; the partitions were assigned under generation {} member {:?}",
+                    self.owned_generation, self.member
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Group mode: checks that an accepted commit does not move the broker's offset of a
+    /// partition backwards; `previous` gives what the broker held before it.
+    pub fn check_commit_monotonic(
+        &self,
+        offsets: &[(u32, u64)],
+        previous: impl Fn(u32) -> Option<u64>,
+    ) -> Result<(), Violation> {
+        if !self.group {
+            return Ok(());
+        }
+        for &(p, o) in offsets {
+            if let Some(prev) = previous(p).filter(|&prev| o < prev) {
+                return self.fail(
+                    BROKER_COMMIT_MONOTONIC,
+                    format!("broker's offset of partition {p} moved back from {prev} to {o}"),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// A fetch of `partition` at `offset` was answered; `records` came back.
@@ -210,7 +475,7 @@ impl Checker {
         self.partitions.get(&partition).map(|t| t.low)
     }
 
-    /// The generation (number of seeks) of `partition`.
+    /// The generation of `partition` (bumped by every seek and revoke).
     pub fn generation(&self, partition: u32) -> u64 {
         self.partitions.get(&partition).map_or(0, |t| t.generation)
     }
@@ -333,6 +598,18 @@ impl Checker {
         if self.closed {
             return self.fail(CLOSE, format!("{:?} sent after Closed", request.kind()));
         }
+        if let Request::CommitOffset(_) = request {
+            if self.leave_sent {
+                return self.fail(
+                    COMMIT_BEFORE_LEAVE,
+                    "CommitOffset sent after the LeaveGroup".to_owned(),
+                );
+            }
+            self.commits_in_flight.insert(id);
+        }
+        if let Request::JoinGroup(_) | Request::FetchOffset(_) = request {
+            self.joins_in_flight.insert(id);
+        }
         if let Request::Fetch(f) = request {
             let spins = match self.fetch_spin.get_mut(&f.partition_id) {
                 Some(e) if f.max_bytes > 1 && e.0 == f.fetch_offset => {
@@ -386,6 +663,8 @@ impl Checker {
     /// A request's fate reached the machine (an answer, a failure, or its deadline).
     pub fn on_resolved(&mut self, id: RequestId) {
         self.probes.remove(&id);
+        self.commits_in_flight.remove(&id);
+        self.joins_in_flight.remove(&id);
     }
 
     /// Applies the side effects an input's events report before its transmits are checked:
@@ -393,6 +672,41 @@ impl Checker {
     /// allows. Call once per input with all of its events, before [`Checker::on_transmit`].
     pub fn on_events_of_input(&mut self, events: &[Event]) {
         for e in events {
+            match e {
+                Event::Closing(phase) => self.close_phase = Some(*phase),
+                Event::CommitFailed { .. } if self.close_phase.is_some() => {
+                    self.close_commit_failed = true;
+                    if self.close_phase == Some(ClosePhase::FinalCommit) {
+                        self.final_commit_expired = true;
+                    }
+                }
+                Event::RequestFailed { id, .. } => {
+                    self.commits_in_flight.remove(id);
+                    self.joins_in_flight.remove(id);
+                }
+                Event::Assigned(tps) if self.group => {
+                    self.assignments += 1;
+                    if let Some((generation, member)) = self.pending_join.take() {
+                        self.owned_generation = generation;
+                        self.member = member;
+                    }
+                    self.owned.extend(tps.iter().map(|tp| tp.partition));
+                }
+                Event::Revoked(tps) if self.group => {
+                    self.revocations += 1;
+                    for tp in tps {
+                        self.owned.remove(&tp.partition);
+                        if let Some(t) = self.partitions.get_mut(&tp.partition) {
+                            // Deliveries the application still holds are stale from here on;
+                            // side effects done so far stay done.
+                            t.generation += 1;
+                            t.outstanding.clear();
+                            t.paused = false;
+                        }
+                    }
+                }
+                _ => {}
+            }
             if let Event::BreakerChanged {
                 to: BreakerState::HalfOpen,
                 ..
@@ -445,6 +759,15 @@ impl Checker {
                         )
                     }
                 }
+                if !self.owned.contains(&p) {
+                    return self.fail(
+                        DELIVER_ONLY_OWNED,
+                        format!(
+                            "partition {p} offset {o} delivered while the consumer owns {:?}",
+                            self.owned
+                        ),
+                    );
+                }
                 let Some(t) = self.partitions.get_mut(&p) else {
                     return self.fail(
                         DELIVERY_MATCHES_LOG,
@@ -456,6 +779,9 @@ impl Checker {
                         PAUSE_HOLDS,
                         format!("partition {p} offset {o} delivered while paused"),
                     );
+                }
+                if o < t.low || t.done.contains(&o) {
+                    self.duplicates += 1;
                 }
                 if let Some(prev) = t.outstanding.insert(o, attempt) {
                     return self.fail(

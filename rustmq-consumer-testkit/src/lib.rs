@@ -16,13 +16,15 @@
 //! - `virtual_rt`: [`VirtualRuntime`], a deterministic single-threaded executor whose clock
 //!   jumps to the next timer when every task is idle.
 //! - `faults`: [`FaultPlan`] (latency, error frames, lost requests and answers, connection
-//!   loss, crash and restart, storage failures; all stop at a heal time) and [`SimRng`], the
-//!   seeded PRNG every choice comes from.
+//!   loss, crash and restart, storage failures, other group members joining, leaving and
+//!   going silent ([`PhantomPlan`]); all stop at a heal time) and [`SimRng`], the seeded PRNG
+//!   every choice comes from.
 //! - `invariants`: [`Checker`], the consumer's invariants checked from what is observable,
 //!   and [`Violation`] naming the one that broke ([`invariant_names`]).
 //! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
 //!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
-//!   derives everything from one seed; [`run_seeds`] and [`seeds_from_env`] run many and
+//!   derives everything from one seed (about a third of the seeds run a consumer-group
+//!   session instead of manual assignment); [`run_seeds`] and [`seeds_from_env`] run many and
 //!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
 //!   policies (the checker must catch them).
 //! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
@@ -47,7 +49,7 @@ pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
     REAPER_INTERVAL,
 };
-pub use faults::{Fate, FaultPlan, SimRng};
+pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]
 pub use loopback::{
@@ -56,7 +58,7 @@ pub use loopback::{
 pub use sim::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
     Decision, Failure, Handler, ModelApp, Mutation, Scenario, SimReport, Simulation, Summary,
-    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
+    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, SPIN_STEP, TOPIC,
 };
 pub use transport::{SharedBroker, SimTransport};
 pub use virtual_rt::{Stalled, VirtualRuntime};

@@ -6,6 +6,11 @@
 //! actions, fault events). After every input to the machine it drains the outputs in the
 //! documented order and checks every invariant of [`crate::invariants`].
 //!
+//! About a third of the seeds run a consumer-group session instead of manual assignment:
+//! phantom members, driven straight against the broker, join, rejoin, leave and go silent
+//! before heal; partitions they hold stall until they are gone, then the consumer owns every
+//! partition and must settle everything and commit it in its close.
+//!
 //! One `u64` seed derives the whole [`Scenario`] (swarm style: partition and message counts,
 //! every config knob, which faults are on and how often) and every sub-seed, so
 //! `RUSTMQ_SIM_SEED=<seed>` replays a failure exactly.
@@ -16,16 +21,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustmq_consumer_core::protocol::{
-    CommitOffsetRequest, Record, Request, Response, TopicPartition,
+    error_code, CommitOffsetRequest, ConsumerHeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
+    Record, Request, Response, TopicPartition,
 };
 use rustmq_consumer_core::{
-    dead_letter_headers, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery, DeliveryTag, Event,
-    RequestId, TransportError, UsageError,
+    dead_letter_headers, BreakerState, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery,
+    DeliveryTag, Event, Reason, RequestId, TransportError, UsageError,
 };
 use tracing::debug;
 
-use crate::broker::SimBroker;
-use crate::faults::{Fate, FaultPlan, SimRng};
+use crate::broker::{GroupState, SimBroker, REAPER_INTERVAL};
+use crate::faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 use crate::invariants::{names, Checker, Violation};
 
 /// Environment variable replaying one seed.
@@ -253,6 +259,9 @@ pub enum Mutation {
     AckBeforeSideEffect,
     /// A driver that commits `offset + 1` as soon as a message is delivered.
     CommitAtDelivery,
+    /// A group-session driver that sends LeaveGroup for its member as soon as the close
+    /// reaches its final commit, without waiting for the commit's answer.
+    LeaveBeforeFinalCommit,
 }
 
 /// Everything one simulated run does, derived from a seed.
@@ -260,7 +269,9 @@ pub enum Mutation {
 pub struct Scenario {
     /// The seed it came from.
     pub seed: u64,
-    /// The consumer's configuration (manual assignment of every partition).
+    /// The consumer's configuration: manual assignment of every partition, or (about a third
+    /// of the seeds) a group session (`partitions` empty) with other members joining and
+    /// leaving (`faults.phantoms`).
     pub config: ConsumerConfig,
     /// Messages produced per partition over the run.
     pub messages: Vec<u64>,
@@ -284,8 +295,23 @@ pub const GROUP: &str = "sim-group";
 pub const DEAD_LETTER_TOPIC: &str = "sim-dlq";
 
 impl Scenario {
-    /// Derives a whole scenario from `seed`.
+    /// Derives a whole scenario from `seed`; about a third of the seeds run a group session.
     pub fn from_seed(seed: u64) -> Self {
+        Self::derive(seed, None)
+    }
+
+    /// The scenario of `seed`, forced into a group session (with the same group knobs and
+    /// phantom members the seed would give it).
+    pub fn from_seed_in_group(seed: u64) -> Self {
+        Self::derive(seed, Some(true))
+    }
+
+    /// The scenario of `seed`, forced into manual assignment of every partition.
+    pub fn from_seed_manual(seed: u64) -> Self {
+        Self::derive(seed, Some(false))
+    }
+
+    fn derive(seed: u64, group: Option<bool>) -> Self {
         let mut rng = SimRng::new(seed);
         let mut knobs = rng.fork(1);
         let partitions = knobs.range(1, 4) as u32;
@@ -327,7 +353,7 @@ impl Scenario {
         c.empty_fetch_backoff_max = c.empty_fetch_backoff_min + knobs.millis(0, 500);
         c.seed = rng.next_u64();
         let heal_at = rng.millis(500, 8_000);
-        let faults = FaultPlan::from_rng(&mut rng.fork(2), heal_at);
+        let mut faults = FaultPlan::from_rng(&mut rng.fork(2), heal_at);
         let mut app = AppBehaviour::from_rng(&mut rng.fork(3));
         if !c.enable_auto_commit && app.commit_per_sec == 0.0 {
             app.commit_per_sec = 1.0;
@@ -335,6 +361,19 @@ impl Scenario {
         let value_min = rng.range_usize(1, 50);
         let value_size = (value_min, value_min + rng.range_usize(0, 200));
         let bursts = rng.range(1, 5) as u32;
+        // Drawn after everything else, so a manual-assignment seed derives what it always did.
+        let mut g = rng.fork(4);
+        let coin = g.chance(1.0 / 3.0);
+        if group.unwrap_or(coin) {
+            c.partitions.clear();
+            c.session_timeout = g.millis(3_000, 10_000);
+            c.heartbeat_interval = Some(c.session_timeout / g.range(3, 5) as u32);
+            c.rebalance_drain_timeout = g.millis(20, 3_000);
+            faults.phantoms = PhantomPlan::swarm(&mut g, heal_at, 3);
+            // A seek is not durable across a rebalance (the next owner starts at the commit);
+            // the group swarm leaves seeks to the manual one.
+            app.seek_per_sec = 0.0;
+        }
         let mut s = Self {
             seed,
             config: c,
@@ -365,13 +404,34 @@ impl Scenario {
         let expected = a.slow_max.mul_f64(a.slow_rate) + retries;
         let serial = (a.delay_max + rtt + c.empty_fetch_backoff_max + expected * 2)
             .saturating_mul(u32::try_from(total).unwrap_or(u32::MAX));
-        per_try * attempts * 4
+        let group = if self.is_group() {
+            let phantom = self
+                .faults
+                .phantoms
+                .iter()
+                .map(|p| p.session_timeout)
+                .max()
+                .unwrap_or_default();
+            phantom
+                + REAPER_INTERVAL * 2
+                + (c.session_timeout + c.heartbeat() + c.rebalance_drain_timeout + rtt) * 4
+                + c.request_timeout * 4
+        } else {
+            Duration::ZERO
+        };
+        group
+            + per_try * attempts * 4
             + breaker * 8
             + c.ack_batch_timeout * 4
             + self.faults.group_recreate_delay
             + a.pause_max
             + serial
             + Duration::from_secs(30)
+    }
+
+    /// True when the consumer runs a group session (no manual assignment).
+    pub fn is_group(&self) -> bool {
+        self.config.partitions.is_empty()
     }
 
     /// Total messages produced.
@@ -405,6 +465,22 @@ pub struct SimReport {
     pub crashes: u64,
     /// Seeks.
     pub seeks: u64,
+    /// The run was a group session.
+    pub group: bool,
+    /// Group session: assignments the consumer received (`Assigned` events).
+    pub assignments: u64,
+    /// Group session: JoinGroup requests of other (phantom) members.
+    pub phantom_joins: u64,
+    /// Acks, nacks and rejects of stale deliveries (revoked or sought) the machine refused.
+    pub stale_refused: u64,
+    /// Deliveries of messages already processed (at least once across rebalances, restarts
+    /// and seeks).
+    pub duplicates: u64,
+    /// Known core bug (see `tests/simulation.rs`, `core_bug_rebalance_deadline_spin_*`):
+    /// episodes where the machine's revoke deadline had passed while a commit was in flight
+    /// and `poll_timeout` kept returning it; the loop then polled every [`SPIN_STEP`] instead
+    /// of calling it a livelock (unless [`Simulation::strict_timers`]).
+    pub rebalance_spins: u64,
     /// Simulated time until Closed.
     pub simulated: Duration,
     /// Hash of every transmit, event and application action, in order.
@@ -455,6 +531,20 @@ enum Item {
     Resume(u32),
     Seek,
     CommitNow,
+    PhantomJoin(usize),
+    PhantomBeat(usize),
+    PhantomEnd(usize),
+    Heal,
+}
+
+/// A phantom member's state: its id and generation on the broker, and whether it still
+/// heartbeats.
+#[derive(Debug, Clone)]
+struct PhantomState {
+    plan: PhantomPlan,
+    member: String,
+    generation: u64,
+    alive: bool,
 }
 
 #[derive(Debug)]
@@ -505,6 +595,11 @@ pub struct Simulation<H: Handler = ModelApp> {
     crashed: bool,
     phase: Phase,
     close_phases: Vec<ClosePhase>,
+    phantoms: Vec<PhantomState>,
+    /// The instant the machine's revoke deadline last fired (spin detection).
+    rebalance_fired_at: Option<Instant>,
+    spinning: bool,
+    strict_timers: bool,
     report: SimReport,
     scratch: String,
     /// The last trace lines, when kept (`keep_trace`).
@@ -558,6 +653,20 @@ impl<H: Handler> Simulation<H> {
             crashed: false,
             phase: Phase::Faulty,
             close_phases: Vec::new(),
+            rebalance_fired_at: None,
+            spinning: false,
+            strict_timers: false,
+            phantoms: scenario
+                .faults
+                .phantoms
+                .iter()
+                .map(|plan| PhantomState {
+                    plan: plan.clone(),
+                    member: String::new(),
+                    generation: 0,
+                    alive: false,
+                })
+                .collect(),
             report: SimReport {
                 seed: scenario.seed,
                 trace_hash: 0xcbf2_9ce4_8422_2325,
@@ -573,6 +682,13 @@ impl<H: Handler> Simulation<H> {
     /// Runs a deliberately wrong policy instead of the real one.
     pub fn with_mutation(mut self, mutation: Mutation) -> Self {
         self.mutation = mutation;
+        self
+    }
+
+    /// Treats a machine timer that stays in the past after it fired as a livelock, also for
+    /// the known revoke-deadline spin (off by default: see [`SimReport::rebalance_spins`]).
+    pub fn strict_timers(mut self) -> Self {
+        self.strict_timers = true;
         self
     }
 
@@ -647,6 +763,14 @@ impl<H: Handler> Simulation<H> {
             self.broker.create_topic(dlq, 1);
         }
         self.broker.ensure_group(GROUP);
+        if self.scenario.is_group() {
+            self.checker.track_partitions(partitions);
+            for (i, p) in self.scenario.faults.phantoms.clone().iter().enumerate() {
+                self.schedule(p.join_at, Item::PhantomJoin(i));
+                self.schedule(p.leave_at, Item::PhantomEnd(i));
+            }
+            self.schedule(self.scenario.faults.heal_at, Item::Heal);
+        }
         self.schedule(Duration::ZERO, Item::Produce);
         let f = self.scenario.faults.clone();
         self.schedule_poisson(f.connection_loss_per_sec, Item::ConnectionLoss, true);
@@ -654,7 +778,11 @@ impl<H: Handler> Simulation<H> {
         self.schedule_poisson(f.storage_failure_per_sec, Item::StorageFailure, true);
         let a = self.scenario.app.clone();
         self.schedule_poisson(a.pause_per_sec, Item::Pause, true);
-        self.schedule_poisson(a.seek_per_sec, Item::Seek, true);
+        if !self.scenario.is_group() {
+            // A seek is not durable across a rebalance (the next assignment starts at the
+            // group's commit), so group sessions do not seek whatever the behaviour says.
+            self.schedule_poisson(a.seek_per_sec, Item::Seek, true);
+        }
         self.schedule_poisson(a.commit_per_sec, Item::CommitNow, false);
 
         let machine = ConsumerMachine::new(cfg.clone(), self.now).map_err(|e| Violation {
@@ -677,8 +805,8 @@ impl<H: Handler> Simulation<H> {
             if self.phase == Phase::Liveness && self.settled_everything() {
                 self.phase = Phase::Closing;
                 close_deadline = self.elapsed()
-                    + cfg.drain_timeout * 4
-                    + cfg.request_timeout * 2
+                    + cfg.drain_timeout * 5
+                    + cfg.request_timeout * 3
                     + Duration::from_secs(1);
                 let now = self.now;
                 self.trace("app", &"close");
@@ -688,7 +816,25 @@ impl<H: Handler> Simulation<H> {
             if self.phase == Phase::Closing && self.checker.closed() {
                 return self.finish();
             }
-            let machine_at = self.machine.as_ref().and_then(|m| m.poll_timeout());
+            let mut machine_at = self.machine.as_ref().and_then(|m| m.poll_timeout());
+            match machine_at {
+                Some((at, Reason::Rebalance))
+                    if !self.strict_timers
+                        && at <= self.now
+                        && self.rebalance_fired_at == Some(self.now) =>
+                {
+                    // Known core bug: the revoke deadline passed, a commit is in flight, and
+                    // the machine keeps asking to be woken in the past. Poll like a driver with
+                    // a coarse timer until the commit resolves.
+                    if !self.spinning {
+                        self.spinning = true;
+                        self.report.rebalance_spins += 1;
+                        self.trace("spin", &"revoke deadline in the past");
+                    }
+                    machine_at = Some((self.now + SPIN_STEP, Reason::Rebalance));
+                }
+                _ => self.spinning = false,
+            }
             let queue_at = self.queue.keys().next().map(|k| k.0);
             let broker_at = self.broker.poll_timeout();
             let next = [machine_at.map(|m| m.0), queue_at, broker_at]
@@ -726,8 +872,9 @@ impl<H: Handler> Simulation<H> {
             if queue_at == Some(next) {
                 let (_, item) = self.queue.pop_first().expect("queue_at came from it");
                 self.dispatch(item)?;
-            } else if machine_at.is_some_and(|m| m.0 == next) {
+            } else if let Some(m) = machine_at.filter(|m| m.0 == next) {
                 let now = self.now;
+                self.rebalance_fired_at = (m.1 == Reason::Rebalance).then_some(now);
                 self.machine().handle_timeout(now);
                 self.after_input()?;
             } else {
@@ -744,6 +891,21 @@ impl<H: Handler> Simulation<H> {
             "time bound passed"
         };
         let m = self.machine.as_ref().expect("running");
+        let group = if self.scenario.is_group() {
+            format!(
+                "; group: members {:?} state {:?} generation {:?}, consumer {:?} owns {:?} (generation {}), machine assigned {:?}, phantoms alive {}",
+                self.broker.members(GROUP),
+                self.broker.group_state(GROUP),
+                self.broker.generation(GROUP),
+                self.checker.member(),
+                self.checker.owned(),
+                self.checker.owned_generation(),
+                m.assigned_partitions(),
+                self.phantoms.iter().filter(|p| p.alive).count()
+            )
+        } else {
+            String::new()
+        };
         let detail = if self.phase == Phase::Closing {
             format!("{why} while closing; phases {:?}", self.close_phases)
         } else {
@@ -777,6 +939,7 @@ impl<H: Handler> Simulation<H> {
                 m.metrics()
             )
         };
+        let detail = detail + &group;
         self.checker.broken(
             if self.phase == Phase::Closing {
                 names::CLOSE
@@ -790,10 +953,38 @@ impl<H: Handler> Simulation<H> {
     /// True when every produced message is settled by its side effect, and the machine's
     /// watermark and committed offset (and the broker's, unless a crash lost it) are at the
     /// high watermark.
+    ///
+    /// In a group session: every phantom is gone, the consumer is the group's only member of
+    /// the broker's current (stable) generation and owns every partition, and everything is
+    /// processed and settled. The commit is left to the close (commit before leave), and
+    /// [`Self::finish`] checks the broker has it.
     fn settled_everything(&self) -> bool {
         let Some(m) = self.machine.as_ref() else {
             return false;
         };
+        if self.scenario.is_group() {
+            let all: Vec<u32> = (0..self.produced.len() as u32).collect();
+            return !self.phantoms.iter().any(|p| p.alive)
+                && self.broker.members(GROUP) == [self.checker.member()]
+                && self.broker.group_state(GROUP) == Some(GroupState::Stable)
+                && self.broker.generation(GROUP) == Some(self.checker.owned_generation())
+                && m.assigned_partitions() == all
+                && self.checker.outstanding() == 0
+                // A commit sent before heal may still meet a fault; a failed final commit is
+                // not retried (known core bug, `core_bug_final_commit_not_retried_minimal`).
+                && self.checker.commits_in_flight() == 0
+                // A FetchOffset answered during the close makes a partition dirty after the
+                // LeaveGroup (known core bug, `core_bug_commit_after_leave_fetch_offset_*`).
+                && self.checker.joins_in_flight() == 0
+                // An open circuit (from a fault before heal) would hold the final commit past
+                // the close deadline; wait for it to close like the manual swarm does.
+                && m.breaker_state() == BreakerState::Closed
+                && all.iter().all(|&p| {
+                    let hw = self.broker.high_watermark(TOPIC, p).unwrap_or(0);
+                    self.checker.lowest_unsettled(p) == Some(hw)
+                        && m.settle_watermark(p) == Some(hw)
+                });
+        }
         (0..self.produced.len() as u32).all(|p| {
             let hw = self.broker.high_watermark(TOPIC, p).unwrap_or(0);
             let broker = self.broker.committed(GROUP, &TopicPartition::new(TOPIC, p));
@@ -805,12 +996,15 @@ impl<H: Handler> Simulation<H> {
     }
 
     fn finish(&mut self) -> Result<SimReport, Violation> {
-        let expected = [
+        let mut expected = vec![
             ClosePhase::Draining,
             ClosePhase::FlushingDeadLetters,
             ClosePhase::FinalCommit,
             ClosePhase::Closed,
         ];
+        if self.scenario.is_group() {
+            expected.insert(3, ClosePhase::LeavingGroup);
+        }
         if self.close_phases != expected {
             return Err(self.checker.broken(
                 names::CLOSE,
@@ -827,6 +1021,14 @@ impl<H: Handler> Simulation<H> {
             ));
         }
         self.check_dead_letters()?;
+        if self.scenario.is_group() {
+            self.check_group_after_close()?;
+        }
+        let (assignments, _) = self.checker.rebalances();
+        self.report.assignments = assignments;
+        self.report.stale_refused = self.checker.stale_refused();
+        self.report.duplicates = self.checker.duplicates();
+        self.report.group = self.scenario.is_group();
         let m = self.machine.as_ref().expect("running").metrics();
         self.report.delivered = m.delivered;
         self.report.acked = m.acked;
@@ -835,6 +1037,30 @@ impl<H: Handler> Simulation<H> {
         self.report.produced = self.produced.iter().sum();
         self.report.simulated = self.elapsed();
         Ok(self.report)
+    }
+
+    /// Group session, after Closed: the final commit reached the broker (every partition at
+    /// its high watermark, unless a restart lost commits the consumer had confirmed), and the
+    /// consumer left the group.
+    fn check_group_after_close(&self) -> Result<(), Violation> {
+        for p in 0..self.produced.len() as u32 {
+            let hw = self.broker.high_watermark(TOPIC, p).unwrap_or(0);
+            let broker = self.broker.committed(GROUP, &TopicPartition::new(TOPIC, p));
+            if !(broker == Some(hw) || (broker.is_none() && (hw == 0 || self.crashed))) {
+                return Err(self.checker.broken(
+                    names::LIVENESS,
+                    format!("closed with partition {p} committed at {broker:?} on the broker, high watermark {hw}"),
+                ));
+            }
+        }
+        let members = self.broker.members(GROUP);
+        if !members.is_empty() {
+            return Err(self.checker.broken(
+                names::CLOSE,
+                format!("closed, yet the group still has members {members:?}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Every dead-lettered offset is in the dead-letter topic with the original value and the
@@ -942,7 +1168,9 @@ impl<H: Handler> Simulation<H> {
             }
             Item::Pause => {
                 let p = self.app_rng.range(0, self.produced.len() as u64 - 1) as u32;
-                if self.phase == Phase::Faulty && !self.paused.contains(&p) {
+                // In a group session only an owned partition can be paused.
+                let owned = self.checker.owned().contains(&p);
+                if self.phase == Phase::Faulty && !self.paused.contains(&p) && owned {
                     self.paused.insert(p);
                     self.checker.set_paused(p, true);
                     self.trace("app", &("pause", p));
@@ -957,7 +1185,8 @@ impl<H: Handler> Simulation<H> {
                 self.schedule_poisson(rate, Item::Pause, true);
             }
             Item::Resume(p) => {
-                if self.phase != Phase::Closing {
+                // A revoke dropped the pause along with the partition.
+                if self.phase != Phase::Closing && self.paused.contains(&p) {
                     self.paused.remove(&p);
                     self.checker.set_paused(p, false);
                     self.trace("app", &("resume", p));
@@ -980,6 +1209,38 @@ impl<H: Handler> Simulation<H> {
                 }
                 let rate = self.scenario.app.seek_per_sec;
                 self.schedule_poisson(rate, Item::Seek, true);
+            }
+            Item::PhantomJoin(i) => {
+                self.phantoms[i].alive = true;
+                self.phantom_join(i);
+                let beat = self.phantoms[i].plan.heartbeat_interval();
+                self.schedule(beat, Item::PhantomBeat(i));
+            }
+            Item::PhantomBeat(i) => self.phantom_beat(i),
+            Item::PhantomEnd(i) => {
+                let ph = &mut self.phantoms[i];
+                ph.alive = false;
+                let (silent, member) = (ph.plan.silent, ph.member.clone());
+                self.report.faults += 1;
+                if silent {
+                    self.trace("phantom", &("silent", i, &member));
+                } else {
+                    self.trace("phantom", &("leave", i, &member));
+                    let now = self.now;
+                    let _ = self.broker.handle(
+                        now,
+                        LeaveGroupRequest {
+                            group_id: GROUP.to_owned(),
+                            member_id: member,
+                        }
+                        .into(),
+                    );
+                }
+            }
+            Item::Heal => {
+                // Storage failures injected before heal and not used up end with the faults.
+                self.broker.fail_next_commits(0);
+                self.broker.fail_next_fetches(0);
             }
             Item::CommitNow => {
                 if self.phase != Phase::Closing {
@@ -1043,6 +1304,18 @@ impl<H: Handler> Simulation<H> {
         let Some(flight) = self.flights.get_mut(&id) else {
             return Ok(());
         };
+        let previous: BTreeMap<u32, u64> = match &flight.request {
+            Request::CommitOffset(c) => commit_offsets(c)
+                .into_iter()
+                .filter_map(|(p, _)| {
+                    let o = self
+                        .broker
+                        .committed(GROUP, &TopicPartition::new(TOPIC, p))?;
+                    Some((p, o))
+                })
+                .collect(),
+            _ => BTreeMap::new(),
+        };
         let result = self.broker.handle(now, flight.request.clone());
         // Side effects the checker must know about: confirmed dead letters, accepted commits.
         let mut accepted = Vec::new();
@@ -1084,6 +1357,8 @@ impl<H: Handler> Simulation<H> {
         for (p, o) in stored {
             self.checker.dead_letter_stored(p, o);
         }
+        self.checker
+            .check_commit_monotonic(&accepted, |p| previous.get(&p).copied())?;
         self.checker.on_commit_accepted(&accepted, &bound)
     }
 
@@ -1098,9 +1373,17 @@ impl<H: Handler> Simulation<H> {
             return Ok(());
         }
         self.trace("answer", &(id, answer.as_ref().map(|r| r.kind())));
-        if let (Some(Request::Fetch(f)), Ok(Response::Fetch(r))) = (request, &answer) {
-            self.checker
-                .on_fetch_answer(f.partition_id, f.fetch_offset, r.records.len());
+        match (request, &answer) {
+            (Some(Request::Fetch(f)), Ok(Response::Fetch(r))) => {
+                self.checker
+                    .on_fetch_answer(f.partition_id, f.fetch_offset, r.records.len());
+            }
+            (Some(Request::JoinGroup(_)), Ok(Response::JoinGroup(r)))
+                if r.error_code == error_code::NONE =>
+            {
+                self.checker.on_join_answer(r.generation_id, &r.member_id);
+            }
+            _ => {}
         }
         let now = self.now;
         self.machine().handle_response(now, id, answer);
@@ -1145,6 +1428,11 @@ impl<H: Handler> Simulation<H> {
         }
         self.trace("app", &(&action, tag));
         let now = self.now;
+        let stale = self.checker.is_stale(tag.partition, generation);
+        let before = self
+            .machine
+            .as_ref()
+            .and_then(|m| m.settle_watermark(tag.partition));
         let r = match &action {
             Action::Ack => self.machine().ack(now, tag),
             Action::Nack(delay) => self.machine().nack(now, tag, *delay),
@@ -1158,6 +1446,21 @@ impl<H: Handler> Simulation<H> {
                 self.machine().nack(now, tag, None)
             }
         };
+        let closed = self.machine.as_ref().is_some_and(|m| m.is_closed());
+        if stale && !(closed && r == Err(UsageError::Closed)) {
+            let after = self
+                .machine
+                .as_ref()
+                .and_then(|m| m.settle_watermark(tag.partition));
+            self.checker.on_stale_handback(
+                tag.partition,
+                tag.offset,
+                r.as_ref().map(|_| ()),
+                before,
+                after,
+            )?;
+            return Ok(());
+        }
         match r {
             Ok(()) => {
                 if matches!(action, Action::Ack) {
@@ -1166,11 +1469,6 @@ impl<H: Handler> Simulation<H> {
                 self.checker
                     .handed_back(tag.partition, tag.offset, generation);
                 self.after_input()
-            }
-            Err(UsageError::StaleDelivery { .. })
-                if self.checker.generation(tag.partition) != generation =>
-            {
-                Ok(())
             }
             Err(UsageError::Closed) if self.machine.as_ref().is_some_and(|m| m.is_closed()) => {
                 Ok(())
@@ -1220,13 +1518,27 @@ impl<H: Handler> Simulation<H> {
             }
             match e {
                 Event::Deliver(d) => self.on_deliver(d)?,
-                Event::Closing(phase) => self.close_phases.push(phase),
+                Event::Revoked(tps) => {
+                    for tp in tps {
+                        self.paused.remove(&tp.partition);
+                    }
+                }
+                Event::Closing(phase) => {
+                    self.close_phases.push(phase);
+                    if phase == ClosePhase::FinalCommit
+                        && self.mutation == Mutation::LeaveBeforeFinalCommit
+                        && self.scenario.is_group()
+                    {
+                        self.rogue_leave()?;
+                    }
+                }
                 Event::Closed if self.close_phases.last() != Some(&ClosePhase::Closed) => {
                     self.close_phases.push(ClosePhase::Closed);
                 }
                 _ => {}
             }
         }
+        self.checker.end_of_input();
         self.check_state()
     }
 
@@ -1234,7 +1546,22 @@ impl<H: Handler> Simulation<H> {
         let bound = match &request {
             Request::CommitOffset(c) => {
                 let offsets = commit_offsets(c);
+                self.checker
+                    .check_commit_owner(&offsets, c.generation_id, &c.member_id)?;
                 self.checker.on_commit_sent(&offsets)?
+            }
+            Request::LeaveGroup(_) => {
+                let uncommitted: Vec<u32> = self.machine.as_ref().map_or(Vec::new(), |m| {
+                    m.assigned_partitions()
+                        .into_iter()
+                        .filter(|&p| {
+                            m.settle_watermark(p)
+                                .is_some_and(|w| m.committed_offset(p).unwrap_or(0) < w)
+                        })
+                        .collect()
+                });
+                self.checker.on_leave_sent(&uncommitted)?;
+                BTreeMap::new()
             }
             _ => BTreeMap::new(),
         };
@@ -1325,6 +1652,72 @@ impl<H: Handler> Simulation<H> {
     }
 }
 
+impl<H: Handler> Simulation<H> {
+    /// A phantom member joins (or rejoins under its id), straight at the broker.
+    fn phantom_join(&mut self, i: usize) {
+        let now = self.now;
+        let ph = &self.phantoms[i];
+        let request = JoinGroupRequest {
+            group_id: GROUP.to_owned(),
+            member_id: ph.member.clone(),
+            session_timeout_ms: u32::try_from(ph.plan.session_timeout.as_millis())
+                .unwrap_or(u32::MAX),
+            topics: vec![TOPIC.to_owned()],
+        };
+        self.report.phantom_joins += 1;
+        if let Ok(Response::JoinGroup(r)) = self.broker.handle(now, request.into()) {
+            if r.error_code == error_code::NONE {
+                let ph = &mut self.phantoms[i];
+                ph.member = r.member_id.clone();
+                ph.generation = r.generation_id;
+                let mine = r.assigned_partitions.get(&r.member_id).cloned();
+                self.trace("phantom", &("joined", i, r.generation_id, mine));
+            }
+        }
+    }
+
+    /// A phantom member heartbeats; like an eager consumer it rejoins on 22 and 27, and joins
+    /// afresh on 25. On 16 (the broker lost the group) it waits for the group to come back.
+    fn phantom_beat(&mut self, i: usize) {
+        if !self.phantoms[i].alive {
+            return;
+        }
+        let now = self.now;
+        let request = ConsumerHeartbeatRequest {
+            group_id: GROUP.to_owned(),
+            member_id: self.phantoms[i].member.clone(),
+            generation_id: self.phantoms[i].generation,
+        };
+        let code = match self.broker.handle(now, request.into()) {
+            Ok(Response::ConsumerHeartbeat(r)) => r.error_code,
+            _ => error_code::NONE,
+        };
+        match code {
+            error_code::REBALANCE_IN_PROGRESS | error_code::ILLEGAL_GENERATION => {
+                self.phantom_join(i)
+            }
+            error_code::UNKNOWN_MEMBER => {
+                self.phantoms[i].member.clear();
+                self.phantom_join(i);
+            }
+            _ => {}
+        }
+        let beat = self.phantoms[i].plan.heartbeat_interval();
+        self.schedule(beat, Item::PhantomBeat(i));
+    }
+
+    /// The mutant driver's LeaveGroup for the consumer's member, sent through the fault layer
+    /// under an id the machine never issued.
+    fn rogue_leave(&mut self) -> Result<(), Violation> {
+        let request = LeaveGroupRequest {
+            group_id: GROUP.to_owned(),
+            member_id: self.checker.member().to_owned(),
+        };
+        let id = RequestId(ROGUE_IDS + self.seq);
+        self.send(id, request.into())
+    }
+}
+
 /// Trace lines attached to a failure: `RUSTMQ_SIM_TRACE_LINES` or 60.
 fn trace_lines() -> usize {
     std::env::var("RUSTMQ_SIM_TRACE_LINES")
@@ -1337,6 +1730,9 @@ fn trace_lines() -> usize {
 const MAX_STEPS_AT_ONE_INSTANT: u64 = 10_000;
 /// Inputs one run may take.
 const MAX_STEPS: u64 = 300_000;
+
+/// How often the loop polls a machine stuck on a revoke deadline in the past.
+pub const SPIN_STEP: Duration = Duration::from_millis(10);
 
 /// Request ids from here on belong to mutant drivers, not to the machine.
 const ROGUE_IDS: u64 = 1 << 62;
@@ -1395,10 +1791,48 @@ pub struct Summary {
     pub crashes: u64,
     /// Simulated time, summed.
     pub simulated: Duration,
+    /// Seeds that ran a group session.
+    pub group_runs: u64,
+    /// Assignments received in group sessions.
+    pub assignments: u64,
+    /// JoinGroups of phantom members.
+    pub phantom_joins: u64,
+    /// Stale acks, nacks and rejects refused.
+    pub stale_refused: u64,
+    /// Deliveries of messages already processed, in group sessions.
+    pub group_duplicates: u64,
+    /// Known-bug revoke-deadline spins polled through.
+    pub rebalance_spins: u64,
 }
 
 impl Summary {
+    fn merge(&mut self, s: &Summary) {
+        self.runs += s.runs;
+        self.steps += s.steps;
+        self.produced += s.produced;
+        self.delivered += s.delivered;
+        self.dead_lettered += s.dead_lettered;
+        self.discarded += s.discarded;
+        self.faults += s.faults;
+        self.crashes += s.crashes;
+        self.simulated += s.simulated;
+        self.group_runs += s.group_runs;
+        self.assignments += s.assignments;
+        self.phantom_joins += s.phantom_joins;
+        self.stale_refused += s.stale_refused;
+        self.group_duplicates += s.group_duplicates;
+        self.rebalance_spins += s.rebalance_spins;
+    }
+
     fn add(&mut self, r: &SimReport) {
+        self.group_runs += u64::from(r.group);
+        self.assignments += r.assignments;
+        self.phantom_joins += r.phantom_joins;
+        self.stale_refused += r.stale_refused;
+        if r.group {
+            self.group_duplicates += r.duplicates;
+        }
+        self.rebalance_spins += r.rebalance_spins;
         self.runs += 1;
         self.steps += r.steps;
         self.produced += r.produced;
@@ -1442,17 +1876,7 @@ pub fn run_seeds(seeds: &[u64], threads: usize) -> Result<Summary, Failure> {
     let mut first: Option<Failure> = None;
     for r in results {
         match r {
-            Ok(s) => {
-                total.runs += s.runs;
-                total.steps += s.steps;
-                total.produced += s.produced;
-                total.delivered += s.delivered;
-                total.dead_lettered += s.dead_lettered;
-                total.discarded += s.discarded;
-                total.faults += s.faults;
-                total.crashes += s.crashes;
-                total.simulated += s.simulated;
-            }
+            Ok(s) => total.merge(&s),
             Err(f) => {
                 if first.as_ref().is_none_or(|g| f.seed < g.seed) {
                     first = Some(f);

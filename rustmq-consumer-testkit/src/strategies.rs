@@ -1,5 +1,6 @@
-//! proptest strategies for users' and our own property tests: whole scenarios, fault plans
-//! and application behaviours.
+//! proptest strategies for users' and our own property tests: whole scenarios (about a third
+//! of them consumer-group sessions with other members joining and leaving), fault plans and
+//! application behaviours.
 //!
 //! Every strategy builds on the seeded derivations of [`Scenario::from_seed`],
 //! [`FaultPlan::from_rng`] and [`AppBehaviour::from_rng`], so a shrunk case is still a
@@ -49,7 +50,20 @@ pub fn scenario_with(
         if !s.config.enable_auto_commit && s.app.commit_per_sec == 0.0 {
             s.app.commit_per_sec = 1.0;
         }
+        let phantoms = std::mem::take(&mut s.faults.phantoms);
         s.faults = faults;
+        if s.is_group() {
+            // Keep the seed's other members, gone by the new heal time.
+            let heal = s.faults.heal_at;
+            s.faults.phantoms = phantoms
+                .into_iter()
+                .filter(|p| p.join_at < heal)
+                .map(|mut p| {
+                    p.leave_at = p.leave_at.min(heal);
+                    p
+                })
+                .collect();
+        }
         s.liveness_budget = s.default_liveness_budget();
         s
     })
