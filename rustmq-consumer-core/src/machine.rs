@@ -620,12 +620,16 @@ impl ConsumerMachine {
                 Reason::SessionExpiry,
             );
             offer(g.retry_at, Reason::GroupRetry);
+            // The drain deadline matters only while no commit is in flight (its answer or
+            // deadline moves the revoke on) and not once closing (the close drains instead).
             if let GroupPhase::Revoking {
                 deadline,
                 committing: false,
             } = g.phase
             {
-                offer(Some(deadline), Reason::Rebalance);
+                if !self.commits.in_flight && self.close.is_none() {
+                    offer(Some(deadline), Reason::Rebalance);
+                }
             }
         }
         if self.close.is_none() {
@@ -1265,7 +1269,7 @@ impl ConsumerMachine {
                 ticket,
                 error: format!("commit rejected with error code {code}"),
             });
-            self.note_commit_answered(now);
+            self.note_commit_answered(now, true);
             if code == error_code::ILLEGAL_GENERATION {
                 self.commits.fenced_generation = self.group.as_ref().map(|g| g.generation);
                 self.start_rebalance(now, false);
@@ -1294,7 +1298,7 @@ impl ConsumerMachine {
             ticket,
             offsets: confirmed,
         });
-        self.note_commit_answered(now);
+        self.note_commit_answered(now, true);
         // A newer watermark or a newer ticket may be waiting.
         if self.commits.requested > ticket || self.dirty() {
             self.commits.wanted |= self.commits.requested > ticket
@@ -1417,7 +1421,8 @@ impl ConsumerMachine {
                     self.commits.retry_at =
                         Some(now + self.fetch_retry_delay(self.commits.failures));
                 }
-                self.note_commit_answered(now);
+                // Retried (with backoff) until the close deadline, not given up on.
+                self.note_commit_answered(now, false);
                 self.events.push_back(Event::CommitFailed {
                     ticket,
                     error: "the broker did not confirm the commit".to_owned(),
@@ -1482,6 +1487,7 @@ impl ConsumerMachine {
             && !self.commits.in_flight
             && self.commits.retry_at.is_none()
             && !self.commits_fenced()
+            && !self.past_final_commit()
             && !self.send_commit(now)
         {
             return;
@@ -1890,10 +1896,15 @@ impl ConsumerMachine {
                 }
                 ClosePhase::FinalCommit
                     if !self.commits.in_flight
-                        && (!self.dirty()
-                            || self.commits.answered_in_close
-                            || self.commits_fenced()) =>
+                        && (!self.dirty() || self.commits.answered_in_close) =>
                 {
+                    self.leave_or_close()
+                }
+                ClosePhase::FinalCommit if !self.commits.in_flight && self.commits_fenced() => {
+                    self.events.push_back(Event::CommitFailed {
+                        ticket: self.commits.requested,
+                        error: "the coordinator refused this generation's commits".to_owned(),
+                    });
                     self.leave_or_close()
                 }
                 ClosePhase::FinalCommit if expired => {
@@ -1941,14 +1952,24 @@ impl ConsumerMachine {
     }
 
     /// A commit was answered (confirmed, rejected or failed).
+    /// Whether the close is past its final commit: leaving the group, or closed. Nothing is
+    /// committed after the LeaveGroup.
+    fn past_final_commit(&self) -> bool {
+        matches!(
+            self.close_phase(),
+            Some(ClosePhase::LeavingGroup | ClosePhase::Closed)
+        )
+    }
+
     /// Whether the coordinator refused commits under the current generation.
     fn commits_fenced(&self) -> bool {
         let generation = self.group.as_ref().map(|g| g.generation);
         generation.is_some() && generation == self.commits.fenced_generation
     }
 
-    fn note_commit_answered(&mut self, now: Instant) {
-        if self.close_phase() == Some(ClosePhase::FinalCommit) {
+    /// A commit was answered; `final_answer` unless it failed in a way worth retrying.
+    fn note_commit_answered(&mut self, now: Instant, final_answer: bool) {
+        if final_answer && self.close_phase() == Some(ClosePhase::FinalCommit) {
             self.commits.answered_in_close = true;
         }
         let revoking = matches!(

@@ -26,7 +26,7 @@ use rustmq_consumer_core::protocol::{
 };
 use rustmq_consumer_core::{
     dead_letter_headers, BreakerState, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery,
-    DeliveryTag, Event, Reason, RequestId, TransportError, UsageError,
+    DeliveryTag, Event, RequestId, TransportError, UsageError,
 };
 use tracing::debug;
 
@@ -476,11 +476,6 @@ pub struct SimReport {
     /// Deliveries of messages already processed (at least once across rebalances, restarts
     /// and seeks).
     pub duplicates: u64,
-    /// Known core bug (see `tests/simulation.rs`, `core_bug_rebalance_deadline_spin_*`):
-    /// episodes where the machine's revoke deadline had passed while a commit was in flight
-    /// and `poll_timeout` kept returning it; the loop then polled every [`SPIN_STEP`] instead
-    /// of calling it a livelock (unless [`Simulation::strict_timers`]).
-    pub rebalance_spins: u64,
     /// Simulated time until Closed.
     pub simulated: Duration,
     /// Hash of every transmit, event and application action, in order.
@@ -597,9 +592,6 @@ pub struct Simulation<H: Handler = ModelApp> {
     close_phases: Vec<ClosePhase>,
     phantoms: Vec<PhantomState>,
     /// The instant the machine's revoke deadline last fired (spin detection).
-    rebalance_fired_at: Option<Instant>,
-    spinning: bool,
-    strict_timers: bool,
     report: SimReport,
     scratch: String,
     /// The last trace lines, when kept (`keep_trace`).
@@ -653,9 +645,6 @@ impl<H: Handler> Simulation<H> {
             crashed: false,
             phase: Phase::Faulty,
             close_phases: Vec::new(),
-            rebalance_fired_at: None,
-            spinning: false,
-            strict_timers: false,
             phantoms: scenario
                 .faults
                 .phantoms
@@ -682,13 +671,6 @@ impl<H: Handler> Simulation<H> {
     /// Runs a deliberately wrong policy instead of the real one.
     pub fn with_mutation(mut self, mutation: Mutation) -> Self {
         self.mutation = mutation;
-        self
-    }
-
-    /// Treats a machine timer that stays in the past after it fired as a livelock, also for
-    /// the known revoke-deadline spin (off by default: see [`SimReport::rebalance_spins`]).
-    pub fn strict_timers(mut self) -> Self {
-        self.strict_timers = true;
         self
     }
 
@@ -816,25 +798,7 @@ impl<H: Handler> Simulation<H> {
             if self.phase == Phase::Closing && self.checker.closed() {
                 return self.finish();
             }
-            let mut machine_at = self.machine.as_ref().and_then(|m| m.poll_timeout());
-            match machine_at {
-                Some((at, Reason::Rebalance))
-                    if !self.strict_timers
-                        && at <= self.now
-                        && self.rebalance_fired_at == Some(self.now) =>
-                {
-                    // Known core bug: the revoke deadline passed, a commit is in flight, and
-                    // the machine keeps asking to be woken in the past. Poll like a driver with
-                    // a coarse timer until the commit resolves.
-                    if !self.spinning {
-                        self.spinning = true;
-                        self.report.rebalance_spins += 1;
-                        self.trace("spin", &"revoke deadline in the past");
-                    }
-                    machine_at = Some((self.now + SPIN_STEP, Reason::Rebalance));
-                }
-                _ => self.spinning = false,
-            }
+            let machine_at = self.machine.as_ref().and_then(|m| m.poll_timeout());
             let queue_at = self.queue.keys().next().map(|k| k.0);
             let broker_at = self.broker.poll_timeout();
             let next = [machine_at.map(|m| m.0), queue_at, broker_at]
@@ -872,9 +836,8 @@ impl<H: Handler> Simulation<H> {
             if queue_at == Some(next) {
                 let (_, item) = self.queue.pop_first().expect("queue_at came from it");
                 self.dispatch(item)?;
-            } else if let Some(m) = machine_at.filter(|m| m.0 == next) {
+            } else if machine_at.is_some_and(|m| m.0 == next) {
                 let now = self.now;
-                self.rebalance_fired_at = (m.1 == Reason::Rebalance).then_some(now);
                 self.machine().handle_timeout(now);
                 self.after_input()?;
             } else {
@@ -970,12 +933,9 @@ impl<H: Handler> Simulation<H> {
                 && self.broker.generation(GROUP) == Some(self.checker.owned_generation())
                 && m.assigned_partitions() == all
                 && self.checker.outstanding() == 0
-                // A commit sent before heal may still meet a fault; a failed final commit is
-                // not retried (known core bug, `core_bug_final_commit_not_retried_minimal`).
+                // A commit sent before heal may still meet a fault (a lost answer opens the
+                // circuit at its deadline) and hold the final commit past the close deadline.
                 && self.checker.commits_in_flight() == 0
-                // A FetchOffset answered during the close makes a partition dirty after the
-                // LeaveGroup (known core bug, `core_bug_commit_after_leave_fetch_offset_*`).
-                && self.checker.joins_in_flight() == 0
                 // An open circuit (from a fault before heal) would hold the final commit past
                 // the close deadline; wait for it to close like the manual swarm does.
                 && m.breaker_state() == BreakerState::Closed
@@ -1731,9 +1691,6 @@ const MAX_STEPS_AT_ONE_INSTANT: u64 = 10_000;
 /// Inputs one run may take.
 const MAX_STEPS: u64 = 300_000;
 
-/// How often the loop polls a machine stuck on a revoke deadline in the past.
-pub const SPIN_STEP: Duration = Duration::from_millis(10);
-
 /// Request ids from here on belong to mutant drivers, not to the machine.
 const ROGUE_IDS: u64 = 1 << 62;
 
@@ -1801,8 +1758,6 @@ pub struct Summary {
     pub stale_refused: u64,
     /// Deliveries of messages already processed, in group sessions.
     pub group_duplicates: u64,
-    /// Known-bug revoke-deadline spins polled through.
-    pub rebalance_spins: u64,
 }
 
 impl Summary {
@@ -1821,7 +1776,6 @@ impl Summary {
         self.phantom_joins += s.phantom_joins;
         self.stale_refused += s.stale_refused;
         self.group_duplicates += s.group_duplicates;
-        self.rebalance_spins += s.rebalance_spins;
     }
 
     fn add(&mut self, r: &SimReport) {
@@ -1832,7 +1786,6 @@ impl Summary {
         if r.group {
             self.group_duplicates += r.duplicates;
         }
-        self.rebalance_spins += r.rebalance_spins;
         self.runs += 1;
         self.steps += r.steps;
         self.produced += r.produced;

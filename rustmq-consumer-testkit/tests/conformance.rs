@@ -66,10 +66,7 @@ conformance!(
     two_partitions,
     holding_more_than_fetch_size,
     batches,
-    // Hangs on the core as of 0464560 (the old driver too): closing the second consumer while
-    // it is revoking spins, because `poll_timeout` still offers the Revoking deadline that
-    // `drive_group` no longer acts on once closing. The stale-ack assertion itself passes.
-    #[ignore = "repro: a close during a revoke spins on the Revoking deadline (core)"]
+    // Regression: a close during a revoke used to spin on the Revoking deadline.
     stale_after_rebalance,
 );
 

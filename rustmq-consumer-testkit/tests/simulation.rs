@@ -20,9 +20,9 @@ fn seeds_hold_every_invariant() {
         Ok(s) => {
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused, {} revoke-deadline spins (known core bug)",
+                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused",
                 s.runs, s.steps, s.produced, s.delivered, s.delivered as f64 / secs, s.dead_lettered, s.discarded, s.faults, s.crashes, s.simulated,
-                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused, s.rebalance_spins
+                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused
             );
             assert_eq!(s.runs, seeds.len() as u64);
         }
@@ -502,17 +502,15 @@ fn fetch_spin_minimal() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Core bugs the group-session swarm found, not fixed yet: each is a minimal hand-written
-// sequence, ignored until the core owner fixes it (then drop the `ignore`).
+// Core bugs the group-session swarm found, now fixed: each is a minimal hand-written
+// sequence kept as a regression.
 
 /// Revoking: once the drain deadline passed while a commit is in flight, `drive_revoke` waits
 /// for that commit, yet `poll_timeout` keeps offering the passed deadline (`Reason::Rebalance`):
 /// `handle_timeout` at that instant changes nothing, so a driver that sleeps until
 /// `poll_timeout` spins until the commit resolves (up to `request_timeout`). Found by the
-/// swarm (seed 480 at the time; `SimReport::rebalance_spins` counts the episodes, the
-/// simulation polls every `SPIN_STEP` through them unless `strict_timers()`).
+/// swarm (seed 480 at the time).
 #[test]
-#[ignore = "core bug: poll_timeout offers a passed revoke deadline while a commit is in flight (busy spin)"]
 fn core_bug_rebalance_deadline_spin_minimal() {
     let mut b = SimBroker::new();
     b.create_topic("t", 1);
@@ -550,10 +548,8 @@ fn core_bug_rebalance_deadline_spin_minimal() {
     now += Duration::from_secs(3);
     m.handle_timeout(now);
     pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
-    let (deadline, reason) = m.poll_timeout().unwrap();
-    assert_eq!(reason, rustmq_consumer_core::Reason::Rebalance, "revoking");
-    // The drain deadline passes with the commit (deadline at 5 s) still in flight.
-    now = deadline;
+    // The drain deadline (500 ms) passes with the commit (deadline at 5 s) still in flight.
+    now += Duration::from_millis(600);
     m.handle_timeout(now);
     pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
     let next = m.poll_timeout().unwrap();
@@ -563,16 +559,14 @@ fn core_bug_rebalance_deadline_spin_minimal() {
     );
 }
 
-/// The same bug as the swarm found it: with strict timers the loop calls the spin a livelock.
+/// The same bug as the swarm found it (the loop calls a timer that stays in the past a
+/// livelock).
 #[test]
-#[ignore = "core bug: poll_timeout offers a passed revoke deadline while a commit is in flight (busy spin)"]
 fn core_bug_rebalance_deadline_spin_seed() {
-    let report = Simulation::new(Scenario::from_seed(480))
-        .strict_timers()
+    Simulation::new(Scenario::from_seed(480))
         .keep_trace(40)
         .run()
         .unwrap_or_else(|f| panic!("{f}"));
-    assert_eq!(report.rebalance_spins, 0);
 }
 
 /// Close: a final commit answered with a transient failure (storage failure, error frame) is
@@ -581,7 +575,6 @@ fn core_bug_rebalance_deadline_spin_seed() {
 /// swarm (seed 1269 at the time: a commit sent just before heal failed during the close).
 /// The swarm now closes a group session only when no commit is in flight.
 #[test]
-#[ignore = "core bug: a failed final commit is not retried within the close deadline"]
 fn core_bug_final_commit_not_retried_minimal() {
     let mut b = SimBroker::new();
     b.create_topic("t", 1);
@@ -632,7 +625,6 @@ fn core_bug_final_commit_not_retried_minimal() {
 /// generation the member has left). Found by the group swarm (seed 5470 at the time, when a
 /// group close could start with the circuit open; the swarm now waits for it to close).
 #[test]
-#[ignore = "core bug: a CommitOffset goes out after the LeaveGroup when the close ran with the circuit open"]
 fn core_bug_commit_after_leave_minimal() {
     let mut b = SimBroker::new();
     b.create_topic("t", 1);
@@ -703,7 +695,6 @@ fn core_bug_commit_after_leave_minimal() {
 /// CommitOffset goes out after the LeaveGroup. Found by the group swarm (seed 2316 at the time; the swarm now
 /// closes only with no JoinGroup or FetchOffset in flight).
 #[test]
-#[ignore = "core bug: a FetchOffset answered during close sends a CommitOffset after the LeaveGroup"]
 fn core_bug_commit_after_leave_fetch_offset_minimal() {
     let mut b = SimBroker::new();
     b.create_topic("t", 1);
