@@ -311,6 +311,32 @@ where
     }
 }
 
+/// Times `$consume` (`consume!` or `consume_batched!`) of `E2E_N` messages through
+/// `$adapter`'s consumer on `$runtime`; `|$fut| $block_on` runs one iteration's future to completion.
+macro_rules! e2e_bench {
+    ($g:expr, $name:expr, |$fut:ident| $block_on:expr, $adapter:ident :: $runtime:ident, $consume:ident) => {
+        $g.bench_function($name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let broker = broker_with(E2E_N);
+                    let $fut = async move {
+                        let transport = SimTransport::new(broker, $adapter::$runtime);
+                        let start = Instant::now();
+                        let consumer =
+                            $consume!($adapter::ConsumerBuilder, transport, e2e_config(), E2E_N);
+                        let elapsed = start.elapsed();
+                        consumer.close().await.unwrap();
+                        elapsed
+                    };
+                    total += $block_on;
+                }
+                total
+            })
+        });
+    };
+}
+
 fn end_to_end(c: &mut Criterion) {
     let mut g = c.benchmark_group("end_to_end");
     g.throughput(Throughput::Elements(E2E_N as u64));
@@ -323,28 +349,20 @@ fn end_to_end(c: &mut Criterion) {
         .enable_time()
         .build()
         .unwrap();
-    g.bench_function("tokio_consumer", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let broker = broker_with(E2E_N);
-                total += tokio_rt.block_on(async {
-                    let transport = SimTransport::new(broker, rustmq_consumer_tokio::TokioRuntime);
-                    let start = Instant::now();
-                    let consumer = consume!(
-                        rustmq_consumer_tokio::ConsumerBuilder,
-                        transport,
-                        e2e_config(),
-                        E2E_N
-                    );
-                    let elapsed = start.elapsed();
-                    consumer.close().await.unwrap();
-                    elapsed
-                });
-            }
-            total
-        })
-    });
+    e2e_bench!(
+        g,
+        "tokio_consumer",
+        |fut| tokio_rt.block_on(fut),
+        rustmq_consumer_tokio::TokioRuntime,
+        consume
+    );
+    e2e_bench!(
+        g,
+        "tokio_consumer_batched",
+        |fut| tokio_rt.block_on(fut),
+        rustmq_consumer_tokio::TokioRuntime,
+        consume_batched
+    );
     g.bench_function("tokio_channel_baseline", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -358,72 +376,20 @@ fn end_to_end(c: &mut Criterion) {
             total
         })
     });
-    g.bench_function("tokio_consumer_batched", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let broker = broker_with(E2E_N);
-                total += tokio_rt.block_on(async {
-                    let transport = SimTransport::new(broker, rustmq_consumer_tokio::TokioRuntime);
-                    let start = Instant::now();
-                    let consumer = consume_batched!(
-                        rustmq_consumer_tokio::ConsumerBuilder,
-                        transport,
-                        e2e_config(),
-                        E2E_N
-                    );
-                    let elapsed = start.elapsed();
-                    consumer.close().await.unwrap();
-                    elapsed
-                });
-            }
-            total
-        })
-    });
-    g.bench_function("smol_consumer", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let broker = broker_with(E2E_N);
-                total += smol::block_on(smol::spawn(async move {
-                    let transport = SimTransport::new(broker, rustmq_consumer_smol::SmolRuntime);
-                    let start = Instant::now();
-                    let consumer = consume!(
-                        rustmq_consumer_smol::ConsumerBuilder,
-                        transport,
-                        e2e_config(),
-                        E2E_N
-                    );
-                    let elapsed = start.elapsed();
-                    consumer.close().await.unwrap();
-                    elapsed
-                }));
-            }
-            total
-        })
-    });
-    g.bench_function("smol_consumer_batched", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let broker = broker_with(E2E_N);
-                total += smol::block_on(smol::spawn(async move {
-                    let transport = SimTransport::new(broker, rustmq_consumer_smol::SmolRuntime);
-                    let start = Instant::now();
-                    let consumer = consume_batched!(
-                        rustmq_consumer_smol::ConsumerBuilder,
-                        transport,
-                        e2e_config(),
-                        E2E_N
-                    );
-                    let elapsed = start.elapsed();
-                    consumer.close().await.unwrap();
-                    elapsed
-                }));
-            }
-            total
-        })
-    });
+    e2e_bench!(
+        g,
+        "smol_consumer",
+        |fut| smol::block_on(smol::spawn(fut)),
+        rustmq_consumer_smol::SmolRuntime,
+        consume
+    );
+    e2e_bench!(
+        g,
+        "smol_consumer_batched",
+        |fut| smol::block_on(smol::spawn(fut)),
+        rustmq_consumer_smol::SmolRuntime,
+        consume_batched
+    );
     g.bench_function("smol_channel_baseline", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
