@@ -478,25 +478,36 @@ fn a_fetch_that_fits_nothing_waits_for_room_instead_of_spinning() {
     assert_eq!(h.deliveries().len(), 1, "room freed: fetching resumes");
 }
 
-#[test]
-fn a_commit_with_an_unknown_outcome_is_stated_again_after_a_seek() {
-    let mut c = Harness::config("t");
-    c.request_timeout = Duration::from_secs(1);
+/// Consumes and commits 10 messages, seeks back to 5 and commits that: the broker stores 5,
+/// but the answer never reaches the machine.
+fn committed_then_sought_back_with_the_answer_lost(c: ConsumerConfig) -> Harness {
     let mut h = started(c, 10);
-    let ds = h.deliveries();
-    for d in &ds {
+    for d in h.deliveries() {
         h.ack(d.tag);
     }
     h.m.commit(h.now).unwrap();
     h.pump();
     assert_eq!(h.committed[&0], 10);
-    // A seek back to 5 is committed, but the answer is lost: the broker holds 5.
     h.m.seek(h.now, 0, 5).unwrap();
     h.mode = Mode::Hold;
     h.m.commit(h.now).unwrap();
     h.pump();
-    let lost = h.pending.pop_front().unwrap();
-    let _ = h.answer(&lost.request); // the broker stores it; the answer never arrives
+    let at = h
+        .pending
+        .iter()
+        .position(|t| matches!(t.request, Request::CommitOffset(_)))
+        .unwrap();
+    let lost = h.pending.remove(at).unwrap();
+    let _ = h.answer(&lost.request);
+    assert_eq!(h.committed[&0], 5);
+    h
+}
+
+#[test]
+fn a_commit_with_an_unknown_outcome_is_stated_again_after_a_seek() {
+    let mut c = Harness::config("t");
+    c.request_timeout = Duration::from_secs(1);
+    let mut h = committed_then_sought_back_with_the_answer_lost(c);
     h.advance(Duration::from_millis(1500));
     h.mode = Mode::Answer;
     h.answer_all_pending();
@@ -868,26 +879,7 @@ fn a_manual_commit_to_a_group_the_restarted_broker_forgot_is_retried() {
 fn a_commit_of_unknown_outcome_is_forgotten_even_if_a_seek_came_between() {
     let mut c = Harness::config("t");
     c.request_timeout = Duration::from_secs(1);
-    let mut h = started(c, 10);
-    for d in h.deliveries() {
-        h.ack(d.tag);
-    }
-    h.m.commit(h.now).unwrap();
-    h.pump();
-    assert_eq!(h.committed[&0], 10);
-    // Seek back to 5 and commit it; the broker stores 5 but the answer is lost.
-    h.m.seek(h.now, 0, 5).unwrap();
-    h.mode = Mode::Hold;
-    h.m.commit(h.now).unwrap();
-    h.pump();
-    let at = h
-        .pending
-        .iter()
-        .position(|t| matches!(t.request, Request::CommitOffset(_)))
-        .unwrap();
-    let lost = h.pending.remove(at).unwrap();
-    let _ = h.answer(&lost.request);
-    assert_eq!(h.committed[&0], 5);
+    let mut h = committed_then_sought_back_with_the_answer_lost(c);
     // Seek forward to 10 again while that commit's outcome is unknown, then it times out.
     h.m.seek(h.now, 0, 10).unwrap();
     h.mode = Mode::Answer;
