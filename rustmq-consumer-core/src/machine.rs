@@ -63,8 +63,8 @@ pub struct ConsumerMachine {
     buffered_bytes: usize,
     /// The partition whose fetch goes first next time (partitions take turns).
     fetch_cursor: usize,
-    /// Estimated encoded size of a record (a moving average of what fetches returned), to
-    /// size fetches to what the buffer takes.
+    /// Estimated encoded size of a record (a moving average over the records fetches put in
+    /// the buffer), to size fetches to what the buffer takes.
     record_bytes: usize,
     /// Round-robin cursor over partitions for fair delivery.
     cursor: usize,
@@ -1135,17 +1135,12 @@ impl ConsumerMachine {
             .max_unsettled_per_partition
             .saturating_sub(p.window.span());
         let mut taken = 0u64;
-        let first_bytes = r.records.first().map_or(0, |record| record.encoded_len());
-        let total: usize = r.records.iter().map(Record::encoded_len).sum();
-        let average = total / r.records.len().max(1);
-        self.record_bytes = if self.metrics.received == 0 {
-            average
-        } else {
-            (3 * self.record_bytes + average) / 4
-        }
-        .max(1);
+        let (mut first_bytes, mut taken_bytes) = (0, 0);
         for record in r.records {
             let bytes = record.encoded_len();
+            if taken == 0 {
+                first_bytes = bytes; // only the first record is looked at while none is taken
+            }
             let over_bytes =
                 self.buffered_bytes + bytes > self.config.prefetch_bytes && self.buffered > 0;
             if taken >= span_room || self.buffered >= self.config.fetch_size || over_bytes {
@@ -1158,11 +1153,21 @@ impl ConsumerMachine {
             p.buffered.push_back((next, record));
             self.buffered += 1;
             self.buffered_bytes += bytes;
+            taken_bytes += bytes;
             taken += 1;
         }
         if taken == 0 {
             // Nothing fitted: wait for deliveries to free room rather than asking again now.
             p.byte_blocked = Some(first_bytes);
+        } else {
+            // The record size estimate that sizes the next fetches.
+            let average = taken_bytes / taken as usize;
+            self.record_bytes = if self.metrics.received == 0 {
+                average
+            } else {
+                (3 * self.record_bytes + average) / 4
+            }
+            .max(1);
         }
         self.metrics.received += taken;
         Ok(())
@@ -1614,9 +1619,9 @@ impl ConsumerMachine {
             .fetch_size
             .saturating_sub(self.buffered + *reserved)
             .max(1);
-        let want = slots
-            .saturating_mul(self.record_bytes)
-            .saturating_add(slots.saturating_mul(self.record_bytes) / 4)
+        let fits = slots.saturating_mul(self.record_bytes);
+        let want = fits
+            .saturating_add(fits / 4)
             .saturating_add(self.record_bytes);
         let max_bytes = u32::try_from(room.min(want))
             .unwrap_or(u32::MAX)
