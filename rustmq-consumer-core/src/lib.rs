@@ -87,3 +87,17 @@ pub use event::{
     RequestId, StallReason, Transmit,
 };
 pub use machine::{dead_letter_headers, ConsumerMachine};
+
+/// The API every runtime adapter re-exports (`pub use rustmq_consumer_core::adapter::*`), so
+/// `rustmq-consumer-tokio` and `rustmq-consumer-smol` cannot drift apart.
+#[doc(hidden)]
+pub mod adapter {
+    pub use crate::driver::Delivery;
+    #[cfg(feature = "quic")]
+    pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
+    pub use crate::{
+        protocol, AsyncTimer, BreakerState, ConfigError, Consumer, ConsumerConfig, ConsumerError,
+        DeliveryStream, DeliveryTag, Health, Metrics, PartitionLag, Runtime, StartPosition,
+        Transport, TransportError, UsageError,
+    };
+}

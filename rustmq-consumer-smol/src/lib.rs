@@ -27,15 +27,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-pub use rustmq_consumer_core::driver::Delivery;
-pub use rustmq_consumer_core::{
-    protocol, AsyncTimer, BreakerState, ConfigError, Consumer, ConsumerConfig, ConsumerError,
-    DeliveryStream, DeliveryTag, Health, Metrics, PartitionLag, Runtime, StartPosition, Transport,
-    TransportError, UsageError,
-};
-
-#[cfg(feature = "quic")]
-pub use rustmq_consumer_core::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
+/// The same API as the other runtime's crate (the QUIC transport with feature `quic`).
+pub use rustmq_consumer_core::adapter::*;
 
 /// A [`QuicTransport`] to the broker in `config`, running on smol (feature `quic`, on by
 /// default). Nothing touches the network until the first request.
