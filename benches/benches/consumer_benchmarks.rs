@@ -27,8 +27,9 @@ use rustmq_consumer_benches::transport::{broker_with, DelayedTransport};
 use rustmq_consumer_benches::{records, GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
 use rustmq_consumer_core::protocol::{FetchRequest, Response};
-use rustmq_consumer_core::{BreakerState, ConsumerConfig, Event, Transport};
+use rustmq_consumer_core::{BreakerState, Consumer, ConsumerConfig, Event, Runtime, Transport};
 use rustmq_consumer_testkit::{LoopbackBroker, SimTransport};
+use rustmq_consumer_tokio::TokioRuntime;
 
 /// Deliveries acked per `core_ack_path` iteration.
 const ACK_N: usize = 10_000;
@@ -256,41 +257,37 @@ fn e2e_config() -> ConsumerConfig {
     config
 }
 
+/// A consumer of `config` over `transport` on `runtime`.
+async fn build(
+    runtime: impl Runtime,
+    transport: impl Transport,
+    config: ConsumerConfig,
+) -> Consumer {
+    rustmq_consumer_core::ConsumerBuilder::with_runtime(runtime)
+        .config(config)
+        .client(transport)
+        .build()
+        .await
+        .unwrap()
+}
+
 /// Consumes `n` messages through the public API: receive, ack, until `n` are acked.
-macro_rules! consume {
-    ($builder:ty, $transport:expr, $config:expr, $n:expr) => {{
-        let consumer = <$builder>::new()
-            .config($config)
-            .client($transport)
-            .build()
-            .await
-            .unwrap();
-        for _ in 0..$n {
-            let d = consumer.receive().await.unwrap().unwrap();
-            d.ack().await.unwrap();
-        }
-        consumer
-    }};
+async fn consume(consumer: &Consumer, n: usize) {
+    for _ in 0..n {
+        let d = consumer.receive().await.unwrap().unwrap();
+        d.ack().await.unwrap();
+    }
 }
 
 /// Consumes `n` messages with the batch calls: `receive_many` what is waiting, `ack_all` it.
-macro_rules! consume_batched {
-    ($builder:ty, $transport:expr, $config:expr, $n:expr) => {{
-        let consumer = <$builder>::new()
-            .config($config)
-            .client($transport)
-            .build()
-            .await
-            .unwrap();
-        let mut acked = 0;
-        while acked < $n {
-            let batch = consumer.receive_many($n - acked).await.unwrap();
-            assert!(!batch.is_empty(), "consumer closed early");
-            acked += batch.len();
-            consumer.ack_all(batch).await.unwrap();
-        }
-        consumer
-    }};
+async fn consume_batched(consumer: &Consumer, n: usize) {
+    let mut acked = 0;
+    while acked < n {
+        let batch = consumer.receive_many(n - acked).await.unwrap();
+        assert!(!batch.is_empty(), "consumer closed early");
+        acked += batch.len();
+        consumer.ack_all(batch).await.unwrap();
+    }
 }
 
 /// The baseline: `n` messages between two tasks over a bounded channel of the same capacity
@@ -311,7 +308,7 @@ where
     }
 }
 
-/// Times `$consume` (`consume!` or `consume_batched!`) of `E2E_N` messages through
+/// Times `$consume` (`consume` or `consume_batched`) of `E2E_N` messages through
 /// `$adapter`'s consumer on `$runtime`; `|$fut| $block_on` runs one iteration's future to completion.
 macro_rules! e2e_bench {
     ($g:expr, $name:expr, |$fut:ident| $block_on:expr, $adapter:ident :: $runtime:ident, $consume:ident) => {
@@ -323,8 +320,8 @@ macro_rules! e2e_bench {
                     let $fut = async move {
                         let transport = SimTransport::new(broker, $adapter::$runtime);
                         let start = Instant::now();
-                        let consumer =
-                            $consume!($adapter::ConsumerBuilder, transport, e2e_config(), E2E_N);
+                        let consumer = build($adapter::$runtime, transport, e2e_config()).await;
+                        $consume(&consumer, E2E_N).await;
                         let elapsed = start.elapsed();
                         consumer.close().await.unwrap();
                         elapsed
@@ -532,12 +529,8 @@ fn ack_throughput_vs_old_design(c: &mut Criterion) {
                     config.fetch_size = 1_000;
                     config.fetch_max_bytes *= 10;
                     let start = Instant::now();
-                    let consumer = consume!(
-                        rustmq_consumer_tokio::ConsumerBuilder,
-                        transport,
-                        config,
-                        ACK_RTT_N
-                    );
+                    let consumer = build(TokioRuntime, transport, config).await;
+                    consume(&consumer, ACK_RTT_N).await;
                     consumer.commit().await.unwrap();
                     let elapsed = start.elapsed();
                     consumer.close().await.unwrap();
@@ -656,21 +649,12 @@ fn quic_loopback(c: &mut Criterion) {
                     let config = quic_config(&fresh_group());
                     total += rt.block_on(async {
                         let start = Instant::now();
-                        let consumer = if batched {
-                            consume_batched!(
-                                rustmq_consumer_tokio::ConsumerBuilder,
-                                transport,
-                                config,
-                                QUIC_N
-                            )
+                        let consumer = build(TokioRuntime, transport, config).await;
+                        if batched {
+                            consume_batched(&consumer, QUIC_N).await;
                         } else {
-                            consume!(
-                                rustmq_consumer_tokio::ConsumerBuilder,
-                                transport,
-                                config,
-                                QUIC_N
-                            )
-                        };
+                            consume(&consumer, QUIC_N).await;
+                        }
                         let elapsed = start.elapsed();
                         consumer.close().await.unwrap();
                         elapsed
