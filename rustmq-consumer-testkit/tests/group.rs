@@ -142,6 +142,17 @@ fn sent_kinds(m: &Member) -> Vec<RequestKind> {
     m.sent.iter().map(Request::kind).collect()
 }
 
+/// The tags of every delivery the member's machine emitted.
+fn delivered(m: &Member) -> Vec<DeliveryTag> {
+    m.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deliver(d) => Some(d.tag),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_member_joins_consumes_from_offset_zero_and_commits_under_its_generation() {
     let mut c = Cluster::new(1, 20);
@@ -262,14 +273,7 @@ fn stale_generation_acks_are_refused_and_never_move_a_watermark() {
     cfg.rebalance_drain_timeout = Duration::from_secs(1);
     let a = c.join_acking(cfg, false);
     c.advance(Duration::from_secs(1));
-    let held: Vec<DeliveryTag> = c.members[a]
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deliver(d) => Some(d.tag),
-            _ => None,
-        })
-        .collect();
+    let held = delivered(&c.members[a]);
     assert_eq!(held.len(), 5);
     // Another member joins: generation moves on, `a` revokes after its drain deadline.
     let _b = c.join(config());
@@ -474,14 +478,7 @@ fn no_commit_goes_out_under_a_generation_the_coordinator_refused() {
     let a = c.join_acking(cfg, false);
     c.advance(Duration::from_secs(1));
     let generation = c.broker.generation(GROUP).unwrap();
-    let held: Vec<DeliveryTag> = c.members[a]
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deliver(d) => Some(d.tag),
-            _ => None,
-        })
-        .collect();
+    let held = delivered(&c.members[a]);
     assert_eq!(held.len(), 10);
     // Another member joins: the broker moves the generation on, and `a` learns it from its
     // next heartbeat (22) while it still holds every delivery, draining.
