@@ -177,8 +177,6 @@ pub struct Checker {
     pending_join: Option<(u64, String)>,
     /// CommitOffset requests of the machine not resolved yet.
     commits_in_flight: BTreeSet<RequestId>,
-    /// JoinGroup and FetchOffset requests of the machine not resolved yet.
-    joins_in_flight: BTreeSet<RequestId>,
     /// The last close phase the machine reported.
     close_phase: Option<ClosePhase>,
     /// The final commit's deadline passed (a `CommitFailed` during `FinalCommit`).
@@ -228,7 +226,6 @@ impl Checker {
             member: String::new(),
             pending_join: None,
             commits_in_flight: BTreeSet::new(),
-            joins_in_flight: BTreeSet::new(),
             close_phase: None,
             final_commit_expired: false,
             close_commit_failed: false,
@@ -272,11 +269,6 @@ impl Checker {
     /// CommitOffset requests of the machine not resolved yet.
     pub fn commits_in_flight(&self) -> usize {
         self.commits_in_flight.len()
-    }
-
-    /// JoinGroup and FetchOffset requests of the machine not resolved yet.
-    pub fn joins_in_flight(&self) -> usize {
-        self.joins_in_flight.len()
     }
 
     /// Stale acks, nacks and rejects the machine refused.
@@ -607,9 +599,6 @@ impl Checker {
             }
             self.commits_in_flight.insert(id);
         }
-        if let Request::JoinGroup(_) | Request::FetchOffset(_) = request {
-            self.joins_in_flight.insert(id);
-        }
         if let Request::Fetch(f) = request {
             let spins = match self.fetch_spin.get_mut(&f.partition_id) {
                 Some(e) if f.max_bytes > 1 && e.0 == f.fetch_offset => {
@@ -664,7 +653,6 @@ impl Checker {
     pub fn on_resolved(&mut self, id: RequestId) {
         self.probes.remove(&id);
         self.commits_in_flight.remove(&id);
-        self.joins_in_flight.remove(&id);
     }
 
     /// Applies the side effects an input's events report before its transmits are checked:
@@ -682,7 +670,6 @@ impl Checker {
                 }
                 Event::RequestFailed { id, .. } => {
                     self.commits_in_flight.remove(id);
-                    self.joins_in_flight.remove(id);
                 }
                 Event::Assigned(tps) if self.group => {
                     self.assignments += 1;
