@@ -66,6 +66,7 @@ conformance!(
     two_partitions,
     holding_more_than_fetch_size,
     batches,
+    many_partitions,
     // Regression: a close during a revoke used to spin on the Revoking deadline.
     stale_after_rebalance,
 );

@@ -169,10 +169,12 @@ impl Driver {
     }
 
     /// Handles `wake` and then every input already ready, in `wait`'s order, up to
-    /// `DRAIN_BATCH` of them: a burst of commands or responses costs one wake-up.
+    /// `DRAIN_BATCH` of them: a burst of commands or responses costs one wake-up. An input is
+    /// only taken from its source when it will be handled: what is still ready after the
+    /// batch stays there for `wait`.
     fn handle_ready(&mut self, mut wake: Option<Wake>, state: &mut GateState) {
         let mut cx = Context::from_waker(Waker::noop());
-        for _ in 0..DRAIN_BATCH {
+        for round in 1..=DRAIN_BATCH {
             if let Some(wake) = wake.take() {
                 let now = self.runtime.now();
                 self.wake(now, wake, state);
@@ -182,6 +184,9 @@ impl Driver {
                 return;
             }
             self.arm_timer();
+            if round == DRAIN_BATCH {
+                return;
+            }
             // The no-op waker is fine: `wait` polls every source again with the real one
             // before the task sleeps.
             match self.poll_wake(&mut cx) {
