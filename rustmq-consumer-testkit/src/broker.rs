@@ -333,7 +333,8 @@ impl SimBroker {
         self.failing_commits = n;
     }
 
-    /// The next `n` Fetch requests fail with error code 1 (storage failure) and no records.
+    /// The next `n` Fetch requests fail like a failed read on the real broker: error code 1
+    /// (storage failure), no records and a high watermark of 0.
     pub fn fail_next_fetches(&mut self, n: u32) {
         self.failing_fetches = n;
     }
@@ -630,18 +631,19 @@ impl SimBroker {
     }
 
     fn handle_fetch(&mut self, req: FetchRequest) -> FetchResponse {
-        let log = self.log(&req.topic, req.partition_id);
-        let high_watermark = log.map_or(0, |log| log.len() as u64);
         if self.failing_fetches > 0 {
             self.failing_fetches -= 1;
             debug!(topic = %req.topic, partition = req.partition_id, "injected fetch failure");
+            // As the real broker answers a failed read: no watermark either.
             return FetchResponse {
                 records: Vec::new(),
-                high_watermark,
+                high_watermark: 0,
                 error_code: error_code::STORAGE,
-                error_message: Some("storage failure".to_owned()),
+                error_message: Some("Failed to fetch records".to_owned()),
             };
         }
+        let log = self.log(&req.topic, req.partition_id);
+        let high_watermark = log.map_or(0, |log| log.len() as u64);
         let mut records = Vec::new();
         let start = usize::try_from(req.fetch_offset).ok();
         if let (Some(log), Some(start)) = (log, start) {

@@ -315,6 +315,7 @@ fn fetch_storage_failure_is_error_one_then_recovers() {
         let resp = fetch(&mut broker, now, "t", 0, 0, 1 << 20);
         assert_eq!(resp.error_code, error_code::STORAGE);
         assert!(resp.records.is_empty());
+        assert_eq!(resp.high_watermark, 0);
     }
     let resp = fetch(&mut broker, now, "t", 0, 0, 1 << 20);
     assert_eq!(resp.error_code, error_code::NONE);
