@@ -10,8 +10,10 @@
 //!   beside a bare bounded channel between two tasks;
 //! - `ack_throughput_vs_old_design`: acks against a 0.25 ms round trip, beside the old design
 //!   (a task per message, one CommitOffset per ack);
-//! - `quic_loopback`: the public `Consumer` over QUIC on 127.0.0.1 against the embedded
-//!   `LoopbackBroker`, beside a raw loop of Fetch requests on the same kind of connection.
+//! - `quic_loopback`: the public `Consumer` with the default `ConsumerConfig` over QUIC on
+//!   127.0.0.1 against the embedded `LoopbackBroker` (which counts `max_bytes` like the real
+//!   broker), beside a raw loop of 1 MiB Fetch requests on the same kind of connection; the
+//!   ratio is printed after the group.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
@@ -24,7 +26,7 @@ use rustmq_consumer_benches::core::{
     wide_config,
 };
 use rustmq_consumer_benches::transport::{broker_with, DelayedTransport};
-use rustmq_consumer_benches::{records, GROUP, TOPIC};
+use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
 use rustmq_consumer_core::protocol::{FetchRequest, Response};
 use rustmq_consumer_core::{BreakerState, Consumer, ConsumerConfig, Event, Runtime, Transport};
@@ -42,8 +44,6 @@ const RETRY_N: usize = 1_000;
 const E2E_N: usize = 20_000;
 /// Messages consumed per `quic_loopback` iteration.
 const QUIC_N: usize = 20_000;
-/// Records per fetch in `quic_loopback`, for the consumer and the raw loop alike.
-const QUIC_FETCH: usize = 1_000;
 /// Messages acked per iteration by our consumer in `ack_throughput_vs_old_design`.
 const ACK_RTT_N: usize = 10_000;
 /// Messages acked per iteration by the old design (about a quarter of a second each).
@@ -246,14 +246,11 @@ fn core_subsystems(c: &mut Criterion) {
 // --------------------------------------------------------------------- drivers
 
 /// Defaults, on a manually assigned partition 0, except `fetch_max_bytes`: sized to one
-/// `fetch_size` of our messages. With the default 1 MiB the broker returns ~18,000 of these
-/// small records per fetch, the core keeps `fetch_size` (100) and drops the rest, and the run
-/// measures cloning records that are thrown away (6.8 k msg/s, see the README).
+/// `fetch_size` of our messages in the broker's units ([`fetch_bytes_for`]).
 fn e2e_config() -> ConsumerConfig {
     let mut config = ConsumerConfig::new(TOPIC, GROUP);
     config.partitions = vec![0];
-    let record_len = records(1)[0].encoded_len();
-    config.fetch_max_bytes = u32::try_from(config.fetch_size * record_len).unwrap();
+    config.fetch_max_bytes = fetch_bytes_for(config.fetch_size);
     config
 }
 
@@ -545,25 +542,15 @@ fn ack_throughput_vs_old_design(c: &mut Criterion) {
 
 // ------------------------------------------------------------------------ quic
 
-/// The consumer's settings over QUIC: manual partition 0, fetches of [`QUIC_FETCH`] records
-/// (`fetch_max_bytes` and `prefetch_bytes` sized to exactly that many of our records, so a
-/// fetch never brings records the buffer cannot take), room for two fetches outstanding with
-/// the application, and a commit per fetch's worth of acks.
-fn quic_config(group: &str) -> ConsumerConfig {
-    let mut config = ConsumerConfig::new(TOPIC, group);
-    config.partitions = vec![0];
-    let bytes = QUIC_FETCH * records(1)[0].encoded_len();
-    config.fetch_size = QUIC_FETCH;
-    config.fetch_max_bytes = u32::try_from(bytes).unwrap();
-    config.prefetch_bytes = bytes;
-    config.max_unacked = 2 * QUIC_FETCH;
-    config.max_unsettled_per_partition = 4 * QUIC_FETCH as u64;
-    config.ack_batch_size = QUIC_FETCH;
-    config
-}
+/// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask for.
+/// The broker counts it in its own units (about 380 per record of [`PAYLOAD`]), so each
+/// answer carries about 2,700 records.
+///
+/// [`PAYLOAD`]: rustmq_consumer_benches::PAYLOAD
+const RAW_FETCH_MAX_BYTES: u32 = 1 << 20;
 
-/// The raw loop: Fetch requests one after another at advancing offsets, the same size as the
-/// consumer's, counting records until `n` arrived.
+/// The raw loop: Fetch requests one after another at advancing offsets, counting records
+/// until `n` arrived.
 async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
     let mut offset = 0u64;
     let mut received = 0usize;
@@ -587,6 +574,30 @@ async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
     }
 }
 
+/// Every timed iteration of one `quic_loopback` function (warm-up included), for the ratio
+/// printed after the group: criterion reports each function alone.
+#[derive(Default)]
+struct Tally {
+    elapsed: Duration,
+    messages: u64,
+}
+
+impl Tally {
+    fn add(&mut self, elapsed: Duration, messages: usize) -> Duration {
+        self.elapsed += elapsed;
+        self.messages += messages as u64;
+        elapsed
+    }
+
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The consumer as a new user builds it, **default** `ConsumerConfig` (only topic and group
+/// set: it joins the group, which the broker creates, and starts at the earliest offset),
+/// beside a raw loop of 1 MiB fetches, both against the simulated broker's real `max_bytes`
+/// accounting. Each consumer iteration uses a group of its own, so it starts from offset 0.
 fn quic_loopback(c: &mut Criterion) {
     let mut g = c.benchmark_group("quic_loopback");
     g.throughput(Throughput::Elements(QUIC_N as u64));
@@ -610,8 +621,8 @@ fn quic_loopback(c: &mut Criterion) {
             transport
         })
     };
-    let max_bytes = quic_config(GROUP).fetch_max_bytes;
 
+    let mut raw = Tally::default();
     g.bench_function("raw_fetch_loop", |b| {
         let transport = connect();
         b.iter_custom(|iters| {
@@ -619,34 +630,30 @@ fn quic_loopback(c: &mut Criterion) {
             for _ in 0..iters {
                 total += rt.block_on(async {
                     let start = Instant::now();
-                    raw_fetch_loop(&transport, QUIC_N, max_bytes).await;
-                    start.elapsed()
+                    raw_fetch_loop(&transport, QUIC_N, RAW_FETCH_MAX_BYTES).await;
+                    raw.add(start.elapsed(), QUIC_N)
                 });
             }
             total
         })
     });
 
-    // Each iteration consumes from offset 0 under a group of its own (nothing committed yet).
     let mut run = 0u64;
-    let mut fresh_group = || {
-        run += 1;
-        let group = format!("{GROUP}-quic-{run}");
-        loopback.broker().lock().ensure_group(&group);
-        group
-    };
+    let mut tallies = Vec::new();
     for batched in [false, true] {
         let name = if batched {
             "consumer_batched"
         } else {
             "consumer"
         };
+        let mut tally = Tally::default();
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let transport = connect();
-                    let config = quic_config(&fresh_group());
+                    run += 1;
+                    let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-quic-{run}"));
                     total += rt.block_on(async {
                         let start = Instant::now();
                         let consumer = build(TokioRuntime, transport, config).await;
@@ -657,15 +664,28 @@ fn quic_loopback(c: &mut Criterion) {
                         }
                         let elapsed = start.elapsed();
                         consumer.close().await.unwrap();
-                        elapsed
+                        tally.add(elapsed, QUIC_N)
                     });
                 }
                 total
             })
         });
+        tallies.push((name, tally));
     }
     g.finish();
     rt.block_on(loopback.stop());
+
+    eprintln!(
+        "quic_loopback: raw_fetch_loop (1 MiB fetches) {:.0} msg/s",
+        raw.rate()
+    );
+    for (name, tally) in &tallies {
+        eprintln!(
+            "quic_loopback: {name} (default config) {:.0} msg/s = {:.3}x raw_fetch_loop",
+            tally.rate(),
+            tally.rate() / raw.rate()
+        );
+    }
 }
 
 criterion_group!(

@@ -26,6 +26,14 @@ pub fn records(n: usize) -> Vec<Record> {
         .collect()
 }
 
+/// A Fetch `max_bytes` that brings `n` records of [`PAYLOAD`] from the simulated broker,
+/// which counts it in the real broker's units (a per-record overhead plus the payload), not
+/// in wire bytes.
+pub fn fetch_bytes_for(n: usize) -> u32 {
+    let cost = rustmq_consumer_testkit::SimBroker::new().fetch_cost(&records(1)[0]);
+    u32::try_from(n.saturating_mul(cost)).unwrap_or(u32::MAX)
+}
+
 /// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`), if readable.
 pub fn vm_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -21,6 +21,12 @@ use tracing::{debug, trace, warn};
 /// How often the session reaper runs (the real broker's reaper interval).
 pub const REAPER_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the simulated broker charges a record for its fixed footprint when it fills a Fetch's
+/// `max_bytes`, unless [`SimBroker::with_record_overhead`] says otherwise: the real broker
+/// counts each record as the size of its in-memory log-record struct (about 350 bytes on
+/// 64-bit) plus its payload, see [`SimBroker::fetch_cost`].
+pub const DEFAULT_RECORD_OVERHEAD: u32 = 350;
+
 /// The broker clock's reading, in milliseconds since the Unix epoch, at the first instant the
 /// broker sees. Produced records are stamped with this plus the simulated time elapsed since.
 pub const CLOCK_BASE_MS: i64 = 1_700_000_000_000;
@@ -148,10 +154,23 @@ impl Group {
 ///
 /// Modelled on the real broker (PROTOCOL.md):
 /// - storage: one append-only log per partition; offsets start at 0 and are contiguous;
-/// - coordinator: groups are Empty, Stable or PreparingRebalance; every JoinGroup recomputes a
-///   round-robin assignment and makes the group Stable; a leave or an eviction bumps the
-///   generation while members remain;
+/// - fetch: `max_bytes` is counted in the real broker's units, not wire bytes: each record
+///   costs [`fetch_cost`](Self::fetch_cost) (a fixed overhead, [`DEFAULT_RECORD_OVERHEAD`]
+///   unless [`with_record_overhead`](Self::with_record_overhead) sets it, plus value, key and
+///   header key and value bytes); records are taken while the running total stays within
+///   `max_bytes`, and the first record is always taken;
+/// - coordinator: a group exists only once a JoinGroup created it (CommitOffset, FetchOffset,
+///   ConsumerHeartbeat and LeaveGroup answer 16 before that) and is never deleted; groups are
+///   Empty, Stable or PreparingRebalance; every JoinGroup recomputes a round-robin assignment
+///   and makes the group Stable; a leave or an eviction bumps the generation while members
+///   remain; the last member leaving makes the group Empty and keeps its generation and its
+///   commits; CommitOffset checks the generation, never membership;
 /// - [`restart`](Self::restart) keeps topics and records and loses every group and commit.
+///
+/// One shortcut has no counterpart on the real broker: [`ensure_group`](Self::ensure_group)
+/// creates a group without a JoinGroup. It exists for tests of manual assignment written
+/// before the consumer created its group itself; a test that uses it is not faithful to the
+/// real broker's group rules.
 #[derive(Debug, Clone)]
 pub struct SimBroker {
     broker: BrokerInfo,
@@ -164,6 +183,7 @@ pub struct SimBroker {
     next_reap: Option<Instant>,
     failing_commits: u32,
     failing_fetches: u32,
+    record_overhead: u32,
     commit_log: Vec<CommitRecord>,
     request_log: Vec<RequestLogEntry>,
 }
@@ -199,9 +219,41 @@ impl SimBroker {
             next_reap: None,
             failing_commits: 0,
             failing_fetches: 0,
+            record_overhead: DEFAULT_RECORD_OVERHEAD,
             commit_log: Vec::new(),
             request_log: Vec::new(),
         }
+    }
+
+    /// The same broker charging `overhead` bytes per record, instead of
+    /// [`DEFAULT_RECORD_OVERHEAD`], when it fills a Fetch's `max_bytes`
+    /// (see [`fetch_cost`](Self::fetch_cost)). 0 counts payload bytes only.
+    #[must_use]
+    pub fn with_record_overhead(mut self, overhead: u32) -> Self {
+        self.record_overhead = overhead;
+        self
+    }
+
+    /// The fixed per-record overhead a Fetch's `max_bytes` is charged.
+    pub fn record_overhead(&self) -> u32 {
+        self.record_overhead
+    }
+
+    /// What `record` counts against a Fetch's `max_bytes`, in the real broker's units: the
+    /// per-record overhead plus the value, the key and every header's key and value bytes
+    /// (length prefixes, the timestamp and the option tag are not counted).
+    pub fn fetch_cost(&self, record: &Record) -> usize {
+        let key = record.key.as_ref().map_or(0, Bytes::len);
+        let headers: usize = record
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.len())
+            .sum();
+        usize::try_from(self.record_overhead)
+            .unwrap_or(usize::MAX)
+            .saturating_add(record.value.len())
+            .saturating_add(key)
+            .saturating_add(headers)
     }
 
     /// The broker Metadata and FindCoordinator describe.
@@ -281,13 +333,19 @@ impl SimBroker {
         self.failing_commits = n;
     }
 
-    /// The next `n` Fetch requests fail with error code 1 (storage failure) and no records.
+    /// The next `n` Fetch requests fail like a failed read on the real broker: error code 1
+    /// (storage failure), no records and a high watermark of 0.
     pub fn fail_next_fetches(&mut self, n: u32) {
         self.failing_fetches = n;
     }
 
-    /// Creates `group` (Empty, generation 0) if it does not exist and returns its generation.
-    /// For consumers that commit under a manually assigned generation.
+    /// **Test shortcut, not real broker behaviour.** Creates `group` (Empty, generation 0) if
+    /// it does not exist and returns its generation.
+    ///
+    /// The real broker creates a group only on a JoinGroup; before that, CommitOffset and
+    /// FetchOffset for it answer 16 (unknown group), and so does this broker unless a test calls
+    /// this. It remains for tests of manual assignment written before the consumer created its
+    /// group itself; new tests should let the consumer join instead.
     pub fn ensure_group(&mut self, group: &str) -> u64 {
         self.groups
             .entry(group.to_owned())
@@ -573,29 +631,30 @@ impl SimBroker {
     }
 
     fn handle_fetch(&mut self, req: FetchRequest) -> FetchResponse {
-        let log = self.log(&req.topic, req.partition_id);
-        let high_watermark = log.map_or(0, |log| log.len() as u64);
         if self.failing_fetches > 0 {
             self.failing_fetches -= 1;
             debug!(topic = %req.topic, partition = req.partition_id, "injected fetch failure");
+            // As the real broker answers a failed read: no watermark either.
             return FetchResponse {
                 records: Vec::new(),
-                high_watermark,
+                high_watermark: 0,
                 error_code: error_code::STORAGE,
-                error_message: Some("storage failure".to_owned()),
+                error_message: Some("Failed to fetch records".to_owned()),
             };
         }
+        let log = self.log(&req.topic, req.partition_id);
+        let high_watermark = log.map_or(0, |log| log.len() as u64);
         let mut records = Vec::new();
         let start = usize::try_from(req.fetch_offset).ok();
         if let (Some(log), Some(start)) = (log, start) {
             let budget = usize::try_from(req.max_bytes).unwrap_or(usize::MAX);
             let mut used = 0usize;
             for record in log.iter().skip(start) {
-                let len = record.encoded_len();
-                if !records.is_empty() && used.saturating_add(len) > budget {
+                let cost = self.fetch_cost(record);
+                if !records.is_empty() && used.saturating_add(cost) > budget {
                     break;
                 }
-                used = used.saturating_add(len);
+                used = used.saturating_add(cost);
                 records.push(record.clone());
             }
         }

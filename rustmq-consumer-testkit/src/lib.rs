@@ -47,7 +47,7 @@ mod virtual_rt;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
-    REAPER_INTERVAL,
+    DEFAULT_RECORD_OVERHEAD, REAPER_INTERVAL,
 };
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use invariants::{names as invariant_names, Checker, Violation};

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustmq_consumer_core::protocol::{
     error_code, AcknowledgmentLevel, CommitOffsetRequest, ConsumerHeartbeatRequest,
-    FetchOffsetRequest, FetchRequest, FetchResponse, FindCoordinatorRequest, JoinGroupRequest,
-    JoinGroupResponse, LeaveGroupRequest, MetadataRequest, ProduceRequest, Record, Request,
-    RequestKind, Response, TopicPartition,
+    FetchOffsetRequest, FetchRequest, FetchResponse, FindCoordinatorRequest, Header,
+    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, MetadataRequest, ProduceRequest,
+    Record, Request, RequestKind, Response, TopicPartition,
 };
 use rustmq_consumer_testkit::{
-    BrokerError, GroupState, Outcome, SimBroker, CLOCK_BASE_MS, REAPER_INTERVAL,
+    BrokerError, GroupState, Outcome, SimBroker, CLOCK_BASE_MS, DEFAULT_RECORD_OVERHEAD,
+    REAPER_INTERVAL,
 };
 
 const GROUP: &str = "g";
@@ -195,7 +196,8 @@ fn fetch_stops_before_exceeding_max_bytes() {
     broker
         .produce_values("t", 0, (0..5).map(|_| vec![1u8; 100]))
         .unwrap();
-    let one = broker.records("t", 0)[0].encoded_len();
+    let one = broker.fetch_cost(&broker.records("t", 0)[0]);
+    assert_eq!(one, 350 + 100);
     let all_five = u32::try_from(5 * one).unwrap();
 
     let exactly_three = u32::try_from(3 * one).unwrap();
@@ -215,6 +217,57 @@ fn fetch_stops_before_exceeding_max_bytes() {
         fetch(&mut broker, now, "t", 0, 1, all_five).records.len(),
         4
     );
+}
+
+/// The figures measured on the real broker for small records (`msg-<i>`, about 35 wire bytes
+/// each): `max_bytes` is not counted in wire bytes.
+#[test]
+fn fetch_counts_max_bytes_like_the_real_broker() {
+    let now = Instant::now();
+    let mut broker = SimBroker::new();
+    assert_eq!(broker.record_overhead(), DEFAULT_RECORD_OVERHEAD);
+    broker.create_topic("t", 1);
+    broker
+        .produce_values("t", 0, (100_000..105_000).map(|i| format!("msg-{i}")))
+        .unwrap();
+    let record = &broker.records("t", 0)[0];
+    assert_eq!(record.encoded_len(), 35);
+    assert_eq!(broker.fetch_cost(record), 360);
+
+    for (max_bytes, want) in [
+        (100, 1),
+        (1_000, 2),
+        (4_000, 11),
+        (40_000, 111),
+        (1 << 20, 2_912),
+    ] {
+        let got = fetch(&mut broker, now, "t", 0, 0, max_bytes).records.len();
+        assert_eq!(got, want, "max_bytes {max_bytes}");
+    }
+}
+
+#[test]
+fn fetch_cost_counts_key_and_headers_and_a_settable_overhead() {
+    let broker = SimBroker::new().with_record_overhead(0);
+    assert_eq!(broker.record_overhead(), 0);
+    let mut record = Record::from_value("value");
+    record.key = Some(Bytes::from_static(b"key"));
+    record.headers.push(Header {
+        key: "h".to_owned(),
+        value: Bytes::from_static(b"hv"),
+    });
+    assert_eq!(broker.fetch_cost(&record), 5 + 3 + 1 + 2);
+    let broker = broker.with_record_overhead(100);
+    assert_eq!(broker.fetch_cost(&record), 100 + 11);
+
+    // With no overhead, max_bytes counts payload only.
+    let now = Instant::now();
+    let mut broker = SimBroker::new().with_record_overhead(0);
+    broker.create_topic("t", 1);
+    broker
+        .produce_values("t", 0, (0..10).map(|_| vec![0u8; 10]))
+        .unwrap();
+    assert_eq!(fetch(&mut broker, now, "t", 0, 0, 35).records.len(), 3);
 }
 
 #[test]
@@ -262,6 +315,7 @@ fn fetch_storage_failure_is_error_one_then_recovers() {
         let resp = fetch(&mut broker, now, "t", 0, 0, 1 << 20);
         assert_eq!(resp.error_code, error_code::STORAGE);
         assert!(resp.records.is_empty());
+        assert_eq!(resp.high_watermark, 0);
     }
     let resp = fetch(&mut broker, now, "t", 0, 0, 1 << 20);
     assert_eq!(resp.error_code, error_code::NONE);
@@ -719,8 +773,111 @@ fn fetch_offset_returns_only_committed_partitions() {
     assert_eq!(offsets, BTreeMap::from([(tp("t", 1), 5)]));
 }
 
+/// As on the real broker, only a JoinGroup creates a group: every other group request to an
+/// unknown group answers 16 and leaves it unknown.
 #[test]
-fn ensure_group_allows_commits_under_generation_zero() {
+fn only_join_group_creates_a_group() {
+    let now = Instant::now();
+    let mut broker = SimBroker::new();
+    broker.create_topic("t", 1);
+    assert_eq!(
+        commit(&mut broker, now, "m", 0, &[(tp("t", 0), 4)]),
+        error_code::UNKNOWN_GROUP
+    );
+    assert_eq!(
+        fetch_offsets(&mut broker, now, GROUP, &[tp("t", 0)]).1,
+        error_code::UNKNOWN_GROUP
+    );
+    assert_eq!(
+        heartbeat(&mut broker, now, "m", 0),
+        error_code::UNKNOWN_GROUP
+    );
+    assert_eq!(leave(&mut broker, now, "m"), error_code::UNKNOWN_GROUP);
+    assert_eq!(broker.generation(GROUP), None);
+    assert!(broker.commit_log().is_empty());
+
+    let a = join(&mut broker, now, "", &["t"]);
+    assert_eq!(a.generation_id, 1);
+    assert_eq!(broker.group_state(GROUP), Some(GroupState::Stable));
+}
+
+/// What manual assignment can rely on: a join creates the group and tells its generation; once
+/// the last member left, the group stays (Empty, same generation, commits kept) and accepts
+/// commits from anyone under that generation, until another join bumps it.
+#[test]
+fn an_emptied_group_keeps_its_generation_and_accepts_commits_under_it() {
+    let now = Instant::now();
+    let mut broker = SimBroker::new();
+    broker.create_topic("t", 1);
+    let a = join(&mut broker, now, "", &["t"]);
+    assert_eq!(
+        commit(
+            &mut broker,
+            now,
+            &a.member_id,
+            a.generation_id,
+            &[(tp("t", 0), 2)]
+        ),
+        error_code::NONE
+    );
+    assert_eq!(leave(&mut broker, now, &a.member_id), error_code::NONE);
+    assert_eq!(broker.group_state(GROUP), Some(GroupState::Empty));
+    assert_eq!(broker.generation(GROUP), Some(a.generation_id));
+    assert_eq!(broker.committed(GROUP, &tp("t", 0)), Some(2));
+
+    assert_eq!(
+        commit(
+            &mut broker,
+            now,
+            &a.member_id,
+            a.generation_id,
+            &[(tp("t", 0), 5)]
+        ),
+        error_code::NONE
+    );
+    assert_eq!(
+        commit(
+            &mut broker,
+            now,
+            "anyone",
+            a.generation_id,
+            &[(tp("t", 0), 6)]
+        ),
+        error_code::NONE
+    );
+    assert_eq!(
+        commit(
+            &mut broker,
+            now,
+            "anyone",
+            a.generation_id - 1,
+            &[(tp("t", 0), 9)]
+        ),
+        error_code::ILLEGAL_GENERATION
+    );
+    let (offsets, code) = fetch_offsets(&mut broker, now, GROUP, &[tp("t", 0)]);
+    assert_eq!(code, error_code::NONE);
+    assert_eq!(offsets, BTreeMap::from([(tp("t", 0), 6)]));
+    assert_eq!(broker.commit_log()[2].member_assignment, None);
+
+    let b = join(&mut broker, now, "", &["t"]);
+    assert_eq!(b.generation_id, a.generation_id + 1);
+    assert_eq!(
+        commit(
+            &mut broker,
+            now,
+            "anyone",
+            a.generation_id,
+            &[(tp("t", 0), 7)]
+        ),
+        error_code::ILLEGAL_GENERATION
+    );
+    assert_eq!(broker.committed(GROUP, &tp("t", 0)), Some(6));
+}
+
+/// The test shortcut: a group created without a JoinGroup, which the real broker never does.
+#[test]
+fn ensure_group_is_a_shortcut_that_creates_an_empty_group_at_generation_zero() {
     let now = Instant::now();
     let mut broker = SimBroker::new();
     assert_eq!(broker.ensure_group("manual"), 0);

@@ -33,10 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut config = ConsumerConfig::new(TOPIC, GROUP);
         config.partitions = vec![0];
         if std::env::var_os("MEMORY_DEFAULT_FETCH_BYTES").is_none() {
-            // One `fetch_size` of these small records (see the README: with the default
-            // 1 MiB the broker ships ~18,000 records per fetch and the core keeps 100).
-            let record_len = rustmq_consumer_benches::records(1)[0].encoded_len();
-            config.fetch_max_bytes = u32::try_from(config.fetch_size * record_len)?;
+            // One `fetch_size` of these small records, in the broker's units.
+            config.fetch_max_bytes = rustmq_consumer_benches::fetch_bytes_for(config.fetch_size);
         }
         let consumer = ConsumerBuilder::new()
             .config(config)
