@@ -206,7 +206,8 @@ struct CommitState {
     failures: u32,
     retry_at: Option<Instant>,
     /// The group generation the coordinator refused a commit under (code 22): nothing more
-    /// is committed under it, since every such commit would be refused too.
+    /// is committed under it, since every such commit would be refused too. Cleared when the
+    /// member joins again (a restarted broker may give the same number to a new generation).
     fenced_generation: Option<u64>,
 }
 
