@@ -206,7 +206,8 @@ struct CommitState {
     failures: u32,
     retry_at: Option<Instant>,
     /// The group generation the coordinator refused a commit under (code 22): nothing more
-    /// is committed under it, since every such commit would be refused too.
+    /// is committed under it, since every such commit would be refused too. Cleared when the
+    /// member joins again (a restarted broker may give the same number to a new generation).
     fenced_generation: Option<u64>,
 }
 
@@ -2212,6 +2213,10 @@ impl ConsumerMachine {
         };
         g.request_in_flight = false;
         g.joined(now, r.member_id.clone(), r.generation_id);
+        // A refusal fenced an earlier membership. Generation numbers are not unique over time
+        // (a broker that lost the group counts from 1 again), so a new one equal to the
+        // fenced one must not inherit the fence and skip every commit of its assignment.
+        self.commits.fenced_generation = None;
         debug!(group = %self.config.consumer_group, member = %r.member_id, generation = r.generation_id, "joined");
         if self.close.is_some() {
             return Ok(()); // the close will leave

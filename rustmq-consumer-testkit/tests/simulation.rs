@@ -569,6 +569,19 @@ fn core_bug_rebalance_deadline_spin_seed() {
         .unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// A refusal (22) fenced a generation number; after a broker restart the member was given the
+/// same number again, kept the fence, skipped every commit of the new assignment and closed
+/// without its final commit (the broker stayed at 72 of 78). Found by the 100,000-seed swarm
+/// (seed 38259); the minimal sequence is
+/// `a_generation_number_given_again_after_a_restart_is_not_fenced` in `tests/group.rs`.
+#[test]
+fn core_bug_fence_outlives_the_membership_seed() {
+    Simulation::new(Scenario::from_seed(38259))
+        .keep_trace(40)
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"));
+}
+
 /// Close: a final commit answered with a transient failure (storage failure, error frame) is
 /// not retried although the close deadline leaves time: the consumer leaves (or closes) with
 /// its settled offsets uncommitted, and the next member reprocesses them. Found by the group
