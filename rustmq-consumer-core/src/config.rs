@@ -86,7 +86,10 @@ pub struct ConsumerConfig {
     pub request_timeout: Duration,
     /// Consecutive broker or transport failures that open the circuit.
     pub failure_threshold: u32,
-    /// Time the circuit stays open before probing.
+    /// Longest time the circuit stays open before probing. An outage's first open interval is
+    /// one second (or this, if shorter); each later one is a quarter of the outage's age so
+    /// far, up to this: a broker back after a few seconds costs about a second, a long outage
+    /// is probed once per `recovery_timeout`.
     pub recovery_timeout: Duration,
     /// Probe requests allowed (and successes needed) while half-open.
     pub half_open_max_probes: u32,
