@@ -20,4 +20,5 @@ pub use builder::ConsumerBuilder;
 pub use consumer::{Consumer, Delivery, DeliveryStream};
 pub use error::ConsumerError;
 pub use runtime::{sleep, sleep_until, timeout, AsyncTimer, Runtime, Sleep};
+pub use task::HealthReport;
 pub use transport::Transport;

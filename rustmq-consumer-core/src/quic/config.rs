@@ -32,7 +32,9 @@ pub struct QuicConfig {
     pub keep_alive_interval: Duration,
     /// The client's idle timeout (the smaller of both peers' values applies). Default 30 s.
     pub idle_timeout: Duration,
-    /// How long a handshake may take before the attempt counts as failed. Default 10 s.
+    /// How long a handshake may take before the attempt counts as failed. Default 5 s: shorter
+    /// than the consumer's default `request_timeout`, so an unreachable broker is reported as
+    /// such rather than as a request deadline.
     pub connect_timeout: Duration,
     /// Wait after the first failed connection attempt before the next one. Doubles with each
     /// consecutive failure up to [`reconnect_backoff_max`](Self::reconnect_backoff_max).
@@ -56,7 +58,7 @@ impl QuicConfig {
             alpn: Vec::new(),
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
             bind_addr: None,
