@@ -496,6 +496,72 @@ fn default_consumers_have_unique_ids_and_uncorrelated_jitter() {
     });
 }
 
+/// Records every span opened: its name and fields, as `name field=value ...`.
+#[derive(Clone, Default)]
+struct SpanLog(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanLog {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut line = attrs.metadata().name().to_owned();
+        attrs.record(
+            &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                line.push_str(&format!(" {}={value:?}", field.name()));
+            },
+        );
+        self.0.lock().expect("not poisoned").push(line);
+    }
+}
+
+/// The consumer's logs carry its id, group and topic, and within a group assignment the member
+/// id and generation: two default consumers can be told apart.
+#[test]
+fn spans_carry_the_correlation_ids() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let log = SpanLog::default();
+    let subscriber = tracing_subscriber::registry().with(log.clone());
+    let ids = tracing::subscriber::with_default(subscriber, || {
+        let rt = VirtualRuntime::new();
+        rt.block_on(async {
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let config = ConsumerConfig::new(TOPIC, GROUP);
+                let consumer = start(&rt, config, SimTransport::new(broker(1), rt.clone())).await;
+                let delivery = within(&rt, consumer.receive())
+                    .await
+                    .expect("receive")
+                    .expect("open");
+                delivery.ack().await.expect("ack");
+                within(&rt, consumer.close()).await.expect("close");
+                ids.push(consumer.consumer_id().to_owned());
+            }
+            ids
+        })
+    });
+    let spans = log.0.lock().expect("not poisoned").clone();
+    assert_ne!(ids[0], ids[1]);
+    for id in &ids {
+        let consumer = format!("consumer consumer_id={id} group={GROUP} topic={TOPIC}");
+        assert!(
+            spans.contains(&consumer),
+            "no span {consumer:?} in {spans:?}"
+        );
+    }
+    let members: Vec<&String> = spans.iter().filter(|s| s.starts_with("member ")).collect();
+    assert_eq!(members.len(), 2, "one per assignment: {spans:?}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m.contains("member_id=") && m.contains("generation=")),
+        "{members:?}"
+    );
+    // (Each consumer has its own broker here, which hands out the same first member id.)
+}
+
 // ------------------------------------------------------------------ over QUIC
 
 /// A UDP port on 127.0.0.1 where nothing listens.

@@ -149,14 +149,12 @@ impl<R: Runtime> ConsumerBuilder<R> {
             .clone()
             .unwrap_or_else(|| format!("consumer-{:016x}", entropy()));
         let topic = config.topic.clone();
-        // `member_id` and `generation` are recorded by the driver once the group assigns.
+        // Inside it, the driver opens a `member` span (member id, generation) per assignment.
         let span = tracing::info_span!(
             "consumer",
             consumer_id = %consumer_id,
             group = %config.consumer_group,
             topic = %topic,
-            member_id = tracing::field::Empty,
-            generation = tracing::field::Empty,
         );
         let max_unacked = config.max_unacked;
         let machine = ConsumerMachine::new(config, runtime.now())?;

@@ -133,9 +133,13 @@ pub(crate) struct Driver {
     ever_connected: bool,
     /// The current wake-up is the timer: request failures it causes are deadlines.
     timer_wake: bool,
-    /// The member id and generation of the last successful JoinGroup answer, recorded on the
-    /// consumer's span once the machine reports the assignment.
+    /// The member id and generation of the last successful JoinGroup answer, for the member
+    /// span of the assignment the machine reports next.
     joined: Option<(String, u64)>,
+    /// The consumer's span (consumer id, group, topic), the parent of `member_span`.
+    span: tracing::Span,
+    /// `member{member_id, generation}` of the current group assignment (none before).
+    member_span: tracing::Span,
 }
 
 impl Driver {
@@ -166,6 +170,8 @@ impl Driver {
             ever_connected: false,
             timer_wake: false,
             joined: None,
+            span: tracing::Span::none(),
+            member_span: tracing::Span::none(),
         }
     }
 
@@ -176,10 +182,13 @@ impl Driver {
     /// fed (see `gate`) and released before waiting.
     pub(crate) async fn run(mut self) {
         tracing::debug!("driver started");
+        self.span = tracing::Span::current();
         let gate = Arc::clone(&self.channels.gate);
         let mut wake = None;
         loop {
             let done = {
+                let member_span = self.member_span.clone();
+                let _member = member_span.enter();
                 let mut state = gate.lock();
                 self.apply_pending(self.runtime.now(), &mut state);
                 self.handle_ready(wake.take(), &mut state);
@@ -345,11 +354,15 @@ impl Driver {
             Event::Assigned(partitions) => {
                 state.generation += 1;
                 if let Some((member_id, generation)) = self.joined.take() {
-                    let span = tracing::Span::current();
-                    span.record("member_id", member_id.as_str());
-                    span.record("generation", generation);
+                    self.member_span = tracing::info_span!(
+                        parent: &self.span,
+                        "member",
+                        member_id = %member_id,
+                        generation,
+                    );
                 }
-                tracing::info!(?partitions, "assigned");
+                self.member_span
+                    .in_scope(|| tracing::info!(?partitions, "assigned"));
             }
             Event::Revoked(partitions) => {
                 state.generation += 1;
