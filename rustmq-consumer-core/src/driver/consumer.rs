@@ -13,7 +13,7 @@ use futures_lite::{future, Stream};
 use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::runtime::{sleep, Runtime};
-use super::task::{Command, FinalState, HealthReport, Reply, Stamped};
+use super::task::{Command, FinalState, Reply, Stamped};
 use crate::error::UsageError;
 use crate::event::{self, DeliveryTag, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
@@ -289,6 +289,17 @@ impl Consumer {
     fn final_state(&self) -> Option<FinalState> {
         self.shared.final_state.get().cloned()
     }
+}
+
+/// How the consumer is doing, and why (see [`Consumer::health_report`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// The state: from the circuit breaker and progress, and `Unhealthy` while the broker is
+    /// unreachable.
+    pub health: Health,
+    /// The outage in progress ([`ConsumerError::Unreachable`]), if any.
+    pub cause: Option<ConsumerError>,
 }
 
 /// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed; an

@@ -11,6 +11,7 @@ use async_channel::{Receiver, Sender};
 use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
+use super::consumer::HealthReport;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
 use super::runtime::{AsyncTimer, Runtime};
@@ -19,17 +20,6 @@ use crate::error::{TransportError, UsageError};
 use crate::event::{Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, RequestId};
 use crate::machine::ConsumerMachine;
 use crate::protocol::Response;
-
-/// How the consumer is doing, and why (see [`Consumer::health_report`](super::Consumer::health_report)).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HealthReport {
-    /// The state: from the circuit breaker and progress, and `Unhealthy` while the broker is
-    /// unreachable.
-    pub health: Health,
-    /// The outage in progress ([`ConsumerError::Unreachable`]), if any.
-    pub cause: Option<ConsumerError>,
-}
 
 /// A one-shot reply from the driver (a channel of capacity one).
 pub(crate) type Reply<T> = Sender<T>;
