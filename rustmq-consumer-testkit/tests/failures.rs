@@ -479,7 +479,7 @@ async fn retry_delay(rt: &VirtualRuntime, config: ConsumerConfig) -> (String, Du
 #[test]
 fn default_consumers_have_unique_ids_and_uncorrelated_jitter() {
     init_tracing();
-    let rt = VirtualRuntime::starting_at(Instant::now());
+    let rt = VirtualRuntime::new();
     rt.block_on(async {
         let defaults = || ConsumerConfig::new(TOPIC, GROUP);
         let (id_a, delay_a) = retry_delay(&rt, defaults()).await;
