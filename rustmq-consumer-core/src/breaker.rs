@@ -1,8 +1,16 @@
 //! The circuit breaker: a sans-IO sub-machine deciding whether a request may be sent.
 //!
-//! Closed -> Open after `failure_threshold` consecutive failures -> HalfOpen after
-//! `recovery_timeout` -> Closed after `max_probes` successful probes, or Open again on any
-//! probe failure or when `half_open_max_wait` passes without a decision.
+//! Closed -> Open after `failure_threshold` consecutive failures -> HalfOpen after the open
+//! interval -> Closed after `max_probes` successful probes, or Open again on any probe failure
+//! or when `half_open_max_wait` passes without a decision.
+//!
+//! The open interval grows with the outage (like resilience4j's exponential wait interval in
+//! the open state): a quarter of the time since the circuit first opened, at least
+//! [`FIRST_OPEN_WAIT`] and at most `recovery_timeout`. A broker back after an outage of `T`
+//! is probed again within `max(FIRST_OPEN_WAIT, T / 4)` of its return (a 5 s outage costs
+//! about a second), the interval grows by a quarter per failed probe once the outage is longer
+//! than four first waits, and an outage longer than `4 * recovery_timeout` is probed once
+//! per `recovery_timeout`. Closing the circuit ends the outage.
 //!
 //! Polling order after every input: drain [`Breaker::poll_transition`], then read
 //! [`Breaker::poll_timeout`]. The breaker never reads a clock: `now` is an argument.
@@ -13,6 +21,12 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::event::BreakerState;
+
+/// The shortest open interval (capped by `recovery_timeout`): the first wait of an outage.
+pub(crate) const FIRST_OPEN_WAIT: Duration = Duration::from_secs(1);
+
+/// The open interval is the outage's age divided by this (within its bounds).
+const OUTAGE_FRACTION: u32 = 4;
 
 /// The kind of request a [`Breaker::try_acquire`] allowed. Hand it back with the outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +42,8 @@ pub(crate) enum Permit {
 enum Inner {
     /// Requests flow; counts failures in a row.
     Closed { consecutive_failures: u32 },
-    /// Nothing flows until `opened_at + recovery_timeout`.
-    Open { opened_at: Instant },
+    /// Nothing flows until `opened_at + wait`.
+    Open { opened_at: Instant, wait: Duration },
     /// Probes flow, at most `max_probes` at a time.
     HalfOpen { since: Instant, successes: u32 },
 }
@@ -43,8 +57,10 @@ enum Inner {
 pub(crate) struct Breaker {
     /// Consecutive failures that open a closed circuit (at least 1).
     failure_threshold: u32,
-    /// How long the circuit stays open before probing.
+    /// The longest the circuit stays open before probing.
     recovery_timeout: Duration,
+    /// When the circuit first opened in the current outage (`None` while closed).
+    outage_since: Option<Instant>,
     /// Probes in flight at once, and successes needed to close (at least 1).
     max_probes: u32,
     /// Longest a half-open circuit waits for a decision before opening again.
@@ -71,6 +87,7 @@ impl Breaker {
         Self {
             failure_threshold: failure_threshold.max(1),
             recovery_timeout,
+            outage_since: None,
             max_probes: max_probes.max(1),
             half_open_max_wait,
             inner: Inner::Closed {
@@ -129,6 +146,7 @@ impl Breaker {
             (Inner::HalfOpen { successes, .. }, Permit::Probe) => {
                 *successes += 1;
                 if *successes >= self.max_probes {
+                    self.outage_since = None;
                     self.transition(Inner::Closed {
                         consecutive_failures: 0,
                     });
@@ -152,12 +170,10 @@ impl Breaker {
             ) => {
                 *consecutive_failures = consecutive_failures.saturating_add(1);
                 if *consecutive_failures >= self.failure_threshold {
-                    self.transition(Inner::Open { opened_at: now });
+                    self.open(now);
                 }
             }
-            (Inner::HalfOpen { .. }, Permit::Probe) => {
-                self.transition(Inner::Open { opened_at: now });
-            }
+            (Inner::HalfOpen { .. }, Permit::Probe) => self.open(now),
             _ => {}
         }
     }
@@ -178,19 +194,19 @@ impl Breaker {
         had
     }
 
-    /// When [`Breaker::handle_timeout`] has work: Open, `opened_at + recovery_timeout` (the
+    /// When [`Breaker::handle_timeout`] has work: Open, `opened_at` plus the open interval (the
     /// circuit half-opens); HalfOpen, `half_open_since + half_open_max_wait` (the circuit opens
     /// again); Closed, `None`. `None` also when the deadline is beyond what `Instant` can hold.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         match self.inner {
             Inner::Closed { .. } => None,
-            Inner::Open { opened_at } => opened_at.checked_add(self.recovery_timeout),
+            Inner::Open { opened_at, wait } => opened_at.checked_add(wait),
             Inner::HalfOpen { since, .. } => since.checked_add(self.half_open_max_wait),
         }
     }
 
-    /// Open -> HalfOpen at its deadline; HalfOpen -> Open (fresh recovery timer) when the
-    /// maximum wait passed without a decision. Spurious calls are no-ops.
+    /// Open -> HalfOpen at its deadline; HalfOpen -> Open (a fresh, longer open interval) when
+    /// the maximum wait passed without a decision. Spurious calls are no-ops.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let Some(deadline) = self.poll_timeout() else {
             return;
@@ -204,8 +220,21 @@ impl Breaker {
                 since: now,
                 successes: 0,
             }),
-            Inner::HalfOpen { .. } => self.transition(Inner::Open { opened_at: now }),
+            Inner::HalfOpen { .. } => self.open(now),
         }
+    }
+
+    /// Opens the circuit at `now` for the open interval the outage's age calls for.
+    fn open(&mut self, now: Instant) {
+        let since = *self.outage_since.get_or_insert(now);
+        let first = FIRST_OPEN_WAIT.min(self.recovery_timeout);
+        let wait = (now.saturating_duration_since(since) / OUTAGE_FRACTION)
+            .clamp(first, self.recovery_timeout);
+        debug!(wait_ms = wait.as_millis() as u64, "circuit opens");
+        self.transition(Inner::Open {
+            opened_at: now,
+            wait,
+        });
     }
 
     /// The next transition `(from, to)` since the last poll, oldest first.
@@ -239,7 +268,8 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    const RECOVERY: Duration = Duration::from_secs(60);
+    /// Below `FIRST_OPEN_WAIT`: every open interval is this (the growth has its own tests).
+    const RECOVERY: Duration = Duration::from_millis(800);
     const MAX_WAIT: Duration = Duration::from_secs(10);
 
     fn ms(n: u64) -> Duration {
@@ -586,13 +616,116 @@ mod tests {
     }
 
     #[test]
-    fn huge_durations_never_fire() {
+    fn huge_durations_do_not_overflow() {
         let t0 = Instant::now();
         let mut b = Breaker::new(1, Duration::MAX, 1, Duration::MAX);
         fail(&mut b, t0, 1);
-        assert_eq!(b.poll_timeout(), None);
+        assert_eq!(b.poll_timeout(), Some(t0 + FIRST_OPEN_WAIT));
+        b.handle_timeout(t0 + FIRST_OPEN_WAIT);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(
+            b.poll_timeout(),
+            None,
+            "the half-open wait is beyond any instant"
+        );
         b.handle_timeout(t0 + Duration::from_secs(1_000_000));
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    /// Opens a default-like breaker (threshold 1, one probe, 60 s recovery) at `t0`, then fails
+    /// every probe as soon as it is allowed until `until`; returns the open intervals in order.
+    fn failed_probe_waits(b: &mut Breaker, t0: Instant, until: Instant) -> Vec<Duration> {
+        fail(b, t0, 1);
+        let mut waits = Vec::new();
+        let mut opened = t0;
+        for _ in 0..10_000 {
+            let at = b.poll_timeout().unwrap();
+            if at > until {
+                return waits;
+            }
+            waits.push(at - opened);
+            b.handle_timeout(at);
+            let probe = b.try_acquire().unwrap();
+            b.on_failure(at, probe);
+            assert_eq!(b.state(), BreakerState::Open);
+            opened = at;
+        }
+        panic!("more than 10,000 probes before {until:?}");
+    }
+
+    #[test]
+    fn open_interval_grows_from_a_second_to_the_recovery_timeout() {
+        let t0 = Instant::now();
+        let recovery = Duration::from_secs(60);
+        let mut b = Breaker::new(1, recovery, 1, MAX_WAIT);
+        let waits = failed_probe_waits(&mut b, t0, t0 + Duration::from_secs(3600));
+        assert_eq!(waits[0], FIRST_OPEN_WAIT, "a short first wait");
+        assert!(
+            waits.windows(2).all(|w| w[0] <= w[1]),
+            "never shrinks: {waits:?}"
+        );
+        assert_eq!(*waits.last().unwrap(), recovery, "capped: {waits:?}");
+        // A long outage is probed at most once per recovery timeout once the interval is
+        // capped: from the first probe failing four recovery timeouts into the outage.
+        let capped_at = waits.iter().position(|w| *w == recovery).unwrap();
+        let before_cap: Duration = waits[..capped_at].iter().sum();
+        assert!(before_cap < recovery * 5, "{before_cap:?}");
+        assert!(waits[capped_at..].iter().all(|w| *w == recovery));
+        assert!(waits.len() < 100, "{} probes in an hour", waits.len());
+    }
+
+    #[test]
+    fn a_short_outage_is_probed_again_within_a_quarter_of_its_length() {
+        let t0 = Instant::now();
+        let recovery = Duration::from_secs(60);
+        for outage_secs in [1, 3, 5, 8, 20, 100] {
+            let back = t0 + Duration::from_secs(outage_secs);
+            let mut b = Breaker::new(1, recovery, 1, MAX_WAIT);
+            failed_probe_waits(&mut b, t0, back);
+            // The broker is back: the next probe, due at the pending deadline, succeeds.
+            let next = b.poll_timeout().unwrap();
+            let bound = FIRST_OPEN_WAIT.max(Duration::from_secs(outage_secs) / 4);
+            assert!(
+                next - back <= bound,
+                "outage of {outage_secs} s: probed {:?} after the return",
+                next - back
+            );
+            b.handle_timeout(next);
+            let probe = b.try_acquire().unwrap();
+            b.on_success(next, probe);
+            assert_eq!(b.state(), BreakerState::Closed);
+        }
+    }
+
+    #[test]
+    fn closing_ends_the_outage_and_the_next_one_starts_short() {
+        let t0 = Instant::now();
+        let recovery = Duration::from_secs(60);
+        let mut b = Breaker::new(1, recovery, 1, MAX_WAIT);
+        failed_probe_waits(&mut b, t0, t0 + Duration::from_secs(600));
+        let at = b.poll_timeout().unwrap();
+        b.handle_timeout(at);
+        let probe = b.try_acquire().unwrap();
+        b.on_success(at, probe);
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&mut b, at + ms(1), 1);
+        assert_eq!(b.poll_timeout(), Some(at + ms(1) + FIRST_OPEN_WAIT));
+    }
+
+    #[test]
+    fn an_undecided_half_open_phase_counts_as_a_failed_probe() {
+        let t0 = Instant::now();
+        let recovery = Duration::from_secs(60);
+        let mut b = Breaker::new(1, recovery, 1, Duration::from_secs(8));
+        fail(&mut b, t0, 1);
+        let at = b.poll_timeout().unwrap();
+        b.handle_timeout(at);
+        let _stuck = b.try_acquire().unwrap();
+        let expiry = b.poll_timeout().unwrap();
+        b.handle_timeout(expiry);
         assert_eq!(b.state(), BreakerState::Open);
+        // Opened 9 s into the outage: a quarter of that.
+        assert_eq!(b.poll_timeout(), Some(expiry + (expiry - t0) / 4));
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub struct ConsumerConfig {
     pub topic: String,
     /// The consumer group whose offsets this consumer commits.
     pub consumer_group: String,
-    /// An id for logs and the group session (`None`: derived from the seed).
+    /// An id for logs (`None`: the driver draws a unique one from the operating system's
+    /// entropy; a bare state machine has none).
     pub consumer_id: Option<String>,
     /// Empty (the default): join `consumer_group` and consume what its coordinator assigns.
     /// Non-empty: consume exactly these partitions of `topic`, with no group session (commits
@@ -86,7 +87,10 @@ pub struct ConsumerConfig {
     pub request_timeout: Duration,
     /// Consecutive broker or transport failures that open the circuit.
     pub failure_threshold: u32,
-    /// Time the circuit stays open before probing.
+    /// Longest time the circuit stays open before probing. An outage's first open interval is
+    /// one second (or this, if shorter); each later one is a quarter of the outage's age so
+    /// far, up to this: a broker back after a few seconds costs about a second, a long outage
+    /// is probed once per `recovery_timeout`.
     pub recovery_timeout: Duration,
     /// Probe requests allowed (and successes needed) while half-open.
     pub half_open_max_probes: u32,
@@ -94,11 +98,17 @@ pub struct ConsumerConfig {
     pub half_open_max_wait: Duration,
     /// Close: longest wait for outstanding deliveries to settle, and for each flush phase.
     pub drain_timeout: Duration,
-    /// Seed of the jitter PRNG (deterministic simulation replays it).
+    /// Seed of the jitter PRNG (deterministic simulation replays it). Left at
+    /// [`ConsumerConfig::DEFAULT_SEED`], the driver (`ConsumerBuilder::build`) replaces it with
+    /// a seed from the operating system's entropy, so two consumers never retry in lockstep;
+    /// any other value is used as given.
     pub seed: u64,
 }
 
 impl ConsumerConfig {
+    /// The seed `new` sets: the driver draws a fresh one from OS entropy in its place.
+    pub const DEFAULT_SEED: u64 = 0x5eed_0f2b_17c0_de00;
+
     /// A configuration with every default, for `topic` in `consumer_group`.
     pub fn new(topic: impl Into<String>, consumer_group: impl Into<String>) -> Self {
         let fetch_size = 100;
@@ -137,7 +147,7 @@ impl ConsumerConfig {
             half_open_max_probes: 3,
             half_open_max_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
-            seed: 0x5eed_0f2b_17c0_de00,
+            seed: Self::DEFAULT_SEED,
         }
     }
 

@@ -65,4 +65,31 @@ pub enum TransportError {
     /// The transport gave up waiting.
     #[error("request timed out")]
     TimedOut,
+    /// No connection could be made: nothing answered the handshake in time, or the peer
+    /// refused the connection. Worth retrying.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The TLS handshake failed: the broker's certificate was refused (with the rustls reason,
+    /// such as `UnknownIssuer`) or the broker refused the handshake. Retrying cannot help until
+    /// the certificate or the trust settings change.
+    #[error("tls handshake failed: {0}")]
+    Tls(String),
+}
+
+impl TransportError {
+    /// True when the request got no answer from the broker at all: no connection, a lost
+    /// connection, a refused handshake or a deadline. (An error frame, an empty or malformed
+    /// answer means the broker was reached.)
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::ConnectionLost(_) | Self::Connect(_) | Self::Tls(_) | Self::TimedOut
+        )
+    }
+
+    /// True when retrying cannot help until the configuration or the broker's certificate
+    /// changes ([`TransportError::Tls`]).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
 }

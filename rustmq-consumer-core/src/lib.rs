@@ -79,7 +79,7 @@ mod window;
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
-    DeliveryStream, Runtime, Sleep, Transport,
+    DeliveryStream, HealthReport, Runtime, Sleep, Transport,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -97,7 +97,7 @@ pub mod adapter {
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{
         protocol, AsyncTimer, BreakerState, ConfigError, Consumer, ConsumerConfig, ConsumerError,
-        DeliveryStream, DeliveryTag, Health, Metrics, PartitionLag, Runtime, StartPosition,
-        Transport, TransportError, UsageError,
+        DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag, Runtime,
+        StartPosition, Transport, TransportError, UsageError,
     };
 }

@@ -360,7 +360,15 @@ impl ConsumerMachine {
 
     /// Fires every deadline that is due. Spurious calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let was_open = self.breaker.state() == BreakerState::Open;
         self.breaker.handle_timeout(now);
+        if was_open && self.breaker.state() == BreakerState::HalfOpen {
+            // The breaker paced the outage: partitions backing off after failed fetches fetch
+            // now, as probes, instead of waiting out a backoff grown during the outage.
+            for p in self.partitions.iter_mut().filter(|p| p.fetch_failures > 0) {
+                p.fetch_not_before = None;
+            }
+        }
         self.cache.handle_timeout(now);
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {

@@ -368,8 +368,8 @@ async fn raw_frames_get_the_real_brokers_answers<R: Runtime>(rt: R, quic: Arc<dy
 }
 
 /// Certificate verification is on by default: a client that does not trust the loopback
-/// broker's certificate (or expects another name) fails the handshake with a clear
-/// `ConnectionLost`; trusting the certificate connects, and so does the explicit dangerous
+/// broker's certificate (or expects another name) fails the handshake with a permanent
+/// `Tls` error carrying rustls' reason; trusting the certificate connects, and so does the explicit dangerous
 /// opt-in (the only way to reach today's real broker).
 async fn tls_verification_on_by_default<R: Runtime>(rt: R, quic: Arc<dyn quinn::Runtime>) {
     assert!(matches!(
@@ -385,9 +385,10 @@ async fn tls_verification_on_by_default<R: Runtime>(rt: R, quic: Arc<dyn quinn::
         &quic,
     );
     let refused = within(&rt, default.request(metadata())).await;
-    let Err(TransportError::ConnectionLost(message)) = refused else {
+    let Err(TransportError::Tls(message)) = refused else {
         panic!("untrusted certificate accepted: {refused:?}");
     };
+    assert!(TransportError::Tls(message.clone()).is_permanent());
     assert!(message.contains("certificate"), "unclear error: {message}");
     assert!(
         message.contains("UnknownIssuer"),
@@ -398,7 +399,7 @@ async fn tls_verification_on_by_default<R: Runtime>(rt: R, quic: Arc<dyn quinn::
     wrong_name.server_name = "broker.example".to_owned();
     let wrong_name = transport(wrong_name, &quic);
     let refused = within(&rt, wrong_name.request(metadata())).await;
-    let Err(TransportError::ConnectionLost(message)) = refused else {
+    let Err(TransportError::Tls(message)) = refused else {
         panic!("certificate for the wrong name accepted: {refused:?}");
     };
     assert!(message.contains("certificate"), "unclear error: {message}");
@@ -424,7 +425,7 @@ async fn tls_verification_on_by_default<R: Runtime>(rt: R, quic: Arc<dyn quinn::
 }
 
 /// The server is stopped and restarted on the same port: requests fail with
-/// `ConnectionLost` (which the core's breaker counts), then succeed again once the transport
+/// `ConnectionLost` or `Connect` (which the core's breaker counts), then succeed again once the transport
 /// has reconnected by itself.
 async fn reconnects_after_server_restart<R: Runtime>(rt: R, quic: Arc<dyn quinn::Runtime>) {
     let shared = broker(1);
@@ -443,7 +444,10 @@ async fn reconnects_after_server_restart<R: Runtime>(rt: R, quic: Arc<dyn quinn:
     within(&rt, loopback.stop()).await;
     let lost = within(&rt, client.request(fetch(0))).await;
     assert!(
-        matches!(lost, Err(TransportError::ConnectionLost(_))),
+        matches!(
+            lost,
+            Err(TransportError::ConnectionLost(_) | TransportError::Connect(_))
+        ),
         "{lost:?}"
     );
 
@@ -457,7 +461,7 @@ async fn reconnects_after_server_restart<R: Runtime>(rt: R, quic: Arc<dyn quinn:
                 assert!(matches!(response, Response::Fetch(_)));
                 break;
             }
-            Err(TransportError::ConnectionLost(message)) => {
+            Err(TransportError::ConnectionLost(message) | TransportError::Connect(message)) => {
                 attempts += 1;
                 assert!(attempts < 200, "never reconnected: {message}");
                 sleep(&rt, Duration::from_millis(20)).await;
@@ -611,6 +615,26 @@ async fn next<R: Runtime>(rt: &R, consumer: &Consumer) -> Delivery {
         .await
         .expect("receive")
         .expect("a delivery")
+}
+
+/// The next delivery, counting in `outages` the broker outages `receive()` reports on the way
+/// (each is not fatal; at most 100 before a delivery).
+async fn next_through_outages<R: Runtime>(
+    rt: &R,
+    consumer: &Consumer,
+    outages: &mut u32,
+) -> Delivery {
+    for _ in 0..100 {
+        match within(rt, consumer.receive()).await {
+            Ok(delivery) => return delivery.expect("a delivery"),
+            Err(ConsumerError::Unreachable { ever_connected, .. }) => {
+                assert!(ever_connected, "the consumer had connected before");
+                *outages += 1;
+            }
+            Err(other) => panic!("receive failed: {other}"),
+        }
+    }
+    panic!("100 outages reported and no delivery");
 }
 
 fn committed(shared: &SharedBroker, partition: u32) -> Option<u64> {
@@ -1010,9 +1034,15 @@ async fn broker_restart_mid_stream_loses_nothing<R: Runtime + Clone>(
     assert_eq!(loopback.addr(), addr);
 
     let total = FIRST + LATE;
+    let mut outages = 0;
     while (acked.len() as u64) < total {
-        ack_counting(next(&rt, &consumer).await, &mut acked).await;
+        ack_counting(
+            next_through_outages(&rt, &consumer, &mut outages).await,
+            &mut acked,
+        )
+        .await;
     }
+    assert!(outages >= 1, "receive() reported the outage");
     eventually!(
         rt,
         "the commit reaches the end",

@@ -237,10 +237,12 @@ async fn run<R: Runtime + Clone + Default>(
 
     // The embedded broker serves the wire protocol on 127.0.0.1 until it is dropped.
     let mut _server = None;
+    // Fail fast: `build()` fails with the cause when the broker cannot be reached.
     let builder = ConsumerBuilder::<R>::new()
         .topic(topic)
         .consumer_group(group)
-        .config(config);
+        .config(config)
+        .fail_fast(true);
     let quic_config = match source {
         Source::InMemory => None,
         Source::Remote(r) => {
@@ -282,10 +284,25 @@ async fn run<R: Runtime + Clone + Default>(
     while !embedded || finished < MESSAGES {
         let received = match idle {
             Some(idle) => match timeout(&runtime, idle, consumer.receive()).await {
-                Some(received) => received?,
+                Some(received) => received,
                 None => break, // nothing for `idle`: done
             },
-            None => consumer.receive().await?,
+            None => consumer.receive().await,
+        };
+        let received = match received {
+            Ok(received) => received,
+            // An outage after the broker had answered is not fatal: the consumer reconnects.
+            Err(
+                error @ ConsumerError::Unreachable {
+                    ever_connected: true,
+                    ..
+                },
+            ) if !error.is_permanent() => {
+                println!("\n{error}: waiting for it");
+                continue;
+            }
+            // Never connected, or a certificate that will never be accepted: give up.
+            Err(error) => return Err(error),
         };
         let Some(delivery) = received else {
             break;

@@ -1,6 +1,8 @@
 //! `ConsumerBuilder`: the old SDK's way to make a consumer.
 
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock};
 
 use tracing::Instrument;
@@ -9,7 +11,7 @@ use super::consumer::{Consumer, Shared};
 use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::runtime::Runtime;
-use super::task::{Driver, DriverChannels};
+use super::task::{Command, Driver, DriverChannels};
 use super::transport::Transport;
 use crate::config::ConsumerConfig;
 use crate::machine::ConsumerMachine;
@@ -37,6 +39,7 @@ pub struct ConsumerBuilder<R> {
     consumer_group: Option<String>,
     config: Option<ConsumerConfig>,
     transport: Option<Arc<dyn Transport>>,
+    fail_fast: bool,
 }
 
 impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
@@ -47,6 +50,7 @@ impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
             .field("consumer_group", &self.consumer_group)
             .field("config", &self.config)
             .field("transport", &self.transport.is_some())
+            .field("fail_fast", &self.fail_fast)
             .finish()
     }
 }
@@ -73,6 +77,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             consumer_group: None,
             config: None,
             transport: None,
+            fail_fast: false,
         }
     }
 
@@ -105,7 +110,17 @@ impl<R: Runtime> ConsumerBuilder<R> {
         self
     }
 
-    /// Validates the settings and starts the consumer's driver task.
+    /// Fail fast: `build()` waits for the broker's first answer and fails with
+    /// [`ConsumerError::Unreachable`] (and the cause) when the broker cannot be reached or
+    /// refuses the handshake, within `request_timeout`. Off by default: the consumer then
+    /// starts at once and reports an outage through `receive()`.
+    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
+        self.fail_fast = fail_fast;
+        self
+    }
+
+    /// Validates the settings and starts the consumer's driver task (and with
+    /// [`fail_fast`](Self::fail_fast), waits for the broker's first answer).
     pub async fn build(self) -> Result<Consumer, ConsumerError> {
         let mut config = self
             .config
@@ -126,12 +141,21 @@ impl<R: Runtime> ConsumerBuilder<R> {
         config.validate()?;
 
         let runtime: Arc<dyn Runtime> = Arc::new(self.runtime);
+        if config.seed == ConsumerConfig::DEFAULT_SEED {
+            config.seed = entropy();
+        }
         let consumer_id = config
             .consumer_id
             .clone()
-            .unwrap_or_else(|| format!("consumer-{:016x}", config.seed));
+            .unwrap_or_else(|| format!("consumer-{:016x}", entropy()));
         let topic = config.topic.clone();
-        let span = tracing::info_span!("consumer", consumer_id = %consumer_id, group = %config.consumer_group, topic = %topic);
+        // Inside it, the driver opens a `member` span (member id, generation) per assignment.
+        let span = tracing::info_span!(
+            "consumer",
+            consumer_id = %consumer_id,
+            group = %config.consumer_group,
+            topic = %topic,
+        );
         let max_unacked = config.max_unacked;
         let machine = ConsumerMachine::new(config, runtime.now())?;
 
@@ -139,6 +163,8 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
         let (lifeline_tx, lifeline) = async_channel::bounded(1);
         let (deliveries, undelivered) = async_channel::bounded(max_unacked);
+        let (errors, unread_errors) = async_channel::bounded(1);
+        let (first_contact, contacted) = async_channel::bounded(1);
         let (gate, kicked) = AckGate::new(max_unacked);
         let gate = Arc::new(gate);
         let final_state = Arc::new(OnceLock::new());
@@ -151,7 +177,12 @@ impl<R: Runtime> ConsumerBuilder<R> {
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
         });
-        let consumer = Consumer::new(Arc::clone(&shared), undelivered.clone(), lifeline_tx);
+        let consumer = Consumer::new(
+            Arc::clone(&shared),
+            undelivered.clone(),
+            unread_errors.clone(),
+            lifeline_tx,
+        );
         let driver = Driver::new(
             machine,
             Arc::clone(&runtime),
@@ -165,9 +196,31 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 deliveries,
                 undelivered,
                 final_state,
+                errors,
+                unread_errors,
+                first_contact: self.fail_fast.then_some(first_contact),
             },
         );
         runtime.spawn(Box::pin(driver.run().instrument(span)));
+        if self.fail_fast {
+            // The driver answers within `request_timeout` (a deadline is an outage too).
+            let contact = contacted
+                .recv()
+                .await
+                .unwrap_or_else(|_| Err(ConsumerError::closed()));
+            if let Err(error) = contact {
+                // Stop without a close: there is nothing to commit and no broker to leave.
+                let _ = shared.commands.send(Command::Abandon).await;
+                return Err(error);
+            }
+        }
         Ok(consumer)
     }
+}
+
+/// 64 bits from the operating system's entropy: std's `RandomState` keys are drawn from it
+/// once per thread and bumped for every new state, so each call gives a fresh, unpredictable
+/// value (a SipHash of nothing under fresh keys).
+fn entropy() -> u64 {
+    RandomState::new().build_hasher().finish()
 }

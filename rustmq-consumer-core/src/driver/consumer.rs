@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
 use bytes::Bytes;
-use futures_lite::Stream;
+use futures_lite::{future, Stream};
 
 use super::error::ConsumerError;
 use super::gate::AckGate;
@@ -58,6 +58,7 @@ impl Shared {
 pub struct Consumer {
     shared: Arc<Shared>,
     deliveries: Receiver<Stamped>,
+    errors: Receiver<ConsumerError>,
     _lifeline: Sender<()>,
 }
 
@@ -74,23 +75,38 @@ impl Consumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
         deliveries: Receiver<Stamped>,
+        errors: Receiver<ConsumerError>,
         lifeline: Sender<()>,
     ) -> Self {
         Self {
             shared,
             deliveries,
+            errors,
             _lifeline: lifeline,
         }
     }
 
     /// The next delivery; `None` once the consumer is closed.
+    ///
+    /// An error is not fatal: [`ConsumerError::Unreachable`] says the broker cannot be reached
+    /// (or refused the handshake) and why, once per outage; the consumer keeps trying and the
+    /// next call waits for deliveries again. [`ConsumerError::is_permanent`] tells a broker
+    /// certificate that will never be accepted.
     pub async fn receive(&self) -> Result<Option<Delivery>, ConsumerError> {
-        Ok(self
-            .deliveries
-            .recv()
-            .await
-            .ok()
-            .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
+        let stamped = self.next_stamped().await?;
+        Ok(stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
+    }
+
+    /// The next delivery (`None` once closed), or the next error for the application first.
+    async fn next_stamped(&self) -> Result<Option<Stamped>, ConsumerError> {
+        let error = async {
+            match self.errors.recv().await {
+                Ok(error) => Err(error),
+                // The driver has exited: only the deliveries' end is left to report.
+                Err(_) => future::pending().await,
+            }
+        };
+        future::or(error, async { Ok(self.deliveries.recv().await.ok()) }).await
     }
 
     /// Waits for the next delivery, then takes every other one already waiting, up to `max`
@@ -103,7 +119,7 @@ impl Consumer {
         if max == 0 {
             return Ok(batch);
         }
-        let Ok(first) = self.deliveries.recv().await else {
+        let Some(first) = self.next_stamped().await? else {
             return Ok(batch);
         };
         batch.reserve(max.min(self.deliveries.len() + 1));
@@ -152,10 +168,12 @@ impl Consumer {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// The deliveries as a stream, ending when the consumer is closed.
+    /// The deliveries as a stream, ending when the consumer is closed. Errors are the ones
+    /// [`Consumer::receive`] returns: not fatal, the stream goes on after them.
     pub fn stream(&self) -> DeliveryStream {
         DeliveryStream {
             deliveries: Box::pin(self.deliveries.clone()),
+            errors: Box::pin(self.errors.clone()),
             shared: Arc::clone(&self.shared),
         }
     }
@@ -215,12 +233,22 @@ impl Consumer {
         }
     }
 
-    /// How the consumer is doing.
+    /// How the consumer is doing: the circuit breaker and progress, and `Unhealthy` while the
+    /// broker is unreachable. [`Consumer::health_report`] says why.
     pub async fn health(&self) -> Health {
+        self.health_report().await.health
+    }
+
+    /// How the consumer is doing and why: the outage in progress, if any
+    /// ([`ConsumerError::Unreachable`] with its cause).
+    pub async fn health_report(&self) -> HealthReport {
         self.shared
             .request(Command::Health)
             .await
-            .unwrap_or(Health::Closed)
+            .unwrap_or(HealthReport {
+                health: Health::Closed,
+                cause: None,
+            })
     }
 
     /// Closes gracefully: stop fetching, drain, flush acks and dead letters, final commit,
@@ -253,7 +281,7 @@ impl Consumer {
         &self.shared.topic
     }
 
-    /// This consumer's id (from the config, or derived from its seed).
+    /// This consumer's id (from the config, or drawn from OS entropy: unique per instance).
     pub fn consumer_id(&self) -> &str {
         &self.shared.consumer_id
     }
@@ -263,9 +291,22 @@ impl Consumer {
     }
 }
 
-/// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed.
+/// How the consumer is doing, and why (see [`Consumer::health_report`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// The state: from the circuit breaker and progress, and `Unhealthy` while the broker is
+    /// unreachable.
+    pub health: Health,
+    /// The outage in progress ([`ConsumerError::Unreachable`]), if any.
+    pub cause: Option<ConsumerError>,
+}
+
+/// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed; an
+/// error item is not fatal (see [`Consumer::receive`]).
 pub struct DeliveryStream {
     deliveries: Pin<Box<Receiver<Stamped>>>,
+    errors: Pin<Box<Receiver<ConsumerError>>>,
     shared: Arc<Shared>,
 }
 
@@ -278,14 +319,17 @@ impl fmt::Debug for DeliveryStream {
 }
 
 impl Stream for DeliveryStream {
-    type Item = Delivery;
+    type Item = Result<Delivery, ConsumerError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        this.deliveries
-            .as_mut()
-            .poll_next(cx)
-            .map(|stamped| stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&this.shared))))
+        // Ends with the deliveries: the errors' end (the driver exited) is not reported.
+        if let Poll::Ready(Some(error)) = this.errors.as_mut().poll_next(cx) {
+            return Poll::Ready(Some(Err(error)));
+        }
+        this.deliveries.as_mut().poll_next(cx).map(|stamped| {
+            stamped.map(|stamped| Ok(Delivery::new(stamped, Arc::clone(&this.shared))))
+        })
     }
 }
 

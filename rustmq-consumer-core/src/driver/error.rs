@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 use crate::config::ConfigError;
-use crate::error::UsageError;
+use crate::error::{TransportError, UsageError};
 
 /// Why a consumer call failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -30,11 +30,28 @@ pub enum ConsumerError {
     /// `close_with_timeout` gave up; the consumer was stopped without finishing its close.
     #[error("close timed out")]
     CloseTimedOut,
+    /// The broker cannot be reached or refused the handshake. Not fatal: the consumer keeps
+    /// trying (under its circuit breaker) and goes on when the broker answers again. Reported
+    /// once per outage by `receive()` and the delivery stream, and by `health_report()` while
+    /// it lasts.
+    #[error("broker unreachable: {cause}")]
+    Unreachable {
+        /// Why: the transport's error (refused, timed out, the TLS reason...).
+        cause: TransportError,
+        /// Whether the broker had ever answered this consumer before.
+        ever_connected: bool,
+    },
 }
 
 impl ConsumerError {
     /// The error for any call made after the consumer has closed.
     pub(crate) fn closed() -> Self {
         Self::Usage(UsageError::Closed)
+    }
+
+    /// True when retrying cannot help: a broker certificate the consumer will never accept
+    /// (see [`TransportError::is_permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Unreachable { cause, .. } if cause.is_permanent())
     }
 }

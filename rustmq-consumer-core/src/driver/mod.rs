@@ -17,7 +17,7 @@ mod task;
 mod transport;
 
 pub use builder::ConsumerBuilder;
-pub use consumer::{Consumer, Delivery, DeliveryStream};
+pub use consumer::{Consumer, Delivery, DeliveryStream, HealthReport};
 pub use error::ConsumerError;
 pub use runtime::{sleep, sleep_until, timeout, AsyncTimer, Runtime, Sleep};
 pub use transport::Transport;

@@ -11,6 +11,7 @@ use async_channel::{Receiver, Sender};
 use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
+use super::consumer::HealthReport;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
 use super::runtime::{AsyncTimer, Runtime};
@@ -36,7 +37,7 @@ pub(crate) enum Command {
     Lag(Reply<Vec<PartitionLag>>),
     Assigned(Reply<Vec<u32>>),
     Metrics(Reply<Metrics>),
-    Health(Reply<Health>),
+    Health(Reply<HealthReport>),
     Close(Reply<Result<(), ConsumerError>>),
     /// Stop now, without finishing the close (`close_with_timeout` expired).
     Abandon,
@@ -75,6 +76,11 @@ pub(crate) struct DriverChannels {
     pub(crate) deliveries: Sender<Stamped>,
     pub(crate) undelivered: Receiver<Stamped>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
+    /// Errors for the application (`receive()`, the stream): at most one waits, the newest.
+    pub(crate) errors: Sender<ConsumerError>,
+    pub(crate) unread_errors: Receiver<ConsumerError>,
+    /// `build()` waiting for the broker's first answer or first outage (fail fast).
+    pub(crate) first_contact: Option<Reply<Result<(), ConsumerError>>>,
 }
 
 /// What woke the driver.
@@ -110,6 +116,20 @@ pub(crate) struct Driver {
     commands_open: bool,
     dropped_open: bool,
     lifeline_open: bool,
+    /// The broker outage in progress ([`ConsumerError::Unreachable`]): set by the first request
+    /// that got no answer, cleared by the next answer.
+    outage: Option<ConsumerError>,
+    /// Whether the broker ever answered.
+    ever_connected: bool,
+    /// The current wake-up is the timer: request failures it causes are deadlines.
+    timer_wake: bool,
+    /// The member id and generation of the last successful JoinGroup answer, for the member
+    /// span of the assignment the machine reports next.
+    joined: Option<(String, u64)>,
+    /// The consumer's span (consumer id, group, topic), the parent of `member_span`.
+    span: tracing::Span,
+    /// `member{member_id, generation}` of the current group assignment (none before).
+    member_span: tracing::Span,
 }
 
 impl Driver {
@@ -136,6 +156,12 @@ impl Driver {
             commands_open: true,
             dropped_open: true,
             lifeline_open: true,
+            outage: None,
+            ever_connected: false,
+            timer_wake: false,
+            joined: None,
+            span: tracing::Span::none(),
+            member_span: tracing::Span::none(),
         }
     }
 
@@ -146,10 +172,13 @@ impl Driver {
     /// fed (see `gate`) and released before waiting.
     pub(crate) async fn run(mut self) {
         tracing::debug!("driver started");
+        self.span = tracing::Span::current();
         let gate = Arc::clone(&self.channels.gate);
         let mut wake = None;
         loop {
             let done = {
+                let member_span = self.member_span.clone();
+                let _member = member_span.enter();
                 let mut state = gate.lock();
                 self.apply_pending(self.runtime.now(), &mut state);
                 self.handle_ready(wake.take(), &mut state);
@@ -180,6 +209,8 @@ impl Driver {
                 self.wake(now, wake, state);
             }
             self.drain_outputs(state);
+            self.timer_wake = false;
+            self.joined = None;
             if self.machine.is_closed() || self.abandoned {
                 return;
             }
@@ -213,9 +244,24 @@ impl Driver {
             Wake::Timer => {
                 // A fired timer must be reset before it is polled again.
                 self.armed = None;
+                self.timer_wake = true;
                 self.machine.handle_timeout(now);
             }
-            Wake::Response(id, result) => self.machine.handle_response(now, id, result),
+            Wake::Response(id, result) => {
+                match &result {
+                    Ok(response) => {
+                        if let Response::JoinGroup(r) = response {
+                            if r.error_code == 0 {
+                                self.joined = Some((r.member_id.clone(), r.generation_id));
+                            }
+                        }
+                        self.reached();
+                    }
+                    Err(error) if error.is_unreachable() => self.unreachable(error.clone()),
+                    Err(_) => {}
+                }
+                self.machine.handle_response(now, id, result)
+            }
             Wake::Command(command) => self.command(now, command, state),
             Wake::Dropped(tag) => self.dropped(now, tag),
             Wake::Pushed => self.pushing = None,
@@ -302,7 +348,16 @@ impl Driver {
             }
             Event::Assigned(partitions) => {
                 state.generation += 1;
-                tracing::info!(?partitions, "assigned");
+                if let Some((member_id, generation)) = self.joined.take() {
+                    self.member_span = tracing::info_span!(
+                        parent: &self.span,
+                        "member",
+                        member_id = %member_id,
+                        generation,
+                    );
+                }
+                self.member_span
+                    .in_scope(|| tracing::info!(?partitions, "assigned"));
             }
             Event::Revoked(partitions) => {
                 state.generation += 1;
@@ -317,7 +372,12 @@ impl Driver {
                 reason,
             } => tracing::error!(partition, offset, ?reason, "partition stalled"),
             Event::RequestFailed { id, error } => {
-                tracing::debug!(request = id.0, %error, "request failed")
+                tracing::debug!(request = id.0, %error, "request failed");
+                // Transport failures were seen with their response; on a timer wake-up the
+                // failures are deadlines: no answer at all.
+                if self.timer_wake {
+                    self.unreachable(TransportError::TimedOut);
+                }
             }
             Event::Closing(phase) => tracing::debug!(?phase, "closing"),
             Event::Closed => {
@@ -325,6 +385,55 @@ impl Driver {
                 state.open = false;
                 tracing::info!("closed");
             }
+        }
+    }
+
+    /// A request got no answer from the broker: starts an outage, reported once to the
+    /// application (replacing an error it has not read), to a fail-fast `build()`, and by
+    /// `health_report()` until the broker answers again.
+    fn unreachable(&mut self, cause: TransportError) {
+        if self.outage.is_some() {
+            return;
+        }
+        tracing::warn!(
+            %cause,
+            permanent = cause.is_permanent(),
+            ever_connected = self.ever_connected,
+            "broker unreachable"
+        );
+        let error = ConsumerError::Unreachable {
+            cause,
+            ever_connected: self.ever_connected,
+        };
+        while self.channels.unread_errors.try_recv().is_ok() {}
+        // Never full (just emptied, and only this task sends); closed once every handle is gone.
+        let _ = self.channels.errors.try_send(error.clone());
+        if let Some(reply) = self.channels.first_contact.take() {
+            let _ = reply.try_send(Err(error.clone()));
+        }
+        self.outage = Some(error);
+    }
+
+    /// The broker answered: ends the outage in progress.
+    fn reached(&mut self) {
+        self.ever_connected = true;
+        if let Some(reply) = self.channels.first_contact.take() {
+            let _ = reply.try_send(Ok(()));
+        }
+        if let Some(outage) = self.outage.take() {
+            tracing::info!(after = %outage, "broker reachable again");
+        }
+    }
+
+    /// The health the application sees: the machine's, and `Unhealthy` during an outage.
+    fn health_report(&self) -> HealthReport {
+        let health = match self.machine.health() {
+            Health::Healthy if self.outage.is_some() => Health::Unhealthy,
+            health => health,
+        };
+        HealthReport {
+            health,
+            cause: self.outage.clone(),
         }
     }
 
@@ -466,7 +575,7 @@ impl Driver {
                 let _ = reply.try_send(machine.metrics());
             }
             Command::Health(reply) => {
-                let _ = reply.try_send(machine.health());
+                let _ = reply.try_send(self.health_report());
             }
             Command::Close(reply) => {
                 self.close_waiters.push(reply);
@@ -550,7 +659,10 @@ impl Driver {
                     let _ = reply.try_send(final_state.metrics);
                 }
                 Command::Health(reply) => {
-                    let _ = reply.try_send(Health::Closed);
+                    let _ = reply.try_send(HealthReport {
+                        health: Health::Closed,
+                        cause: None,
+                    });
                 }
                 Command::Close(reply) => self.close_waiters.push(reply),
                 Command::Abandon => {}

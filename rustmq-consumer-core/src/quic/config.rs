@@ -32,7 +32,10 @@ pub struct QuicConfig {
     pub keep_alive_interval: Duration,
     /// The client's idle timeout (the smaller of both peers' values applies). Default 30 s.
     pub idle_timeout: Duration,
-    /// How long a handshake may take before the attempt counts as failed. Default 10 s.
+    /// How long a handshake may take before the attempt counts as failed. Default 2.5 s: well
+    /// within the consumer's default `request_timeout` (an unreachable broker is reported as
+    /// such, not as a request deadline), and short enough that a broker back during an outage
+    /// is found by the next attempt rather than after a long wait.
     pub connect_timeout: Duration,
     /// Wait after the first failed connection attempt before the next one. Doubles with each
     /// consecutive failure up to [`reconnect_backoff_max`](Self::reconnect_backoff_max).
@@ -56,7 +59,7 @@ impl QuicConfig {
             alpn: Vec::new(),
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_millis(2500),
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
             bind_addr: None,

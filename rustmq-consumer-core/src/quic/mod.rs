@@ -18,8 +18,11 @@
 //! the connection closed starts a new handshake, which concurrent requests share. After a
 //! failed attempt the next one waits a backoff (doubling from
 //! [`QuicConfig::reconnect_backoff_min`] to [`QuicConfig::reconnect_backoff_max`]); requests in
-//! that window fail at once. Every connection or stream failure is
-//! [`TransportError::ConnectionLost`], so the core's circuit breaker counts it.
+//! that window fail at once, with the last attempt's error. A handshake refused over TLS (the
+//! broker's certificate rejected, with the rustls reason, or a TLS alert from the broker) is
+//! [`TransportError::Tls`], permanent; a handshake nothing answered in time or the peer refused
+//! is [`TransportError::Connect`]; every later connection or stream failure is
+//! [`TransportError::ConnectionLost`]. The core's circuit breaker counts them all.
 //!
 //! # Absences
 //!
@@ -43,7 +46,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{
     ClientConfig, Connection, ConnectionError, Endpoint, EndpointConfig, IdleTimeout, ReadError,
-    TransportConfig, VarInt, WriteError,
+    TransportConfig, TransportErrorCode, VarInt, WriteError,
 };
 use thiserror::Error;
 use tracing::{debug, info, trace, warn};
@@ -72,6 +75,12 @@ pub enum QuicError {
     #[error("invalid transport configuration: {0}")]
     Config(String),
 }
+
+/// The round trip assumed before the first is measured (quinn's default is RFC 9002's 333 ms).
+/// It paces the handshake's retransmissions: with 100 ms the first Initial is sent again after
+/// about 0.3 s, 0.9 s and 2.1 s, so a broker back during a handshake attempt is found within
+/// about a second instead of waiting out the attempt.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// The application error code the client closes its connection with (QUIC "no error").
 const CLOSE_CODE: u32 = 0;
@@ -120,7 +129,7 @@ enum Link {
     Idle {
         failures: u32,
         retry_at: Option<Instant>,
-        last_error: Option<String>,
+        last_error: Option<TransportError>,
     },
     /// A handshake is in progress; requests wait for it together.
     Connecting {
@@ -155,6 +164,7 @@ impl QuicTransport {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(format!("{e:?}")))?;
         let mut transport = TransportConfig::default();
+        transport.initial_rtt(INITIAL_RTT);
         transport.keep_alive_interval(Some(config.keep_alive_interval));
         let idle = IdleTimeout::try_from(config.idle_timeout)
             .map_err(|_| QuicError::Config("idle timeout out of range".to_owned()))?;
@@ -224,7 +234,7 @@ impl QuicTransport {
         state.link = Link::Idle {
             failures: 0,
             retry_at: None,
-            last_error: Some("transport closed".to_owned()),
+            last_error: None,
         };
         if let Some(endpoint) = state.endpoint.take() {
             endpoint.close(VarInt::from_u32(CLOSE_CODE), b"client closed");
@@ -298,12 +308,14 @@ impl Inner {
                 last_error,
                 ..
             } if now < *at => {
-                return Err(TransportError::ConnectionLost(format!(
-                    "not connected to {} (next attempt in {:?}; last error: {})",
-                    self.server_addr,
-                    at.saturating_duration_since(now),
-                    last_error.as_deref().unwrap_or("none"),
-                )));
+                // The last attempt's error, so its kind (a refused certificate) carries over.
+                return Err(last_error.clone().unwrap_or_else(|| {
+                    TransportError::ConnectionLost(format!(
+                        "not connected to {} (next attempt in {:?})",
+                        self.server_addr,
+                        at.saturating_duration_since(now),
+                    ))
+                }));
             }
             Link::Idle { failures, .. } => *failures,
         };
@@ -346,7 +358,7 @@ impl Inner {
                 Link::Idle {
                     failures,
                     retry_at: Some(self.runtime.now() + delay),
-                    last_error: Some(error.to_string()),
+                    last_error: Some(error.clone()),
                 }
             }
         };
@@ -377,7 +389,7 @@ impl Inner {
         );
         let future: BoxFuture<'static, Result<Connection, TransportError>> = match connecting {
             Err(error) => {
-                let error = TransportError::ConnectionLost(format!(
+                let error = TransportError::Connect(format!(
                     "cannot connect to {}: {error}",
                     self.server_addr
                 ));
@@ -390,17 +402,12 @@ impl Inner {
                 async move {
                     let mut timer = runtime.new_timer(runtime.now() + timeout);
                     let expired = std::future::poll_fn(move |cx| timer.as_mut().poll(cx));
-                    let handshake = async {
-                        connecting.await.map_err(|e| {
-                            TransportError::ConnectionLost(format!(
-                                "handshake with {server} failed: {e}"
-                            ))
-                        })
-                    };
+                    let handshake =
+                        async { connecting.await.map_err(|e| handshake_error(server, e)) };
                     futures_lite::future::or(handshake, async move {
                         expired.await;
-                        Err(TransportError::ConnectionLost(format!(
-                            "handshake with {server} timed out after {timeout:?}"
+                        Err(TransportError::Connect(format!(
+                            "no answer from {server} within {timeout:?} (handshake timed out)"
                         )))
                     })
                     .await
@@ -459,6 +466,25 @@ async fn read_capped(recv: &mut quinn::RecvStream, cap: usize) -> Result<Vec<u8>
             Ok(None) => return Ok(frame),
             Err(error) => return Err(read_error(error)),
         }
+    }
+}
+
+/// A failed handshake: a TLS failure on either side (a crypto error code: our verifier refused
+/// the certificate, or the broker sent a TLS alert) is [`TransportError::Tls`], with rustls'
+/// reason; anything else is [`TransportError::Connect`].
+fn handshake_error(server: SocketAddr, error: ConnectionError) -> TransportError {
+    let tls = |code: TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match &error {
+        ConnectionError::TransportError(e) if tls(e.code) => {
+            TransportError::Tls(format!("{server}: {}", e.reason))
+        }
+        ConnectionError::ConnectionClosed(close) if tls(close.error_code) => {
+            TransportError::Tls(format!("{server} refused the handshake: {close}"))
+        }
+        ConnectionError::TimedOut => {
+            TransportError::Connect(format!("no answer from {server} (handshake timed out)"))
+        }
+        _ => TransportError::Connect(format!("handshake with {server} failed: {error}")),
     }
 }
 

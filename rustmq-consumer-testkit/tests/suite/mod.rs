@@ -488,7 +488,10 @@ pub async fn stream<R: Runtime + Clone>(rt: R) {
     let mut stream = consumer.stream();
     let mut offsets = Vec::new();
     while offsets.len() < 20 {
-        let d = within(&rt, stream.next()).await.expect("open stream");
+        let d = within(&rt, stream.next())
+            .await
+            .expect("open stream")
+            .expect("a delivery, no error");
         offsets.push(d.offset());
         d.ack().await.expect("ack");
     }
