@@ -21,7 +21,7 @@ pub(crate) struct Progress {
     pub(crate) dead_letters_flushed: bool,
     pub(crate) commit_in_flight: bool,
     /// A watermark moved past what was committed.
-    pub(crate) dirty: bool,
+    pub(crate) uncommitted: bool,
     /// A commit was answered for good during the final-commit phase.
     pub(crate) commit_answered: bool,
     /// The coordinator refused this generation's commits.
@@ -65,7 +65,9 @@ impl Close {
             ClosePhase::FlushingDeadLetters if p.dead_letters_flushed || expired => {
                 Step::Enter(ClosePhase::FinalCommit)
             }
-            ClosePhase::FinalCommit if !p.commit_in_flight && (!p.dirty || p.commit_answered) => {
+            ClosePhase::FinalCommit
+                if !p.commit_in_flight && (!p.uncommitted || p.commit_answered) =>
+            {
                 Step::Leave { failure: None }
             }
             ClosePhase::FinalCommit if !p.commit_in_flight && p.commits_fenced => Step::Leave {

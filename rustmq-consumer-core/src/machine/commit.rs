@@ -179,7 +179,7 @@ impl Committer {
             });
         }
         self.in_flight = true;
-        self.wanted = partitions.dirty();
+        self.wanted = partitions.has_uncommitted();
         self.dirty_since = None;
         self.advanced_in_flight = std::mem::take(&mut self.advanced);
         metrics.commits_sent += 1;
@@ -336,7 +336,7 @@ impl Committer {
         }
         // Settled offsets stay settled; the next commit carries them again.
         self.advanced += std::mem::take(&mut self.advanced_in_flight);
-        self.wanted = partitions.dirty() || self.requested > ticket;
+        self.wanted = partitions.has_uncommitted() || self.requested > ticket;
         if self.wanted {
             self.retry_at = Some(now + jitter.after_failures(self.failures));
         }
@@ -361,7 +361,7 @@ impl Committer {
                 error: CommitError::Unconfirmed,
             }),
             Answered::Confirmed => {
-                if self.requested > ticket || partitions.dirty() {
+                if self.requested > ticket || partitions.has_uncommitted() {
                     self.wanted |= self.requested > ticket
                         || (config.enable_auto_commit
                             && self.advanced >= config.ack_batch_size as u64)

@@ -536,5 +536,4 @@ impl ConsumerMachine {
             g.revoked();
         }
     }
-
 }

@@ -140,7 +140,7 @@ impl ConsumerMachine {
             return true;
         }
         let generation = self.group.as_ref().map(|g| g.generation);
-        if !self.partitions.dirty() || self.committer.fenced(generation) {
+        if !self.partitions.has_uncommitted() || self.committer.fenced(generation) {
             // Fenced: the coordinator refuses this generation's commits; the next owner
             // starts from the last commit (at-least-once).
             self.finish_revoke();
@@ -208,7 +208,7 @@ impl ConsumerMachine {
             drained: self.partitions.unacked == 0,
             dead_letters_flushed: self.dead_letters.is_flushed(),
             commit_in_flight: self.committer.in_flight,
-            dirty: self.partitions.dirty(),
+            uncommitted: self.partitions.has_uncommitted(),
             commit_answered: self.committer.answered_in_close,
             commits_fenced: self.committer.fenced(group.map(|g| g.generation)),
             left: group.is_none_or(|g| g.phase == GroupPhase::Left),

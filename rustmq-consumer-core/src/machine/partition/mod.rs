@@ -270,7 +270,7 @@ impl Partitions {
     }
 
     /// Whether any partition's watermark moved past what was committed or is in flight.
-    pub(crate) fn dirty(&self) -> bool {
+    pub(crate) fn has_uncommitted(&self) -> bool {
         self.list.iter().any(|p| p.commit_target().is_some())
     }
 
