@@ -94,7 +94,7 @@ pub enum RequestError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The broker answered with an error code.
-    #[error("{request:?} failed with error code {code}")]
+    #[error("error code {code} from {request:?}")]
     ErrorCode {
         /// The request refused.
         request: RequestKind,

@@ -166,7 +166,7 @@ impl ConsumerMachine {
     /// Settles a delivery: it will be committed once every lower offset is settled too.
     pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
         let idx = self.outstanding(tag)?;
-        self.partitions.returned();
+        self.partitions.delivery_ended();
         self.metrics.acked += 1;
         trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
         self.settle(now, idx, tag.offset);
@@ -183,7 +183,7 @@ impl ConsumerMachine {
         delay: Option<Duration>,
     ) -> Result<(), UsageError> {
         let idx = self.outstanding(tag)?;
-        self.partitions.returned();
+        self.partitions.delivery_ended();
         self.metrics.nacked += 1;
         if tag.attempt > self.config.max_retry_attempts {
             let reason = DiscardReason::RetriesExhausted {
@@ -212,7 +212,7 @@ impl ConsumerMachine {
         reason: &str,
     ) -> Result<(), UsageError> {
         let idx = self.outstanding(tag)?;
-        self.partitions.returned();
+        self.partitions.delivery_ended();
         self.metrics.rejected += 1;
         let reason = DiscardReason::Rejected(reason.to_owned());
         self.poison(now, idx, tag.offset, tag.attempt, reason);

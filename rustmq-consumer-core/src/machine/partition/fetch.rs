@@ -434,6 +434,7 @@ impl Partitions {
                 Ok(Refetched::Done)
             }
             AfterRefetch::DeadLetter => {
+                // A revoke drops the reasons; the record then carries an empty one.
                 let reason = self
                     .refetch_reasons
                     .remove(&(partition, offset))

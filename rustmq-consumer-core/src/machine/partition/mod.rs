@@ -336,8 +336,8 @@ impl Partitions {
         p.window.settle(offset)
     }
 
-    /// A delivery went back to the partition: one less outstanding.
-    pub(crate) fn returned(&mut self) {
+    /// The application acked, nacked or rejected a delivery: one less outstanding.
+    pub(crate) fn delivery_ended(&mut self) {
         self.unacked -= 1;
     }
 
