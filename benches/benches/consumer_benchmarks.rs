@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the RustMQ consumer (DESIGN.md, "Benchmarks").
+//! Criterion benchmarks of the RustMQ consumer.
 //!
 //! Each group sets our consumer beside its baseline, measured in the same run; the targets
 //! are ratios between the two. Benchmarks report, they never assert timings. Groups:
@@ -48,7 +48,7 @@ const QUIC_N: usize = 20_000;
 const ACK_RTT_N: usize = 10_000;
 /// Messages acked per iteration by the old design (about a quarter of a second each).
 const OLD_N: usize = 1_000;
-/// The measured commit round trip of a real RustMQ broker on loopback (DESIGN.md).
+/// The measured commit round trip of a real RustMQ broker on loopback.
 const RTT: Duration = Duration::from_micros(250);
 /// Commits the old design had in flight at once. Its SDK serialised them behind the client's
 /// lock; 2 is generous (a higher baseline), and puts its ceiling (2 / RTT = 8,000/s before

@@ -43,6 +43,38 @@ pub(crate) fn full_jitter(rng: &mut Rng, base: Duration, max: Duration, attempt:
     Duration::from_nanos(rng.up_to(nanos))
 }
 
+/// Failure counts past this no longer double the delay (it is capped by `max` long before).
+const MAX_FAILURE_SHIFT: u32 = 16;
+
+/// The retry delays of the machine: failed requests and nacked messages, full jitter between
+/// `base` and `max`, drawn from the seeded PRNG.
+#[derive(Debug, Clone)]
+pub(crate) struct Jitter {
+    rng: Rng,
+    base: Duration,
+    max: Duration,
+}
+
+impl Jitter {
+    pub(crate) fn new(seed: u64, base: Duration, max: Duration) -> Self {
+        Self {
+            rng: Rng::new(seed),
+            base,
+            max,
+        }
+    }
+
+    /// The delay before delivery `attempt + 1` of a nacked message.
+    pub(crate) fn retry(&mut self, attempt: u32) -> Duration {
+        full_jitter(&mut self.rng, self.base, self.max, attempt)
+    }
+
+    /// The delay before trying again after `failures` failures in a row.
+    pub(crate) fn after_failures(&mut self, failures: u32) -> Duration {
+        self.retry(failures.min(MAX_FAILURE_SHIFT))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

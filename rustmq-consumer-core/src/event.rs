@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use crate::protocol::{Record, Request, TopicPartition};
+use thiserror::Error;
+
+use crate::error::TransportError;
+use crate::protocol::{Record, Request, RequestKind, TopicPartition};
 
 /// Identifies one request from transmit to response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -33,9 +36,9 @@ pub struct DeliveryTag {
     pub attempt: u32,
 }
 
-/// A message handed to the application.
+/// A message handed to the application ([`Event::Deliver`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
+pub struct Message {
     /// Settle it with this.
     pub tag: DeliveryTag,
     /// The message.
@@ -71,16 +74,87 @@ pub enum ClosePhase {
 }
 
 /// Why a partition cannot make progress.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum StallReason {
     /// A poison message cannot fit in one dead-letter request.
+    #[error("dead-letter request of {size} bytes exceeds the frame limit")]
     DeadLetterTooLarge {
         /// Size of the request it would need.
         size: usize,
     },
-    /// The dead-letter topic rejected the produce.
-    DeadLetterRejected(String),
+}
+
+/// Why a request failed ([`Event::RequestFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No response: transport failure, broker error frame, malformed answer, or the request
+    /// deadline passed ([`TransportError::TimedOut`]).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The broker answered with an error code.
+    #[error("error code {code} from {request:?}")]
+    ErrorCode {
+        /// The request refused.
+        request: RequestKind,
+        /// The broker's error code.
+        code: u32,
+        /// The broker's error message, when the response carries one.
+        message: Option<String>,
+    },
+    /// The broker answered with a response of another type.
+    #[error("unexpected {got:?} response to {request:?}")]
+    UnexpectedResponse {
+        /// The request sent.
+        request: RequestKind,
+        /// The response type received.
+        got: RequestKind,
+    },
+}
+
+/// Why a commit failed ([`Event::CommitFailed`]). Its offsets stay settled.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The request failed or the broker refused it; the offsets go with the next commit.
+    #[error("the broker did not confirm the commit")]
+    Unconfirmed,
+    /// The group coordinator rejected it (unknown group, illegal generation): the group moved
+    /// on, and the commit is not retried under this generation.
+    #[error("commit rejected with error code {code}")]
+    Rejected {
+        /// The coordinator's error code.
+        code: u32,
+    },
+    /// Closing: the coordinator had refused this generation's commits.
+    #[error("the coordinator refused this generation's commits")]
+    Fenced,
+    /// Closing: the final commit's deadline passed before the broker confirmed it.
+    #[error("closed before the final commit was confirmed")]
+    CloseDeadline,
+    /// A rebalance needed a commit while the circuit was open.
+    #[error("circuit open during a rebalance: settled offsets not committed")]
+    CircuitOpen,
+}
+
+/// Why a message was dropped without reaching a dead-letter topic ([`Event::Discarded`]),
+/// also the last reason a dead-letter record carries.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DiscardReason {
+    /// Nacked more than `max_retry_attempts` times.
+    #[error("retries exhausted after {attempts} attempts")]
+    RetriesExhausted {
+        /// Deliveries it had.
+        attempts: u32,
+    },
+    /// The application rejected it, with this reason.
+    #[error("{0}")]
+    Rejected(String),
+    /// Fetched again (the cache had lost it) and no longer on the broker (retention).
+    #[error("message no longer on the broker")]
+    NoLongerOnBroker,
 }
 
 /// Something the application or the driver should know. Drain with `poll_event`.
@@ -88,7 +162,7 @@ pub enum StallReason {
 #[non_exhaustive]
 pub enum Event {
     /// A message for the application.
-    Deliver(Delivery),
+    Deliver(Message),
     /// The broker stored these offsets (next offset to read). `ticket` covers every
     /// `commit()` ticket up to it.
     Committed {
@@ -102,7 +176,7 @@ pub enum Event {
         /// Highest on-demand ticket this commit covered.
         ticket: u64,
         /// Why.
-        error: String,
+        error: CommitError,
     },
     /// A poison message is in the dead-letter topic; its offset is settled.
     DeadLettered {
@@ -121,8 +195,8 @@ pub enum Event {
         offset: u64,
         /// Deliveries it had.
         attempts: u32,
-        /// The last reason given.
-        reason: String,
+        /// Why.
+        reason: DiscardReason,
     },
     /// The circuit breaker changed state.
     BreakerChanged {
@@ -151,7 +225,7 @@ pub enum Event {
         /// Which request.
         id: RequestId,
         /// Why.
-        error: String,
+        error: RequestError,
     },
     /// A close phase started.
     Closing(ClosePhase),

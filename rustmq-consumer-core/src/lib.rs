@@ -1,5 +1,5 @@
-//! The RustMQ consumer's core: a sans-IO state machine, the wire codec and (soon) the
-//! runtime-agnostic driver.
+//! The RustMQ consumer's core: a sans-IO state machine, the wire codec, the runtime-agnostic
+//! driver that runs the machine for an application, and (feature `quic`) the QUIC transport.
 //!
 //! # The run loop
 //!
@@ -25,8 +25,8 @@
 //!     # let _ = transmit;
 //! }
 //! while let Some(event) = consumer.poll_event() {
-//!     if let Event::Deliver(delivery) = event {
-//!         consumer.ack(now, delivery.tag)?;
+//!     if let Event::Deliver(message) = event {
+//!         consumer.ack(now, message.tag)?;
 //!     }
 //! }
 //! let _wake_at = consumer.poll_timeout();
@@ -42,22 +42,44 @@
 //!
 //! # Absences
 //!
-//! The core never reads a clock, sleeps, spawns, locks or touches I/O (`clippy.toml`
-//! disallows the clock and CI checks its dependency tree has no runtime). Time is an
-//! `Instant` argument; jitter comes from a PRNG seeded by [`ConsumerConfig::seed`].
+//! The state machine (`machine`, and everything it uses outside `driver` and `quic`) never
+//! reads a clock, sleeps, spawns, locks or touches I/O (`clippy.toml` disallows the clock).
+//! Time is an `Instant` argument; jitter comes from a PRNG seeded by
+//! [`ConsumerConfig::seed`]. The driver is where time and I/O come in: it reads the clock and
+//! sets timers through its [`Runtime`], and reaches the broker through a [`Transport`].
 //!
 //! # Codemap
 //!
-//! - `machine`: [`ConsumerMachine`], the top-level state machine; it drains the sub-machines
-//!   inside its own handlers.
+//! - `machine/`: [`ConsumerMachine`], a coordinator over sub-machines that own their state and
+//!   logic and never call back into it:
+//!   - `machine/mod.rs`: the machine's fields, its public API, and what one sub-machine's
+//!     outcome means for another (settling, poison messages, assignment, revoke);
+//!   - `machine/answers.rs`: routes each answer (or failure) to the sub-machine that sent the
+//!     request, then tells the breaker;
+//!   - `machine/work.rs`: the step ending every input: deliver, send what is due in priority
+//!     order, move the close along;
+//!   - `machine/timers.rs`: the one table of named deadlines that `poll_timeout` offers and
+//!     `handle_timeout` fires;
+//!   - `machine/requests.rs`: requests in flight, their deadlines and owners;
+//!   - `machine/partition/`: the assigned partitions (settle windows, buffers, deliveries,
+//!     the retry schedule); `fetch.rs`: start positions, fetch sizing, the intake of a fetch
+//!     answer, refetches, fetch backoff;
+//!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
+//!   - `machine/dead_letter.rs`: the dead-letter outbox (records, headers, answers);
+//!   - `machine/group.rs`: the group session (coordinator, join, heartbeats, revoke, fencing);
+//!   - `machine/close.rs`: the close's phases.
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
 //! - `cache`: the LRU + TTL message cache that redeliveries come from.
-//! - `group`: the consumer-group session (join, heartbeats, eager rebalance, fencing).
 //! - `backoff`: the seeded PRNG and exponential backoff with full jitter.
 //! - `frame`: exact request sizes, so commits and dead-letter batches fit the broker's 8 KiB.
 //! - [`protocol`]: typed RustMQ requests and responses; [`codec`]: their bytes on the wire.
 //! - `config`, `event`, `error`: what goes in, what comes out, what can be refused.
+//! - [`driver`]: the runtime-agnostic driver and the application API ([`Consumer`],
+//!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task.rs`
+//!   owns the machine and runs its loop, `gate.rs` settles acks without a round trip,
+//!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API.
+//! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
 #![forbid(unsafe_code)]
 
 mod backoff;
@@ -69,7 +91,6 @@ pub mod driver;
 mod error;
 mod event;
 mod frame;
-mod group;
 mod machine;
 pub mod protocol;
 #[cfg(feature = "quic")]
@@ -83,8 +104,8 @@ pub use driver::{
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
-    BreakerState, ClosePhase, Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, Reason,
-    RequestId, StallReason, Transmit,
+    BreakerState, ClosePhase, CommitError, DeliveryTag, DiscardReason, Event, Health, Message,
+    Metrics, PartitionLag, Reason, RequestError, RequestId, StallReason, Transmit,
 };
 pub use machine::{dead_letter_headers, ConsumerMachine};
 
@@ -96,8 +117,8 @@ pub mod adapter {
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{
-        protocol, AsyncTimer, BreakerState, ConfigError, Consumer, ConsumerConfig, ConsumerError,
-        DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag, Runtime,
-        StartPosition, Transport, TransportError, UsageError,
+        protocol, AsyncTimer, BreakerState, CommitError, ConfigError, Consumer, ConsumerConfig,
+        ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag,
+        Runtime, StartPosition, Transport, TransportError, UsageError,
     };
 }

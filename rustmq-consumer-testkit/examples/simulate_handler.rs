@@ -15,11 +15,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use rustmq_consumer_core::Delivery;
+use rustmq_consumer_core::Message;
 use rustmq_consumer_testkit::{Action, Decision, Scenario, SimRng, Simulation};
 
 /// The application's handler: decides what to do with one message and how long it takes.
-fn handle_order(delivery: &Delivery, rng: &mut SimRng) -> Decision {
+fn handle_order(delivery: &Message, rng: &mut SimRng) -> Decision {
     let body = String::from_utf8_lossy(&delivery.record.value);
     // Every 13th order is malformed: no retry helps, send it to the dead-letter topic.
     if delivery.tag.offset % 13 == 12 {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rustmq_consumer_core::protocol::{Record, Request};
 use rustmq_consumer_core::{
-    BreakerState, ClosePhase, ConsumerConfig, Event, Metrics, RequestId, UsageError,
+    BreakerState, ClosePhase, ConsumerConfig, DiscardReason, Event, Metrics, RequestId, UsageError,
 };
 
 /// Names of the invariants, as they appear in a [`Violation`].
@@ -807,7 +807,7 @@ impl Checker {
                         format!("partition {partition} offset {offset} discarded after {attempts} attempts"),
                     );
                 }
-                if self.dead_letter && !reason.contains("no longer on the broker") {
+                if self.dead_letter && *reason != DiscardReason::NoLongerOnBroker {
                     return self.fail(
                         DISCARD_ONLY_WITHOUT_DLQ,
                         format!("partition {partition} offset {offset} discarded ({reason}) although a dead-letter topic is configured"),

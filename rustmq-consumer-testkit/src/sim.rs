@@ -25,8 +25,8 @@ use rustmq_consumer_core::protocol::{
     Record, Request, Response, TopicPartition,
 };
 use rustmq_consumer_core::{
-    dead_letter_headers, BreakerState, ClosePhase, ConsumerConfig, ConsumerMachine, Delivery,
-    DeliveryTag, Event, RequestId, TransportError, UsageError,
+    dead_letter_headers, BreakerState, ClosePhase, ConsumerConfig, ConsumerMachine, DeliveryTag,
+    Event, Message, RequestId, TransportError, UsageError,
 };
 use tracing::debug;
 
@@ -91,15 +91,15 @@ impl Decision {
 
 /// The application under simulation: decides what to do with each delivery.
 ///
-/// Any `FnMut(&Delivery, &mut SimRng) -> Decision` is a handler, so a user can test their
+/// Any `FnMut(&Message, &mut SimRng) -> Decision` is a handler, so a user can test their
 /// own handler logic under faults with a seed.
 pub trait Handler {
     /// Decides the fate of one delivery. `rng` is the simulation's seeded application stream.
-    fn handle(&mut self, delivery: &Delivery, rng: &mut SimRng) -> Decision;
+    fn handle(&mut self, delivery: &Message, rng: &mut SimRng) -> Decision;
 }
 
-impl<F: FnMut(&Delivery, &mut SimRng) -> Decision> Handler for F {
-    fn handle(&mut self, delivery: &Delivery, rng: &mut SimRng) -> Decision {
+impl<F: FnMut(&Message, &mut SimRng) -> Decision> Handler for F {
+    fn handle(&mut self, delivery: &Message, rng: &mut SimRng) -> Decision {
         self(delivery, rng)
     }
 }
@@ -214,7 +214,7 @@ impl ModelApp {
 }
 
 impl Handler for ModelApp {
-    fn handle(&mut self, d: &Delivery, rng: &mut SimRng) -> Decision {
+    fn handle(&mut self, d: &Message, rng: &mut SimRng) -> Decision {
         let b = &self.behaviour;
         let ms = |x: Duration| x.as_millis() as u64;
         let after = if rng.chance(b.slow_rate) {
@@ -1567,7 +1567,7 @@ impl<H: Handler> Simulation<H> {
         Ok(())
     }
 
-    fn on_deliver(&mut self, d: Delivery) -> Result<(), Violation> {
+    fn on_deliver(&mut self, d: Message) -> Result<(), Violation> {
         let generation = self.checker.generation(d.tag.partition);
         let decision = self.handler.handle(&d, &mut self.app_rng);
         self.trace("decide", &decision);

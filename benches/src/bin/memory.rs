@@ -2,7 +2,7 @@
 //! then 10 million small messages through the public API (receive, ack) over a `SimTransport`
 //! whose broker holds only one chunk of the log at a time, and prints `VmRSS` at both points.
 //!
-//! Target (DESIGN.md): flat within 20%. Run with
+//! Target: flat within 20%. Run with
 //! `cargo run --release -p rustmq-consumer-benches --bin memory [-- TOTAL]`.
 #![allow(clippy::print_stdout)]
 

@@ -339,7 +339,7 @@ impl Stream for DeliveryStream {
 /// A delivery dropped unsettled counts as a nack (with a warning), so a forgotten handle
 /// cannot stall its partition.
 pub struct Delivery {
-    inner: event::Delivery,
+    inner: event::Message,
     /// The ack gate's generation when the machine emitted it.
     generation: u64,
     shared: Arc<Shared>,

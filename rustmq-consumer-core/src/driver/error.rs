@@ -4,6 +4,7 @@ use thiserror::Error;
 
 use crate::config::ConfigError;
 use crate::error::{TransportError, UsageError};
+use crate::event::CommitError;
 
 /// Why a consumer call failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -26,7 +27,7 @@ pub enum ConsumerError {
     Usage(#[from] UsageError),
     /// The broker did not store the commit.
     #[error("commit failed: {0}")]
-    CommitFailed(String),
+    CommitFailed(CommitError),
     /// `close_with_timeout` gave up; the consumer was stopped without finishing its close.
     #[error("close timed out")]
     CloseTimedOut,

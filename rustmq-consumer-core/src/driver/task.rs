@@ -17,7 +17,7 @@ use super::gate::{AckGate, GateState};
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
 use crate::error::{TransportError, UsageError};
-use crate::event::{Delivery, DeliveryTag, Event, Health, Metrics, PartitionLag, RequestId};
+use crate::event::{DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId};
 use crate::machine::ConsumerMachine;
 use crate::protocol::Response;
 
@@ -51,7 +51,7 @@ const DRAIN_BATCH: usize = 256;
 /// time the machine emitted it (see `gate`).
 #[derive(Debug)]
 pub(crate) struct Stamped {
-    pub(crate) delivery: Delivery,
+    pub(crate) delivery: Message,
     pub(crate) generation: u64,
 }
 

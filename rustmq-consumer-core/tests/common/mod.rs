@@ -204,7 +204,7 @@ impl Harness {
     }
 
     /// Takes the deliveries seen so far.
-    pub fn deliveries(&mut self) -> Vec<Delivery> {
+    pub fn deliveries(&mut self) -> Vec<Message> {
         let mut out = Vec::new();
         self.events.retain(|e| match e {
             Event::Deliver(d) => {

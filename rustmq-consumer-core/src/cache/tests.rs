@@ -1,0 +1,496 @@
+//! Tests of the message cache.
+use super::*;
+use proptest::prelude::*;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A record whose value is `len` bytes of `fill`.
+fn rec(len: usize, fill: u8) -> Record {
+    Record::from_value(vec![fill; len])
+}
+
+/// Bytes charged for `rec(len, _)`.
+fn cost(len: usize) -> usize {
+    rec(len, 0).encoded_len() + ENTRY_OVERHEAD
+}
+
+fn roomy() -> MessageCache {
+    MessageCache::new(100, 1 << 20, TTL)
+}
+
+#[test]
+fn cost_is_encoded_length_plus_overhead() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(10, 1));
+    c.insert(t0, (0, 1), rec(0, 1));
+    assert_eq!(
+        c.bytes(),
+        rec(10, 1).encoded_len() + rec(0, 1).encoded_len() + 32
+    );
+    assert_eq!(c.len(), 2);
+    assert!(!c.is_empty());
+}
+
+#[test]
+fn get_hits_and_misses() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (1, 5), rec(3, 7));
+    assert_eq!(c.get(t0, (1, 5)), Some(rec(3, 7)));
+    assert_eq!(c.get(t0, (1, 6)), None);
+    assert_eq!(c.get(t0, (2, 5)), None);
+    assert_eq!(
+        c.stats(),
+        CacheStats {
+            hits: 1,
+            misses: 2,
+            evictions: 0,
+            expirations: 0
+        }
+    );
+}
+
+#[test]
+fn lru_order_follows_touches() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(3, 1 << 20, TTL);
+    for o in 0..3 {
+        c.insert(t0, (0, o), rec(1, o as u8));
+    }
+    assert!(c.get(t0, (0, 0)).is_some());
+    assert_eq!(c.lru_keys(), vec![(0, 1), (0, 2), (0, 0)]);
+    assert_eq!(c.insert(t0, (0, 3), rec(1, 3)), 1);
+    assert_eq!(c.peek(t0, (0, 1)), None, "least recently used went first");
+    assert_eq!(c.peek(t0, (0, 0)), Some(&rec(1, 0)));
+    // peek does not touch: (0, 2) is still the oldest.
+    assert!(c.peek(t0, (0, 2)).is_some());
+    assert_eq!(c.insert(t0, (0, 4), rec(1, 4)), 1);
+    assert_eq!(c.lru_keys(), vec![(0, 0), (0, 3), (0, 4)]);
+}
+
+#[test]
+fn replacing_moves_to_most_recent_and_updates_bytes() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    c.insert(t0, (0, 0), rec(10, 0));
+    c.insert(t0, (0, 1), rec(10, 1));
+    assert_eq!(
+        c.insert(t0, (0, 0), rec(50, 9)),
+        0,
+        "a replacement evicts nothing"
+    );
+    assert_eq!(c.len(), 2);
+    assert_eq!(c.bytes(), cost(10) + cost(50));
+    assert_eq!(c.lru_keys(), vec![(0, 1), (0, 0)]);
+    assert_eq!(c.peek(t0, (0, 0)), Some(&rec(50, 9)));
+    assert_eq!(c.stats().evictions, 0);
+}
+
+#[test]
+fn entry_bound_evicts_least_recently_used() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    assert_eq!(c.insert(t0, (0, 0), rec(1, 0)), 0);
+    assert_eq!(c.insert(t0, (1, 0), rec(1, 0)), 0);
+    assert_eq!(c.insert(t0, (2, 0), rec(1, 0)), 1);
+    assert_eq!(c.len(), 2);
+    assert_eq!(c.bytes(), 2 * cost(1));
+    assert_eq!(c.lru_keys(), vec![(1, 0), (2, 0)]);
+    assert_eq!(c.stats().evictions, 1);
+}
+
+#[test]
+fn byte_bound_evicts_until_it_fits() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(100, 3 * cost(10), TTL);
+    for o in 0..3 {
+        assert_eq!(c.insert(t0, (0, o), rec(10, 0)), 0);
+    }
+    assert_eq!(c.bytes(), 3 * cost(10));
+    // Costs more than one small entry and no more than two.
+    let big = 40;
+    assert!(cost(big) > cost(10) && cost(big) <= 2 * cost(10));
+    assert_eq!(c.insert(t0, (0, 9), rec(big, 0)), 2);
+    assert_eq!(c.lru_keys(), vec![(0, 2), (0, 9)]);
+    assert_eq!(c.bytes(), cost(10) + cost(big));
+    assert!(c.bytes() <= 3 * cost(10));
+    assert_eq!(c.stats().evictions, 2);
+}
+
+#[test]
+fn oversized_record_is_not_stored_but_counted() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(10, cost(100), TTL);
+    assert_eq!(
+        c.insert(t0, (0, 1), rec(100, 0)),
+        0,
+        "exactly max_bytes fits"
+    );
+    assert_eq!(c.bytes(), cost(100));
+    assert!(c.remove((0, 1)));
+    c.insert(t0, (0, 0), rec(5, 0));
+    assert_eq!(c.insert(t0, (0, 1), rec(101, 0)), 1);
+    assert_eq!(c.peek(t0, (0, 1)), None);
+    assert_eq!(c.peek(t0, (0, 0)), Some(&rec(5, 0)), "nothing else evicted");
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.bytes(), cost(5));
+    assert_eq!(c.stats().evictions, 1);
+}
+
+#[test]
+fn oversized_replacement_drops_the_old_entry() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(10, cost(100), TTL);
+    c.insert(t0, (0, 0), rec(5, 0));
+    assert_eq!(c.insert(t0, (0, 0), rec(200, 0)), 1);
+    assert_eq!(c.peek(t0, (0, 0)), None, "never serve a superseded record");
+    assert_eq!((c.len(), c.bytes()), (0, 0));
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn zero_entries_stores_nothing() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(0, 1 << 20, TTL);
+    assert_eq!(c.insert(t0, (0, 0), rec(1, 0)), 1);
+    assert!(c.is_empty());
+    assert_eq!(c.get(t0, (0, 0)), None);
+    assert_eq!(c.stats().evictions, 1);
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn get_expires_at_the_ttl() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(4, 0));
+    assert!(c.get(t0 + TTL - ms(1), (0, 0)).is_some(), "still live");
+    assert_eq!(
+        c.get(t0 + TTL, (0, 0)),
+        None,
+        "the touch did not extend the ttl"
+    );
+    assert_eq!((c.len(), c.bytes()), (0, 0));
+    assert_eq!(
+        c.stats(),
+        CacheStats {
+            hits: 1,
+            misses: 1,
+            evictions: 0,
+            expirations: 1
+        }
+    );
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn peek_hides_expired_entries_without_side_effects() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(4, 0));
+    c.insert(t0, (0, 1), rec(4, 1));
+    assert_eq!(c.peek(t0 + TTL - ms(1), (0, 0)), Some(&rec(4, 0)));
+    assert_eq!(c.peek(t0 + TTL, (0, 0)), None);
+    assert_eq!(c.peek(t0, (9, 9)), None);
+    assert_eq!(c.len(), 2, "peek removes nothing");
+    assert_eq!(c.lru_keys(), vec![(0, 0), (0, 1)], "peek touches nothing");
+    assert_eq!(c.stats(), CacheStats::default());
+}
+
+#[test]
+fn handle_timeout_drops_expired_in_insertion_order() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0 + ms(10), (0, 1), rec(1, 1));
+    c.insert(t0 + ms(20), (0, 2), rec(1, 2));
+    assert!(
+        c.get(t0 + ms(20), (0, 0)).is_some(),
+        "a touch does not delay expiry"
+    );
+    assert_eq!(c.poll_timeout(), Some(t0 + TTL));
+    c.handle_timeout(t0 + TTL + ms(10));
+    assert_eq!(c.lru_keys(), vec![(0, 2)]);
+    assert_eq!(c.bytes(), cost(1));
+    assert_eq!(c.stats().expirations, 2);
+    assert_eq!(c.stats().evictions, 0);
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(20) + TTL));
+}
+
+#[test]
+fn spurious_timeouts_are_no_ops() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.handle_timeout(t0);
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.handle_timeout(t0);
+    c.handle_timeout(t0 + TTL - ms(1));
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.stats(), CacheStats::default());
+    assert_eq!(c.poll_timeout(), Some(t0 + TTL));
+}
+
+#[test]
+fn poll_timeout_tracks_the_oldest_live_insertion() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    assert_eq!(c.poll_timeout(), None);
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0 + ms(5), (0, 1), rec(1, 0));
+    c.insert(t0 + ms(9), (1, 0), rec(1, 0));
+    assert_eq!(c.poll_timeout(), Some(t0 + TTL));
+    c.remove((0, 0));
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(5) + TTL));
+    c.insert(t0 + ms(12), (0, 1), rec(1, 0));
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + ms(9) + TTL),
+        "replacing restarts the ttl"
+    );
+    c.remove_partition(1);
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(12) + TTL));
+    c.remove((0, 1));
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn insert_drops_expired_entries_before_evicting_live_ones() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0 + ms(100), (0, 1), rec(1, 1));
+    assert_eq!(c.insert(t0 + TTL, (0, 2), rec(1, 2)), 0);
+    assert_eq!(c.lru_keys(), vec![(0, 1), (0, 2)]);
+    assert_eq!(c.stats().expirations, 1);
+    assert_eq!(c.stats().evictions, 0);
+}
+
+#[test]
+fn remove_is_not_an_eviction() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(8, 0));
+    c.insert(t0, (0, 1), rec(8, 1));
+    assert!(c.remove((0, 0)));
+    assert!(!c.remove((0, 0)), "already gone");
+    assert!(!c.remove((3, 3)));
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.bytes(), cost(8));
+    assert_eq!(c.stats(), CacheStats::default());
+    assert_eq!(c.get(t0, (0, 0)), None);
+}
+
+#[test]
+fn remove_partition_drops_only_that_partition() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    for p in 0..3 {
+        for o in 0..4 {
+            c.insert(t0, (p, o), rec(p as usize + 1, 0));
+        }
+    }
+    c.remove_partition(1);
+    c.remove_partition(7);
+    assert_eq!(c.len(), 8);
+    assert_eq!(c.bytes(), 4 * cost(1) + 4 * cost(3));
+    assert!(c.lru_keys().iter().all(|&(p, _)| p != 1));
+    assert_eq!(c.peek(t0, (1, 2)), None);
+    assert_eq!(c.peek(t0, (2, 2)), Some(&rec(3, 0)));
+    assert_eq!(c.stats(), CacheStats::default(), "not evictions");
+    assert!(c.expiry_len() <= 2 * c.len());
+}
+
+#[test]
+fn expiry_deque_stays_bounded_under_churn_at_one_instant() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(1, 0));
+    for i in 0..1000u64 {
+        c.insert(t0, (0, 1), rec(1, 1));
+        c.insert(t0, (0, 1), rec(1, 2));
+        c.remove((0, 1));
+        c.insert(t0, (1, i), rec(1, 0));
+        c.remove((1, i));
+        assert!(
+            c.expiry_len() <= 2 * c.len(),
+            "after {i}: {}",
+            c.expiry_len()
+        );
+    }
+    assert_eq!(c.len(), 1);
+    c.handle_timeout(t0 + TTL);
+    assert_eq!((c.len(), c.expiry_len()), (0, 0));
+    assert_eq!(c.stats().expirations, 1);
+}
+
+#[test]
+fn huge_ttl_never_expires() {
+    let t0 = Instant::now();
+    let mut c = MessageCache::new(4, 1 << 20, Duration::MAX);
+    c.insert(t0, (0, 0), rec(1, 0));
+    assert_eq!(c.poll_timeout(), None);
+    c.handle_timeout(t0 + Duration::from_secs(1_000_000));
+    assert!(c.get(t0 + Duration::from_secs(1_000_000), (0, 0)).is_some());
+}
+
+/// A reference model: entries in LRU order (front = least recently used).
+struct Model {
+    max_entries: usize,
+    max_bytes: usize,
+    ttl: Duration,
+    entries: Vec<(CacheKey, Instant, Record)>,
+    stats: CacheStats,
+}
+
+impl Model {
+    fn expired(&self, inserted: Instant, now: Instant) -> bool {
+        now >= inserted + self.ttl
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let before = self.entries.len();
+        let ttl = self.ttl;
+        self.entries.retain(|(_, at, _)| now < *at + ttl);
+        self.stats.expirations += (before - self.entries.len()) as u64;
+    }
+
+    fn cost(r: &Record) -> usize {
+        r.encoded_len() + ENTRY_OVERHEAD
+    }
+
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|(_, _, r)| Self::cost(r)).sum()
+    }
+
+    fn insert(&mut self, now: Instant, key: CacheKey, record: Record) -> usize {
+        self.expire(now);
+        self.entries.retain(|(k, _, _)| *k != key);
+        if self.max_entries == 0 || Self::cost(&record) > self.max_bytes {
+            self.stats.evictions += 1;
+            return 1;
+        }
+        self.entries.push((key, now, record));
+        let mut evicted = 0;
+        while self.entries.len() > self.max_entries || self.bytes() > self.max_bytes {
+            self.entries.remove(0);
+            evicted += 1;
+        }
+        self.stats.evictions += evicted as u64;
+        evicted
+    }
+
+    fn get(&mut self, now: Instant, key: CacheKey) -> Option<Record> {
+        let Some(i) = self.entries.iter().position(|(k, _, _)| *k == key) else {
+            self.stats.misses += 1;
+            return None;
+        };
+        let entry = self.entries.remove(i);
+        if self.expired(entry.1, now) {
+            self.stats.expirations += 1;
+            self.stats.misses += 1;
+            return None;
+        }
+        self.stats.hits += 1;
+        let record = entry.2.clone();
+        self.entries.push(entry);
+        Some(record)
+    }
+
+    fn peek(&self, now: Instant, key: CacheKey) -> Option<&Record> {
+        self.entries
+            .iter()
+            .find(|(k, at, _)| *k == key && !self.expired(*at, now))
+            .map(|(_, _, r)| r)
+    }
+
+    fn remove(&mut self, key: CacheKey) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _, _)| *k != key);
+        self.entries.len() != before
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.entries.iter().map(|(_, at, _)| *at + self.ttl).min()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(CacheKey, usize, u8),
+    Get(CacheKey),
+    Peek(CacheKey),
+    Remove(CacheKey),
+    RemovePartition(u32),
+    Advance(u64),
+    Timeout,
+}
+
+fn key() -> impl Strategy<Value = CacheKey> {
+    (0u32..3, 0u64..6)
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (key(), 0usize..120, any::<u8>()).prop_map(|(k, n, f)| Op::Insert(k, n, f)),
+        3 => key().prop_map(Op::Get),
+        1 => key().prop_map(Op::Peek),
+        2 => key().prop_map(Op::Remove),
+        1 => (0u32..3).prop_map(Op::RemovePartition),
+        2 => (0u64..30).prop_map(Op::Advance),
+        1 => Just(Op::Timeout),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn matches_the_reference_model(
+        max_entries in 0usize..7,
+        max_bytes in 0usize..500,
+        ttl_ms in 0u64..80,
+        ops in proptest::collection::vec(op(), 1..200),
+    ) {
+        let ttl = ms(ttl_ms);
+        let mut now = Instant::now();
+        let mut cache = MessageCache::new(max_entries, max_bytes, ttl);
+        let mut model = Model {
+            max_entries,
+            max_bytes,
+            ttl,
+            entries: Vec::new(),
+            stats: CacheStats::default(),
+        };
+        for op in ops {
+            match op {
+                Op::Insert(k, n, f) => {
+                    prop_assert_eq!(cache.insert(now, k, rec(n, f)), model.insert(now, k, rec(n, f)));
+                }
+                Op::Get(k) => prop_assert_eq!(cache.get(now, k), model.get(now, k)),
+                Op::Peek(k) => prop_assert_eq!(cache.peek(now, k), model.peek(now, k)),
+                Op::Remove(k) => prop_assert_eq!(cache.remove(k), model.remove(k)),
+                Op::RemovePartition(p) => {
+                    cache.remove_partition(p);
+                    model.entries.retain(|((q, _), _, _)| *q != p);
+                }
+                Op::Advance(d) => now += ms(d),
+                Op::Timeout => {
+                    cache.handle_timeout(now);
+                    model.expire(now);
+                }
+            }
+            let model_keys: Vec<CacheKey> = model.entries.iter().map(|(k, _, _)| *k).collect();
+            prop_assert_eq!(cache.lru_keys(), model_keys);
+            prop_assert_eq!(cache.len(), model.entries.len());
+            prop_assert_eq!(cache.bytes(), model.bytes());
+            prop_assert_eq!(cache.stats(), model.stats);
+            prop_assert_eq!(cache.poll_timeout(), model.poll_timeout());
+            prop_assert!(cache.len() <= max_entries);
+            prop_assert!(cache.bytes() <= max_bytes);
+            prop_assert!(cache.expiry_len() <= 2 * cache.len());
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The dead-letter outbox: poison messages waiting for the dead-letter topic, their records
+//! and headers, one produce in flight, its answer and its retry.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::partition::Partitions;
+use super::requests::{expect, Owner, Requests};
+use crate::backoff::Jitter;
+use crate::breaker::Breaker;
+use crate::config::ConsumerConfig;
+use crate::event::{DiscardReason, RequestError};
+use crate::frame;
+use crate::protocol::{
+    error_code, AcknowledgmentLevel, Header, ProduceRequest, Record, RequestKind, Response,
+    MAX_REQUEST_FRAME,
+};
+
+/// Header names the dead-letter record carries.
+pub mod dead_letter_headers {
+    /// Topic the message came from.
+    pub const ORIGINAL_TOPIC: &str = "x-original-topic";
+    /// Its partition.
+    pub const ORIGINAL_PARTITION: &str = "x-original-partition";
+    /// Its offset.
+    pub const ORIGINAL_OFFSET: &str = "x-original-offset";
+    /// Deliveries it had.
+    pub const ATTEMPTS: &str = "x-attempts";
+    /// Last reason given by the application.
+    pub const LAST_REASON: &str = "x-last-reason";
+    /// The consumer group.
+    pub const CONSUMER_GROUP: &str = "x-consumer-group";
+}
+
+/// One poison message on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetterEntry {
+    pub(crate) partition: u32,
+    pub(crate) epoch: u64,
+    pub(crate) offset: u64,
+    pub(crate) attempts: u32,
+    pub(crate) reason: DiscardReason,
+    pub(crate) record: Record,
+}
+
+/// A poison message too large for any dead-letter request: its partition stalls there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TooLarge {
+    pub(crate) partition: u32,
+    pub(crate) offset: u64,
+    /// The size of the request it would need.
+    pub(crate) size: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct DeadLetters {
+    queue: VecDeque<DeadLetterEntry>,
+    in_flight: bool,
+    failures: u32,
+    pub(crate) retry_at: Option<Instant>,
+}
+
+impl DeadLetters {
+    pub(crate) fn push(&mut self, entry: DeadLetterEntry) {
+        self.queue.push_back(entry);
+    }
+
+    /// Drops the entries of a partition that was reset or let go.
+    pub(crate) fn forget_partition(&mut self, partition: u32) {
+        self.queue.retain(|e| e.partition != partition);
+    }
+
+    /// Nothing queued and nothing in flight.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.queue.is_empty() && !self.in_flight
+    }
+
+    /// Sends the next batch (one produce in flight) if one is due. Entries too large for any
+    /// request come back, for the coordinator to stall their partition. The flag is false
+    /// when the breaker said no.
+    pub(crate) fn send(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+    ) -> (Vec<TooLarge>, bool) {
+        let mut too_large = Vec::new();
+        if self.in_flight || self.retry_at.is_some() || self.queue.is_empty() {
+            return (too_large, true);
+        }
+        let Some(topic) = config.dead_letter_queue.clone() else {
+            return (too_large, true);
+        };
+        let base = frame::produce_base_len(&topic);
+        // Too large for any request: stall the partition there, visibly.
+        while let Some(front) = self.queue.front() {
+            let size = base + record(front, config).encoded_len();
+            if size <= MAX_REQUEST_FRAME {
+                break;
+            }
+            if let Some(e) = self.queue.pop_front() {
+                warn!(topic = %config.topic, partition = e.partition, offset = e.offset, size, "poison message too large for a dead-letter request; partition stalled");
+                too_large.push(TooLarge {
+                    partition: e.partition,
+                    offset: e.offset,
+                    size,
+                });
+            }
+        }
+        if self.queue.is_empty() {
+            return (too_large, true);
+        }
+        let Some(permit) = breaker.try_acquire() else {
+            return (too_large, false);
+        };
+        let mut size = base;
+        let mut batch = Vec::new();
+        let mut records = Vec::new();
+        while let Some(front) = self.queue.front() {
+            let record = record(front, config);
+            let len = record.encoded_len();
+            if size + len > MAX_REQUEST_FRAME {
+                break;
+            }
+            size += len;
+            records.push(record);
+            batch.extend(self.queue.pop_front());
+        }
+        self.in_flight = true;
+        let request = ProduceRequest {
+            topic,
+            partition_id: config.dead_letter_partition,
+            records,
+            acks: AcknowledgmentLevel::Leader,
+            timeout_ms: u32::try_from(config.request_timeout.as_millis()).unwrap_or(u32::MAX),
+        };
+        requests.send(now, permit, Owner::DeadLetter { batch }, request.into());
+        (too_large, true)
+    }
+
+    /// The produce answered: the confirmed batch comes back to be settled. On failure the
+    /// batch's live entries go back to the front of the queue, retried with backoff.
+    pub(crate) fn on_answer(
+        &mut self,
+        now: Instant,
+        batch: Vec<DeadLetterEntry>,
+        answer: Result<Response, RequestError>,
+        partitions: &Partitions,
+        jitter: &mut Jitter,
+    ) -> Result<Vec<DeadLetterEntry>, RequestError> {
+        let answer = expect(answer, RequestKind::Produce, |r| match r {
+            Response::Produce(r) => Ok(r),
+            other => Err(other),
+        })
+        .and_then(|r| match r.error_code {
+            error_code::NONE => Ok(()),
+            code => Err(RequestError::ErrorCode {
+                request: RequestKind::Produce,
+                code,
+                message: r.error_message,
+            }),
+        });
+        self.in_flight = false;
+        match answer {
+            Ok(()) => {
+                self.failures = 0;
+                Ok(batch)
+            }
+            Err(error) => {
+                self.failures = self.failures.saturating_add(1);
+                self.retry_at = Some(now + jitter.after_failures(self.failures));
+                for e in batch.into_iter().rev() {
+                    if partitions.live(e.partition, e.epoch) {
+                        self.queue.push_front(e);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The record produced to the dead-letter topic: the original, plus headers saying where it
+/// came from and why.
+fn record(e: &DeadLetterEntry, config: &ConsumerConfig) -> Record {
+    use dead_letter_headers::*;
+    let mut record = e.record.clone();
+    let text = |s: String| Bytes::from(s.into_bytes());
+    record.headers.extend([
+        Header::new(ORIGINAL_TOPIC, text(config.topic.clone())),
+        Header::new(ORIGINAL_PARTITION, text(e.partition.to_string())),
+        Header::new(ORIGINAL_OFFSET, text(e.offset.to_string())),
+        Header::new(ATTEMPTS, text(e.attempts.to_string())),
+        Header::new(LAST_REASON, text(e.reason.to_string())),
+        Header::new(CONSUMER_GROUP, text(config.consumer_group.clone())),
+    ]);
+    record
+}

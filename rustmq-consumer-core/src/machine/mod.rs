@@ -1,0 +1,539 @@
+//! The consumer state machine: [`ConsumerMachine`], a coordinator over sub-machines that
+//! own their state and logic and never call back into it.
+//!
+//! - [`partition`]: the assigned partitions (settle windows, buffers, start phase, fetch
+//!   sizing, the intake of fetch answers, fetch backoff, deliveries, the retry schedule);
+//! - [`commit`]: the committer (what is due, the request, its answer and failure, fencing);
+//! - [`dead_letter`]: the dead-letter outbox (records, headers, answers, retries);
+//! - [`group`]: the group session (coordinator, join, heartbeats, revoke, fencing);
+//! - [`close`]: the close's phases;
+//! - [`requests`]: requests in flight and the owner each answer goes to;
+//! - [`timers`]: the one table of named deadlines `poll_timeout` and `handle_timeout` read.
+//!
+//! The coordinator routes inputs to the sub-machine that owns them and carries what one
+//! sub-machine's outcome means for another (a settlement moves the committer, a rejected
+//! commit revokes the assignment).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, trace, warn};
+
+use crate::backoff::Jitter;
+use crate::breaker::Breaker;
+use crate::cache::MessageCache;
+use crate::config::{ConfigError, ConsumerConfig};
+use crate::error::{TransportError, UsageError};
+use crate::event::*;
+use crate::protocol::{Record, Response, TopicPartition};
+
+mod answers;
+mod close;
+mod commit;
+mod dead_letter;
+mod group;
+mod partition;
+mod requests;
+mod timers;
+mod work;
+
+use close::Close;
+use commit::Committer;
+pub use dead_letter::dead_letter_headers;
+use dead_letter::{DeadLetterEntry, DeadLetters};
+use group::GroupSession;
+use partition::{Partitions, Slot};
+use requests::Requests;
+use timers::{Timer, TimerTable};
+
+/// The sans-IO RustMQ consumer.
+///
+/// It never reads a clock, sleeps, spawns or touches a socket: time enters as `now`, requests
+/// leave through [`poll_transmit`](Self::poll_transmit) and their answers come back through
+/// [`handle_response`](Self::handle_response).
+///
+/// # Polling order
+///
+/// After constructing it and after *every* input (`handle_response`, `handle_timeout`, or any
+/// command such as [`ack`](Self::ack)), drain the outputs until each returns `None`:
+///
+/// 1. [`poll_transmit`](Self::poll_transmit): send each request (several may be in flight);
+/// 2. [`poll_event`](Self::poll_event): deliveries and everything else the application sees;
+/// 3. [`poll_timeout`](Self::poll_timeout): call `handle_timeout` no later than this instant.
+///
+/// # Panics
+///
+/// Never on input from the network or the application: malformed responses are failures and
+/// misuse is a [`UsageError`]. A panic means a broken internal invariant (a bug).
+#[derive(Debug)]
+pub struct ConsumerMachine {
+    config: ConsumerConfig,
+    /// Retry delays (failed requests, nacks), from the config's seed.
+    jitter: Jitter,
+    partitions: Partitions,
+    requests: Requests,
+    events: VecDeque<Event>,
+    breaker: Breaker,
+    cache: MessageCache,
+    committer: Committer,
+    dead_letters: DeadLetters,
+    /// The group session; `None` for a manual assignment.
+    group: Option<GroupSession>,
+    close: Option<Close>,
+    metrics: Metrics,
+}
+
+impl ConsumerMachine {
+    /// Validates `config` and starts: asks the broker for committed offsets of every assigned
+    /// partition. Drain the outputs afterwards.
+    pub fn new(config: ConsumerConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut machine = Self {
+            jitter: Jitter::new(
+                config.seed,
+                config.retry_backoff_base,
+                config.retry_backoff_max,
+            ),
+            breaker: Breaker::new(
+                config.failure_threshold,
+                config.recovery_timeout,
+                config.half_open_max_probes,
+                config.half_open_max_wait,
+            ),
+            cache: MessageCache::new(
+                config.cache_entries(),
+                config.cache_max_bytes,
+                config.cache_ttl,
+            ),
+            partitions: Partitions::new(&config),
+            requests: Requests::new(config.request_timeout),
+            events: VecDeque::new(),
+            committer: Committer::default(),
+            dead_letters: DeadLetters::default(),
+            group: config
+                .uses_group_session()
+                .then(|| GroupSession::new(now, config.heartbeat(), config.session_timeout)),
+            close: None,
+            metrics: Metrics::default(),
+            config,
+        };
+        if machine.group.is_none() {
+            let assigned = machine.topic_partitions(machine.partitions.ids());
+            machine.events.push_back(Event::Assigned(assigned));
+        }
+        machine.poll_work(now);
+        Ok(machine)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    /// Feeds the answer (or failure) of the request `id`. Answers to unknown or expired
+    /// requests are ignored.
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        result: Result<Response, TransportError>,
+    ) {
+        let Some(flight) = self.requests.answered(id) else {
+            trace!(
+                request = id.0,
+                "ignoring response to an unknown or expired request"
+            );
+            return;
+        };
+        self.finish_request(now, id, flight, result.map_err(RequestError::from));
+        self.poll_work(now);
+    }
+
+    /// Fires every deadline that is due. Spurious calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for timer in Timer::ALL {
+            if self.deadline(timer).is_some_and(|at| at <= now) {
+                self.on_timer(now, timer);
+            }
+        }
+        self.poll_work(now);
+    }
+
+    // -------------------------------------------------------------- commands
+
+    /// Settles a delivery: it will be committed once every lower offset is settled too.
+    pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
+        let idx = self.outstanding(tag)?;
+        self.partitions.delivery_ended();
+        self.metrics.acked += 1;
+        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
+        self.settle(now, idx, tag.offset);
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// Hands a delivery back for a retry after `delay` (or the backoff policy when `None`).
+    /// Past `max_retry_attempts` it goes to the dead-letter path instead.
+    pub fn nack(
+        &mut self,
+        now: Instant,
+        tag: DeliveryTag,
+        delay: Option<Duration>,
+    ) -> Result<(), UsageError> {
+        let idx = self.outstanding(tag)?;
+        self.partitions.delivery_ended();
+        self.metrics.nacked += 1;
+        if tag.attempt > self.config.max_retry_attempts {
+            let reason = DiscardReason::RetriesExhausted {
+                attempts: tag.attempt,
+            };
+            self.poison(now, idx, tag.offset, tag.attempt, reason);
+        } else if self.close.is_some() {
+            // Closing: no more deliveries. The offset stays unsettled, so it is redelivered to
+            // the next consumer (at-least-once).
+            self.partitions.schedule_retry(tag, idx, None);
+        } else {
+            let delay = delay.unwrap_or_else(|| self.jitter.retry(tag.attempt));
+            trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, ?delay, "nack: retry scheduled");
+            self.partitions.schedule_retry(tag, idx, Some(now + delay));
+        }
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// Sends a delivery straight to the dead-letter path (or discards it, with an event, when
+    /// no dead-letter topic is configured).
+    pub fn reject(
+        &mut self,
+        now: Instant,
+        tag: DeliveryTag,
+        reason: &str,
+    ) -> Result<(), UsageError> {
+        let idx = self.outstanding(tag)?;
+        self.partitions.delivery_ended();
+        self.metrics.rejected += 1;
+        let reason = DiscardReason::Rejected(reason.to_owned());
+        self.poison(now, idx, tag.offset, tag.attempt, reason);
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// Stops fetching and delivering these partitions; buffered messages are kept.
+    pub fn pause(&mut self, now: Instant, partitions: &[u32]) -> Result<(), UsageError> {
+        self.set_paused(now, partitions, true)
+    }
+
+    /// Resumes paused partitions, releasing their buffered messages first.
+    pub fn resume(&mut self, now: Instant, partitions: &[u32]) -> Result<(), UsageError> {
+        self.set_paused(now, partitions, false)
+    }
+
+    /// Restarts a partition at `offset`: buffered messages, pending retries and outstanding
+    /// deliveries of the partition are dropped (their tags go stale), and the commit follows.
+    pub fn seek(&mut self, now: Instant, partition: u32, offset: u64) -> Result<(), UsageError> {
+        self.check_open()?;
+        let idx = self
+            .partitions
+            .index(partition)
+            .ok_or(UsageError::UnknownPartition(partition))?;
+        self.restart_partition(idx, offset);
+        self.partitions.at_mut(idx).phase = partition::Phase::Active;
+        debug!(topic = %self.config.topic, partition, offset, "seek");
+        self.committer.moved(now, 1);
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// Commits every settled offset now. Returns a ticket: an [`Event::Committed`] or
+    /// [`Event::CommitFailed`] whose `ticket` is at least this one answers it.
+    pub fn commit(&mut self, now: Instant) -> Result<u64, UsageError> {
+        if self.is_closed() {
+            return Err(UsageError::Closed);
+        }
+        let ticket = self.committer.ticket();
+        self.poll_work(now);
+        Ok(ticket)
+    }
+
+    /// Starts closing (idempotent): stop fetching, drain outstanding deliveries (bounded by
+    /// `drain_timeout`), flush dead letters, final commit, then [`Event::Closed`].
+    pub fn close(&mut self, now: Instant) {
+        if self.close.is_some() {
+            return;
+        }
+        debug!(topic = %self.config.topic, "closing");
+        self.close = Some(Close::enter(
+            ClosePhase::Draining,
+            now,
+            self.config.drain_timeout,
+        ));
+        self.events.push_back(Event::Closing(ClosePhase::Draining));
+        // Undelivered messages stay unsettled: the next member reads them again.
+        self.partitions.drop_undelivered();
+        self.advance_close(now, false);
+        self.poll_work(now);
+    }
+
+    // --------------------------------------------------------------- outputs
+
+    /// The next request to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.requests.poll_transmit()
+    }
+
+    /// The next event for the application or the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next, and why.
+    pub fn poll_timeout(&self) -> Option<(Instant, Reason)> {
+        TimerTable::read(|timer| self.deadline(timer))
+            .next()
+            .map(|(at, timer)| (at, timer.reason()))
+    }
+
+    // --------------------------------------------------------------- queries
+
+    /// Partitions of the subscribed topic this consumer owns.
+    pub fn assigned_partitions(&self) -> Vec<u32> {
+        self.partitions.ids()
+    }
+
+    /// Lag of every assigned partition.
+    pub fn lag(&self, now: Instant) -> Vec<PartitionLag> {
+        self.partitions.lag(now)
+    }
+
+    /// A snapshot of every counter and gauge.
+    pub fn metrics(&self) -> Metrics {
+        let cache = self.cache.stats();
+        Metrics {
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_evictions: cache.evictions + cache.expirations,
+            breaker_transitions: self.breaker.transitions(),
+            in_flight_requests: self.requests.len() as u64,
+            in_flight_deliveries: self.partitions.unacked as u64,
+            buffered: self.partitions.buffered as u64,
+            cached: self.cache.len() as u64,
+            cached_bytes: self.cache.bytes() as u64,
+            ..self.metrics
+        }
+    }
+
+    /// Health derived from the breaker and from progress.
+    pub fn health(&self) -> Health {
+        if self.close.is_some() {
+            return Health::Closed;
+        }
+        match self.breaker.state() {
+            BreakerState::Open => Health::Unhealthy,
+            BreakerState::HalfOpen => Health::Degraded,
+            _ if self.partitions.any_stalled() => Health::Degraded,
+            _ => Health::Healthy,
+        }
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// The close phase, once `close` was called.
+    pub fn close_phase(&self) -> Option<ClosePhase> {
+        self.close.map(|c| c.phase)
+    }
+
+    /// True once closing finished: nothing more will be sent.
+    pub fn is_closed(&self) -> bool {
+        self.close_phase() == Some(ClosePhase::Closed)
+    }
+
+    /// A message this consumer still holds (buffered, awaiting a retry, or cached).
+    pub fn find_message_by_offset(
+        &self,
+        now: Instant,
+        partition: u32,
+        offset: u64,
+    ) -> Option<&Record> {
+        self.partitions.index(partition)?;
+        self.partitions
+            .held(partition, offset)
+            .or_else(|| self.cache.peek(now, (partition, offset)))
+    }
+
+    /// The settle watermark (lowest unsettled offset) of a partition.
+    pub fn settle_watermark(&self, partition: u32) -> Option<u64> {
+        Some(self.partitions.get(partition)?.window.base())
+    }
+
+    /// The offset the broker last confirmed for a partition.
+    pub fn committed_offset(&self, partition: u32) -> Option<u64> {
+        self.partitions.get(partition)?.committed
+    }
+
+    // ------------------------------------------------------------ partitions
+
+    fn topic_partitions(&self, ids: Vec<u32>) -> Vec<TopicPartition> {
+        ids.into_iter()
+            .map(|id| TopicPartition::new(self.config.topic.clone(), id))
+            .collect()
+    }
+
+    fn check_open(&self) -> Result<(), UsageError> {
+        match self.close {
+            Some(_) => Err(UsageError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    /// Validates that `tag` names a delivery outstanding with the application.
+    fn outstanding(&self, tag: DeliveryTag) -> Result<usize, UsageError> {
+        if self.is_closed() {
+            return Err(UsageError::Closed);
+        }
+        self.partitions.outstanding(tag)
+    }
+
+    fn set_paused(
+        &mut self,
+        now: Instant,
+        partitions: &[u32],
+        paused: bool,
+    ) -> Result<(), UsageError> {
+        self.check_open()?;
+        self.partitions.set_paused(partitions, paused)?;
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// Marks an offset settled; the committer follows the watermark.
+    fn settle(&mut self, now: Instant, idx: usize, offset: u64) {
+        let advanced = self.partitions.settle(idx, offset, &mut self.cache);
+        self.committer.settled(now, advanced, &self.config);
+    }
+
+    /// A message exhausted its retries or was rejected.
+    fn poison(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        offset: u64,
+        attempt: u32,
+        reason: DiscardReason,
+    ) {
+        let id = self.partitions.at(idx).id;
+        if self.config.dead_letter_queue.is_none() {
+            warn!(topic = %self.config.topic, partition = id, offset, attempt, %reason, "discarding poison message: no dead-letter topic");
+            self.discard(now, idx, offset, attempt, reason);
+            return;
+        }
+        match self.cache.get(now, (id, offset)) {
+            Some(record) => self.enqueue_dead_letter(idx, offset, attempt, reason, record),
+            // The cache lost it: fetch it again, then dead-letter it.
+            None => self
+                .partitions
+                .refetch_for_dead_letter(idx, offset, attempt, reason),
+        }
+    }
+
+    /// Settles a message that will not be delivered again, and says so.
+    fn discard(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        offset: u64,
+        attempts: u32,
+        reason: DiscardReason,
+    ) {
+        self.metrics.discarded += 1;
+        self.settle(now, idx, offset);
+        self.events.push_back(Event::Discarded {
+            partition: self.partitions.at(idx).id,
+            offset,
+            attempts,
+            reason,
+        });
+    }
+
+    fn enqueue_dead_letter(
+        &mut self,
+        idx: usize,
+        offset: u64,
+        attempts: u32,
+        reason: DiscardReason,
+        record: Record,
+    ) {
+        let p = self.partitions.at_mut(idx);
+        p.set(offset, Slot::DeadLetter { attempt: attempts });
+        self.dead_letters.push(DeadLetterEntry {
+            partition: p.id,
+            epoch: p.epoch,
+            offset,
+            attempts,
+            reason,
+            record,
+        });
+    }
+
+    /// Restarts a partition at `offset` under a new epoch, forgetting its cached messages and
+    /// dead letters.
+    fn restart_partition(&mut self, idx: usize, offset: u64) {
+        let id = self.partitions.at(idx).id;
+        self.partitions.restart(idx, offset);
+        self.dead_letters.forget_partition(id);
+        self.cache.remove_partition(id);
+    }
+
+    /// The coordinator assigned partitions: consume those of our topic.
+    fn assign(&mut self, assigned: Vec<TopicPartition>) {
+        let (ours, others): (Vec<_>, Vec<_>) = assigned
+            .into_iter()
+            .partition(|tp| tp.topic == self.config.topic);
+        if !others.is_empty() {
+            debug!(?others, "ignoring partitions of topics not subscribed");
+            self.events.push_back(Event::AssignmentIgnored(others));
+        }
+        let mut ids: Vec<u32> = ours.iter().map(|tp| tp.partition).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.partitions.add(id);
+        }
+        let assigned = self.topic_partitions(ids);
+        self.events.push_back(Event::Assigned(assigned));
+    }
+
+    /// Eager rebalance: stop fetching and delivering every partition, drain, commit, rejoin.
+    fn start_rebalance(&mut self, now: Instant, forget_member: bool) {
+        if self.close.is_some() {
+            return;
+        }
+        let Some(g) = &mut self.group else { return };
+        let deadline = now + self.config.rebalance_drain_timeout;
+        if g.start_revoke(deadline, forget_member) {
+            self.partitions.start_revoke();
+        }
+    }
+
+    /// Lets every partition go (after the revoke commit, or fenced without one) and rejoins.
+    fn finish_revoke(&mut self) {
+        let ids = self.partitions.revoke_all();
+        for &id in &ids {
+            self.dead_letters.forget_partition(id);
+            self.cache.remove_partition(id);
+        }
+        self.committer.forget();
+        if !ids.is_empty() {
+            let revoked = self.topic_partitions(ids);
+            debug!(group = %self.config.consumer_group, ?revoked, "revoked");
+            self.events.push_back(Event::Revoked(revoked));
+        }
+        if let Some(g) = &mut self.group {
+            g.revoked();
+        }
+    }
+}

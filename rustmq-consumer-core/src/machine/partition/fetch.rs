@@ -1,0 +1,479 @@
+//! Fetching: where each partition starts (FetchOffset, Latest), fetch sizing against the
+//! prefetch budget, the intake of a fetch answer, refetches of lost messages, fetch backoff.
+
+use std::time::Instant;
+
+use tracing::{trace, warn};
+
+use super::{AfterRefetch, Partitions, Phase, Refetched, Slot};
+use crate::backoff::{self, Jitter};
+use crate::breaker::Breaker;
+use crate::config::{ConsumerConfig, StartPosition};
+use crate::event::{DiscardReason, Metrics, RequestError};
+use crate::machine::requests::{expect, FetchOwner, Owner, Requests};
+use crate::protocol::{
+    error_code, FetchOffsetRequest, FetchOffsetResponse, FetchRequest, FetchResponse, Request,
+    RequestKind, Response, TopicPartition,
+};
+
+impl Partitions {
+    /// Sends the FetchOffset of every starting partition, if one is due. False when the
+    /// breaker said no.
+    pub(crate) fn send_fetch_offset(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+    ) -> bool {
+        let due = self.list.iter().any(|p| {
+            p.phase == Phase::Starting && !p.fetch_in_flight && p.fetch_not_before.is_none()
+        });
+        if !due {
+            return true;
+        }
+        let Some(permit) = breaker.try_acquire() else {
+            return false;
+        };
+        let topic_partitions = self
+            .list
+            .iter_mut()
+            .filter(|p| p.phase == Phase::Starting)
+            .map(|p| {
+                p.fetch_in_flight = true;
+                TopicPartition::new(config.topic.clone(), p.id)
+            })
+            .collect();
+        let request = FetchOffsetRequest {
+            group_id: config.consumer_group.clone(),
+            topic_partitions,
+        };
+        requests.send(now, permit, Owner::FetchOffset, request.into());
+        true
+    }
+
+    /// The committed offsets arrived: place every starting partition. Returns how many
+    /// positions moved past what the broker holds (to commit again).
+    pub(crate) fn on_fetch_offset(
+        &mut self,
+        now: Instant,
+        answer: Result<Response, RequestError>,
+        config: &ConsumerConfig,
+        jitter: &mut Jitter,
+    ) -> Result<u64, RequestError> {
+        let answer = expect(answer, RequestKind::FetchOffset, |r| match r {
+            Response::FetchOffset(r) => Ok(r),
+            other => Err(other),
+        })
+        .and_then(|r: FetchOffsetResponse| {
+            // 16: the group has no state on the broker yet, so nothing was committed.
+            match r.error_code {
+                error_code::NONE | error_code::UNKNOWN_GROUP => Ok(r),
+                code => Err(RequestError::ErrorCode {
+                    request: RequestKind::FetchOffset,
+                    code,
+                    message: None,
+                }),
+            }
+        });
+        let r = match answer {
+            Ok(r) => r,
+            Err(error) => {
+                self.phase_failed(now, Phase::Starting, jitter);
+                return Err(error);
+            }
+        };
+        let mut moved = 0;
+        for p in &mut self.list {
+            if p.phase != Phase::Starting {
+                continue;
+            }
+            let tp = TopicPartition::new(config.topic.clone(), p.id);
+            p.fetch_in_flight = false;
+            let known = self.known_positions.get(&p.id).copied();
+            if let Some(&committed) = r.offsets.get(&tp) {
+                // Everything below this member's own settle watermark was processed, even if
+                // its commit was rejected in a rebalance: never go back behind it.
+                let position = known.map_or(committed, |k| k.max(committed));
+                p.committed = Some(committed);
+                p.window.reset(position);
+                p.phase = Phase::Active;
+                if position != committed {
+                    moved += 1;
+                }
+                continue;
+            }
+            // The broker lost its commits (a restart) but this member was here: keep its place.
+            if let Some(known) = known {
+                // No `start` baseline: the position is committed again with the next batch.
+                p.window.reset(known);
+                p.phase = Phase::Active;
+                moved += 1;
+                continue;
+            }
+            match config.start_position {
+                StartPosition::Earliest => {
+                    p.window.reset(0);
+                    p.start = Some(0);
+                    p.phase = Phase::Active;
+                }
+                StartPosition::Offset(o) => {
+                    p.window.reset(o);
+                    p.start = Some(o);
+                    p.phase = Phase::Active;
+                }
+                // Resolved by a one-record fetch that reports the high watermark.
+                _ => p.phase = Phase::Latest,
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Every partition in `phase` backs off after a failed FetchOffset or Latest lookup.
+    fn phase_failed(&mut self, now: Instant, phase: Phase, jitter: &mut Jitter) {
+        for p in &mut self.list {
+            if p.phase == phase {
+                p.fetch_failed(now, jitter);
+            }
+        }
+    }
+
+    /// The high watermark for a partition starting at Latest arrived.
+    pub(crate) fn on_resolve_latest(
+        &mut self,
+        now: Instant,
+        owner: FetchOwner,
+        answer: Result<Response, RequestError>,
+        jitter: &mut Jitter,
+    ) -> Result<(), RequestError> {
+        let r = match fetch_answer(answer) {
+            Ok(r) => r,
+            Err(error) => {
+                self.phase_failed(now, Phase::Latest, jitter);
+                return Err(error);
+            }
+        };
+        if let Some(p) = self.get_mut(owner.partition) {
+            if p.epoch == owner.epoch && p.phase == Phase::Latest {
+                p.high_watermark = Some(r.high_watermark);
+                p.window.reset(r.high_watermark);
+                p.start = Some(r.high_watermark);
+                p.phase = Phase::Active;
+                p.fetch_in_flight = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every partition's due refetch or fetch, partitions taking turns. Every fetch in
+    /// flight reserves a slot of the prefetch buffer, so concurrent fetches of several
+    /// partitions never bring back more than the buffer takes (which would be dropped and
+    /// fetched again). False when the breaker said no.
+    pub(crate) fn send_fetches(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+        metrics: &mut Metrics,
+    ) -> bool {
+        let mut reserved = self.list.iter().filter(|p| p.fetch_in_flight).count();
+        let n = self.list.len();
+        for k in 0..n {
+            let idx = (self.fetch_turn + k) % n;
+            if !self.send_partition_fetches(
+                now,
+                idx,
+                &mut reserved,
+                config,
+                breaker,
+                requests,
+                metrics,
+            ) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends one partition's refetch or fetch if due; a fetch sent takes one of the
+    /// `reserved` slots. False when the breaker said no.
+    #[allow(clippy::too_many_arguments)]
+    fn send_partition_fetches(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        reserved: &mut usize,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+        metrics: &mut Metrics,
+    ) -> bool {
+        let p = &mut self.list[idx];
+        if p.fetch_not_before.is_some() {
+            return true;
+        }
+        if !p.refetch_in_flight {
+            if let Some(&offset) = p.refetch.front() {
+                let Some(permit) = breaker.try_acquire() else {
+                    return false;
+                };
+                p.refetch.pop_front();
+                p.refetch_in_flight = true;
+                metrics.refetches += 1;
+                let owner = FetchOwner {
+                    partition: p.id,
+                    epoch: p.epoch,
+                    offset,
+                };
+                let request = fetch_request(config, owner.partition, offset, 1);
+                requests.send(now, permit, Owner::Refetch(owner), request);
+            }
+        }
+        if p.fetch_in_flight || p.paused || p.revoking || p.phase == Phase::Starting {
+            return true; // a Starting partition waits for FetchOffset
+        }
+        let owner = FetchOwner {
+            partition: p.id,
+            epoch: p.epoch,
+            offset: p.window.end(),
+        };
+        if p.phase == Phase::Latest {
+            let Some(permit) = breaker.try_acquire() else {
+                return false;
+            };
+            p.fetch_in_flight = true;
+            let request = fetch_request(config, owner.partition, 0, 1);
+            requests.send(now, permit, Owner::ResolveLatest(owner), request);
+            return true;
+        }
+        let flow_full = p.window.span() >= config.max_unsettled_per_partition
+            || self.buffered + *reserved >= config.fetch_size
+            || self.buffered_bytes >= config.prefetch_bytes
+            || p.byte_blocked.is_some_and(|need| {
+                self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes
+            });
+        if flow_full {
+            return true;
+        }
+        let Some(permit) = breaker.try_acquire() else {
+            return false;
+        };
+        let room = config.prefetch_bytes - self.buffered_bytes;
+        // Ask for about what the buffer can take (a quarter and one record of slack for
+        // sizes that vary), not `fetch_max_bytes` of records that would be dropped.
+        let slots = config
+            .fetch_size
+            .saturating_sub(self.buffered + *reserved)
+            .max(1);
+        let fits = slots.saturating_mul(self.record_bytes);
+        let want = fits
+            .saturating_add(fits / 4)
+            .saturating_add(self.record_bytes);
+        let max_bytes = u32::try_from(room.min(want))
+            .unwrap_or(u32::MAX)
+            .min(config.fetch_max_bytes)
+            .max(1);
+        p.fetch_in_flight = true;
+        p.byte_blocked = None;
+        *reserved += 1;
+        self.fetch_turn = idx + 1;
+        metrics.fetches += 1;
+        let request = fetch_request(config, owner.partition, owner.offset, max_bytes);
+        requests.send(now, permit, Owner::Fetch(owner), request);
+        true
+    }
+
+    /// A fetch answered: buffer what fits, or back off (empty fetch, failure).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_fetch(
+        &mut self,
+        now: Instant,
+        owner: FetchOwner,
+        answer: Result<Response, RequestError>,
+        closing: bool,
+        config: &ConsumerConfig,
+        jitter: &mut Jitter,
+        metrics: &mut Metrics,
+    ) -> Result<(), RequestError> {
+        let answer = fetch_answer(answer);
+        let Some(idx) = self.index(owner.partition) else {
+            return answer.map(drop);
+        };
+        let p = &mut self.list[idx];
+        let live = p.epoch == owner.epoch;
+        let r = match (answer, live) {
+            (Ok(r), true) => r,
+            (Ok(_) | Err(RequestError::ErrorCode { .. }), false) => {
+                trace!(
+                    partition = owner.partition,
+                    "ignoring a fetch from before a seek or reassignment"
+                );
+                return Ok(());
+            }
+            (Err(error), _) => {
+                // The delay is drawn even for a stale failure, keeping the PRNG's sequence.
+                let failures = p.fetch_failures.saturating_add(1);
+                let delay = jitter.after_failures(failures);
+                if live {
+                    p.fetch_in_flight = false;
+                    p.fetch_failures = failures;
+                    p.fetch_not_before = Some(now + delay);
+                }
+                return Err(error);
+            }
+        };
+        p.fetch_in_flight = false;
+        p.high_watermark = Some(r.high_watermark);
+        p.fetch_failures = 0;
+        if p.window.end() != owner.offset || closing {
+            return Ok(());
+        }
+        if r.records.is_empty() {
+            // No long-poll on the broker: back off before asking again.
+            p.fetch_not_before = Some(
+                now + backoff::ceiling(
+                    config.empty_fetch_backoff_min,
+                    config.empty_fetch_backoff_max,
+                    p.empty_fetches + 1,
+                ),
+            );
+            p.empty_fetches = p.empty_fetches.saturating_add(1);
+            return Ok(());
+        }
+        p.empty_fetches = 0;
+        let span_room = config
+            .max_unsettled_per_partition
+            .saturating_sub(p.window.span());
+        let mut taken = 0u64;
+        let (mut first_bytes, mut taken_bytes) = (0, 0);
+        for record in r.records {
+            let bytes = record.encoded_len();
+            if taken == 0 {
+                first_bytes = bytes; // only the first record is looked at while none is taken
+            }
+            let over_bytes =
+                self.buffered_bytes + bytes > config.prefetch_bytes && self.buffered > 0;
+            if taken >= span_room || self.buffered >= config.fetch_size || over_bytes {
+                break; // the rest is fetched again later
+            }
+            let Some(next) = owner.offset.checked_add(taken) else {
+                break;
+            };
+            p.window.push(Slot::Buffered);
+            p.buffered.push_back((next, record));
+            self.buffered += 1;
+            self.buffered_bytes += bytes;
+            taken_bytes += bytes;
+            taken += 1;
+        }
+        if taken == 0 {
+            // Nothing fitted: wait for deliveries to free room rather than asking again now.
+            p.byte_blocked = Some(first_bytes);
+        } else {
+            // The record size estimate that sizes the next fetches.
+            let average = taken_bytes / taken as usize;
+            self.record_bytes = if metrics.received == 0 {
+                average
+            } else {
+                (3 * self.record_bytes + average) / 4
+            }
+            .max(1);
+        }
+        metrics.received += taken;
+        Ok(())
+    }
+
+    /// A single-offset fetch of a lost message answered.
+    pub(crate) fn on_refetch(
+        &mut self,
+        now: Instant,
+        owner: FetchOwner,
+        answer: Result<Response, RequestError>,
+        jitter: &mut Jitter,
+    ) -> Result<Refetched, RequestError> {
+        let FetchOwner {
+            partition,
+            epoch,
+            offset,
+        } = owner;
+        let answer = fetch_answer(answer);
+        let Some(p) = self.get_mut(partition).filter(|p| p.epoch == epoch) else {
+            return match answer {
+                Ok(_) | Err(RequestError::ErrorCode { .. }) => Ok(Refetched::Done),
+                Err(error) => Err(error),
+            };
+        };
+        p.refetch_in_flight = false;
+        let r = match answer {
+            Ok(r) => r,
+            Err(error) => {
+                if matches!(p.window.get(offset), Some(Slot::Refetching { .. })) {
+                    p.refetch.push_front(offset);
+                }
+                p.fetch_failures = p.fetch_failures.saturating_add(1);
+                p.fetch_not_before = Some(now + jitter.after_failures(p.fetch_failures));
+                return Err(error);
+            }
+        };
+        let Some(&Slot::Refetching { attempt, then }) = p.window.get(offset) else {
+            return Ok(Refetched::Done);
+        };
+        let Some(record) = r.records.into_iter().next() else {
+            warn!(
+                partition,
+                offset, attempt, "message no longer on the broker"
+            );
+            self.refetch_reasons.remove(&(partition, offset));
+            return Ok(Refetched::Gone { attempt });
+        };
+        match then {
+            AfterRefetch::Redeliver => {
+                p.set(offset, Slot::Ready { attempt });
+                p.redeliver.push_back((offset, record));
+                Ok(Refetched::Done)
+            }
+            AfterRefetch::DeadLetter => {
+                // A revoke drops the reasons; the record then carries an empty one.
+                let reason = self
+                    .refetch_reasons
+                    .remove(&(partition, offset))
+                    .unwrap_or(DiscardReason::Rejected(String::new()));
+                Ok(Refetched::DeadLetter {
+                    attempt,
+                    reason,
+                    record,
+                })
+            }
+        }
+    }
+}
+
+/// A fetch request, complete.
+fn fetch_request(config: &ConsumerConfig, partition: u32, offset: u64, max_bytes: u32) -> Request {
+    FetchRequest {
+        topic: config.topic.clone(),
+        partition_id: partition,
+        fetch_offset: offset,
+        max_bytes,
+        timeout_ms: u32::try_from(config.fetch_timeout.as_millis()).unwrap_or(u32::MAX),
+    }
+    .into()
+}
+
+/// A fetch answer with error code 0, or why not.
+fn fetch_answer(answer: Result<Response, RequestError>) -> Result<FetchResponse, RequestError> {
+    let r = expect(answer, RequestKind::Fetch, |r| match r {
+        Response::Fetch(r) => Ok(r),
+        other => Err(other),
+    })?;
+    if r.error_code == error_code::NONE {
+        Ok(r)
+    } else {
+        Err(RequestError::ErrorCode {
+            request: RequestKind::Fetch,
+            code: r.error_code,
+            message: r.error_message,
+        })
+    }
+}

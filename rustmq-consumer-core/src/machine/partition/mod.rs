@@ -1,0 +1,565 @@
+//! The assigned partitions: each one's settle window, buffers, start phase and fetch backoff;
+//! together, the prefetch budget, the turns partitions take, deliveries and the retry schedule.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use tracing::trace;
+
+use crate::backoff::Jitter;
+use crate::cache::MessageCache;
+use crate::config::ConsumerConfig;
+use crate::error::UsageError;
+use crate::event::{DeliveryTag, DiscardReason, Event, Message, Metrics, PartitionLag};
+use crate::protocol::Record;
+use crate::window::Window;
+
+mod fetch;
+
+#[derive(Debug)]
+pub(crate) struct Partition {
+    pub(crate) id: u32,
+    pub(crate) epoch: u64,
+    pub(crate) phase: Phase,
+    pub(crate) paused: bool,
+    /// Being given back in a rebalance: no fetches, no deliveries.
+    pub(crate) revoking: bool,
+    /// Settle window: base = lowest unsettled offset, end = next offset to fetch.
+    pub(crate) window: Window<Slot>,
+    /// Fetched, not yet delivered.
+    buffered: VecDeque<(u64, Record)>,
+    /// Due retries with their record, waiting for delivery credit.
+    redeliver: VecDeque<(u64, Record)>,
+    /// Offsets whose record the cache lost: fetched again one by one.
+    refetch: VecDeque<u64>,
+    pub(crate) fetch_in_flight: bool,
+    refetch_in_flight: bool,
+    /// No fetch before this (empty fetch or failure backoff).
+    pub(crate) fetch_not_before: Option<Instant>,
+    /// A fetch took nothing because its first record (this many bytes) did not fit the
+    /// prefetch byte budget: no fetch until deliveries free room for it.
+    byte_blocked: Option<usize>,
+    empty_fetches: u32,
+    fetch_failures: u32,
+    high_watermark: Option<u64>,
+    /// Last offset the broker confirmed.
+    pub(crate) committed: Option<u64>,
+    /// Offset in the commit in flight.
+    pub(crate) commit_in_flight: Option<u64>,
+    /// Where consumption started without a commit: nothing to commit until the watermark moves.
+    pub(crate) start: Option<u64>,
+    pub(crate) stalled: bool,
+}
+
+/// How far a partition got in finding where to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for the committed offset (FetchOffset).
+    Starting,
+    /// No commit and the start position is Latest: waiting for the high watermark.
+    Latest,
+    Active,
+}
+
+/// The state of one unsettled offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// Fetched, in `Partition::buffered`.
+    Buffered,
+    /// With the application.
+    Delivered { attempt: u32, since: Instant },
+    /// Nacked; its retry is scheduled.
+    Waiting { attempt: u32 },
+    /// Retry due; in `Partition::redeliver` (or being fetched again) for delivery `attempt`.
+    Ready { attempt: u32 },
+    /// Lost from the cache; being fetched again, then `then`.
+    Refetching { attempt: u32, then: AfterRefetch },
+    /// In the dead-letter outbox.
+    DeadLetter { attempt: u32 },
+    /// Cannot be dead-lettered; the partition is stalled here.
+    Stuck,
+}
+
+/// What happens to a message fetched again because the cache lost it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterRefetch {
+    Redeliver,
+    DeadLetter,
+}
+
+/// What a single-offset fetch of a lost message brought back for the coordinator to finish.
+#[derive(Debug)]
+pub(crate) enum Refetched {
+    /// Nothing to do (stale, redelivery queued, or the slot moved on).
+    Done,
+    /// The broker no longer has it: discard it.
+    Gone { attempt: u32 },
+    /// Back for the dead-letter topic.
+    DeadLetter {
+        attempt: u32,
+        reason: DiscardReason,
+        record: Record,
+    },
+}
+
+impl Partition {
+    fn new(id: u32, epoch: u64) -> Self {
+        Self {
+            id,
+            epoch,
+            phase: Phase::Starting,
+            paused: false,
+            revoking: false,
+            window: Window::new(0),
+            buffered: VecDeque::new(),
+            redeliver: VecDeque::new(),
+            refetch: VecDeque::new(),
+            fetch_in_flight: false,
+            refetch_in_flight: false,
+            fetch_not_before: None,
+            byte_blocked: None,
+            empty_fetches: 0,
+            fetch_failures: 0,
+            high_watermark: None,
+            committed: None,
+            commit_in_flight: None,
+            start: None,
+            stalled: false,
+        }
+    }
+
+    /// Updates an unsettled slot; the caller checked it exists.
+    pub(crate) fn set(&mut self, offset: u64, slot: Slot) {
+        if let Some(s) = self.window.get_mut(offset) {
+            *s = slot;
+        }
+    }
+
+    /// The offset to commit, if the watermark moved past what was committed or is in flight.
+    pub(crate) fn commit_target(&self) -> Option<u64> {
+        if self.phase != Phase::Active {
+            return None;
+        }
+        let base = self.window.base();
+        let last = self.commit_in_flight.or(self.committed).or(self.start);
+        (last != Some(base)).then_some(base)
+    }
+
+    /// A fetch failed: no fetch (or refetch) before the backoff passes.
+    fn fetch_failed(&mut self, now: Instant, jitter: &mut Jitter) {
+        self.fetch_failures = self.fetch_failures.saturating_add(1);
+        self.fetch_in_flight = false;
+        self.fetch_not_before = Some(now + jitter.after_failures(self.fetch_failures));
+    }
+
+    fn lag(&self, now: Instant) -> PartitionLag {
+        let position = self.window.end();
+        let hw = self.high_watermark;
+        let from = self.committed.unwrap_or(self.window.base());
+        PartitionLag {
+            partition: self.id,
+            high_watermark: hw,
+            committed: self.committed,
+            position,
+            lag: hw.map_or(0, |h| h.saturating_sub(from)),
+            position_lag: hw.map_or(0, |h| h.saturating_sub(position)),
+            oldest_unsettled_age: self.window.iter().find_map(|(_, s)| match s {
+                Slot::Delivered { since, .. } => Some(now.saturating_duration_since(*since)),
+                _ => None,
+            }),
+        }
+    }
+}
+
+/// Every assigned partition (sorted by id) and what they share.
+#[derive(Debug)]
+pub(crate) struct Partitions {
+    list: Vec<Partition>,
+    next_epoch: u64,
+    /// Deliveries outstanding with the application.
+    pub(crate) unacked: usize,
+    /// Fetched messages not yet delivered, all partitions.
+    pub(crate) buffered: usize,
+    buffered_bytes: usize,
+    /// The partition whose fetch goes first next time (partitions take turns).
+    fetch_turn: usize,
+    /// The partition whose message is delivered next (round-robin for fairness).
+    delivery_turn: usize,
+    /// Estimated encoded size of a record (a moving average over the records fetches put in
+    /// the buffer), to size fetches to what the buffer takes.
+    record_bytes: usize,
+    /// Retry schedule: (due, partition id, offset).
+    retries: BTreeSet<(Instant, u32, u64)>,
+    /// Reasons of poison messages being fetched again for the dead-letter path.
+    refetch_reasons: BTreeMap<(u32, u64), DiscardReason>,
+    /// Where this member's revoked partitions stood, so a reassignment after the broker lost
+    /// its commits (a restart) does not fall back to the start position.
+    known_positions: BTreeMap<u32, u64>,
+}
+
+impl Partitions {
+    /// The breaker closed an outage's open interval: partitions backing off after failed
+    /// fetches may fetch again at once.
+    pub(crate) fn end_failure_backoff(&mut self) {
+        for p in self.list.iter_mut().filter(|p| p.fetch_failures > 0) {
+            p.fetch_not_before = None;
+        }
+    }
+
+    pub(crate) fn new(config: &ConsumerConfig) -> Self {
+        let mut set = Self {
+            list: Vec::new(),
+            next_epoch: 1,
+            unacked: 0,
+            buffered: 0,
+            buffered_bytes: 0,
+            fetch_turn: 0,
+            delivery_turn: 0,
+            // Until a fetch says otherwise: `fetch_max_bytes` spread over `fetch_size` records.
+            record_bytes: (config.fetch_max_bytes as usize / config.fetch_size.max(1)).max(1),
+            retries: BTreeSet::new(),
+            refetch_reasons: BTreeMap::new(),
+            known_positions: BTreeMap::new(),
+        };
+        let mut ids = config.partitions.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            set.add(id);
+        }
+        set
+    }
+
+    /// Starts consuming `id` (no-op if it is assigned already).
+    pub(crate) fn add(&mut self, id: u32) {
+        if self.index(id).is_none() {
+            let p = Partition::new(id, self.next_epoch);
+            self.next_epoch += 1;
+            let at = self.list.partition_point(|q| q.id < id);
+            self.list.insert(at, p);
+        }
+    }
+
+    pub(crate) fn index(&self, id: u32) -> Option<usize> {
+        self.list.binary_search_by_key(&id, |p| p.id).ok()
+    }
+
+    pub(crate) fn at(&self, idx: usize) -> &Partition {
+        &self.list[idx]
+    }
+
+    pub(crate) fn at_mut(&mut self, idx: usize) -> &mut Partition {
+        &mut self.list[idx]
+    }
+
+    pub(crate) fn get(&self, id: u32) -> Option<&Partition> {
+        self.index(id).map(|idx| &self.list[idx])
+    }
+
+    pub(crate) fn get_mut(&mut self, id: u32) -> Option<&mut Partition> {
+        self.index(id).map(|idx| &mut self.list[idx])
+    }
+
+    /// The partition `id` if it is still under `epoch`.
+    pub(crate) fn live(&self, id: u32, epoch: u64) -> bool {
+        self.get(id).is_some_and(|p| p.epoch == epoch)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Partition> {
+        self.list.iter()
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Partition> {
+        self.list.iter_mut()
+    }
+
+    pub(crate) fn ids(&self) -> Vec<u32> {
+        self.list.iter().map(|p| p.id).collect()
+    }
+
+    /// Whether any partition's watermark moved past what was committed or is in flight.
+    pub(crate) fn has_uncommitted(&self) -> bool {
+        self.list.iter().any(|p| p.commit_target().is_some())
+    }
+
+    pub(crate) fn any_stalled(&self) -> bool {
+        self.list.iter().any(|p| p.stalled)
+    }
+
+    pub(crate) fn lag(&self, now: Instant) -> Vec<PartitionLag> {
+        self.list.iter().map(|p| p.lag(now)).collect()
+    }
+
+    /// A message held for delivery (buffered or awaiting a retry).
+    pub(crate) fn held(&self, id: u32, offset: u64) -> Option<&Record> {
+        let p = self.get(id)?;
+        p.buffered
+            .iter()
+            .chain(p.redeliver.iter())
+            .find(|(o, _)| *o == offset)
+            .map(|(_, r)| r)
+    }
+
+    /// Validates that `tag` names a delivery outstanding with the application.
+    pub(crate) fn outstanding(&self, tag: DeliveryTag) -> Result<usize, UsageError> {
+        let (partition, offset) = (tag.partition, tag.offset);
+        let Some(idx) = self.index(partition) else {
+            return Err(if tag.epoch != 0 && tag.epoch < self.next_epoch {
+                UsageError::StaleDelivery { partition, offset }
+            } else {
+                UsageError::UnknownPartition(partition)
+            });
+        };
+        let p = &self.list[idx];
+        if tag.epoch != p.epoch {
+            return Err(UsageError::StaleDelivery { partition, offset });
+        }
+        if offset >= p.window.end() {
+            return Err(UsageError::UnknownDelivery { partition, offset });
+        }
+        match p.window.get(offset) {
+            Some(Slot::Delivered { attempt, .. }) if *attempt == tag.attempt => Ok(idx),
+            Some(Slot::Delivered { .. }) => Err(UsageError::StaleDelivery { partition, offset }),
+            Some(Slot::Buffered) => Err(UsageError::UnknownDelivery { partition, offset }),
+            _ => Err(UsageError::NotOutstanding { partition, offset }),
+        }
+    }
+
+    /// Sets `paused` on every listed partition, or on none if one is not assigned.
+    pub(crate) fn set_paused(&mut self, ids: &[u32], paused: bool) -> Result<(), UsageError> {
+        let idxs = ids
+            .iter()
+            .map(|&id| self.index(id).ok_or(UsageError::UnknownPartition(id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for idx in idxs {
+            self.list[idx].paused = paused;
+        }
+        Ok(())
+    }
+
+    /// Marks an offset settled; returns how far the watermark advanced.
+    pub(crate) fn settle(&mut self, idx: usize, offset: u64, cache: &mut MessageCache) -> u64 {
+        let p = &mut self.list[idx];
+        cache.remove((p.id, offset));
+        p.window.settle(offset)
+    }
+
+    /// The application acked, nacked or rejected a delivery: one less outstanding.
+    pub(crate) fn delivery_ended(&mut self) {
+        self.unacked -= 1;
+    }
+
+    /// A nacked delivery waits for its retry at `due` (`None`: closing, it stays unsettled
+    /// and the next consumer reads it again).
+    pub(crate) fn schedule_retry(&mut self, tag: DeliveryTag, idx: usize, due: Option<Instant>) {
+        self.list[idx].set(
+            tag.offset,
+            Slot::Waiting {
+                attempt: tag.attempt,
+            },
+        );
+        if let Some(due) = due {
+            self.retries.insert((due, tag.partition, tag.offset));
+        }
+    }
+
+    /// The earliest retry due.
+    pub(crate) fn next_retry(&self) -> Option<Instant> {
+        self.retries.first().map(|r| r.0)
+    }
+
+    /// Makes every retry due by `now` ready: redelivered from the cache, or fetched again.
+    pub(crate) fn retries_due(&mut self, now: Instant, cache: &mut MessageCache) {
+        while let Some(&(at, partition, offset)) = self.retries.first() {
+            if at > now {
+                break;
+            }
+            self.retries.pop_first();
+            let Some(p) = self.get_mut(partition) else {
+                continue;
+            };
+            let Some(&Slot::Waiting { attempt }) = p.window.get(offset) else {
+                continue;
+            };
+            let attempt = attempt + 1;
+            match cache.get(now, (partition, offset)) {
+                Some(record) => {
+                    p.set(offset, Slot::Ready { attempt });
+                    p.redeliver.push_back((offset, record));
+                }
+                None => {
+                    trace!(
+                        partition,
+                        offset,
+                        "retry: cache lost the message, fetching it again"
+                    );
+                    p.set(
+                        offset,
+                        Slot::Refetching {
+                            attempt,
+                            then: AfterRefetch::Redeliver,
+                        },
+                    );
+                    p.refetch.push_back(offset);
+                }
+            }
+        }
+    }
+
+    /// A poison message the cache lost: fetch it again, then dead-letter it.
+    pub(crate) fn refetch_for_dead_letter(
+        &mut self,
+        idx: usize,
+        offset: u64,
+        attempt: u32,
+        reason: DiscardReason,
+    ) {
+        let p = &mut self.list[idx];
+        p.set(
+            offset,
+            Slot::Refetching {
+                attempt,
+                then: AfterRefetch::DeadLetter,
+            },
+        );
+        p.refetch.push_back(offset);
+        self.refetch_reasons.insert((p.id, offset), reason);
+    }
+
+    /// Forgets everything about a partition's position and restarts it at `offset` under a
+    /// new epoch. The caller forgets the partition's cached messages and dead letters.
+    pub(crate) fn restart(&mut self, idx: usize, offset: u64) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let p = &mut self.list[idx];
+        let id = p.id;
+        let outstanding = p
+            .window
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Delivered { .. }))
+            .count();
+        self.unacked -= outstanding;
+        self.buffered -= p.buffered.len();
+        self.buffered_bytes -= p
+            .buffered
+            .iter()
+            .map(|(_, r)| r.encoded_len())
+            .sum::<usize>();
+        p.epoch = epoch;
+        p.window.reset(offset);
+        p.buffered.clear();
+        p.redeliver.clear();
+        p.refetch.clear();
+        p.fetch_in_flight = false;
+        p.refetch_in_flight = false;
+        p.fetch_not_before = None;
+        p.byte_blocked = None;
+        p.empty_fetches = 0;
+        p.stalled = false;
+        self.retries.retain(|&(_, pid, _)| pid != id);
+        self.refetch_reasons.retain(|&(pid, _), _| pid != id);
+    }
+
+    /// Closing: undelivered messages stay unsettled, so the next member reads them again.
+    pub(crate) fn drop_undelivered(&mut self) {
+        self.retries.clear();
+        for p in &mut self.list {
+            p.buffered.clear();
+            p.redeliver.clear();
+            p.refetch.clear();
+        }
+        self.buffered = 0;
+        self.buffered_bytes = 0;
+    }
+
+    /// A rebalance: stop fetching and delivering every partition. Undelivered messages and
+    /// pending retries stay unsettled: the next owner reads them.
+    pub(crate) fn start_revoke(&mut self) {
+        self.retries.clear();
+        self.refetch_reasons.clear();
+        for p in &mut self.list {
+            p.revoking = true;
+            p.redeliver.clear();
+            p.refetch.clear();
+            for (_, r) in p.buffered.drain(..) {
+                self.buffered -= 1;
+                self.buffered_bytes -= r.encoded_len();
+            }
+        }
+    }
+
+    /// Lets every partition go, remembering where each stood; returns their ids. The caller
+    /// forgets their cached messages and dead letters.
+    pub(crate) fn revoke_all(&mut self) -> Vec<u32> {
+        let ids = self.ids();
+        for idx in 0..self.list.len() {
+            let (id, base) = (self.list[idx].id, self.list[idx].window.base());
+            self.known_positions.insert(id, base);
+            self.restart(idx, base);
+        }
+        self.list.clear();
+        ids
+    }
+
+    // ---------------------------------------------------------------- delivering
+
+    /// Hands out messages while the application has credit: due retries first, then fresh
+    /// messages, round-robin over unpaused partitions.
+    pub(crate) fn deliver(
+        &mut self,
+        now: Instant,
+        max_unacked: usize,
+        cache: &mut MessageCache,
+        metrics: &mut Metrics,
+        events: &mut VecDeque<Event>,
+    ) {
+        let n = self.list.len();
+        if n == 0 {
+            return;
+        }
+        let mut idle = 0;
+        while self.unacked < max_unacked && idle < n {
+            let idx = self.delivery_turn % n;
+            self.delivery_turn = self.delivery_turn.wrapping_add(1);
+            let p = &mut self.list[idx];
+            if p.paused || p.revoking {
+                idle += 1;
+                continue;
+            }
+            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
+            {
+                let Some(Slot::Ready { attempt }) = p.window.get(offset).copied() else {
+                    continue;
+                };
+                metrics.retried += 1;
+                (offset, record, attempt)
+            } else if let Some((offset, record)) = p.buffered.pop_front() {
+                self.buffered -= 1;
+                self.buffered_bytes -= record.encoded_len();
+                (offset, record, 1)
+            } else {
+                idle += 1;
+                continue;
+            };
+            idle = 0;
+            p.set(
+                offset,
+                Slot::Delivered {
+                    attempt,
+                    since: now,
+                },
+            );
+            let tag = DeliveryTag {
+                partition: p.id,
+                offset,
+                epoch: p.epoch,
+                attempt,
+            };
+            cache.insert(now, (p.id, offset), record.clone());
+            self.unacked += 1;
+            metrics.delivered += 1;
+            trace!(partition = tag.partition, offset, attempt, "deliver");
+            events.push_back(Event::Deliver(Message { tag, record }));
+        }
+    }
+}
