@@ -324,7 +324,11 @@ async fn run<R: Runtime + Clone + Default>(
 
 async fn progress(consumer: &rustmq_consumer_core::Consumer, start: Instant) {
     let m = consumer.metrics().await;
-    let lag: u64 = consumer.get_lag().await.iter().map(|p| p.lag).sum();
+    let lag: u64 = consumer
+        .get_lag()
+        .await
+        .map(|l| l.values().sum())
+        .unwrap_or(0);
     let breaker = match consumer.health().await {
         Health::Healthy => "closed",
         Health::Degraded => "half-open",

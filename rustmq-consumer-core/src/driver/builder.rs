@@ -11,7 +11,7 @@ use super::gate::AckGate;
 use super::runtime::Runtime;
 use super::task::{Driver, DriverChannels};
 use super::transport::Transport;
-use crate::config::ConsumerConfig;
+use crate::config::{ConfigError, ConsumerConfig};
 use crate::machine::ConsumerMachine;
 
 /// Capacity of the command channel from the handles to the driver.
@@ -29,13 +29,18 @@ const COMMAND_CAPACITY: usize = 256;
 ///     .await?;
 /// ```
 ///
+/// The topic and the group live in the [`ConsumerConfig`]; `.topic(..)` and
+/// `.consumer_group(..)` fill in what the config leaves empty (in any order). Given in both
+/// places they must agree, otherwise `build()` fails with [`ConfigError::Conflicting`]; given
+/// in neither, with [`ConfigError::MissingTopic`] or [`ConfigError::MissingGroup`].
+///
 /// The runtime crates (`rustmq-consumer-tokio`, `rustmq-consumer-smol`) alias this type with
 /// their runtime, so `ConsumerBuilder::new()` needs no runtime argument there.
 pub struct ConsumerBuilder<R> {
     runtime: R,
     topic: Option<String>,
     consumer_group: Option<String>,
-    config: Option<ConsumerConfig>,
+    config: ConsumerConfig,
     transport: Option<Arc<dyn Transport>>,
 }
 
@@ -71,26 +76,26 @@ impl<R: Runtime> ConsumerBuilder<R> {
             runtime,
             topic: None,
             consumer_group: None,
-            config: None,
+            config: ConsumerConfig::default(),
             transport: None,
         }
     }
 
-    /// The topic to consume (overrides the config's).
+    /// The topic to consume (the config's, if it names one, must be the same).
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
         self.topic = Some(topic.into());
         self
     }
 
-    /// The consumer group (overrides the config's).
+    /// The consumer group (the config's, if it names one, must be the same).
     pub fn consumer_group(mut self, group: impl Into<String>) -> Self {
         self.consumer_group = Some(group.into());
         self
     }
 
-    /// Every other setting; defaults to `ConsumerConfig::new(topic, group)`.
+    /// Every other setting; defaults to `ConsumerConfig::default()`.
     pub fn config(mut self, config: ConsumerConfig) -> Self {
-        self.config = Some(config);
+        self.config = config;
         self
     }
 
@@ -107,23 +112,15 @@ impl<R: Runtime> ConsumerBuilder<R> {
 
     /// Validates the settings and starts the consumer's driver task.
     pub async fn build(self) -> Result<Consumer, ConsumerError> {
-        let mut config = self
-            .config
-            .unwrap_or_else(|| ConsumerConfig::new(String::new(), String::new()));
-        if let Some(topic) = self.topic {
-            config.topic = topic;
-        }
-        if let Some(group) = self.consumer_group {
-            config.consumer_group = group;
-        }
-        if config.topic.is_empty() {
-            return Err(ConsumerError::MissingTopic);
-        }
-        if config.consumer_group.is_empty() {
-            return Err(ConsumerError::MissingGroup);
-        }
-        let transport = self.transport.ok_or(ConsumerError::MissingTransport)?;
+        let mut config = self.config;
+        merge("topic", self.topic, &mut config.topic)?;
+        merge(
+            "consumer group",
+            self.consumer_group,
+            &mut config.consumer_group,
+        )?;
         config.validate()?;
+        let transport = self.transport.ok_or(ConsumerError::MissingTransport)?;
 
         let runtime: Arc<dyn Runtime> = Arc::new(self.runtime);
         let consumer_id = config
@@ -170,4 +167,18 @@ impl<R: Runtime> ConsumerBuilder<R> {
         runtime.spawn(Box::pin(driver.run().instrument(span)));
         Ok(consumer)
     }
+}
+
+/// Fills the config's `field` from the builder's value; both given and different is an error.
+fn merge(
+    field: &'static str,
+    from_builder: Option<String>,
+    in_config: &mut String,
+) -> Result<(), ConfigError> {
+    match from_builder {
+        Some(value) if in_config.is_empty() => *in_config = value,
+        Some(value) if value != *in_config => return Err(ConfigError::Conflicting(field)),
+        _ => {}
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The application's handles: `Consumer`, `Delivery` and the delivery stream.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -168,8 +169,16 @@ impl Consumer {
             .unwrap_or_else(|| Err(ConsumerError::closed()))
     }
 
-    /// Lag of every assigned partition (the last known values once closed).
-    pub async fn get_lag(&self) -> Vec<PartitionLag> {
+    /// Lag of every assigned partition, keyed by partition: its high watermark minus its
+    /// committed offset (the last known values once closed). The old SDK's signature; see
+    /// [`Consumer::lag_details`] for positions and the age of the oldest unsettled message.
+    pub async fn get_lag(&self) -> Result<HashMap<u32, u64>, ConsumerError> {
+        let details = self.lag_details().await;
+        Ok(details.into_iter().map(|p| (p.partition, p.lag)).collect())
+    }
+
+    /// Lag of every assigned partition in detail (the last known values once closed).
+    pub async fn lag_details(&self) -> Vec<PartitionLag> {
         match self.shared.request(Command::Lag).await {
             Some(lag) => lag,
             None => self.final_state().map(|s| s.lag).unwrap_or_default(),
@@ -184,17 +193,29 @@ impl Consumer {
             .unwrap_or_default()
     }
 
-    /// Stops fetching and delivering these partitions until resumed.
-    pub async fn pause_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
-        let partitions = partitions.to_vec();
+    /// Stops fetching and delivering these partitions until resumed (a `Vec`, an array or a
+    /// slice). Takes effect at once: from the return on, `receive()`, `receive_many()` and the
+    /// stream yield nothing of them; what was already fetched or queued for the application is
+    /// kept and delivered after [`Consumer::resume_partitions`], in order.
+    ///
+    /// An unknown partition refuses the whole call ([`UsageError::UnknownPartition`]).
+    pub async fn pause_partitions(
+        &self,
+        partitions: impl AsRef<[u32]>,
+    ) -> Result<(), ConsumerError> {
+        let partitions = partitions.as_ref().to_vec();
         self.shared
             .settle(|reply| Command::Pause(partitions, reply))
             .await
     }
 
-    /// Resumes paused partitions.
-    pub async fn resume_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
-        let partitions = partitions.to_vec();
+    /// Resumes paused partitions (a `Vec`, an array or a slice): what they held is delivered
+    /// first, in order.
+    pub async fn resume_partitions(
+        &self,
+        partitions: impl AsRef<[u32]>,
+    ) -> Result<(), ConsumerError> {
+        let partitions = partitions.as_ref().to_vec();
         self.shared
             .settle(|reply| Command::Resume(partitions, reply))
             .await

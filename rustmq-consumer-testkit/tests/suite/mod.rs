@@ -350,7 +350,9 @@ pub async fn lag<R: Runtime + Clone>(rt: R) {
         d.ack().await.expect("ack");
     }
     within(&rt, consumer.commit()).await.expect("commit");
-    let lag = consumer.get_lag().await;
+    let by_partition = consumer.get_lag().await.expect("lag");
+    assert_eq!(by_partition, [(0, 20)].into_iter().collect());
+    let lag = consumer.lag_details().await;
     assert_eq!(lag.len(), 1);
     let p0 = lag[0];
     assert_eq!(p0.partition, 0);
@@ -672,14 +674,54 @@ pub async fn bad_input<R: Runtime + Clone>(rt: R) {
         .client(transport())
         .build()
         .await;
-    assert_eq!(no_topic.err(), Some(ConsumerError::MissingTopic));
-    assert_eq!(ConsumerError::MissingTopic.to_string(), "no topic given");
+    let no_topic = no_topic.err();
+    assert_eq!(
+        no_topic,
+        Some(ConsumerError::Config(ConfigError::MissingTopic))
+    );
+    assert_eq!(
+        no_topic.map(|e| e.to_string()).as_deref(),
+        Some("invalid configuration: no topic given")
+    );
     let no_group = ConsumerBuilder::with_runtime(rt.clone())
         .topic(TOPIC)
         .client(transport())
         .build()
         .await;
-    assert_eq!(no_group.err(), Some(ConsumerError::MissingGroup));
+    assert_eq!(
+        no_group.err(),
+        Some(ConsumerError::Config(ConfigError::MissingGroup))
+    );
+    // The topic and the group may come from the config instead of the builder...
+    let from_config = ConsumerBuilder::with_runtime(rt.clone())
+        .config(fast_config())
+        .client(transport())
+        .build()
+        .await
+        .expect("topic and group from the config");
+    assert_eq!(from_config.topic(), TOPIC);
+    within(&rt, from_config.close()).await.expect("close");
+    // ...but not two different ones, in either order.
+    let twice = ConsumerBuilder::with_runtime(rt.clone())
+        .topic("payments")
+        .config(fast_config())
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(
+        twice.err(),
+        Some(ConsumerError::Config(ConfigError::Conflicting("topic")))
+    );
+    let twice = ConsumerBuilder::with_runtime(rt.clone())
+        .config(fast_config())
+        .consumer_group("audit")
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(
+        twice.err().map(|e| e.to_string()).as_deref(),
+        Some("invalid configuration: consumer group given twice with different values")
+    );
     let no_transport = ConsumerBuilder::with_runtime(rt.clone())
         .topic(TOPIC)
         .consumer_group(GROUP)
