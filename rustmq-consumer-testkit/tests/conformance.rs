@@ -54,6 +54,7 @@ conformance!(
     nack_and_retry,
     reject_to_dead_letter,
     pause_resume,
+    pause_holds_queued_deliveries,
     seek,
     lag,
     commit,

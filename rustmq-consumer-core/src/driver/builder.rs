@@ -8,6 +8,7 @@ use tracing::Instrument;
 use super::consumer::{Consumer, Shared};
 use super::error::ConsumerError;
 use super::gate::AckGate;
+use super::inbox::Inbox;
 use super::runtime::Runtime;
 use super::task::{Driver, DriverChannels};
 use super::transport::Transport;
@@ -135,7 +136,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let (commands_tx, commands) = async_channel::bounded(COMMAND_CAPACITY);
         let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
         let (lifeline_tx, lifeline) = async_channel::bounded(1);
-        let (deliveries, undelivered) = async_channel::bounded(max_unacked);
+        let inbox = Arc::new(Inbox::new(max_unacked));
         let (gate, kicked) = AckGate::new(max_unacked);
         let gate = Arc::new(gate);
         let final_state = Arc::new(OnceLock::new());
@@ -145,10 +146,11 @@ impl<R: Runtime> ConsumerBuilder<R> {
             commands: commands_tx,
             dropped: dropped_tx,
             gate: Arc::clone(&gate),
+            inbox: Arc::clone(&inbox),
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
         });
-        let consumer = Consumer::new(Arc::clone(&shared), undelivered.clone(), lifeline_tx);
+        let consumer = Consumer::new(Arc::clone(&shared), lifeline_tx);
         let driver = Driver::new(
             machine,
             Arc::clone(&runtime),
@@ -159,8 +161,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 lifeline: Box::pin(lifeline),
                 kicked: Box::pin(kicked),
                 gate,
-                deliveries,
-                undelivered,
+                inbox,
                 final_state,
             },
         );

@@ -2,17 +2,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender};
+use async_channel::Sender;
 use bytes::Bytes;
+use event_listener::EventListener;
 use futures_lite::Stream;
 
 use super::error::ConsumerError;
 use super::gate::AckGate;
+use super::inbox::{Inbox, Take};
 use super::runtime::{sleep, Runtime};
 use super::task::{Command, FinalState, Reply, Stamped};
 use crate::error::UsageError;
@@ -26,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) commands: Sender<Command>,
     pub(crate) dropped: Sender<DeliveryTag>,
     pub(crate) gate: Arc<AckGate>,
+    /// Deliveries waiting for the application.
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
 }
@@ -58,7 +63,6 @@ impl Shared {
 #[derive(Clone)]
 pub struct Consumer {
     shared: Arc<Shared>,
-    deliveries: Receiver<Stamped>,
     _lifeline: Sender<()>,
 }
 
@@ -72,25 +76,20 @@ impl fmt::Debug for Consumer {
 }
 
 impl Consumer {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        deliveries: Receiver<Stamped>,
-        lifeline: Sender<()>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, lifeline: Sender<()>) -> Self {
         Self {
             shared,
-            deliveries,
             _lifeline: lifeline,
         }
     }
 
-    /// The next delivery; `None` once the consumer is closed.
+    /// The next delivery (never one of a paused partition); `None` once the consumer is closed.
     pub async fn receive(&self) -> Result<Option<Delivery>, ConsumerError> {
         Ok(self
-            .deliveries
-            .recv()
+            .shared
+            .inbox
+            .take()
             .await
-            .ok()
             .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
     }
 
@@ -104,17 +103,16 @@ impl Consumer {
         if max == 0 {
             return Ok(batch);
         }
-        let Ok(first) = self.deliveries.recv().await else {
+        let Some(first) = self.shared.inbox.take().await else {
             return Ok(batch);
         };
-        batch.reserve(max.min(self.deliveries.len() + 1));
-        batch.push(Delivery::new(first, Arc::clone(&self.shared)));
-        while batch.len() < max {
-            match self.deliveries.try_recv() {
-                Ok(stamped) => batch.push(Delivery::new(stamped, Arc::clone(&self.shared))),
-                Err(_) => break,
-            }
-        }
+        let mut taken = vec![first];
+        self.shared.inbox.take_many(max - 1, &mut taken);
+        batch.extend(
+            taken
+                .into_iter()
+                .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))),
+        );
         Ok(batch)
     }
 
@@ -156,8 +154,8 @@ impl Consumer {
     /// The deliveries as a stream, ending when the consumer is closed.
     pub fn stream(&self) -> DeliveryStream {
         DeliveryStream {
-            deliveries: Box::pin(self.deliveries.clone()),
             shared: Arc::clone(&self.shared),
+            listener: None,
         }
     }
 
@@ -286,8 +284,9 @@ impl Consumer {
 
 /// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed.
 pub struct DeliveryStream {
-    deliveries: Pin<Box<Receiver<Stamped>>>,
     shared: Arc<Shared>,
+    /// Set while waiting for a takeable delivery.
+    listener: Option<EventListener>,
 }
 
 impl fmt::Debug for DeliveryStream {
@@ -303,10 +302,29 @@ impl Stream for DeliveryStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = &mut *self;
-        this.deliveries
-            .as_mut()
-            .poll_next(cx)
-            .map(|stamped| stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&this.shared))))
+        loop {
+            match this.shared.inbox.try_take() {
+                Take::Delivery(stamped) => {
+                    this.listener = None;
+                    return Poll::Ready(Some(Delivery::new(stamped, Arc::clone(&this.shared))));
+                }
+                Take::Closed => {
+                    this.listener = None;
+                    return Poll::Ready(None);
+                }
+                Take::Empty => {}
+            }
+            match &mut this.listener {
+                // Listen, then look again: a push between the take and the listener is seen.
+                None => this.listener = Some(this.shared.inbox.listen()),
+                Some(listener) => {
+                    if Pin::new(listener).poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.listener = None;
+                }
+            }
+        }
     }
 }
 

@@ -257,6 +257,108 @@ pub async fn pause_resume<R: Runtime + Clone>(rt: R) {
     assert_eq!(committed(&broker, 0), Some(10));
 }
 
+/// Pause takes effect at once for the application: deliveries already queued for it when
+/// `pause_partitions` returns stay held (not by `receive`, `receive_many` or the stream) and
+/// come after the resume, in order, each exactly once.
+pub async fn pause_holds_queued_deliveries<R: Runtime + Clone>(rt: R) {
+    use futures_lite::StreamExt;
+
+    const EACH: u64 = 30;
+    let broker = broker(2, EACH as usize);
+    broker
+        .lock()
+        .produce_values(TOPIC, 1, (0..EACH).map(|i| format!("p1-{i}")))
+        .expect("partition 1 exists");
+    let mut config = fast_config();
+    config.partitions = vec![0, 1];
+    config.fetch_size = 100;
+    config.max_unacked = 100;
+    let consumer = start(&rt, &broker, config).await;
+    let first = next(&rt, &consumer).await;
+    let mut seen = vec![(first.partition(), first.offset())];
+    first.ack().await.expect("ack");
+    // Wait (bounded) until the machine has handed out every message: all of them are queued
+    // for the application when it pauses.
+    let mut waits = 0;
+    while consumer.metrics().await.delivered < 2 * EACH {
+        waits += 1;
+        assert!(waits <= 1_000, "not every message was delivered in time");
+        sleep(&rt, Duration::from_millis(1)).await;
+    }
+    let paused = if seen[0].0 == 0 { 0 } else { 1 };
+    let flowing = 1 - paused;
+    let queued = consumer.metrics().await.in_flight_deliveries;
+    assert_eq!(
+        queued,
+        2 * EACH - 1,
+        "queued for the application at the pause"
+    );
+    consumer.pause_partitions([paused]).await.expect("pause");
+
+    // Everything of the other partition, through each way of receiving, and nothing paused.
+    let mut during = Vec::new();
+    for _ in 0..10 {
+        during.push(next(&rt, &consumer).await);
+    }
+    while during.len() < 20 {
+        let batch = within(&rt, consumer.receive_many(20 - during.len()))
+            .await
+            .expect("receive_many");
+        assert!(!batch.is_empty(), "receive_many ended early");
+        during.extend(batch);
+    }
+    let mut stream = consumer.stream();
+    while during.len() < EACH as usize {
+        during.push(within(&rt, stream.next()).await.expect("a delivery"));
+    }
+    let quiet = Duration::from_millis(100);
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered while paused: {extra:?}");
+    let extra = timeout(&rt, quiet, consumer.receive_many(10)).await;
+    assert!(extra.is_none(), "receive_many while paused: {extra:?}");
+    let extra = timeout(&rt, quiet, stream.next()).await;
+    assert!(extra.is_none(), "stream while paused: {extra:?}");
+    let from_paused = during.iter().filter(|d| d.partition() == paused).count();
+    assert_eq!(from_paused, 0, "deliveries of the paused partition");
+    for d in during {
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+
+    // Resumed: what it held comes, in order; paused again half-way, it holds the rest again.
+    consumer
+        .resume_partitions(vec![paused])
+        .await
+        .expect("resume");
+    for _ in 0..10 {
+        let d = next(&rt, &consumer).await;
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+    consumer.pause_partitions(&[paused]).await.expect("pause");
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered while paused again: {extra:?}");
+    consumer.resume_partitions(&[paused]).await.expect("resume");
+    while seen.len() < 2 * EACH as usize {
+        let d = next(&rt, &consumer).await;
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered twice: {extra:?}");
+    for p in [paused, flowing] {
+        let offsets: Vec<u64> = seen.iter().filter(|s| s.0 == p).map(|s| s.1).collect();
+        assert_eq!(offsets, (0..EACH).collect::<Vec<_>>(), "partition {p}");
+    }
+    let metrics = consumer.metrics().await;
+    assert_eq!((metrics.delivered, metrics.retried), (2 * EACH, 0));
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(
+        (committed(&broker, 0), committed(&broker, 1)),
+        (Some(EACH), Some(EACH))
+    );
+}
+
 /// Each partition delivers its own records, and pausing one leaves the other flowing.
 pub async fn two_partitions<R: Runtime + Clone>(rt: R) {
     let broker = broker(2, 10);
