@@ -38,9 +38,10 @@ pub enum StartPosition {
 /// values for either). `validate()` rejects nonsense before the state machine ever sees it.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// The subscribed topic.
+    /// The subscribed topic (required: here or with the builder's `topic(..)`).
     pub topic: String,
-    /// The consumer group whose offsets this consumer commits.
+    /// The consumer group whose offsets this consumer commits (required: here or with the
+    /// builder's `consumer_group(..)`).
     pub consumer_group: String,
     /// An id for logs and the group session (`None`: derived from the seed).
     pub consumer_id: Option<String>,

@@ -57,8 +57,10 @@ fn enhanced_consumer_configuration() {
     assert!(consumer_config.topic.is_empty() && consumer_config.consumer_group.is_empty());
 }
 
-/// "For Existing Users" and "New Features Available", in one run.
-async fn migration_guide(client: SimTransport) -> Result<()> {
+/// "For Existing Users" and "New Features Available", in one run. The region between the
+/// markers is README.md's quick start, word for word (`readme_quick_start_is_tested`).
+async fn migration_guide(client: SimTransport) -> Result<(HashMap<u32, u64>, Vec<u32>)> {
+    // README quick start: begin
     // Existing code continues to work
     let consumer = ConsumerBuilder::new()
         .topic("my-topic")
@@ -78,29 +80,24 @@ async fn migration_guide(client: SimTransport) -> Result<()> {
     consumer.pause_partitions(vec![0, 1]).await?;
     consumer.resume_partitions(vec![0, 1]).await?;
 
-    // What the document promises of them.
-    let lag: &HashMap<u32, u64> = &lag;
-    assert_eq!(partitions, vec![0, 1]);
-    assert_eq!(lag.len(), 2, "{lag:?}");
-    // Six messages, one acked (settled, not yet committed: lag counts from the settle point).
-    assert_eq!(lag.values().sum::<u64>(), 5, "{lag:?}");
-    // A Vec, an array and a slice are all accepted.
-    consumer.pause_partitions([1]).await?;
-    consumer.resume_partitions(&[1][..]).await?;
-
     // Graceful shutdown with cleanup
     consumer.close().await?; // Now with proper resource cleanup
-    Ok(())
+                             // README quick start: end
+    Ok((lag, partitions))
 }
 
 #[tokio::test(start_paused = true)]
 async fn migration_guide_runs_unchanged() {
     let broker = broker();
     let client = SimTransport::new(broker.clone(), TokioRuntime);
-    migration_guide(client)
+    let (lag, partitions) = migration_guide(client)
         .await
         .expect("the guide's code runs");
-    // The one acked message was committed by the close.
+    assert_eq!(partitions, vec![0, 1]);
+    // Six messages, one acked: lag counts from the settle point until a commit.
+    assert_eq!(lag.len(), 2, "{lag:?}");
+    assert_eq!(lag.values().sum::<u64>(), 5, "{lag:?}");
+    // The acked message was committed by the close.
     let committed: Vec<Option<u64>> = (0..2)
         .map(|p| {
             let tp = rustmq_consumer_tokio::protocol::TopicPartition::new("my-topic", p);
@@ -110,5 +107,32 @@ async fn migration_guide_runs_unchanged() {
     assert!(
         committed.contains(&Some(1)),
         "the acked message was not committed: {committed:?}"
+    );
+}
+
+/// The lines between `// README quick start: begin` and `end` in `source`, without their
+/// indentation.
+fn quick_start_region(source: &str) -> String {
+    let mut region = Vec::new();
+    let mut inside = false;
+    for line in source.lines() {
+        match line.trim() {
+            "// README quick start: begin" => inside = true,
+            "// README quick start: end" => inside = false,
+            _ if inside => region.push(line.strip_prefix("    ").unwrap_or(line)),
+            _ => {}
+        }
+    }
+    region.join("\n")
+}
+
+#[test]
+fn readme_quick_start_is_tested() {
+    let region = quick_start_region(include_str!("migration_guide.rs"));
+    assert!(region.lines().count() > 10, "markers not found");
+    let readme = include_str!("../../README.md");
+    assert!(
+        readme.contains(&region),
+        "README.md's quick start differs from the tested code; paste this:\n{region}"
     );
 }
