@@ -69,6 +69,7 @@ conformance!(
     batches,
     // Regression: a close during a revoke used to spin on the Revoking deadline.
     stale_after_rebalance,
+    paused_through_a_rebalance,
 );
 
 /// The same seed gives the same application-visible run on every runtime.

@@ -196,7 +196,9 @@ impl Consumer {
     /// stream yield nothing of them; what was already fetched or queued for the application is
     /// kept and delivered after [`Consumer::resume_partitions`], in order.
     ///
-    /// An unknown partition refuses the whole call ([`UsageError::UnknownPartition`]).
+    /// An unknown partition refuses the whole call ([`UsageError::UnknownPartition`]). Held
+    /// deliveries stay outstanding: a rebalance waits for them up to `rebalance_drain_timeout`,
+    /// then drops them with the partition (its next owner reads them from the last commit).
     pub async fn pause_partitions(
         &self,
         partitions: impl AsRef<[u32]>,
