@@ -19,13 +19,29 @@ pub enum StartPosition {
 
 /// Everything a consumer can be tuned with. Names follow the old RustMQ SDK where it had one.
 ///
-/// Build it with `ConsumerConfig::new(topic, group)` and adjust fields; `validate()` rejects
-/// nonsense before the state machine ever sees it.
+/// Build it with `ConsumerConfig::new(topic, group)` and adjust fields, or with struct update
+/// syntax as the old SDK's documentation did:
+///
+/// ```
+/// use rustmq_consumer_core::ConsumerConfig;
+///
+/// let config = ConsumerConfig {
+///     fetch_size: 500,
+///     dead_letter_queue: Some("orders.dead".to_owned()),
+///     ..Default::default()
+/// };
+/// assert_eq!(config.cache_entries(), 5_000);
+/// ```
+///
+/// The default has no topic and no group: give them here or with the builder's `topic(..)` and
+/// `consumer_group(..)` (`build()` refuses a consumer without them, and refuses two different
+/// values for either). `validate()` rejects nonsense before the state machine ever sees it.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// The subscribed topic.
+    /// The subscribed topic (required: here or with the builder's `topic(..)`).
     pub topic: String,
-    /// The consumer group whose offsets this consumer commits.
+    /// The consumer group whose offsets this consumer commits (required: here or with the
+    /// builder's `consumer_group(..)`).
     pub consumer_group: String,
     /// An id for logs (`None`: the driver draws a unique one from the operating system's
     /// entropy; a bare state machine has none).
@@ -106,15 +122,16 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// The seed `new` sets: the driver draws a fresh one from OS entropy in its place.
+    /// The seed the default sets: the driver draws a fresh one from OS entropy in its place.
     pub const DEFAULT_SEED: u64 = 0x5eed_0f2b_17c0_de00;
+}
 
-    /// A configuration with every default, for `topic` in `consumer_group`.
-    pub fn new(topic: impl Into<String>, consumer_group: impl Into<String>) -> Self {
-        let fetch_size = 100;
+impl Default for ConsumerConfig {
+    /// Every default, with no topic and no group (see the type's documentation).
+    fn default() -> Self {
         Self {
-            topic: topic.into(),
-            consumer_group: consumer_group.into(),
+            topic: String::new(),
+            consumer_group: String::new(),
             consumer_id: None,
             partitions: Vec::new(),
             manual_generation: 0,
@@ -122,7 +139,7 @@ impl ConsumerConfig {
             heartbeat_interval: None,
             rebalance_drain_timeout: Duration::from_secs(5),
             start_position: StartPosition::Earliest,
-            fetch_size,
+            fetch_size: 100,
             fetch_max_bytes: 1024 * 1024,
             prefetch_bytes: 16 * 1024 * 1024,
             fetch_timeout: Duration::from_secs(1),
@@ -132,7 +149,7 @@ impl ConsumerConfig {
             max_unsettled_per_partition: 10_000,
             enable_auto_commit: true,
             ack_batch_size: 100,
-            ack_batch_timeout: Duration::from_secs(1),
+            ack_batch_timeout: Duration::from_millis(100),
             max_retry_attempts: 3,
             retry_backoff_base: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(30),
@@ -148,6 +165,17 @@ impl ConsumerConfig {
             half_open_max_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             seed: Self::DEFAULT_SEED,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// A configuration with every default, for `topic` in `consumer_group`.
+    pub fn new(topic: impl Into<String>, consumer_group: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            consumer_group: consumer_group.into(),
+            ..Self::default()
         }
     }
 
@@ -172,10 +200,10 @@ impl ConsumerConfig {
         use ConfigError::*;
         let nonzero = |name: &'static str, ok: bool| if ok { Ok(()) } else { Err(Zero(name)) };
         if self.topic.is_empty() {
-            return Err(EmptyTopic);
+            return Err(MissingTopic);
         }
         if self.consumer_group.is_empty() {
-            return Err(EmptyGroup);
+            return Err(MissingGroup);
         }
         let mut sorted = self.partitions.clone();
         sorted.sort_unstable();
@@ -240,12 +268,15 @@ impl ConsumerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// No topic.
-    #[error("topic is empty")]
-    EmptyTopic,
-    /// No group.
-    #[error("consumer group is empty")]
-    EmptyGroup,
+    /// No topic: neither the config nor the builder's `topic(..)` gave one.
+    #[error("no topic given")]
+    MissingTopic,
+    /// No group: neither the config nor the builder's `consumer_group(..)` gave one.
+    #[error("no consumer group given")]
+    MissingGroup,
+    /// The builder and the config name different values for the same setting.
+    #[error("{0} given twice with different values")]
+    Conflicting(&'static str),
     /// A partition listed twice.
     #[error("partition {0} is listed twice")]
     DuplicatePartition(u32),

@@ -54,6 +54,7 @@ conformance!(
     nack_and_retry,
     reject_to_dead_letter,
     pause_resume,
+    pause_holds_queued_deliveries,
     seek,
     lag,
     commit,
@@ -69,6 +70,7 @@ conformance!(
     many_partitions,
     // Regression: a close during a revoke used to spin on the Revoking deadline.
     stale_after_rebalance,
+    paused_through_a_rebalance,
 );
 
 /// The same seed gives the same application-visible run on every runtime.

@@ -6,35 +6,101 @@
 //! on one line and ends with a summary.
 //!
 //! ```text
-//! cargo run --example enhanced_consumer                    # on tokio, over QUIC
-//! cargo run --example enhanced_consumer -- --runtime smol  # on smol, over QUIC
-//! cargo run --example enhanced_consumer -- --in-memory     # no network: an in-memory transport
+//! cargo run --example enhanced_consumer -- --help                  # every option, its default
+//! cargo run --example enhanced_consumer                            # on tokio, over QUIC
+//! cargo run --example enhanced_consumer -- --runtime smol --messages 1000
+//! cargo run --example enhanced_consumer -- --in-memory             # no network
 //! # a real broker (it shows a throwaway self-signed certificate: the opt-in is explicit)
 //! cargo run --example enhanced_consumer -- --broker 127.0.0.1:9092 --accept-any-certificate \
-//!     --topic orders --group billing
+//!     --topic orders --group billing --dead-letter-topic orders.dead
 //! cargo run --example enhanced_consumer -- --broker HOST:PORT --ca ca.pem --server-name NAME
 //! ```
 //!
-//! Against a real broker it consumes until nothing arrives for `--idle-secs` (default 5),
-//! acking every message whose value does not start with `poison`.
+//! Against a real broker it consumes until nothing arrives for `--idle-secs`, acking every
+//! message whose value does not start with `poison`. A bad or unknown option exits with
+//! status 2 and a message; a consumer failure with status 1.
 #![allow(clippy::print_stdout)]
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustmq_consumer_core::quic::{quinn, QuicConfig, QuicTransport, RootCerts, TlsMode};
-use rustmq_consumer_core::{
-    timeout, ConsumerBuilder, ConsumerConfig, ConsumerError, Health, Metrics, Runtime,
-};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
+// The embedded broker's server side runs on quinn directly; the consumer never does.
+use rustmq_consumer_core::quic::quinn;
+use rustmq_consumer_core::{timeout, ConsumerBuilder};
 use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker, SimBroker, SimTransport};
+use rustmq_consumer_tokio::{
+    protocol::TopicPartition, Consumer, ConsumerConfig, ConsumerError, Health, Metrics, QuicConfig,
+    QuicError, QuicTransport, RootCerts, Runtime, TlsMode,
+};
 
-const TOPIC: &str = "orders";
-const GROUP: &str = "billing";
-const DEAD_LETTERS: &str = "dead_letter_queue";
-const MESSAGES: u64 = 10_000;
-const MAX_RETRIES: u32 = 3;
+/// Consume a RustMQ topic with retries, a dead-letter topic and live progress: from a broker
+/// embedded in this process (the default) or from a real one (`--broker`).
+#[derive(Debug, Parser)]
+#[command(name = "enhanced_consumer", version)]
+struct Cli {
+    /// The async runtime the consumer runs on.
+    #[arg(long, value_enum, default_value_t = RuntimeChoice::Tokio)]
+    runtime: RuntimeChoice,
+    /// The topic to consume.
+    #[arg(long, default_value = "orders")]
+    topic: String,
+    /// The consumer group.
+    #[arg(long, default_value = "billing")]
+    group: String,
+    /// Where poison messages go (after the retries, or when rejected).
+    #[arg(long, default_value = "dead_letter_queue")]
+    dead_letter_topic: String,
+    /// Retries before a message is poison (it is delivered at most this plus one times).
+    #[arg(long, default_value_t = 3)]
+    max_retries: u32,
+    /// Embedded broker: messages produced before consuming (every 97th one poison).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..),
+          conflicts_with = "broker")]
+    messages: u64,
+    /// Embedded broker: an in-memory transport instead of QUIC on 127.0.0.1.
+    #[arg(long, conflicts_with = "broker")]
+    in_memory: bool,
+    /// A real RustMQ broker, HOST:PORT (needs --ca or --accept-any-certificate).
+    #[arg(long, value_name = "HOST:PORT", value_parser = resolve, requires = "trust")]
+    broker: Option<SocketAddr>,
+    /// Verify the broker's certificate against these PEM roots.
+    #[arg(long, value_name = "FILE.pem", group = "trust", requires = "broker")]
+    ca: Option<PathBuf>,
+    /// Accept any broker certificate (today's broker presents a throwaway self-signed one).
+    #[arg(long, group = "trust", requires = "broker")]
+    accept_any_certificate: bool,
+    /// The name the broker's certificate is checked against.
+    #[arg(long, default_value = "localhost", requires = "broker")]
+    server_name: String,
+    /// Real broker: stop once nothing arrived for this many seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..),
+          requires = "broker")]
+    idle_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuntimeChoice {
+    Tokio,
+    Smol,
+}
+
+/// `HOST:PORT` resolved to its first address.
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("{e} (expected HOST:PORT, e.g. 127.0.0.1:9092)"))?
+        .next()
+        .ok_or_else(|| "no address".to_owned())
+}
+
+/// Exits with status 2 and `message` as a usage error of `kind`.
+fn usage_error(kind: ErrorKind, message: impl std::fmt::Display) -> ! {
+    Cli::command().error(kind, message).exit()
+}
 
 /// Where the messages come from.
 enum Source {
@@ -42,111 +108,104 @@ enum Source {
     Embedded,
     /// The embedded broker through an in-memory transport.
     InMemory,
-    /// A real RustMQ broker.
-    Remote(Box<Remote>),
+    /// A real RustMQ broker: its QUIC config and the idle time that ends the run.
+    Remote(Box<QuicConfig>, Duration),
 }
 
-struct Remote {
-    config: QuicConfig,
-    topic: String,
-    group: String,
-    idle: Duration,
-}
-
-/// The value following `flag` on the command line.
-fn arg(flag: &str) -> Option<String> {
-    std::env::args().skip_while(|a| a != flag).nth(1)
-}
-
-fn flag(flag: &str) -> bool {
-    std::env::args().any(|a| a == flag)
-}
-
-fn fail(message: impl std::fmt::Display) -> ! {
-    println!("{message}");
-    std::process::exit(2);
-}
-
-fn source() -> Source {
-    if flag("--in-memory") {
-        return Source::InMemory;
-    }
-    let Some(addr) = arg("--broker") else {
-        return Source::Embedded;
-    };
-    let resolved = addr
-        .to_socket_addrs()
-        .map_err(|e| e.to_string())
-        .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()));
-    let addr: SocketAddr = resolved.unwrap_or_else(|e| {
-        fail(format!(
-            "--broker {addr}: {e} (expected HOST:PORT, e.g. 127.0.0.1:9092)"
-        ))
-    });
-    // Today's broker's certificate is for `localhost`.
-    let server_name = arg("--server-name").unwrap_or_else(|| "localhost".to_owned());
-    let tls = if flag("--accept-any-certificate") {
-        TlsMode::DangerousAcceptAnyCertificate
-    } else if let Some(path) = arg("--ca") {
-        let pem = std::fs::read(&path).unwrap_or_else(|e| fail(format!("--ca {path}: {e}")));
-        let roots = RootCerts::from_pem(&pem).unwrap_or_else(|e| fail(format!("--ca {path}: {e}")));
-        TlsMode::Verify { roots }
-    } else {
-        fail(
-            "--broker needs --ca FILE.pem (verify the broker) or --accept-any-certificate \
-             (today's broker presents a throwaway self-signed certificate)",
+impl Cli {
+    fn source(&self) -> Source {
+        let Some(addr) = self.broker else {
+            return if self.in_memory {
+                Source::InMemory
+            } else {
+                Source::Embedded
+            };
+        };
+        let tls = match &self.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).unwrap_or_else(|e| {
+                    usage_error(ErrorKind::Io, format!("--ca {}: {e}", path.display()))
+                });
+                let roots = RootCerts::from_pem(&pem).unwrap_or_else(|e| {
+                    usage_error(
+                        ErrorKind::InvalidValue,
+                        format!("--ca {}: {e}", path.display()),
+                    )
+                });
+                TlsMode::Verify { roots }
+            }
+            // clap requires one of the two with --broker.
+            None => TlsMode::DangerousAcceptAnyCertificate,
+        };
+        Source::Remote(
+            Box::new(QuicConfig::new(addr, self.server_name.clone()).with_tls(tls)),
+            Duration::from_secs(self.idle_secs),
         )
-    };
-    let idle = arg("--idle-secs")
-        .map(|s| {
-            s.parse()
-                .unwrap_or_else(|e| fail(format!("--idle-secs {s}: {e}")))
-        })
-        .unwrap_or(5);
-    Source::Remote(Box::new(Remote {
-        config: QuicConfig::new(addr, server_name).with_tls(tls),
-        topic: arg("--topic").unwrap_or_else(|| TOPIC.to_owned()),
-        group: arg("--group").unwrap_or_else(|| GROUP.to_owned()),
-        idle: Duration::from_secs(idle),
-    }))
+    }
+
+    /// The consumer's configuration; refused values are usage errors.
+    fn config(&self) -> ConsumerConfig {
+        let config = ConsumerConfig {
+            topic: self.topic.clone(),
+            consumer_group: self.group.clone(),
+            fetch_size: 500,
+            max_unacked: 1000,
+            ack_batch_size: 500,
+            ack_batch_timeout: Duration::from_millis(50),
+            max_retry_attempts: self.max_retries,
+            retry_backoff_base: Duration::from_millis(1),
+            retry_backoff_max: Duration::from_millis(20),
+            empty_fetch_backoff_max: Duration::from_millis(50),
+            dead_letter_queue: Some(self.dead_letter_topic.clone()),
+            ..Default::default()
+        };
+        if let Err(error) = config.validate() {
+            usage_error(ErrorKind::ValueValidation, error);
+        }
+        config
+    }
 }
 
 fn main() {
-    let smol = arg("--runtime").is_some_and(|r| r == "smol");
-    let source = source();
-    let broker = embedded_broker();
-    let result = if smol {
-        println!("runtime: smol");
-        let quic: Arc<dyn quinn::Runtime> = Arc::new(quinn::SmolRuntime);
-        smol::block_on(run(
-            rustmq_consumer_smol::SmolRuntime,
-            quic,
-            broker.clone(),
-            source,
-        ))
-    } else {
-        println!("runtime: tokio");
-        match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => {
-                let quic: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-                rt.block_on(run(
-                    rustmq_consumer_tokio::TokioRuntime,
-                    quic,
-                    broker.clone(),
-                    source,
-                ))
-            }
-            Err(error) => {
-                println!("cannot start tokio: {error}");
-                std::process::exit(1);
-            }
+    let cli = Cli::parse();
+    let config = cli.config();
+    let source = cli.source();
+    let broker = embedded_broker(&cli);
+    let result = match cli.runtime {
+        RuntimeChoice::Smol => {
+            println!("runtime: smol");
+            smol::block_on(run(
+                rustmq_consumer_smol::SmolRuntime,
+                rustmq_consumer_smol::quic_transport,
+                Arc::new(quinn::SmolRuntime),
+                &cli,
+                config,
+                broker.clone(),
+                source,
+            ))
+        }
+        RuntimeChoice::Tokio => {
+            println!("runtime: tokio");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|error| {
+                    println!("cannot start tokio: {error}");
+                    std::process::exit(1);
+                });
+            rt.block_on(run(
+                rustmq_consumer_tokio::TokioRuntime,
+                rustmq_consumer_tokio::quic_transport,
+                Arc::new(quinn::TokioRuntime),
+                &cli,
+                config,
+                broker.clone(),
+                source,
+            ))
         }
     };
     match result {
-        Ok(summary) => summary.print(&broker),
+        Ok(summary) => summary.print(&cli, &broker),
         Err(error) => {
             println!("\nconsumer failed: {error}");
             std::process::exit(1);
@@ -154,22 +213,25 @@ fn main() {
     }
 }
 
-/// A broker with the topic, 10,000 messages (every 97th one poison) and the dead-letter topic.
-fn embedded_broker() -> SharedBroker {
+/// A broker with the topic, `--messages` messages (every 97th one poison) and the
+/// dead-letter topic.
+fn embedded_broker(cli: &Cli) -> SharedBroker {
     let mut broker = SimBroker::new();
-    broker.create_topic(TOPIC, 1);
-    broker.create_topic(DEAD_LETTERS, 1);
-    broker.ensure_group(GROUP);
-    let values = (0..MESSAGES).map(|i| {
-        if i % 97 == 42 {
-            format!("poison-{i}")
-        } else {
-            format!("order-{i}")
+    broker.create_topic(&cli.topic, 1);
+    broker.create_topic(&cli.dead_letter_topic, 1);
+    broker.ensure_group(&cli.group);
+    if cli.broker.is_none() {
+        let values = (0..cli.messages).map(|i| {
+            if i % 97 == 42 {
+                format!("poison-{i}")
+            } else {
+                format!("order-{i}")
+            }
+        });
+        if let Err(error) = broker.produce_values(&cli.topic, 0, values) {
+            println!("cannot produce: {error}");
+            std::process::exit(1);
         }
-    });
-    if let Err(error) = broker.produce_values(TOPIC, 0, values) {
-        println!("cannot produce: {error}");
-        std::process::exit(1);
     }
     SharedBroker::new(broker)
 }
@@ -178,12 +240,10 @@ struct Summary {
     elapsed: Duration,
     metrics: Metrics,
     health: Health,
-    /// Whether the embedded broker was used (its topics can be inspected).
-    embedded: bool,
 }
 
 impl Summary {
-    fn print(&self, broker: &SharedBroker) {
+    fn print(&self, cli: &Cli, broker: &SharedBroker) {
         let m = &self.metrics;
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         println!("\n\nsummary");
@@ -198,92 +258,90 @@ impl Summary {
             "  commits          {} (largest batch {})",
             m.commits_sent, m.max_batch
         );
-        if self.embedded {
+        if cli.broker.is_none() {
             let broker = broker.lock();
-            let committed = broker.committed(
-                GROUP,
-                &rustmq_consumer_core::protocol::TopicPartition::new(TOPIC, 0),
-            );
+            let committed = broker.committed(&cli.group, &TopicPartition::new(&cli.topic, 0));
             println!(
-                "  dead-letter topic {} records in {DEAD_LETTERS}",
-                broker.records(DEAD_LETTERS, 0).len()
+                "  dead-letter topic {} records in {}",
+                broker.records(&cli.dead_letter_topic, 0).len(),
+                cli.dead_letter_topic
             );
-            println!("  committed offset {committed:?} of {MESSAGES}");
+            println!("  committed offset {committed:?} of {}", cli.messages);
         }
         println!("  final health     {:?}", self.health);
     }
 }
 
+/// Builds the consumer on runtime `R` (its QUIC transport from the runtime crate's
+/// `quic_transport`) and consumes.
 async fn run<R: Runtime + Clone + Default>(
     runtime: R,
-    quic: Arc<dyn quinn::Runtime>,
+    quic_transport: fn(QuicConfig) -> Result<QuicTransport, QuicError>,
+    server_runtime: Arc<dyn quinn::Runtime>,
+    cli: &Cli,
+    config: ConsumerConfig,
     broker: SharedBroker,
     source: Source,
 ) -> Result<Summary, ConsumerError> {
-    let (topic, group, idle) = match &source {
-        Source::Remote(r) => (r.topic.clone(), r.group.clone(), Some(r.idle)),
-        _ => (TOPIC.to_owned(), GROUP.to_owned(), None),
-    };
-    let mut config = ConsumerConfig::new(topic.clone(), group.clone());
-    config.fetch_size = 500;
-    config.max_unacked = 1000;
-    config.ack_batch_size = 500;
-    config.ack_batch_timeout = Duration::from_millis(50);
-    config.max_retry_attempts = MAX_RETRIES;
-    config.retry_backoff_base = Duration::from_millis(1);
-    config.retry_backoff_max = Duration::from_millis(20);
-    config.empty_fetch_backoff_max = Duration::from_millis(50);
-    config.dead_letter_queue = Some(DEAD_LETTERS.to_owned());
-
     // The embedded broker serves the wire protocol on 127.0.0.1 until it is dropped.
     let mut _server = None;
-    // Fail fast: `build()` fails with the cause when the broker cannot be reached.
-    let builder = ConsumerBuilder::<R>::new()
-        .topic(topic)
-        .consumer_group(group)
-        .config(config)
-        .fail_fast(true);
-    let quic_config = match source {
-        Source::InMemory => None,
-        Source::Remote(r) => {
-            println!("transport: QUIC to the broker at {}", r.config.server_addr);
-            Some(r.config)
+    let (quic_config, idle) = match source {
+        Source::InMemory => (None, None),
+        Source::Remote(config, idle) => {
+            println!("transport: QUIC to the broker at {}", config.server_addr);
+            (Some(*config), Some(idle))
         }
         Source::Embedded => {
-            let server = LoopbackBroker::start(broker.clone(), quic.clone())
-                .unwrap_or_else(|e| fail(format!("cannot start the embedded broker: {e}")));
+            let server =
+                LoopbackBroker::start(broker.clone(), server_runtime).unwrap_or_else(|e| {
+                    println!("cannot start the embedded broker: {e}");
+                    std::process::exit(1);
+                });
             println!(
                 "transport: QUIC to the embedded broker at {}",
                 server.addr()
             );
             let config = server.client_config();
             _server = Some(server);
-            Some(config)
+            (Some(config), None)
         }
     };
-    let embedded = idle.is_none();
-    let builder = match quic_config {
+    // On one runtime this is `rustmq_consumer_tokio::ConsumerBuilder::new()` (or smol's).
+    // Fail fast: `build()` fails with the cause when the broker cannot be reached.
+    let builder = ConsumerBuilder::<R>::new().config(config).fail_fast(true);
+    let consumer = match quic_config {
         None => {
             println!("transport: in memory");
-            builder.client(SimTransport::new(broker, runtime.clone()))
+            let client = SimTransport::new(broker, runtime.clone());
+            builder.client(client).build().await?
         }
-        // `rustmq_consumer_tokio::quic_transport(config)` builds the same on tokio.
-        Some(config) => builder.client(
-            QuicTransport::new(config, quic)
-                .unwrap_or_else(|e| fail(format!("bad QUIC configuration: {e}"))),
-        ),
+        Some(quic_config) => {
+            let client = quic_transport(quic_config).unwrap_or_else(|e| {
+                usage_error(
+                    ErrorKind::InvalidValue,
+                    format!("bad QUIC configuration: {e}"),
+                )
+            });
+            builder.client(client).build().await?
+        }
     };
-    // The same builder on either runtime: `rustmq_consumer_tokio::ConsumerBuilder::new()` or
-    // `rustmq_consumer_smol::ConsumerBuilder::new()`.
-    let consumer = builder.build().await?;
+    consume(&runtime, &consumer, cli, idle).await
+}
 
+async fn consume<R: Runtime>(
+    runtime: &R,
+    consumer: &Consumer,
+    cli: &Cli,
+    idle: Option<Duration>,
+) -> Result<Summary, ConsumerError> {
+    let embedded = idle.is_none();
     let start = Instant::now();
     let mut last_report = start;
     let mut finished = 0;
     let mut last_delivery = start;
-    while !embedded || finished < MESSAGES {
+    while !embedded || finished < cli.messages {
         let received = match idle {
-            Some(idle) => match timeout(&runtime, idle, consumer.receive()).await {
+            Some(idle) => match timeout(runtime, idle, consumer.receive()).await {
                 Some(received) => received,
                 None => break, // nothing for `idle`: done
             },
@@ -312,7 +370,7 @@ async fn run<R: Runtime + Clone + Default>(
         // The embedded run also fails every 13th message once, to show retries.
         let transient_failure = embedded && delivery.offset() % 13 == 5 && delivery.attempt() == 1;
         if value.starts_with("poison") {
-            let last = delivery.attempt() > MAX_RETRIES;
+            let last = delivery.attempt() > cli.max_retries;
             delivery.nack().await?;
             if last {
                 finished += 1;
@@ -325,23 +383,22 @@ async fn run<R: Runtime + Clone + Default>(
         }
         if last_report.elapsed() >= Duration::from_millis(100) {
             last_report = Instant::now();
-            progress(&consumer, start).await;
+            progress(consumer, start).await?;
         }
     }
-    progress(&consumer, start).await;
+    progress(consumer, start).await?;
     consumer.close().await?;
     Ok(Summary {
         // Up to the last message, not the idle wait that ended a run against a real broker.
         elapsed: last_delivery.duration_since(start),
         metrics: consumer.metrics().await,
         health: consumer.health().await,
-        embedded,
     })
 }
 
-async fn progress(consumer: &rustmq_consumer_core::Consumer, start: Instant) {
+async fn progress(consumer: &Consumer, start: Instant) -> Result<(), ConsumerError> {
     let m = consumer.metrics().await;
-    let lag: u64 = consumer.get_lag().await.iter().map(|p| p.lag).sum();
+    let lag: u64 = consumer.get_lag().await?.values().sum();
     let breaker = match consumer.health().await {
         Health::Healthy => "closed",
         Health::Degraded => "half-open",
@@ -354,4 +411,126 @@ async fn progress(consumer: &rustmq_consumer_core::Consumer, start: Instant) {
         m.acked, m.retried, m.dead_lettered, lag
     );
     let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("enhanced_consumer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn help_lists_every_option_with_its_default() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for option in Cli::command().get_arguments() {
+            let long = option.get_long().expect("every option is long");
+            assert!(
+                help.contains(&format!("--{long}")),
+                "--{long} missing: {help}"
+            );
+            for default in option.get_default_values() {
+                let shown = format!("[default: {}]", default.to_string_lossy());
+                assert!(help.contains(&shown), "{shown} missing for --{long}");
+            }
+        }
+        assert!(help.contains("[possible values: tokio, smol]"), "{help}");
+        let error = parse(&["--help"]).expect_err("help is not a run");
+        assert_eq!(
+            (error.kind(), error.exit_code()),
+            (ErrorKind::DisplayHelp, 0)
+        );
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        let cases: &[(&[&str], ErrorKind)] = &[
+            (&["--runtime", "smoll"], ErrorKind::InvalidValue),
+            (&["--bogus"], ErrorKind::UnknownArgument),
+            (&["--max-retries", "three"], ErrorKind::ValueValidation),
+            (&["--messages", "0"], ErrorKind::ValueValidation),
+            (&["--broker", "no port"], ErrorKind::ValueValidation),
+            (
+                &["--broker", "127.0.0.1:9092"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["--accept-any-certificate"],
+                ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["--broker", "127.0.0.1:9092", "--in-memory", "--ca", "a.pem"],
+                ErrorKind::ArgumentConflict,
+            ),
+        ];
+        for (args, kind) in cases {
+            let error = parse(args).expect_err("refused");
+            assert_eq!(
+                (error.kind(), error.exit_code()),
+                (*kind, 2),
+                "{args:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_and_flags_reach_the_config() {
+        let cli = parse(&[]).expect("no arguments is the embedded run");
+        assert_eq!(cli.runtime, RuntimeChoice::Tokio);
+        assert!(matches!(cli.source(), Source::Embedded));
+        let config = cli.config();
+        assert_eq!(config.max_retry_attempts, 3);
+        assert_eq!(
+            config.dead_letter_queue.as_deref(),
+            Some("dead_letter_queue")
+        );
+        let cli = parse(&[
+            "--runtime",
+            "smol",
+            "--dead-letter-topic",
+            "orders.dead",
+            "--max-retries",
+            "5",
+            "--in-memory",
+        ])
+        .expect("valid");
+        assert_eq!(cli.runtime, RuntimeChoice::Smol);
+        assert!(matches!(cli.source(), Source::InMemory));
+        let config = cli.config();
+        assert_eq!(config.max_retry_attempts, 5);
+        assert_eq!(config.dead_letter_queue.as_deref(), Some("orders.dead"));
+    }
+
+    /// The embedded run, in memory: every message acked or dead-lettered, and committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_run_settles_everything() {
+        let cli =
+            parse(&["--in-memory", "--messages", "300", "--max-retries", "1"]).expect("valid");
+        let broker = embedded_broker(&cli);
+        let summary = run(
+            rustmq_consumer_tokio::TokioRuntime,
+            rustmq_consumer_tokio::quic_transport,
+            Arc::new(quinn::TokioRuntime),
+            &cli,
+            cli.config(),
+            broker.clone(),
+            cli.source(),
+        )
+        .await
+        .expect("the run succeeds");
+        // Offsets 42, 139 and 236 are poison: dead-lettered after two deliveries.
+        assert_eq!(
+            (summary.metrics.acked, summary.metrics.dead_lettered),
+            (297, 3)
+        );
+        let broker = broker.lock();
+        assert_eq!(broker.records("dead_letter_queue", 0).len(), 3);
+        assert_eq!(
+            broker.committed("billing", &TopicPartition::new("orders", 0)),
+            Some(300)
+        );
+    }
 }

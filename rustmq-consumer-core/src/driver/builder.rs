@@ -10,10 +10,11 @@ use tracing::Instrument;
 use super::consumer::{Consumer, Shared};
 use super::error::ConsumerError;
 use super::gate::AckGate;
+use super::inbox::Inbox;
 use super::runtime::Runtime;
 use super::task::{Command, Driver, DriverChannels};
 use super::transport::Transport;
-use crate::config::ConsumerConfig;
+use crate::config::{ConfigError, ConsumerConfig};
 use crate::machine::ConsumerMachine;
 
 /// Capacity of the command channel from the handles to the driver.
@@ -31,13 +32,18 @@ const COMMAND_CAPACITY: usize = 256;
 ///     .await?;
 /// ```
 ///
+/// The topic and the group live in the [`ConsumerConfig`]; `.topic(..)` and
+/// `.consumer_group(..)` fill in what the config leaves empty (in any order). Given in both
+/// places they must agree, otherwise `build()` fails with [`ConfigError::Conflicting`]; given
+/// in neither, with [`ConfigError::MissingTopic`] or [`ConfigError::MissingGroup`].
+///
 /// The runtime crates (`rustmq-consumer-tokio`, `rustmq-consumer-smol`) alias this type with
 /// their runtime, so `ConsumerBuilder::new()` needs no runtime argument there.
 pub struct ConsumerBuilder<R> {
     runtime: R,
     topic: Option<String>,
     consumer_group: Option<String>,
-    config: Option<ConsumerConfig>,
+    config: ConsumerConfig,
     transport: Option<Arc<dyn Transport>>,
     fail_fast: bool,
 }
@@ -75,27 +81,27 @@ impl<R: Runtime> ConsumerBuilder<R> {
             runtime,
             topic: None,
             consumer_group: None,
-            config: None,
+            config: ConsumerConfig::default(),
             transport: None,
             fail_fast: false,
         }
     }
 
-    /// The topic to consume (overrides the config's).
+    /// The topic to consume (the config's, if it names one, must be the same).
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
         self.topic = Some(topic.into());
         self
     }
 
-    /// The consumer group (overrides the config's).
+    /// The consumer group (the config's, if it names one, must be the same).
     pub fn consumer_group(mut self, group: impl Into<String>) -> Self {
         self.consumer_group = Some(group.into());
         self
     }
 
-    /// Every other setting; defaults to `ConsumerConfig::new(topic, group)`.
+    /// Every other setting; defaults to `ConsumerConfig::default()`.
     pub fn config(mut self, config: ConsumerConfig) -> Self {
-        self.config = Some(config);
+        self.config = config;
         self
     }
 
@@ -122,23 +128,15 @@ impl<R: Runtime> ConsumerBuilder<R> {
     /// Validates the settings and starts the consumer's driver task (and with
     /// [`fail_fast`](Self::fail_fast), waits for the broker's first answer).
     pub async fn build(self) -> Result<Consumer, ConsumerError> {
-        let mut config = self
-            .config
-            .unwrap_or_else(|| ConsumerConfig::new(String::new(), String::new()));
-        if let Some(topic) = self.topic {
-            config.topic = topic;
-        }
-        if let Some(group) = self.consumer_group {
-            config.consumer_group = group;
-        }
-        if config.topic.is_empty() {
-            return Err(ConsumerError::MissingTopic);
-        }
-        if config.consumer_group.is_empty() {
-            return Err(ConsumerError::MissingGroup);
-        }
-        let transport = self.transport.ok_or(ConsumerError::MissingTransport)?;
+        let mut config = self.config;
+        merge("topic", self.topic, &mut config.topic)?;
+        merge(
+            "consumer group",
+            self.consumer_group,
+            &mut config.consumer_group,
+        )?;
         config.validate()?;
+        let transport = self.transport.ok_or(ConsumerError::MissingTransport)?;
 
         let runtime: Arc<dyn Runtime> = Arc::new(self.runtime);
         if config.seed == ConsumerConfig::DEFAULT_SEED {
@@ -162,7 +160,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let (commands_tx, commands) = async_channel::bounded(COMMAND_CAPACITY);
         let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
         let (lifeline_tx, lifeline) = async_channel::bounded(1);
-        let (deliveries, undelivered) = async_channel::bounded(max_unacked);
+        let inbox = Arc::new(Inbox::new(max_unacked));
         let (errors, unread_errors) = async_channel::bounded(1);
         let (first_contact, contacted) = async_channel::bounded(1);
         let (gate, kicked) = AckGate::new(max_unacked);
@@ -174,15 +172,11 @@ impl<R: Runtime> ConsumerBuilder<R> {
             commands: commands_tx,
             dropped: dropped_tx,
             gate: Arc::clone(&gate),
+            inbox: Arc::clone(&inbox),
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
         });
-        let consumer = Consumer::new(
-            Arc::clone(&shared),
-            undelivered.clone(),
-            unread_errors.clone(),
-            lifeline_tx,
-        );
+        let consumer = Consumer::new(Arc::clone(&shared), unread_errors.clone(), lifeline_tx);
         let driver = Driver::new(
             machine,
             Arc::clone(&runtime),
@@ -193,8 +187,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 lifeline: Box::pin(lifeline),
                 kicked: Box::pin(kicked),
                 gate,
-                deliveries,
-                undelivered,
+                inbox,
                 final_state,
                 errors,
                 unread_errors,
@@ -223,4 +216,18 @@ impl<R: Runtime> ConsumerBuilder<R> {
 /// value (a SipHash of nothing under fresh keys).
 fn entropy() -> u64 {
     RandomState::new().build_hasher().finish()
+}
+
+/// Fills the config's `field` from the builder's value; both given and different is an error.
+fn merge(
+    field: &'static str,
+    from_builder: Option<String>,
+    in_config: &mut String,
+) -> Result<(), ConfigError> {
+    match from_builder {
+        Some(value) if in_config.is_empty() => *in_config = value,
+        Some(value) if value != *in_config => return Err(ConfigError::Conflicting(field)),
+        _ => {}
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! The application's handles: `Consumer`, `Delivery` and the delivery stream.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -8,10 +10,12 @@ use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
 use bytes::Bytes;
+use event_listener::EventListener;
 use futures_lite::{future, Stream};
 
 use super::error::ConsumerError;
 use super::gate::AckGate;
+use super::inbox::{Inbox, Take};
 use super::runtime::{sleep, Runtime};
 use super::task::{Command, FinalState, Reply, Stamped};
 use crate::error::UsageError;
@@ -25,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) commands: Sender<Command>,
     pub(crate) dropped: Sender<DeliveryTag>,
     pub(crate) gate: Arc<AckGate>,
+    /// Deliveries waiting for the application.
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
 }
@@ -57,7 +63,6 @@ impl Shared {
 #[derive(Clone)]
 pub struct Consumer {
     shared: Arc<Shared>,
-    deliveries: Receiver<Stamped>,
     errors: Receiver<ConsumerError>,
     _lifeline: Sender<()>,
 }
@@ -74,19 +79,18 @@ impl fmt::Debug for Consumer {
 impl Consumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        deliveries: Receiver<Stamped>,
         errors: Receiver<ConsumerError>,
         lifeline: Sender<()>,
     ) -> Self {
         Self {
             shared,
-            deliveries,
             errors,
             _lifeline: lifeline,
         }
     }
 
-    /// The next delivery; `None` once the consumer is closed.
+    /// The next delivery (never one of a paused partition); `None` once the consumer is
+    /// closed.
     ///
     /// An error is not fatal: [`ConsumerError::Unreachable`] says the broker cannot be reached
     /// (or refused the handshake) and why, once per outage; the consumer keeps trying and the
@@ -106,7 +110,7 @@ impl Consumer {
                 Err(_) => future::pending().await,
             }
         };
-        future::or(error, async { Ok(self.deliveries.recv().await.ok()) }).await
+        future::or(error, async { Ok(self.shared.inbox.take().await) }).await
     }
 
     /// Waits for the next delivery, then takes every other one already waiting, up to `max`
@@ -122,14 +126,13 @@ impl Consumer {
         let Some(first) = self.next_stamped().await? else {
             return Ok(batch);
         };
-        batch.reserve(max.min(self.deliveries.len() + 1));
-        batch.push(Delivery::new(first, Arc::clone(&self.shared)));
-        while batch.len() < max {
-            match self.deliveries.try_recv() {
-                Ok(stamped) => batch.push(Delivery::new(stamped, Arc::clone(&self.shared))),
-                Err(_) => break,
-            }
-        }
+        let mut taken = vec![first];
+        self.shared.inbox.take_many(max - 1, &mut taken);
+        batch.extend(
+            taken
+                .into_iter()
+                .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))),
+        );
         Ok(batch)
     }
 
@@ -172,9 +175,9 @@ impl Consumer {
     /// [`Consumer::receive`] returns: not fatal, the stream goes on after them.
     pub fn stream(&self) -> DeliveryStream {
         DeliveryStream {
-            deliveries: Box::pin(self.deliveries.clone()),
             errors: Box::pin(self.errors.clone()),
             shared: Arc::clone(&self.shared),
+            listener: None,
         }
     }
 
@@ -186,8 +189,16 @@ impl Consumer {
             .unwrap_or_else(|| Err(ConsumerError::closed()))
     }
 
-    /// Lag of every assigned partition (the last known values once closed).
-    pub async fn get_lag(&self) -> Vec<PartitionLag> {
+    /// Lag of every assigned partition, keyed by partition: its high watermark minus its
+    /// committed offset (the last known values once closed). The old SDK's signature; see
+    /// [`Consumer::lag_details`] for positions and the age of the oldest unsettled message.
+    pub async fn get_lag(&self) -> Result<HashMap<u32, u64>, ConsumerError> {
+        let details = self.lag_details().await;
+        Ok(details.into_iter().map(|p| (p.partition, p.lag)).collect())
+    }
+
+    /// Lag of every assigned partition in detail (the last known values once closed).
+    pub async fn lag_details(&self) -> Vec<PartitionLag> {
         match self.shared.request(Command::Lag).await {
             Some(lag) => lag,
             None => self.final_state().map(|s| s.lag).unwrap_or_default(),
@@ -202,17 +213,31 @@ impl Consumer {
             .unwrap_or_default()
     }
 
-    /// Stops fetching and delivering these partitions until resumed.
-    pub async fn pause_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
-        let partitions = partitions.to_vec();
+    /// Stops fetching and delivering these partitions until resumed (a `Vec`, an array or a
+    /// slice). Takes effect at once: from the return on, `receive()`, `receive_many()` and the
+    /// stream yield nothing of them; what was already fetched or queued for the application is
+    /// kept and delivered after [`Consumer::resume_partitions`], in order.
+    ///
+    /// An unknown partition refuses the whole call ([`UsageError::UnknownPartition`]). Held
+    /// deliveries stay outstanding: a rebalance waits for them up to `rebalance_drain_timeout`,
+    /// then drops them with the partition (its next owner reads them from the last commit).
+    pub async fn pause_partitions(
+        &self,
+        partitions: impl AsRef<[u32]>,
+    ) -> Result<(), ConsumerError> {
+        let partitions = partitions.as_ref().to_vec();
         self.shared
             .settle(|reply| Command::Pause(partitions, reply))
             .await
     }
 
-    /// Resumes paused partitions.
-    pub async fn resume_partitions(&self, partitions: &[u32]) -> Result<(), ConsumerError> {
-        let partitions = partitions.to_vec();
+    /// Resumes paused partitions (a `Vec`, an array or a slice): what they held is delivered
+    /// first, in order.
+    pub async fn resume_partitions(
+        &self,
+        partitions: impl AsRef<[u32]>,
+    ) -> Result<(), ConsumerError> {
+        let partitions = partitions.as_ref().to_vec();
         self.shared
             .settle(|reply| Command::Resume(partitions, reply))
             .await
@@ -305,9 +330,10 @@ pub struct HealthReport {
 /// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed; an
 /// error item is not fatal (see [`Consumer::receive`]).
 pub struct DeliveryStream {
-    deliveries: Pin<Box<Receiver<Stamped>>>,
     errors: Pin<Box<Receiver<ConsumerError>>>,
     shared: Arc<Shared>,
+    /// Set while waiting for a takeable delivery.
+    listener: Option<EventListener>,
 }
 
 impl fmt::Debug for DeliveryStream {
@@ -327,9 +353,29 @@ impl Stream for DeliveryStream {
         if let Poll::Ready(Some(error)) = this.errors.as_mut().poll_next(cx) {
             return Poll::Ready(Some(Err(error)));
         }
-        this.deliveries.as_mut().poll_next(cx).map(|stamped| {
-            stamped.map(|stamped| Ok(Delivery::new(stamped, Arc::clone(&this.shared))))
-        })
+        loop {
+            match this.shared.inbox.try_take() {
+                Take::Delivery(stamped) => {
+                    this.listener = None;
+                    return Poll::Ready(Some(Ok(Delivery::new(stamped, Arc::clone(&this.shared)))));
+                }
+                Take::Closed => {
+                    this.listener = None;
+                    return Poll::Ready(None);
+                }
+                Take::Empty => {}
+            }
+            match &mut this.listener {
+                // Listen, then look again: a push between the take and the listener is seen.
+                None => this.listener = Some(this.shared.inbox.listen()),
+                Some(listener) => {
+                    if Pin::new(listener).poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.listener = None;
+                }
+            }
+        }
     }
 }
 

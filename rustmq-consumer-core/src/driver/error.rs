@@ -10,16 +10,10 @@ use crate::event::CommitError;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum ConsumerError {
-    /// `build()` without a topic (neither `.topic(..)` nor one in the config).
-    #[error("no topic given")]
-    MissingTopic,
-    /// `build()` without a consumer group.
-    #[error("no consumer group given")]
-    MissingGroup,
     /// `build()` without a transport (`.client(..)` or `.transport(..)`).
     #[error("no transport given")]
     MissingTransport,
-    /// The configuration failed validation.
+    /// The configuration failed validation (a missing topic or group included).
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
     /// The state machine refused the command (stale delivery, unknown partition, closed...).

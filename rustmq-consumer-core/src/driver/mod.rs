@@ -2,16 +2,17 @@
 //!
 //! One task per consumer owns the [`ConsumerMachine`](crate::ConsumerMachine) by value. Its
 //! loop: start every transmit on the [`Transport`] without awaiting it (the request futures
-//! live in one `FuturesUnordered` inside the task), push deliveries into a bounded channel of
-//! capacity `max_unacked`, route the other events (commit and close waiters, tracing), then
-//! wait for the first of a completed request, an application command or the timer at the
-//! machine's `poll_timeout`. It exits once the machine reports itself closed. Time comes only
+//! live in one `FuturesUnordered` inside the task), push deliveries into the inbox (bounded by
+//! `max_unacked`, held per partition while paused: see `inbox`), route the other events
+//! (commit and close waiters, tracing), then wait for the first of a completed request, an
+//! application command or the timer at the machine's `poll_timeout`. It exits once the machine reports itself closed. Time comes only
 //! from the [`Runtime`], so paused and virtual clocks drive the consumer too.
 
 mod builder;
 mod consumer;
 mod error;
 mod gate;
+mod inbox;
 mod runtime;
 mod task;
 mod transport;

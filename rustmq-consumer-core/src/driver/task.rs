@@ -8,12 +8,14 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
+use event_listener::EventListener;
 use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
 use super::consumer::HealthReport;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
+use super::inbox::Inbox;
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
 use crate::error::{TransportError, UsageError};
@@ -64,7 +66,6 @@ pub(crate) struct FinalState {
 
 type ResponseFuture =
     Pin<Box<dyn Future<Output = (RequestId, Result<Response, TransportError>)> + Send>>;
-type PushFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The channels between the driver and its consumer handles.
 pub(crate) struct DriverChannels {
@@ -73,8 +74,7 @@ pub(crate) struct DriverChannels {
     pub(crate) lifeline: Pin<Box<Receiver<()>>>,
     pub(crate) kicked: Pin<Box<Receiver<()>>>,
     pub(crate) gate: Arc<AckGate>,
-    pub(crate) deliveries: Sender<Stamped>,
-    pub(crate) undelivered: Receiver<Stamped>,
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
     /// Errors for the application (`receive()`, the stream): at most one waits, the newest.
     pub(crate) errors: Sender<ConsumerError>,
@@ -92,7 +92,8 @@ enum Wake {
     Dropped(DeliveryTag),
     DroppedClosed,
     LifelineClosed,
-    Pushed,
+    /// The inbox has room again.
+    Room,
     /// Acks are waiting in the gate (applied at the top of every iteration anyway).
     Kicked,
 }
@@ -106,9 +107,11 @@ pub(crate) struct Driver {
     in_flight: FuturesUnordered<ResponseFuture>,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     armed: Option<Instant>,
-    /// Deliveries the channel had no room for (only after a seek or revoke left stale ones in it).
+    /// Deliveries the inbox had no room for. A safety net: the inbox holds only deliveries the
+    /// machine counts outstanding (stale ones are discarded), so at most `max_unacked`.
     backlog: VecDeque<Stamped>,
-    pushing: Option<PushFuture>,
+    /// Set while the backlog waits for room in the inbox.
+    room: Option<EventListener>,
     commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
     close_waiters: Vec<Reply<Result<(), ConsumerError>>>,
     closing: bool,
@@ -148,7 +151,7 @@ impl Driver {
             timer: None,
             armed: None,
             backlog: VecDeque::new(),
-            pushing: None,
+            room: None,
             commit_waiters: Vec::new(),
             close_waiters: Vec::new(),
             closing: false,
@@ -264,7 +267,7 @@ impl Driver {
             }
             Wake::Command(command) => self.command(now, command, state),
             Wake::Dropped(tag) => self.dropped(now, tag),
-            Wake::Pushed => self.pushing = None,
+            Wake::Room => self.room = None,
             Wake::Kicked => {}
             Wake::CommandsClosed => self.commands_open = false,
             Wake::DroppedClosed => self.dropped_open = false,
@@ -362,6 +365,10 @@ impl Driver {
             Event::Revoked(partitions) => {
                 state.generation += 1;
                 tracing::info!(?partitions, "revoked");
+                // Their queued deliveries are stale: the application could only process them
+                // again after the next owner and have the acks refused. Their pause is gone too.
+                let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+                self.discard_stale(&ids, true);
             }
             Event::AssignmentIgnored(partitions) => {
                 tracing::info!(?partitions, "ignoring partitions of topics not subscribed")
@@ -437,29 +444,29 @@ impl Driver {
         }
     }
 
-    /// Moves deliveries into the channel. The machine never has more than `max_unacked`
-    /// outstanding, the channel's capacity, so the backlog only holds anything when stale
-    /// deliveries (after a seek or revoke) still sit in the channel.
+    /// Moves deliveries into the inbox, as many as it has room for (`max_unacked`); the rest
+    /// wait for room.
     fn push_backlog(&mut self) {
-        if self.pushing.is_some() {
-            return;
-        }
-        while let Some(delivery) = self.backlog.pop_front() {
-            match self.channels.deliveries.try_send(delivery) {
-                Ok(()) => {}
-                Err(async_channel::TrySendError::Full(delivery)) => {
-                    let sender = self.channels.deliveries.clone();
-                    self.pushing = Some(Box::pin(async move {
-                        // An error means every receiver is gone; nothing is left to deliver to.
-                        let _ = sender.send(delivery).await;
-                    }));
-                    return;
-                }
-                Err(async_channel::TrySendError::Closed(_)) => {
-                    self.backlog.clear();
-                    return;
-                }
-            }
+        self.room = if self.backlog.is_empty() {
+            None
+        } else {
+            self.channels.inbox.push(&mut self.backlog)
+        };
+    }
+
+    /// Drops the not yet taken deliveries of `partitions` (sought or revoked: stale).
+    fn discard_stale(&mut self, partitions: &[u32], unpause: bool) {
+        let before = self.backlog.len();
+        self.backlog
+            .retain(|s| !partitions.contains(&s.delivery.tag.partition));
+        let dropped =
+            before - self.backlog.len() + self.channels.inbox.discard(partitions, unpause);
+        if dropped > 0 {
+            tracing::debug!(
+                ?partitions,
+                dropped,
+                "stale deliveries dropped before the application took them"
+            );
         }
     }
 
@@ -507,9 +514,9 @@ impl Driver {
                 return Poll::Ready(Wake::Response(id, result));
             }
         }
-        if let Some(push) = &mut self.pushing {
-            if push.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Pushed);
+        if let Some(room) = &mut self.room {
+            if Pin::new(room).poll(cx).is_ready() {
+                return Poll::Ready(Wake::Room);
             }
         }
         if self.dropped_open {
@@ -547,17 +554,31 @@ impl Driver {
                 let _ = reply.try_send(machine.reject(now, tag, &reason));
             }
             Command::Pause(partitions, reply) => {
-                let _ = reply.try_send(machine.pause(now, &partitions));
+                let result = machine.pause(now, &partitions);
+                if result.is_ok() {
+                    // Before the reply: once `pause_partitions` returns, nothing of these
+                    // partitions can be taken, including what is already queued.
+                    self.channels.inbox.pause(&partitions);
+                }
+                let _ = reply.try_send(result);
             }
             Command::Resume(partitions, reply) => {
-                let _ = reply.try_send(machine.resume(now, &partitions));
+                let result = machine.resume(now, &partitions);
+                if result.is_ok() {
+                    self.channels.inbox.resume(&partitions);
+                }
+                let _ = reply.try_send(result);
             }
             Command::Seek(partition, offset, reply) => {
                 // Deliveries the machine emitted before the seek keep the old generation; the
                 // seek may make any of them stale.
                 self.drain_outputs(state);
                 state.generation += 1;
-                let _ = reply.try_send(self.machine.seek(now, partition, offset));
+                let result = self.machine.seek(now, partition, offset);
+                if result.is_ok() {
+                    self.discard_stale(&[partition], false);
+                }
+                let _ = reply.try_send(result);
             }
             Command::Commit(reply) => match machine.commit(now) {
                 Ok(ticket) => self.commit_waiters.push((ticket, reply)),
@@ -602,8 +623,8 @@ impl Driver {
         // phase does not wait for them. They stay unsettled (redelivered to the next member).
         // Events the close emitted first: the backlog then holds every delivery made so far.
         self.drain_outputs(state);
-        let queued = std::iter::from_fn(|| self.channels.undelivered.try_recv().ok());
-        let returned: Vec<Stamped> = queued.chain(self.backlog.drain(..)).collect();
+        let mut returned = self.channels.inbox.take_all();
+        returned.extend(self.backlog.drain(..));
         for stamped in returned {
             let tag = stamped.delivery.tag;
             if let Err(error) = self.machine.nack(now, tag, None) {
@@ -633,8 +654,7 @@ impl Driver {
         // commands would otherwise outlive this task with their reply channels open.)
         self.channels.commands.close();
         self.channels.dropped.close();
-        self.channels.undelivered.close();
-        while self.channels.undelivered.try_recv().is_ok() {}
+        self.channels.inbox.close();
         while let Ok(command) = self.channels.commands.try_recv() {
             let closed = || Err(UsageError::Closed);
             match command {

@@ -303,6 +303,113 @@ pub async fn pause_resume<R: Runtime + Clone>(rt: R) {
     assert_eq!(committed(&broker, 0), Some(10));
 }
 
+/// Pause takes effect at once for the application: deliveries already queued for it when
+/// `pause_partitions` returns stay held (not by `receive`, `receive_many` or the stream) and
+/// come after the resume, in order, each exactly once.
+pub async fn pause_holds_queued_deliveries<R: Runtime + Clone>(rt: R) {
+    use futures_lite::StreamExt;
+
+    const EACH: u64 = 30;
+    let broker = broker(2, EACH as usize);
+    broker
+        .lock()
+        .produce_values(TOPIC, 1, (0..EACH).map(|i| format!("p1-{i}")))
+        .expect("partition 1 exists");
+    let mut config = fast_config();
+    config.partitions = vec![0, 1];
+    config.fetch_size = 100;
+    config.max_unacked = 100;
+    let consumer = start(&rt, &broker, config).await;
+    let first = next(&rt, &consumer).await;
+    let mut seen = vec![(first.partition(), first.offset())];
+    first.ack().await.expect("ack");
+    // Wait (bounded) until the machine has handed out every message: all of them are queued
+    // for the application when it pauses.
+    let mut waits = 0;
+    while consumer.metrics().await.delivered < 2 * EACH {
+        waits += 1;
+        assert!(waits <= 1_000, "not every message was delivered in time");
+        sleep(&rt, Duration::from_millis(1)).await;
+    }
+    let paused = if seen[0].0 == 0 { 0 } else { 1 };
+    let flowing = 1 - paused;
+    let queued = consumer.metrics().await.in_flight_deliveries;
+    assert_eq!(
+        queued,
+        2 * EACH - 1,
+        "queued for the application at the pause"
+    );
+    consumer.pause_partitions([paused]).await.expect("pause");
+
+    // Everything of the other partition, through each way of receiving, and nothing paused.
+    let mut during = Vec::new();
+    for _ in 0..10 {
+        during.push(next(&rt, &consumer).await);
+    }
+    while during.len() < 20 {
+        let batch = within(&rt, consumer.receive_many(20 - during.len()))
+            .await
+            .expect("receive_many");
+        assert!(!batch.is_empty(), "receive_many ended early");
+        during.extend(batch);
+    }
+    let mut stream = consumer.stream();
+    while during.len() < EACH as usize {
+        during.push(
+            within(&rt, stream.next())
+                .await
+                .expect("a delivery")
+                .expect("no outage"),
+        );
+    }
+    let quiet = Duration::from_millis(100);
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered while paused: {extra:?}");
+    let extra = timeout(&rt, quiet, consumer.receive_many(10)).await;
+    assert!(extra.is_none(), "receive_many while paused: {extra:?}");
+    let extra = timeout(&rt, quiet, stream.next()).await;
+    assert!(extra.is_none(), "stream while paused: {extra:?}");
+    let from_paused = during.iter().filter(|d| d.partition() == paused).count();
+    assert_eq!(from_paused, 0, "deliveries of the paused partition");
+    for d in during {
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+
+    // Resumed: what it held comes, in order; paused again half-way, it holds the rest again.
+    consumer
+        .resume_partitions(vec![paused])
+        .await
+        .expect("resume");
+    for _ in 0..10 {
+        let d = next(&rt, &consumer).await;
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+    consumer.pause_partitions(&[paused]).await.expect("pause");
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered while paused again: {extra:?}");
+    consumer.resume_partitions(&[paused]).await.expect("resume");
+    while seen.len() < 2 * EACH as usize {
+        let d = next(&rt, &consumer).await;
+        seen.push((d.partition(), d.offset()));
+        d.ack().await.expect("ack");
+    }
+    let extra = maybe_next(&rt, &consumer, quiet).await;
+    assert!(extra.is_none(), "delivered twice: {extra:?}");
+    for p in [paused, flowing] {
+        let offsets: Vec<u64> = seen.iter().filter(|s| s.0 == p).map(|s| s.1).collect();
+        assert_eq!(offsets, (0..EACH).collect::<Vec<_>>(), "partition {p}");
+    }
+    let metrics = consumer.metrics().await;
+    assert_eq!((metrics.delivered, metrics.retried), (2 * EACH, 0));
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(
+        (committed(&broker, 0), committed(&broker, 1)),
+        (Some(EACH), Some(EACH))
+    );
+}
+
 /// Each partition delivers its own records, and pausing one leaves the other flowing.
 pub async fn two_partitions<R: Runtime + Clone>(rt: R) {
     let broker = broker(2, 10);
@@ -338,7 +445,8 @@ pub async fn two_partitions<R: Runtime + Clone>(rt: R) {
     );
 }
 
-/// Seek moves the position; deliveries from before it are stale and cannot be acked.
+/// Seek moves the position; deliveries from before it are stale: a held one cannot be acked,
+/// queued ones are never handed out.
 pub async fn seek<R: Runtime + Clone>(rt: R) {
     let broker = broker(1, 20);
     let consumer = start(&rt, &broker, fast_config()).await;
@@ -374,7 +482,8 @@ pub async fn seek<R: Runtime + Clone>(rt: R) {
             d.ack().await.expect("ack");
         }
     }
-    assert!(stale <= 14, "{stale} stale deliveries");
+    // Deliveries queued before the seek went stale: dropped before the application took them.
+    assert_eq!(stale, 0, "stale deliveries handed out");
     assert_eq!(fresh, vec![15, 16, 17, 18, 19]);
     within(&rt, consumer.close()).await.expect("close");
     assert_eq!(committed(&broker, 0), Some(20));
@@ -396,7 +505,9 @@ pub async fn lag<R: Runtime + Clone>(rt: R) {
         d.ack().await.expect("ack");
     }
     within(&rt, consumer.commit()).await.expect("commit");
-    let lag = consumer.get_lag().await;
+    let by_partition = consumer.get_lag().await.expect("lag");
+    assert_eq!(by_partition, [(0, 20)].into_iter().collect());
+    let lag = consumer.lag_details().await;
     assert_eq!(lag.len(), 1);
     let p0 = lag[0];
     assert_eq!(p0.partition, 0);
@@ -610,6 +721,62 @@ pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
     within(&rt, first.close()).await.expect("close");
 }
 
+/// A rebalance drops what a paused partition held (stale: the next owner reads it from the
+/// last commit) and its pause: nothing stale reaches the application afterwards.
+pub async fn paused_through_a_rebalance<R: Runtime + Clone>(rt: R) {
+    let broker = broker(2, 40);
+    let mut config = fast_config();
+    config.session_timeout = Duration::from_millis(300);
+    config.heartbeat_interval = Some(Duration::from_millis(5));
+    config.rebalance_drain_timeout = Duration::from_millis(20);
+    config.fetch_size = 100;
+    config.max_unacked = 100;
+    let first = start(&rt, &broker, config.clone()).await;
+    let d = next(&rt, &first).await;
+    assert_eq!((d.partition(), d.offset()), (0, 0));
+    d.ack().await.expect("ack");
+    within(&rt, first.commit()).await.expect("commit");
+    let mut waits = 0;
+    while first.metrics().await.delivered < 40 {
+        waits += 1;
+        assert!(waits <= 1_000, "not every message was delivered in time");
+        sleep(&rt, Duration::from_millis(1)).await;
+    }
+    first.pause_partitions([0]).await.expect("pause");
+    let mut second_config = config;
+    second_config.consumer_id = Some("second".to_owned());
+    second_config.seed ^= 1;
+    let second = start(&rt, &broker, second_config).await;
+    let start_generation = broker.lock().generation(GROUP);
+    within(&rt, async {
+        loop {
+            let generation = broker.lock().generation(GROUP);
+            if generation != start_generation && broker.lock().members(GROUP).len() == 2 {
+                break;
+            }
+            sleep(&rt, Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    within(&rt, second.close()).await.expect("close");
+    // Alone again, unpaused: offsets 1..40 come again (from the commit), none of them stale.
+    let mut offsets = Vec::new();
+    while committed(&broker, 0).unwrap_or(0) < 40 {
+        match maybe_next(&rt, &first, Duration::from_millis(50)).await {
+            Some(d) => {
+                offsets.push(d.offset());
+                d.ack()
+                    .await
+                    .expect("no stale delivery after the rebalance");
+            }
+            None => within(&rt, first.commit()).await.expect("commit"),
+        }
+        assert!(offsets.len() <= 39, "delivered {offsets:?}");
+    }
+    assert_eq!(offsets, (1..40).collect::<Vec<_>>());
+    within(&rt, first.close()).await.expect("close");
+}
+
 /// A runtime that counts what is spawned through it.
 #[derive(Debug, Clone)]
 pub struct Counting<R> {
@@ -721,14 +888,54 @@ pub async fn bad_input<R: Runtime + Clone>(rt: R) {
         .client(transport())
         .build()
         .await;
-    assert_eq!(no_topic.err(), Some(ConsumerError::MissingTopic));
-    assert_eq!(ConsumerError::MissingTopic.to_string(), "no topic given");
+    let no_topic = no_topic.err();
+    assert_eq!(
+        no_topic,
+        Some(ConsumerError::Config(ConfigError::MissingTopic))
+    );
+    assert_eq!(
+        no_topic.map(|e| e.to_string()).as_deref(),
+        Some("invalid configuration: no topic given")
+    );
     let no_group = ConsumerBuilder::with_runtime(rt.clone())
         .topic(TOPIC)
         .client(transport())
         .build()
         .await;
-    assert_eq!(no_group.err(), Some(ConsumerError::MissingGroup));
+    assert_eq!(
+        no_group.err(),
+        Some(ConsumerError::Config(ConfigError::MissingGroup))
+    );
+    // The topic and the group may come from the config instead of the builder...
+    let from_config = ConsumerBuilder::with_runtime(rt.clone())
+        .config(fast_config())
+        .client(transport())
+        .build()
+        .await
+        .expect("topic and group from the config");
+    assert_eq!(from_config.topic(), TOPIC);
+    within(&rt, from_config.close()).await.expect("close");
+    // ...but not two different ones, in either order.
+    let twice = ConsumerBuilder::with_runtime(rt.clone())
+        .topic("payments")
+        .config(fast_config())
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(
+        twice.err(),
+        Some(ConsumerError::Config(ConfigError::Conflicting("topic")))
+    );
+    let twice = ConsumerBuilder::with_runtime(rt.clone())
+        .config(fast_config())
+        .consumer_group("audit")
+        .client(transport())
+        .build()
+        .await;
+    assert_eq!(
+        twice.err().map(|e| e.to_string()).as_deref(),
+        Some("invalid configuration: consumer group given twice with different values")
+    );
     let no_transport = ConsumerBuilder::with_runtime(rt.clone())
         .topic(TOPIC)
         .consumer_group(GROUP)
