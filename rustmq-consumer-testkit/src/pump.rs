@@ -388,7 +388,9 @@ pub fn drive_all<P: Peer>(pumps: &mut [Pump<P>]) {
 /// After [`Limits::timers`] deadlines of the first pump.
 pub fn advance_all<P: Peer>(pumps: &mut [Pump<P>], now: Instant, d: Duration) -> Instant {
     let target = now + d;
-    let limit = pumps.first().map_or(0, |p| p.limits.timers);
+    let Some(limit) = pumps.first().map(|p| p.limits.timers) else {
+        return target;
+    };
     let mut now = now;
     let mut fire = |pumps: &mut [Pump<P>], at: Instant| {
         now = now.max(at);

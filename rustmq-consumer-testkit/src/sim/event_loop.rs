@@ -106,7 +106,7 @@ impl<H: Handler> Simulation<H> {
         self.queue.insert((self.now + after, self.seq), item);
     }
 
-    pub(super) fn schedule_poisson(&mut self, per_sec: f64, item: Item, before_heal: bool) {
+    fn schedule_poisson(&mut self, per_sec: f64, item: Item, before_heal: bool) {
         if let Some(d) = FaultPlan::next_event(&mut self.fault_rng, per_sec) {
             if !before_heal || self.elapsed() + d < self.scenario.faults.heal_at {
                 self.schedule(d, item);
@@ -149,7 +149,7 @@ impl<H: Handler> Simulation<H> {
         })
     }
 
-    pub(super) fn run_inner(&mut self) -> Result<SimReport, Violation> {
+    fn run_inner(&mut self) -> Result<SimReport, Violation> {
         let cfg = self.scenario.config.clone();
         let partitions = self.scenario.messages.len() as u32;
         self.broker.create_topic(TOPIC, partitions);
@@ -259,7 +259,7 @@ impl<H: Handler> Simulation<H> {
         }
     }
 
-    pub(super) fn stuck(&self, idle: bool) -> Violation {
+    fn stuck(&self, idle: bool) -> Violation {
         let why = if idle {
             "nothing left to happen"
         } else {
@@ -333,7 +333,7 @@ impl<H: Handler> Simulation<H> {
     /// the broker's current (stable) generation and owns every partition, and everything is
     /// processed and settled. The commit is left to the close (commit before leave), and
     /// [`Self::finish`] checks the broker has it.
-    pub(super) fn settled_everything(&self) -> bool {
+    fn settled_everything(&self) -> bool {
         let Some(m) = self.machine.as_ref() else {
             return false;
         };
@@ -367,7 +367,7 @@ impl<H: Handler> Simulation<H> {
         })
     }
 
-    pub(super) fn finish(&mut self) -> Result<SimReport, Violation> {
+    fn finish(&mut self) -> Result<SimReport, Violation> {
         self.checker.check_close_phases(&self.close_phases)?;
         // Nothing more is sent after Closed, whatever time passes.
         let later = self.now + Duration::from_secs(3_600);
@@ -396,7 +396,7 @@ impl<H: Handler> Simulation<H> {
         Ok(self.report)
     }
 
-    pub(super) fn dispatch(&mut self, item: Item) -> Result<(), Violation> {
+    fn dispatch(&mut self, item: Item) -> Result<(), Violation> {
         match item {
             Item::Produce => self.produce_burst(),
             Item::Arrive(id) => self.arrive(id)?,
@@ -542,7 +542,7 @@ impl<H: Handler> Simulation<H> {
         Ok(())
     }
 
-    pub(super) fn produce_burst(&mut self) {
+    fn produce_burst(&mut self) {
         if self.bursts_left == 0 {
             return;
         }
@@ -585,7 +585,7 @@ impl<H: Handler> Simulation<H> {
         }
     }
 
-    pub(super) fn check_state(&mut self) -> Result<(), Violation> {
+    fn check_state(&mut self) -> Result<(), Violation> {
         let m = self.machine.as_ref().expect("running");
         self.checker
             .check_state(&m.metrics(), |p| m.settle_watermark(p))

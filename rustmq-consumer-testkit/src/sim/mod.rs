@@ -124,7 +124,6 @@ pub struct Simulation<H: Handler = ModelApp> {
     phase: Phase,
     close_phases: Vec<ClosePhase>,
     phantoms: Vec<PhantomState>,
-    /// The instant the machine's revoke deadline last fired (spin detection).
     report: SimReport,
     scratch: String,
     /// The last trace lines, when kept (`keep_trace`).
