@@ -415,7 +415,7 @@ pub fn advance_all<P: Peer>(pumps: &mut [Pump<P>], now: Instant, d: Duration) ->
     );
 }
 
-/// The tag of a delivery event.
+/// The tag of a delivery event (the pump's one contact with the delivery type).
 pub fn delivered_tag(e: &Event) -> Option<DeliveryTag> {
     match e {
         Event::Deliver(d) => Some(d.tag),
@@ -469,8 +469,7 @@ pub fn events(m: &mut ConsumerMachine) -> Vec<Event> {
 pub fn take_deliveries(m: &mut ConsumerMachine, tags: &mut Vec<DeliveryTag>) {
     for _ in 0..MAX_OUTPUTS {
         match m.poll_event() {
-            Some(Event::Deliver(d)) => tags.push(d.tag),
-            Some(_) => {}
+            Some(e) => tags.extend(delivered_tag(&e)),
             None => return,
         }
     }
