@@ -22,15 +22,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rustmq_consumer_benches::core::{
-    commit_ok, delivered, drain_deliveries, failure, fetch_response, next_fetch, shuffled, start,
-    wide_config,
+    commit_ok, delivered, failure, fetch_response, next_fetch, shuffled, start, wide_config,
 };
 use rustmq_consumer_benches::transport::{broker_with, DelayedTransport};
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
 use rustmq_consumer_core::protocol::{FetchRequest, Response};
 use rustmq_consumer_core::{BreakerState, Consumer, ConsumerConfig, Event, Runtime, Transport};
-use rustmq_consumer_testkit::{LoopbackBroker, SimTransport};
+use rustmq_consumer_testkit::{take_deliveries, LoopbackBroker, SimTransport};
 use rustmq_consumer_tokio::TokioRuntime;
 
 /// Deliveries acked per `core_ack_path` iteration.
@@ -116,7 +115,7 @@ fn core_cycle(c: &mut Criterion) {
                 .expect("a fetch is pending");
             m.handle_response(now, id, Ok(fetch_response(offset, batch.clone())));
             tags.clear();
-            drain_deliveries(&mut m, &mut tags);
+            take_deliveries(&mut m, &mut tags);
             for &tag in &tags {
                 m.ack(now, tag).unwrap();
             }
@@ -165,7 +164,7 @@ fn core_subsystems(c: &mut Criterion) {
                 }
                 m.handle_timeout(now);
                 let mut again = Vec::with_capacity(RETRY_N);
-                drain_deliveries(&mut m, &mut again);
+                take_deliveries(&mut m, &mut again);
                 debug_assert_eq!(again.len(), RETRY_N);
                 for tag in again {
                     m.ack(now, tag).unwrap();
@@ -191,7 +190,7 @@ fn core_subsystems(c: &mut Criterion) {
                 let mut again = Vec::with_capacity(RETRY_N);
                 while let Some((id, offset)) = next_fetch(&mut m, now) {
                     m.handle_response(now, id, Ok(fetch_response(offset, one.clone())));
-                    drain_deliveries(&mut m, &mut again);
+                    take_deliveries(&mut m, &mut again);
                 }
                 debug_assert_eq!(again.len(), RETRY_N);
                 for tag in again {

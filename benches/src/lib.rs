@@ -2,7 +2,9 @@
 //! resident-memory check (`src/bin/memory.rs`).
 //!
 //! - [`core`]: drive a `ConsumerMachine` by hand with canned broker answers (no I/O, a fixed
-//!   `now`), the way `rustmq-consumer-core/tests/common` does.
+//!   `now`). Deliveries are taken with the testkit's `take_deliveries`; the request loops
+//!   stay here, specialised: they answer canned responses without cloning or recording
+//!   requests, which the testkit's `Pump` does for every transmit.
 //! - [`transport`]: transports for the driver benchmarks: [`transport::DelayedTransport`]
 //!   (a fixed round trip in front of any transport, timed by a delay-line thread) and
 //!   [`transport::ChunkedSimTransport`] (a `SimTransport` whose broker only ever holds one
@@ -50,8 +52,9 @@ pub mod core {
         CommitOffsetResponse, FetchOffsetResponse, FetchResponse, Record, Request, Response,
     };
     use rustmq_consumer_core::{
-        ConsumerConfig, ConsumerMachine, DeliveryTag, Event, RequestId, TransportError,
+        ConsumerConfig, ConsumerMachine, DeliveryTag, RequestId, TransportError,
     };
+    use rustmq_consumer_testkit::take_deliveries;
 
     use super::{GROUP, TOPIC};
 
@@ -128,15 +131,6 @@ pub mod core {
         None
     }
 
-    /// Moves every delivery into `tags`; other events are dropped.
-    pub fn drain_deliveries(m: &mut ConsumerMachine, tags: &mut Vec<DeliveryTag>) {
-        while let Some(e) = m.poll_event() {
-            if let Event::Deliver(d) = e {
-                tags.push(d.tag);
-            }
-        }
-    }
-
     /// A machine on [`wide_config`]`(n)` with `n` messages fetched and delivered; returns it
     /// and the tags of the deliveries, lowest offset first.
     pub fn delivered(
@@ -147,7 +141,7 @@ pub mod core {
         let (mut m, (id, offset)) = start(config, now);
         m.handle_response(now, id, Ok(fetch_response(offset, super::records(n))));
         let mut tags = Vec::with_capacity(n);
-        drain_deliveries(&mut m, &mut tags);
+        take_deliveries(&mut m, &mut tags);
         assert_eq!(tags.len(), n, "every message delivered");
         (m, tags)
     }

@@ -6,12 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Mode};
+use common::{config, harness, harness_with, Harness, HarnessExt as _};
 use rustmq_consumer_core::protocol::*;
 use rustmq_consumer_core::*;
+use rustmq_consumer_testkit::Route;
 
 fn started(config: ConsumerConfig, produced: usize) -> Harness {
-    let mut h = Harness::new(config);
+    let mut h = harness(config);
     h.produce(0, produced);
     h.advance(Duration::from_millis(200));
     h
@@ -19,7 +20,7 @@ fn started(config: ConsumerConfig, produced: usize) -> Harness {
 
 #[test]
 fn starts_at_offset_zero_not_one() {
-    let mut h = started(Harness::config("t"), 3);
+    let mut h = started(config("t"), 3);
     let ds = h.deliveries();
     assert_eq!(
         ds.iter().map(|d| d.tag.offset).collect::<Vec<_>>(),
@@ -30,12 +31,15 @@ fn starts_at_offset_zero_not_one() {
         h.ack(d.tag);
     }
     let t = h.m.commit(h.now).unwrap();
-    h.pump();
+    h.drive();
     assert!(h.events.contains(&Event::Committed {
         ticket: t,
         offsets: vec![(0, 3)]
     }));
-    assert_eq!(h.committed[&0], 3, "commit is the next offset to read");
+    assert_eq!(
+        h.broker.committed[&0], 3,
+        "commit is the next offset to read"
+    );
 }
 
 #[test]
@@ -48,7 +52,7 @@ fn resumes_from_the_stored_commit_instead_of_ignoring_it() {
             .collect(),
     );
     let committed = [(0u32, 4u64)].into_iter().collect();
-    let mut h = Harness::new_with(Harness::config("t"), logs, committed);
+    let mut h = harness_with(config("t"), logs, committed);
     h.advance(Duration::from_millis(50));
     let offsets: Vec<u64> = h.deliveries().iter().map(|d| d.tag.offset).collect();
     assert_eq!(offsets, [4, 5]);
@@ -62,7 +66,7 @@ fn start_position_applies_only_without_a_commit() {
         (StartPosition::Latest, 5),
         (StartPosition::Offset(3), 3),
     ] {
-        let mut c = Harness::config("t");
+        let mut c = config("t");
         c.start_position = start;
         let mut logs = std::collections::BTreeMap::new();
         logs.insert(
@@ -71,7 +75,7 @@ fn start_position_applies_only_without_a_commit() {
                 .map(|i| Record::from_value(format!("m{i}")))
                 .collect(),
         );
-        let mut h = Harness::new_with(c, logs, Default::default());
+        let mut h = harness_with(c, logs, Default::default());
         h.advance(Duration::from_millis(50));
         h.produce(0, 2);
         h.advance(Duration::from_millis(200));
@@ -82,7 +86,7 @@ fn start_position_applies_only_without_a_commit() {
 
 #[test]
 fn never_refetches_from_the_commit_point() {
-    let mut h = started(Harness::config("t"), 10);
+    let mut h = started(config("t"), 10);
     assert_eq!(h.deliveries().len(), 10);
     // The application holds every message; time passes.
     h.advance(Duration::from_secs(30));
@@ -100,13 +104,13 @@ fn never_refetches_from_the_commit_point() {
 
 #[test]
 fn out_of_order_acks_never_pass_a_gap() {
-    let mut h = started(Harness::config("t"), 3);
+    let mut h = started(config("t"), 3);
     let ds = h.deliveries();
     h.ack(ds[2].tag);
     h.ack(ds[1].tag);
     assert_eq!(h.m.settle_watermark(0), Some(0));
     h.m.commit(h.now).unwrap();
-    h.pump();
+    h.drive();
     assert!(h.commits_sent().is_empty(), "nothing committable yet");
     h.ack(ds[0].tag);
     assert_eq!(h.m.settle_watermark(0), Some(3));
@@ -114,14 +118,14 @@ fn out_of_order_acks_never_pass_a_gap() {
 
 #[test]
 fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.ack_batch_size = 10;
     c.ack_batch_timeout = Duration::from_secs(1);
     c.fetch_size = 100;
     let mut h = started(c, 25);
     let ds = h.deliveries();
     assert_eq!(ds.len(), 25);
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     for d in &ds[..20] {
         h.ack(d.tag);
     }
@@ -131,8 +135,8 @@ fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
         "one commit in flight, the newer watermark waits"
     );
     assert_eq!(h.commits_sent()[0].offsets.values().next(), Some(&10));
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     assert_eq!(
         h.commits_sent().len(),
         2,
@@ -151,13 +155,13 @@ fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     assert_eq!(h.commits_sent().len(), 2);
     h.advance(Duration::from_millis(2));
     assert_eq!(h.commits_sent().len(), 3, "batch timeout flushed");
-    assert_eq!(h.committed[&0], 25);
+    assert_eq!(h.broker.committed[&0], 25);
     assert!(h.m.metrics().max_batch >= 10);
 }
 
 #[test]
 fn retries_count_attempts_back_off_and_stop_after_success() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.retry_backoff_base = Duration::from_millis(100);
     c.retry_backoff_max = Duration::from_secs(10);
     let mut h = started(c, 1);
@@ -189,7 +193,7 @@ fn retries_count_attempts_back_off_and_stop_after_success() {
 
 #[test]
 fn renacks_continue_the_chain_and_end_in_the_dead_letter_topic() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.max_retry_attempts = 2;
     c.dead_letter_queue = Some("dlq".into());
     let mut h = started(c, 2);
@@ -211,7 +215,7 @@ fn renacks_continue_the_chain_and_end_in_the_dead_letter_topic() {
         [1, 2, 3],
         "attempts grow and stop at max_retry_attempts + 1"
     );
-    let dlq = &h.logs[&("dlq".to_owned(), 0)];
+    let dlq = &h.broker.logs[&("dlq".to_owned(), 0)];
     assert_eq!(dlq.len(), 1);
     let header = |k: &str| String::from_utf8(dlq[0].header(k).unwrap().to_vec()).unwrap();
     assert_eq!(header(dead_letter_headers::ORIGINAL_TOPIC), "t");
@@ -236,13 +240,13 @@ fn renacks_continue_the_chain_and_end_in_the_dead_letter_topic() {
 
 #[test]
 fn a_dead_lettered_offset_settles_and_the_partition_moves_on() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.dead_letter_queue = Some("dlq".into());
     let mut h = started(c, 3);
     let ds = h.deliveries();
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     h.m.reject(h.now, ds[0].tag, "bad payload").unwrap();
-    h.pump();
+    h.drive();
     h.ack(ds[1].tag);
     h.ack(ds[2].tag);
     assert_eq!(
@@ -250,30 +254,30 @@ fn a_dead_lettered_offset_settles_and_the_partition_moves_on() {
         Some(0),
         "not settled before the produce is confirmed"
     );
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     assert_eq!(h.m.settle_watermark(0), Some(3));
     h.m.commit(h.now).unwrap();
-    h.pump();
-    assert_eq!(h.committed[&0], 3);
+    h.drive();
+    assert_eq!(h.broker.committed[&0], 3);
     assert_eq!(h.m.metrics().dead_lettered, 1);
 }
 
 #[test]
 fn one_dead_letter_produce_in_flight_batching_the_rest() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.dead_letter_queue = Some("dlq".into());
     let mut h = started(c, 6);
     let ds = h.deliveries();
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     for d in &ds {
         h.m.reject(h.now, d.tag, "poison").unwrap();
-        h.pump();
+        h.drive();
     }
     assert_eq!(h.produces_sent().len(), 1, "one producer request at a time");
     assert_eq!(h.produces_sent()[0].records.len(), 1);
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     let produces = h.produces_sent();
     assert_eq!(produces.len(), 2, "the other five went in one batch");
     assert_eq!(produces[1].records.len(), 5);
@@ -282,7 +286,7 @@ fn one_dead_letter_produce_in_flight_batching_the_rest() {
 
 #[test]
 fn poison_without_a_dead_letter_topic_is_discarded_explicitly() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.max_retry_attempts = 0;
     let mut h = started(c, 1);
     let d = h.deliveries().remove(0);
@@ -304,15 +308,16 @@ fn poison_without_a_dead_letter_topic_is_discarded_explicitly() {
 
 #[test]
 fn oversized_poison_stalls_the_partition_visibly() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.dead_letter_queue = Some("dlq".into());
-    let mut h = Harness::new(c);
-    h.logs
+    let mut h = harness(c);
+    h.broker
+        .logs
         .insert(("t".into(), 0), vec![Record::from_value(vec![7u8; 9000])]);
     h.advance(Duration::from_millis(100));
     let d = h.deliveries().remove(0);
     h.m.reject(h.now, d.tag, "too big").unwrap();
-    h.pump();
+    h.drive();
     assert!(h.produces_sent().is_empty(), "nothing over 8 KiB is sent");
     assert!(h.events.iter().any(|e| matches!(
         e,
@@ -328,12 +333,12 @@ fn oversized_poison_stalls_the_partition_visibly() {
 
 #[test]
 fn circuit_breaker_is_called_opens_and_recovers() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.failure_threshold = 3;
     c.recovery_timeout = Duration::from_secs(5);
     c.half_open_max_probes = 1;
-    let mut h = Harness::new(c);
-    h.mode = Mode::Fail;
+    let mut h = harness(c);
+    h.route = Route::Fail;
     while h.m.breaker_state() != BreakerState::Open {
         h.advance(Duration::from_millis(100));
         assert!(h.m.metrics().requests_failed <= 3, "opens at the threshold");
@@ -342,7 +347,7 @@ fn circuit_breaker_is_called_opens_and_recovers() {
     let sent = h.sent.len();
     h.advance(Duration::from_millis(10));
     assert_eq!(h.sent.len(), sent, "nothing sent while open");
-    h.mode = Mode::Answer;
+    h.route = Route::Answer;
     h.produce(0, 2);
     h.advance(Duration::from_secs(6));
     assert_eq!(h.m.breaker_state(), BreakerState::Closed);
@@ -361,7 +366,7 @@ fn circuit_breaker_is_called_opens_and_recovers() {
 
 #[test]
 fn handler_nacks_never_count_as_broker_failures() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.failure_threshold = 1;
     c.max_retry_attempts = 10;
     let mut h = started(c, 1);
@@ -375,27 +380,27 @@ fn handler_nacks_never_count_as_broker_failures() {
 
 #[test]
 fn acks_settle_while_open_and_commit_when_closed_again() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.failure_threshold = 1;
     c.recovery_timeout = Duration::from_secs(5);
     c.half_open_max_probes = 1;
     let mut h = started(c, 2);
     let ds = h.deliveries();
-    h.mode = Mode::Fail;
+    h.route = Route::Fail;
     h.advance(Duration::from_millis(200));
     assert_eq!(h.m.breaker_state(), BreakerState::Open);
     h.ack(ds[0].tag);
     h.ack(ds[1].tag);
     assert_eq!(h.m.settle_watermark(0), Some(2));
     h.m.commit(h.now).unwrap();
-    h.mode = Mode::Answer;
+    h.route = Route::Answer;
     h.advance(Duration::from_secs(6));
-    assert_eq!(h.committed.get(&0), Some(&2));
+    assert_eq!(h.broker.committed.get(&0), Some(&2));
 }
 
 #[test]
 fn cache_eviction_is_counted_and_the_retry_refetches() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.cache_max_entries = Some(1);
     let mut h = started(c, 3);
     let ds = h.deliveries();
@@ -419,7 +424,7 @@ fn cache_eviction_is_counted_and_the_retry_refetches() {
 
 #[test]
 fn cache_ttl_is_read_and_expiry_refetches() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.cache_ttl = Duration::from_secs(1);
     let mut h = started(c, 1);
     let d = h.deliveries().remove(0);
@@ -433,7 +438,7 @@ fn cache_ttl_is_read_and_expiry_refetches() {
 
 #[test]
 fn deliveries_and_prefetch_are_bounded() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.max_unacked = 5;
     c.fetch_size = 10;
     let mut h = started(c, 100);
@@ -446,7 +451,7 @@ fn deliveries_and_prefetch_are_bounded() {
 
 #[test]
 fn a_fully_delivered_buffer_is_refilled_without_waiting_for_an_ack() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.fetch_size = 5;
     c.max_unacked = 100;
     let mut h = started(c, 20);
@@ -460,11 +465,11 @@ fn a_fully_delivered_buffer_is_refilled_without_waiting_for_an_ack() {
 
 #[test]
 fn a_fetch_that_fits_nothing_waits_for_room_instead_of_spinning() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.prefetch_bytes = 100;
     c.max_unacked = 1;
-    let mut h = Harness::new(c);
-    let topic_log = h.logs.entry(("t".into(), 0)).or_default();
+    let mut h = harness(c);
+    let topic_log = h.broker.logs.entry(("t".into(), 0)).or_default();
     for _ in 0..5 {
         topic_log.push(Record::from_value(vec![0u8; 40])); // 65 bytes encoded
     }
@@ -486,31 +491,31 @@ fn committed_then_sought_back_with_the_answer_lost(c: ConsumerConfig) -> Harness
         h.ack(d.tag);
     }
     h.m.commit(h.now).unwrap();
-    h.pump();
-    assert_eq!(h.committed[&0], 10);
+    h.drive();
+    assert_eq!(h.broker.committed[&0], 10);
     h.m.seek(h.now, 0, 5).unwrap();
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     h.m.commit(h.now).unwrap();
-    h.pump();
+    h.drive();
     let at = h
-        .pending
+        .held
         .iter()
         .position(|t| matches!(t.request, Request::CommitOffset(_)))
         .unwrap();
-    let lost = h.pending.remove(at).unwrap();
+    let lost = h.held.remove(at).unwrap();
     let _ = h.answer(&lost.request);
-    assert_eq!(h.committed[&0], 5);
+    assert_eq!(h.broker.committed[&0], 5);
     h
 }
 
 #[test]
 fn a_commit_with_an_unknown_outcome_is_stated_again_after_a_seek() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.request_timeout = Duration::from_secs(1);
     let mut h = committed_then_sought_back_with_the_answer_lost(c);
     h.advance(Duration::from_millis(1500));
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     h.advance(Duration::from_secs(1));
     for d in h.deliveries() {
         h.ack(d.tag);
@@ -518,14 +523,14 @@ fn a_commit_with_an_unknown_outcome_is_stated_again_after_a_seek() {
     h.m.commit(h.now).unwrap();
     h.advance(Duration::from_secs(5));
     assert_eq!(
-        h.committed[&0], 10,
+        h.broker.committed[&0], 10,
         "the watermark is committed again, not assumed"
     );
 }
 
 #[test]
 fn the_unsettled_span_per_partition_is_capped() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.max_unsettled_per_partition = 8;
     c.max_unacked = 100;
     let mut h = started(c, 50);
@@ -545,7 +550,7 @@ fn the_unsettled_span_per_partition_is_capped() {
 
 #[test]
 fn pause_holds_buffered_messages_and_resume_releases_them() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.max_unacked = 2;
     let mut h = started(c, 5);
     let ds = h.deliveries();
@@ -558,7 +563,7 @@ fn pause_holds_buffered_messages_and_resume_releases_them() {
     assert!(h.deliveries().is_empty());
     assert_eq!(h.fetches_sent().len(), fetches, "no fetch while paused");
     h.m.resume(h.now, &[0]).unwrap();
-    h.pump();
+    h.drive();
     let after: Vec<u64> = h.deliveries().iter().map(|d| d.tag.offset).collect();
     assert_eq!(after, [2, 3], "buffered messages were kept");
     assert_eq!(h.m.pause(h.now, &[9]), Err(UsageError::UnknownPartition(9)));
@@ -566,10 +571,10 @@ fn pause_holds_buffered_messages_and_resume_releases_them() {
 
 #[test]
 fn seek_resets_the_partition_and_stales_old_deliveries() {
-    let mut h = started(Harness::config("t"), 10);
+    let mut h = started(config("t"), 10);
     let ds = h.deliveries();
     h.m.seek(h.now, 0, 7).unwrap();
-    h.pump();
+    h.drive();
     h.advance(Duration::from_millis(100));
     let after: Vec<u64> = h.deliveries().iter().map(|d| d.tag.offset).collect();
     assert_eq!(after, [7, 8, 9]);
@@ -586,7 +591,7 @@ fn seek_resets_the_partition_and_stales_old_deliveries() {
 
 #[test]
 fn usage_errors_are_clear_and_change_nothing() {
-    let mut h = started(Harness::config("t"), 2);
+    let mut h = started(config("t"), 2);
     let ds = h.deliveries();
     let mut forged = ds[0].tag;
     forged.offset = 99;
@@ -617,10 +622,10 @@ fn usage_errors_are_clear_and_change_nothing() {
 
 #[test]
 fn empty_fetches_back_off() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.empty_fetch_backoff_min = Duration::from_millis(10);
     c.empty_fetch_backoff_max = Duration::from_millis(80);
-    let mut h = Harness::new(c);
+    let mut h = harness(c);
     h.advance(Duration::from_secs(1));
     let n = h.fetches_sent().len();
     // 10, 20, 40, 80, 80, ... ms: about 15 fetches a second at most, not one per pump.
@@ -629,24 +634,24 @@ fn empty_fetches_back_off() {
 
 #[test]
 fn late_responses_to_expired_requests_are_ignored() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.request_timeout = Duration::from_secs(1);
-    let mut h = Harness::new(c);
-    h.answer_all_pending();
+    let mut h = harness(c);
+    h.answer_all_held();
     h.produce(0, 3);
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     h.advance(Duration::from_millis(200));
-    assert!(!h.pending.is_empty());
+    assert!(!h.held.is_empty());
     h.advance(Duration::from_secs(2));
     assert!(h.count(|e| matches!(e, Event::RequestFailed { .. })) >= 1);
     // Answer the stale fetch now: it must not deliver anything.
-    let stale = h.pending.pop_front().unwrap();
+    let stale = h.held.pop_front().unwrap();
     let r = h.answer(&stale.request);
     h.m.handle_response(h.now, stale.id, r);
-    h.pump();
+    h.drive();
     assert!(h.deliveries().is_empty());
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     h.advance(Duration::from_secs(5));
     assert_eq!(
         h.deliveries()
@@ -659,54 +664,54 @@ fn late_responses_to_expired_requests_are_ignored() {
 
 #[test]
 fn malformed_and_error_responses_are_failures_not_panics() {
-    let mut h = Harness::new(Harness::config("t"));
-    h.mode = Mode::Hold;
+    let mut h = harness(config("t"));
+    h.route = Route::Hold;
     h.advance(Duration::from_millis(100));
-    let t = h.pending.pop_front().unwrap();
+    let t = h.held.pop_front().unwrap();
     h.m.handle_response(h.now, t.id, Ok(LeaveGroupResponse { error_code: 0 }.into()));
-    h.pump();
+    h.drive();
     assert_eq!(h.m.metrics().requests_failed, 1);
     h.advance(Duration::from_secs(1));
-    if let Some(t) = h.pending.pop_front() {
+    if let Some(t) = h.held.pop_front() {
         h.m.handle_response(
             h.now,
             t.id,
             Err(TransportError::Broker("Partition not found: t:0".into())),
         );
     }
-    h.pump();
+    h.drive();
     assert_eq!(h.m.metrics().requests_failed, 2);
     h.m.handle_response(
         h.now,
         RequestId(424242),
         Ok(CommitOffsetResponse { error_code: 0 }.into()),
     );
-    h.pump();
+    h.drive();
     assert_eq!(h.m.metrics().requests_failed, 2, "an unknown id is ignored");
 }
 
 #[test]
 fn close_drains_flushes_dead_letters_then_commits_last() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.dead_letter_queue = Some("dlq".into());
     c.drain_timeout = Duration::from_secs(5);
     let mut h = started(c, 4);
     let ds = h.deliveries();
     h.ack(ds[0].tag);
     h.m.close(h.now);
-    h.pump();
+    h.drive();
     assert_eq!(h.m.close_phase(), Some(ClosePhase::Draining));
     h.m.close(h.now); // idempotent
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     h.m.reject(h.now, ds[1].tag, "poison").unwrap();
     h.ack(ds[2].tag);
     h.ack(ds[3].tag);
     assert_eq!(h.m.close_phase(), Some(ClosePhase::FlushingDeadLetters));
-    h.mode = Mode::Answer;
-    h.answer_all_pending();
+    h.route = Route::Answer;
+    h.answer_all_held();
     assert!(h.m.is_closed());
     assert_eq!(
-        h.committed[&0], 4,
+        h.broker.committed[&0], 4,
         "every ack made before close is committed"
     );
     let phases: Vec<ClosePhase> = h
@@ -735,27 +740,27 @@ fn close_drains_flushes_dead_letters_then_commits_last() {
 
 #[test]
 fn close_leaves_unacked_deliveries_uncommitted_after_the_drain_deadline() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.drain_timeout = Duration::from_secs(2);
     let mut h = started(c, 3);
     let ds = h.deliveries();
     h.ack(ds[0].tag);
     h.ack(ds[2].tag);
     h.m.close(h.now);
-    h.pump();
+    h.drive();
     h.advance(Duration::from_secs(3));
     assert!(h.m.is_closed());
     assert_eq!(
-        h.committed[&0], 1,
+        h.broker.committed[&0], 1,
         "offset 1 was never settled: redelivered to the next member"
     );
 }
 
 #[test]
 fn commit_maps_are_split_to_fit_the_frame_limit() {
-    let mut c = Harness::config(&"t".repeat(200));
+    let mut c = config(&"t".repeat(200));
     c.partitions = (0..100).collect();
-    let mut h = Harness::new(c);
+    let mut h = harness(c);
     for p in 0..100 {
         h.produce(p, 1);
     }
@@ -764,7 +769,7 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
         h.ack(d.tag);
     }
     h.m.commit(h.now).unwrap();
-    h.pump();
+    h.drive();
     let commits = h.commits_sent();
     assert!(
         commits.len() >= 3,
@@ -780,13 +785,13 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
 
 #[test]
 fn lag_reports_high_watermark_commit_position_and_age() {
-    let mut h = started(Harness::config("t"), 10);
+    let mut h = started(config("t"), 10);
     let ds = h.deliveries();
     for d in &ds[..4] {
         h.ack(d.tag);
     }
     h.m.commit(h.now).unwrap();
-    h.pump();
+    h.drive();
     h.produce(0, 5);
     h.advance(Duration::from_secs(2));
     let lag = h.m.lag(h.now)[0];
@@ -800,36 +805,36 @@ fn lag_reports_high_watermark_commit_position_and_age() {
 
 #[test]
 fn bad_configs_are_rejected() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.ack_batch_size = 0;
     assert_eq!(
         ConsumerMachine::new(c, std::time::Instant::now()).unwrap_err(),
         ConfigError::Zero("ack_batch_size")
     );
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.cache_max_entries = Some(0);
     assert!(c.validate().is_err());
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.request_timeout = Duration::ZERO;
     assert_eq!(
         c.validate().unwrap_err().to_string(),
         "request_timeout must be greater than zero"
     );
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.dead_letter_queue = Some("t".into());
     assert_eq!(c.validate(), Err(ConfigError::DeadLetterIsSource));
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.partitions = vec![1, 1];
     assert_eq!(c.validate(), Err(ConfigError::DuplicatePartition(1)));
 }
 
 #[test]
 fn fetches_of_several_partitions_never_bring_back_more_than_the_buffer_takes() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.partitions = vec![0, 1, 2];
     c.fetch_size = 2;
     c.max_unacked = 1;
-    let mut h = Harness::new(c);
+    let mut h = harness(c);
     for p in 0..3 {
         h.produce(p, 50);
     }
@@ -850,49 +855,53 @@ fn fetches_of_several_partitions_never_bring_back_more_than_the_buffer_takes() {
 
 #[test]
 fn a_manual_commit_to_a_group_the_restarted_broker_forgot_is_retried() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.failure_threshold = 1;
     let mut h = started(c, 10);
     for d in h.deliveries() {
         h.ack(d.tag);
     }
-    h.mode = Mode::Hold;
+    h.route = Route::Hold;
     h.m.commit(h.now).unwrap();
-    h.pump();
-    let t = h.pending.pop_front().unwrap();
+    h.drive();
+    let t = h.held.pop_front().unwrap();
     assert!(matches!(t.request, Request::CommitOffset(_)));
     // The broker restarted and forgot the group: 16, until a member recreates it.
     let unknown_group = CommitOffsetResponse { error_code: 16 };
     h.m.handle_response(h.now, t.id, Ok(unknown_group.into()));
-    h.pump();
+    h.drive();
     assert_eq!(
         h.m.breaker_state(),
         BreakerState::Closed,
         "group state, not broker health"
     );
-    h.mode = Mode::Answer;
+    h.route = Route::Answer;
     h.advance(Duration::from_secs(5));
-    assert_eq!(h.committed.get(&0), Some(&10), "the commit is retried");
+    assert_eq!(
+        h.broker.committed.get(&0),
+        Some(&10),
+        "the commit is retried"
+    );
 }
 
 #[test]
 fn a_commit_of_unknown_outcome_is_forgotten_even_if_a_seek_came_between() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.request_timeout = Duration::from_secs(1);
     let mut h = committed_then_sought_back_with_the_answer_lost(c);
     // Seek forward to 10 again while that commit's outcome is unknown, then it times out.
     h.m.seek(h.now, 0, 10).unwrap();
-    h.mode = Mode::Answer;
+    h.route = Route::Answer;
     h.advance(Duration::from_secs(5));
-    h.answer_all_pending();
+    h.answer_all_held();
     h.m.commit(h.now).unwrap();
     h.advance(Duration::from_secs(5));
-    assert_eq!(h.committed[&0], 10, "the watermark is stated again");
+    assert_eq!(h.broker.committed[&0], 10, "the watermark is stated again");
 }
 
 #[test]
 fn fetches_ask_for_what_the_buffer_takes_not_fetch_max_bytes() {
-    let mut c = Harness::config("t");
+    let mut c = config("t");
     c.fetch_size = 10;
     c.max_unacked = 1000;
     let mut h = started(c, 500);

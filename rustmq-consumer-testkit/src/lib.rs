@@ -27,6 +27,10 @@
 //!   session instead of manual assignment); [`run_seeds`] and [`seeds_from_env`] run many and
 //!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
 //!   policies (the checker must catch them).
+//! - `pump`: [`Pump`], one `ConsumerMachine` and a broker ([`Peer`]) driven in lock-step on a
+//!   virtual clock for scripted tests ([`drive_all`] and [`advance_all`] for several machines
+//!   sharing one broker); every loop is bounded ([`Limits`]) and panics naming the bound.
+//! - `fixtures`: [`broker_with`] (a topic holding messages) and [`fast_config`].
 //! - `strategies`: proptest strategies for scenarios, fault plans and application behaviours.
 //!
 //! # Absences
@@ -37,9 +41,11 @@
 
 mod broker;
 mod faults;
+mod fixtures;
 mod invariants;
 #[cfg(feature = "quic")]
 mod loopback;
+mod pump;
 mod sim;
 pub mod strategies;
 mod transport;
@@ -50,10 +56,15 @@ pub use broker::{
     DEFAULT_RECORD_OVERHEAD, REAPER_INTERVAL,
 };
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
+pub use fixtures::{broker_with, fast_config};
 pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]
 pub use loopback::{
     Fault, LoopbackBroker, LoopbackError, DRAIN_GRACE, INJECTED_ERROR, LOOPBACK_SERVER_NAME,
+};
+pub use pump::{
+    advance_all, delivered_tag, delivered_tags, drive_all, events, take_deliveries, transmits,
+    Limits, Peer, Pump, Route, MAX_OUTPUTS,
 };
 pub use sim::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,

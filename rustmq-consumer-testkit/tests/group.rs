@@ -4,28 +4,24 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use rustmq_consumer_core::protocol::*;
 use rustmq_consumer_core::*;
-use rustmq_consumer_testkit::SimBroker;
+use rustmq_consumer_testkit::{
+    advance_all, broker_with, delivered_tags, drive_all, Pump, Route, SharedBroker, SimBroker,
+};
 
 const TOPIC: &str = "orders";
 const GROUP: &str = "billing";
 
-struct Member {
-    m: ConsumerMachine,
-    events: Vec<Event>,
-    sent: Vec<Request>,
-    /// Drop every request (an unreachable broker) while true.
-    cut: bool,
-    /// Ack every delivery as it arrives.
-    auto_ack: bool,
-    acked: Vec<(u32, u64)>,
-}
+/// A member: its machine, what it sent and emitted, and what it acked (`auto_ack`). Its
+/// `route` is `Route::Drop` while the broker is unreachable for it.
+type Member = Pump<SharedBroker>;
 
 struct Cluster {
-    broker: SimBroker,
+    broker: SharedBroker,
     now: Instant,
     members: Vec<Member>,
 }
@@ -40,18 +36,16 @@ fn config() -> ConsumerConfig {
 
 impl Cluster {
     fn new(partitions: u32, messages: usize) -> Self {
-        let mut broker = SimBroker::new();
-        broker.create_topic(TOPIC, partitions);
-        for p in 0..partitions {
-            broker
-                .produce_values(TOPIC, p, (0..messages).map(|i| format!("p{p}-m{i}")))
-                .unwrap();
-        }
         Self {
-            broker,
+            broker: SharedBroker::new(broker_with(TOPIC, partitions, messages)),
             now: Instant::now(),
             members: Vec::new(),
         }
+    }
+
+    /// The broker, to set up or inspect.
+    fn b(&self) -> MutexGuard<'_, SimBroker> {
+        self.broker.lock()
     }
 
     fn join(&mut self, config: ConsumerConfig) -> usize {
@@ -59,81 +53,23 @@ impl Cluster {
     }
 
     fn join_acking(&mut self, config: ConsumerConfig, auto_ack: bool) -> usize {
-        let m = ConsumerMachine::new(config, self.now).unwrap();
-        self.members.push(Member {
-            m,
-            events: Vec::new(),
-            sent: Vec::new(),
-            cut: false,
-            auto_ack,
-            acked: Vec::new(),
-        });
+        let mut member = Pump::new(self.broker.clone(), config, self.now);
+        member.auto_ack = auto_ack;
+        self.members.push(member);
         self.pump();
         self.members.len() - 1
     }
 
     fn pump(&mut self) {
-        loop {
-            let mut progressed = false;
-            for i in 0..self.members.len() {
-                while let Some(t) = self.members[i].m.poll_transmit() {
-                    progressed = true;
-                    self.members[i].sent.push(t.request.clone());
-                    if self.members[i].cut {
-                        continue; // never answered: the request deadline fires
-                    }
-                    let r = self
-                        .broker
-                        .handle(self.now, t.request)
-                        .map_err(|e| TransportError::Broker(e.0));
-                    self.members[i].m.handle_response(self.now, t.id, r);
-                }
-                while let Some(e) = self.members[i].m.poll_event() {
-                    progressed = true;
-                    if let (Event::Deliver(d), true) = (&e, self.members[i].auto_ack) {
-                        self.members[i].m.ack(self.now, d.tag).unwrap();
-                        self.members[i].acked.push((d.tag.partition, d.tag.offset));
-                    }
-                    self.members[i].events.push(e);
-                }
-            }
-            if !progressed {
-                break;
-            }
-        }
+        drive_all(&mut self.members);
     }
 
     fn advance(&mut self, d: Duration) {
-        let target = self.now + d;
-        for _ in 0..1_000_000 {
-            let next = self
-                .members
-                .iter()
-                .filter_map(|m| m.m.poll_timeout().map(|t| t.0))
-                .chain(self.broker.poll_timeout())
-                .min();
-            match next {
-                Some(at) if at <= target => {
-                    self.now = self.now.max(at);
-                    self.broker.handle_timeout(self.now);
-                    for m in &mut self.members {
-                        m.m.handle_timeout(self.now);
-                    }
-                    self.pump();
-                }
-                _ => break,
-            }
-        }
-        self.now = target;
-        self.broker.handle_timeout(self.now);
-        for m in &mut self.members {
-            m.m.handle_timeout(self.now);
-        }
-        self.pump();
+        self.now = advance_all(&mut self.members, self.now, d);
     }
 
     fn committed(&self, partition: u32) -> Option<u64> {
-        self.broker
+        self.b()
             .committed(GROUP, &TopicPartition::new(TOPIC, partition))
     }
 }
@@ -144,13 +80,7 @@ fn sent_kinds(m: &Member) -> Vec<RequestKind> {
 
 /// The tags of every delivery the member's machine emitted.
 fn delivered(m: &Member) -> Vec<DeliveryTag> {
-    m.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deliver(d) => Some(d.tag),
-            _ => None,
-        })
-        .collect()
+    delivered_tags(&m.events)
 }
 
 #[test]
@@ -171,9 +101,9 @@ fn a_member_joins_consumes_from_offset_zero_and_commits_under_its_generation() {
     assert_eq!(c.members[a].acked.first(), Some(&(0, 0)));
     assert_eq!(c.members[a].acked.len(), 20);
     assert_eq!(c.committed(0), Some(20));
-    let generation = c.broker.generation(GROUP).unwrap();
-    let member = c.broker.members(GROUP)[0].clone();
-    for commit in c.broker.commit_log() {
+    let generation = c.b().generation(GROUP).unwrap();
+    let member = c.b().members(GROUP)[0].clone();
+    for commit in c.b().commit_log() {
         assert_eq!(
             (commit.generation, &commit.member),
             (generation, &member),
@@ -187,7 +117,7 @@ fn heartbeats_keep_the_member_alive_past_the_session_timeout() {
     let mut c = Cluster::new(1, 1);
     let a = c.join(config());
     c.advance(Duration::from_secs(60));
-    assert_eq!(c.broker.members(GROUP).len(), 1, "not evicted");
+    assert_eq!(c.b().members(GROUP).len(), 1, "not evicted");
     let beats = sent_kinds(&c.members[a])
         .iter()
         .filter(|k| **k == RequestKind::ConsumerHeartbeat)
@@ -205,7 +135,7 @@ fn heartbeats_keep_the_member_alive_past_the_session_timeout() {
 #[test]
 fn partitions_of_other_topics_are_ignored_with_an_event() {
     let mut c = Cluster::new(3, 0);
-    c.broker.create_topic("other", 3);
+    c.b().create_topic("other", 3);
     // Another member subscribed to "other" makes the broker spread both topics over members.
     let mut other = config();
     other.topic = "other".into();
@@ -255,7 +185,7 @@ fn a_rebalance_revokes_commits_with_the_owning_generation_and_rejoins() {
             || !c.members[a].m.assigned_partitions().is_empty()
     );
     // No accepted commit names a partition the committing member did not own.
-    for commit in c.broker.commit_log() {
+    for commit in c.b().commit_log() {
         let owned = commit.member_assignment.clone().unwrap_or_default();
         for tp in commit.offsets.keys() {
             assert!(
@@ -305,7 +235,7 @@ fn an_unreachable_coordinator_fences_the_member_after_the_session_timeout() {
     let a = c.join(config());
     c.advance(Duration::from_secs(1));
     assert_eq!(c.members[a].m.assigned_partitions(), [0]);
-    c.members[a].cut = true;
+    c.members[a].route = Route::Drop;
     c.advance(Duration::from_secs(10));
     assert!(
         c.members[a].m.assigned_partitions().is_empty(),
@@ -315,7 +245,7 @@ fn an_unreachable_coordinator_fences_the_member_after_the_session_timeout() {
         .events
         .iter()
         .any(|e| matches!(e, Event::Revoked(_))));
-    c.members[a].cut = false;
+    c.members[a].route = Route::Answer;
     c.advance(Duration::from_secs(70));
     assert_eq!(
         c.members[a].m.assigned_partitions(),
@@ -345,7 +275,7 @@ fn close_commits_before_it_leaves() {
     assert!(last_commit < leave, "commit before leave: {kinds:?}");
     assert_eq!(leave, kinds.len() - 1, "nothing after leave");
     assert_eq!(c.committed(0), Some(10));
-    assert!(c.broker.members(GROUP).is_empty());
+    assert!(c.b().members(GROUP).is_empty());
     let phases: Vec<ClosePhase> = c.members[a]
         .events
         .iter()
@@ -364,9 +294,9 @@ fn a_broker_restart_loses_commits_but_a_running_member_keeps_its_place() {
     let a = c.join(config());
     c.advance(Duration::from_secs(2));
     assert_eq!(c.members[a].acked.len(), 10);
-    c.broker.restart();
+    c.b().restart();
     assert_eq!(c.committed(0), None);
-    c.broker.produce_values(TOPIC, 0, ["late"]).unwrap();
+    c.b().produce_values(TOPIC, 0, ["late"]).unwrap();
     c.advance(Duration::from_secs(20));
     // The heartbeat saw 16, the member rejoined, and resumed at its own position: no replay.
     let offsets: Vec<u64> = c.members[a].acked.iter().map(|(_, o)| *o).collect();
@@ -395,7 +325,7 @@ fn a_fresh_assignment_without_a_commit_uses_the_start_position() {
     let a = c.join(cfg);
     c.advance(Duration::from_secs(1));
     assert!(c.members[a].acked.is_empty(), "Latest skips what was there");
-    c.broker.produce_values(TOPIC, 0, ["new"]).unwrap();
+    c.b().produce_values(TOPIC, 0, ["new"]).unwrap();
     c.advance(Duration::from_secs(1));
     assert_eq!(c.members[a].acked, [(0, 10)]);
     let lag = c.members[a].m.lag(c.now);
@@ -413,7 +343,7 @@ fn heartbeat_error_codes_each_lead_to_a_rejoin() {
         let mut c = Cluster::new(1, 0);
         let a = c.join(config());
         c.advance(Duration::from_secs(1));
-        let generation = c.broker.generation(GROUP).unwrap();
+        let generation = c.b().generation(GROUP).unwrap();
         match code {
             27 | 22 => {
                 // A second member joining moves the generation (22); its leave starts a rebalance (27).
@@ -424,8 +354,8 @@ fn heartbeat_error_codes_each_lead_to_a_rejoin() {
                 }
             }
             25 => {
-                let member = c.broker.members(GROUP)[0].clone();
-                c.broker
+                let member = c.b().members(GROUP)[0].clone();
+                c.b()
                     .handle(
                         c.now,
                         LeaveGroupRequest {
@@ -436,7 +366,7 @@ fn heartbeat_error_codes_each_lead_to_a_rejoin() {
                     )
                     .unwrap();
             }
-            _ => c.broker.restart(),
+            _ => c.b().restart(),
         }
         c.advance(Duration::from_secs(10));
         let joins = sent_kinds(&c.members[a])
@@ -444,18 +374,15 @@ fn heartbeat_error_codes_each_lead_to_a_rejoin() {
             .filter(|k| **k == RequestKind::JoinGroup)
             .count();
         assert!(joins >= 2, "{what} ({code}): rejoined");
-        assert!(c.broker.generation(GROUP).unwrap() >= generation, "{what}");
-        assert!(
-            !c.broker.members(GROUP).is_empty(),
-            "{what}: a member again"
-        );
+        assert!(c.b().generation(GROUP).unwrap() >= generation, "{what}");
+        assert!(!c.b().members(GROUP).is_empty(), "{what}: a member again");
     }
 }
 
 #[test]
 fn manual_assignment_has_no_group_session() {
     let mut c = Cluster::new(2, 3);
-    c.broker.ensure_group(GROUP);
+    c.b().ensure_group(GROUP);
     let mut cfg = config();
     cfg.partitions = vec![1];
     let a = c.join(cfg);
@@ -477,7 +404,7 @@ fn no_commit_goes_out_under_a_generation_the_coordinator_refused() {
     cfg.rebalance_drain_timeout = Duration::from_secs(30);
     let a = c.join_acking(cfg, false);
     c.advance(Duration::from_secs(1));
-    let generation = c.broker.generation(GROUP).unwrap();
+    let generation = c.b().generation(GROUP).unwrap();
     let held = delivered(&c.members[a]);
     assert_eq!(held.len(), 10);
     // Another member joins: the broker moves the generation on, and `a` learns it from its
@@ -516,7 +443,7 @@ fn phantom_join(c: &mut Cluster, member: &str) -> String {
         session_timeout_ms: 600_000,
         topics: vec![TOPIC.into()],
     };
-    match c.broker.handle(c.now, request.into()) {
+    match c.broker.lock().handle(c.now, request.into()) {
         Ok(Response::JoinGroup(r)) if r.error_code == 0 => r.member_id,
         other => panic!("phantom join: {other:?}"),
     }
@@ -539,15 +466,16 @@ fn a_generation_number_given_again_after_a_restart_is_not_fenced() {
     // rejoins under 3.
     phantom_join(&mut c, "");
     c.advance(Duration::from_secs(4));
-    assert_eq!(c.broker.generation(GROUP), Some(3));
+    assert_eq!(c.broker.lock().generation(GROUP), Some(3));
     // The broker restarts; a phantom recreates the group (generation 1). `a`'s heartbeat
     // under 3 is refused (22): 3 is fenced. `a` rejoins under 2.
-    c.broker.restart();
+    c.broker.lock().restart();
     let phantom = phantom_join(&mut c, "");
     c.advance(Duration::from_secs(4));
-    assert_eq!(c.broker.generation(GROUP), Some(2));
+    assert_eq!(c.broker.lock().generation(GROUP), Some(2));
     // The phantom leaves (generation 3, rebalancing): `a` rejoins under 3 again, alone.
     c.broker
+        .lock()
         .handle(
             c.now,
             LeaveGroupRequest {
@@ -558,9 +486,12 @@ fn a_generation_number_given_again_after_a_restart_is_not_fenced() {
         )
         .unwrap();
     c.advance(Duration::from_secs(4));
-    assert_eq!(c.broker.generation(GROUP), Some(3));
+    assert_eq!(c.broker.lock().generation(GROUP), Some(3));
     assert_eq!(c.members[a].m.assigned_partitions(), [0]);
-    c.broker.produce_values(TOPIC, 0, ["m5", "m6"]).unwrap();
+    c.broker
+        .lock()
+        .produce_values(TOPIC, 0, ["m5", "m6"])
+        .unwrap();
     c.advance(Duration::from_secs(2));
     let acked: Vec<u64> = c.members[a].acked.iter().map(|(_, o)| *o).collect();
     assert!(acked.contains(&6), "acked {acked:?}");

@@ -153,6 +153,9 @@ struct World {
 
 type R = Result<(), TestCaseError>;
 
+/// Answers `finish` gives at one instant before it calls the machine a runaway.
+const ANSWERS_AT_ONE_INSTANT: usize = 10_000;
+
 impl World {
     fn new(config: ConsumerConfig) -> Result<Self, TestCaseError> {
         let now = Instant::now();
@@ -191,8 +194,8 @@ impl World {
         self.step += 1;
         self.checker
             .set_step(self.step, self.now.duration_since(self.start));
-        let transmits: Vec<_> = std::iter::from_fn(|| self.m.poll_transmit()).collect();
-        let events: Vec<_> = std::iter::from_fn(|| self.m.poll_event()).collect();
+        let transmits = transmits(&mut self.m);
+        let events = events(&mut self.m);
         let breaker = self.m.breaker_state();
         self.checker.on_events_of_input(&events);
         for t in transmits {
@@ -428,9 +431,17 @@ impl World {
             if self.checker.closed() {
                 break;
             }
-            while !self.pending.is_empty() {
+            for _ in 0..ANSWERS_AT_ONE_INSTANT {
+                if self.pending.is_empty() {
+                    break;
+                }
                 self.answer(0, How::Ok)?;
             }
+            prop_assert!(
+                self.pending.is_empty(),
+                "requests still pending after ANSWERS_AT_ONE_INSTANT = {} answers at one instant",
+                ANSWERS_AT_ONE_INSTANT
+            );
             if !self.outstanding.is_empty() {
                 self.settle(0, 0, None)?;
                 continue;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use rustmq_consumer_core::protocol::{Request, TopicPartition};
-use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, Event, RequestId, TransportError};
+use rustmq_consumer_core::{ConsumerConfig, Event, RequestId, TransportError};
 use rustmq_consumer_testkit::*;
 
 #[test]
@@ -374,51 +374,28 @@ fn commits_after_restart_and_seek_reach_the_broker_seed() {
     replay(555, false).unwrap_or_else(|f| panic!("{f}"));
 }
 
-/// Answers every transmit at once through the broker, except those `hold` keeps; returns the
-/// events and the held transmits. Stops after `max_rounds` answer rounds.
-fn pump(
-    m: &mut ConsumerMachine,
-    b: &mut SimBroker,
-    now: Instant,
-    hold: &dyn Fn(&Request) -> bool,
-    max_rounds: usize,
-    sent: &mut Vec<Request>,
-) -> (Vec<Event>, Vec<(RequestId, Request)>) {
-    let mut events = Vec::new();
-    let mut held = Vec::new();
-    for _ in 0..max_rounds {
-        let mut progressed = false;
-        let batch: Vec<_> = std::iter::from_fn(|| m.poll_transmit()).collect();
-        for t in batch {
-            progressed = true;
-            sent.push(t.request.clone());
-            if hold(&t.request) {
-                held.push((t.id, t.request));
-                continue;
-            }
-            let r = b
-                .handle(now, t.request)
-                .map_err(|e| TransportError::Broker(e.0));
-            m.handle_response(now, t.id, r);
-        }
-        while let Some(e) = m.poll_event() {
-            events.push(e);
-        }
-        if !progressed {
-            break;
-        }
-    }
-    (events, held)
+fn is_commit(r: &Request) -> bool {
+    matches!(r, Request::CommitOffset(_))
 }
 
-fn delivered(events: &[Event]) -> Vec<rustmq_consumer_core::DeliveryTag> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deliver(d) => Some(d.tag),
-            _ => None,
-        })
-        .collect()
+/// Moves the clock `after` forward and fires the machine's timers there (the broker's stay
+/// alone).
+fn wake(p: &mut Pump, after: Duration) {
+    p.now += after;
+    p.m.handle_timeout(p.now);
+}
+
+/// Drives until the machine is closed, moving the clock `step` at a time; panics after
+/// `times` steps.
+fn drive_until_closed(p: &mut Pump, step: Duration, times: usize) {
+    for _ in 0..times {
+        p.drive();
+        if p.m.is_closed() {
+            return;
+        }
+        wake(p, step);
+    }
+    panic!("not closed after {times} steps of {step:?}");
 }
 
 #[test]
@@ -429,47 +406,34 @@ fn seek_back_then_unknown_commit_outcome_minimal() {
     b.produce_values("t", 0, ["a", "b", "c"]).unwrap();
     let mut c = ConsumerConfig::new("t", "g");
     c.ack_batch_size = 1;
-    let mut now = Instant::now();
-    let mut m = ConsumerMachine::new(c.clone(), now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    for tag in delivered(&ev) {
-        m.ack(now, tag).unwrap();
-        pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    let mut p = Pump::new(b, c.clone(), Instant::now());
+    p.drive();
+    for tag in p.take_delivered() {
+        p.ack(tag);
     }
-    assert_eq!(m.committed_offset(0), Some(3));
+    assert_eq!(p.m.committed_offset(0), Some(3));
     // Seek back to 1: offsets 1 and 2 are delivered again.
-    m.seek(now, 0, 1).unwrap();
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    let again = delivered(&ev);
+    p.m.seek(p.now, 0, 1).unwrap();
+    p.drive();
+    let again = p.take_delivered();
     assert_eq!(again.iter().map(|t| t.offset).collect::<Vec<_>>(), [1, 2]);
     // Ack 1: CommitOffset(2) goes out; the broker stores it but the answer is lost.
-    m.ack(now, again[0]).unwrap();
-    let is_commit = |r: &Request| matches!(r, Request::CommitOffset(_));
-    let (_, held) = pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
-    assert_eq!(held.len(), 1);
-    b.handle(now, held[0].1.clone()).unwrap();
+    p.route = Route::HoldIf(is_commit);
+    p.ack(again[0]);
+    assert_eq!(p.held.len(), 1);
+    let lost = p.held.pop_front().unwrap();
+    p.broker.handle(p.now, lost.request).unwrap();
     // Ack 2 while that commit is in flight: the watermark is back at 3.
-    m.ack(now, again[1]).unwrap();
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    p.route = Route::Answer;
+    p.ack(again[1]);
     // The commit's deadline passes.
-    now += c.request_timeout + Duration::from_millis(1);
-    m.handle_timeout(now);
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    m.close(now);
-    for _ in 0..10 {
-        pump(&mut m, &mut b, now, &none, 100, &mut sent);
-        if m.is_closed() {
-            break;
-        }
-        now += c.drain_timeout;
-        m.handle_timeout(now);
-    }
-    assert!(m.is_closed());
-    assert_eq!(m.settle_watermark(0), Some(3));
+    wake(&mut p, c.request_timeout + Duration::from_millis(1));
+    p.drive();
+    p.m.close(p.now);
+    drive_until_closed(&mut p, c.drain_timeout, 10);
+    assert_eq!(p.m.settle_watermark(0), Some(3));
     assert_eq!(
-        b.committed("g", &TopicPartition::new("t", 0)),
+        p.broker.committed("g", &TopicPartition::new("t", 0)),
         Some(3),
         "everything was acked, yet the broker keeps the lost-answer commit of 2"
     );
@@ -484,14 +448,14 @@ fn fetch_spin_minimal() {
     let mut c = ConsumerConfig::new("t", "g");
     c.max_unacked = 1;
     c.prefetch_bytes = len + len / 2;
-    let now = Instant::now();
-    let mut m = ConsumerMachine::new(c, now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
+    let mut p = Pump::new(b, c, Instant::now());
+    // A spinning machine fails the pump's bound instead of running on.
+    p.limits.outputs = 400;
     // The application holds delivery 0 and never answers; no time passes.
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 200, &mut sent);
-    assert_eq!(delivered(&ev).len(), 1);
-    let at_2 = sent
+    p.drive();
+    assert_eq!(p.take_delivered().len(), 1);
+    let at_2 = p
+        .sent
         .iter()
         .filter(|r| matches!(r, Request::Fetch(f) if f.fetch_offset == 2))
         .count();
@@ -521,38 +485,35 @@ fn core_bug_rebalance_deadline_spin_minimal() {
     c.rebalance_drain_timeout = Duration::from_millis(500);
     c.request_timeout = Duration::from_secs(5);
     c.ack_batch_size = 1;
-    let mut now = Instant::now();
-    let mut m = ConsumerMachine::new(c, now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    let tags = delivered(&ev);
+    let mut p = Pump::new(b, c, Instant::now());
+    p.drive();
+    let tags = p.take_delivered();
     assert_eq!(tags.len(), 3);
     // Ack the first: its commit goes out and stays unanswered. The others stay with the app.
-    m.ack(now, tags[0]).unwrap();
-    let is_commit = |r: &Request| matches!(r, Request::CommitOffset(_));
-    let (_, held) = pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
-    assert_eq!(held.len(), 1, "the commit is in flight");
+    p.route = Route::HoldIf(is_commit);
+    p.ack(tags[0]);
+    assert_eq!(p.held.len(), 1, "the commit is in flight");
     // Another member joins: the generation moves on; the next heartbeat answers 22.
-    b.handle(
-        now,
-        rustmq_consumer_core::protocol::JoinGroupRequest {
-            group_id: "g".into(),
-            member_id: String::new(),
-            session_timeout_ms: 9_000,
-            topics: vec!["t".into()],
-        }
-        .into(),
-    )
-    .unwrap();
-    now += Duration::from_secs(3);
-    m.handle_timeout(now);
-    pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
+    let now = p.now;
+    p.broker
+        .handle(
+            now,
+            rustmq_consumer_core::protocol::JoinGroupRequest {
+                group_id: "g".into(),
+                member_id: String::new(),
+                session_timeout_ms: 9_000,
+                topics: vec!["t".into()],
+            }
+            .into(),
+        )
+        .unwrap();
+    wake(&mut p, Duration::from_secs(3));
+    p.drive();
     // The drain deadline (500 ms) passes with the commit (deadline at 5 s) still in flight.
-    now += Duration::from_millis(600);
-    m.handle_timeout(now);
-    pump(&mut m, &mut b, now, &is_commit, 100, &mut sent);
-    let next = m.poll_timeout().unwrap();
+    wake(&mut p, Duration::from_millis(600));
+    p.drive();
+    let now = p.now;
+    let next = p.m.poll_timeout().unwrap();
     assert!(
         next.0 > now,
         "after handle_timeout({now:?}) the machine asks to be woken at {next:?} again: a busy spin until the commit resolves"
@@ -597,35 +558,21 @@ fn core_bug_final_commit_not_retried_minimal() {
     c.ack_batch_size = 100;
     c.ack_batch_timeout = Duration::from_secs(60);
     c.drain_timeout = Duration::from_secs(5);
-    let mut now = Instant::now();
-    let mut m = ConsumerMachine::new(c, now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    for tag in delivered(&ev) {
-        m.ack(now, tag).unwrap();
+    let mut p = Pump::new(b, c, Instant::now());
+    p.drive();
+    for tag in p.take_delivered() {
+        p.m.ack(p.now, tag).unwrap();
     }
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    assert_eq!(m.settle_watermark(0), Some(3));
-    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), None);
+    p.drive();
+    assert_eq!(p.m.settle_watermark(0), Some(3));
+    assert_eq!(p.broker.committed("g", &TopicPartition::new("t", 0)), None);
     // The final commit meets one storage failure; the close has 5 s per phase.
-    b.fail_next_commits(1);
-    m.close(now);
-    for _ in 0..100 {
-        pump(&mut m, &mut b, now, &none, 100, &mut sent);
-        if m.is_closed() {
-            break;
-        }
-        now += Duration::from_millis(100);
-        m.handle_timeout(now);
-    }
-    assert!(m.is_closed());
-    let commits = sent
-        .iter()
-        .filter(|r| matches!(r, Request::CommitOffset(_)))
-        .count();
+    p.broker.fail_next_commits(1);
+    p.m.close(p.now);
+    drive_until_closed(&mut p, Duration::from_millis(100), 100);
+    let commits = p.commits_sent().len();
     assert_eq!(
-        b.committed("g", &TopicPartition::new("t", 0)),
+        p.broker.committed("g", &TopicPartition::new("t", 0)),
         Some(3),
         "closed after {commits} commit(s) with everything settled but not committed, well before the close deadline"
     );
@@ -649,40 +596,31 @@ fn core_bug_commit_after_leave_minimal() {
     c.failure_threshold = 1;
     c.recovery_timeout = Duration::from_millis(700);
     c.drain_timeout = Duration::from_millis(500);
-    let mut now = Instant::now();
-    let mut m = ConsumerMachine::new(c, now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    for tag in delivered(&ev) {
-        m.ack(now, tag).unwrap();
+    let mut p = Pump::new(b, c, Instant::now());
+    p.drive();
+    for tag in p.take_delivered() {
+        p.m.ack(p.now, tag).unwrap();
     }
-    assert_eq!(m.settle_watermark(0), Some(3));
+    assert_eq!(p.m.settle_watermark(0), Some(3));
     // The next fetch fails: the circuit opens with offsets 0..3 settled and uncommitted.
-    let is_fetch = |r: &Request| matches!(r, Request::Fetch(_));
-    let mut held = Vec::new();
+    p.route = Route::HoldIf(|r| matches!(r, Request::Fetch(_)));
     for _ in 0..50 {
-        let (_, h) = pump(&mut m, &mut b, now, &is_fetch, 100, &mut sent);
-        held.extend(h);
-        if !held.is_empty() {
+        p.drive();
+        if !p.held.is_empty() {
             break;
         }
-        now += Duration::from_millis(50);
-        m.handle_timeout(now);
+        wake(&mut p, Duration::from_millis(50));
     }
-    let (id, _) = held.pop().expect("a fetch");
-    m.handle_response(now, id, Err(TransportError::TimedOut));
-    assert_eq!(m.breaker_state(), rustmq_consumer_core::BreakerState::Open);
-    m.close(now);
-    for _ in 0..100 {
-        pump(&mut m, &mut b, now, &none, 100, &mut sent);
-        if m.is_closed() {
-            break;
-        }
-        now += Duration::from_millis(50);
-        m.handle_timeout(now);
-    }
-    assert!(m.is_closed());
+    let fetch = p.held.pop_back().expect("a fetch");
+    p.m.handle_response(p.now, fetch.id, Err(TransportError::TimedOut));
+    assert_eq!(
+        p.m.breaker_state(),
+        rustmq_consumer_core::BreakerState::Open
+    );
+    p.route = Route::Answer;
+    p.m.close(p.now);
+    drive_until_closed(&mut p, Duration::from_millis(50), 100);
+    let sent = &p.sent;
     let leave = sent
         .iter()
         .position(|r| matches!(r, Request::LeaveGroup(_)))
@@ -717,54 +655,47 @@ fn core_bug_commit_after_leave_fetch_offset_minimal() {
     c.session_timeout = Duration::from_secs(9);
     c.ack_batch_size = 1;
     c.ack_batch_timeout = Duration::from_millis(100);
-    let mut now = Instant::now();
-    let mut m = ConsumerMachine::new(c, now).unwrap();
-    let mut sent = Vec::new();
-    let none = |_: &Request| false;
-    let (ev, _) = pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    for tag in delivered(&ev) {
-        m.ack(now, tag).unwrap();
-        pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    let mut p = Pump::new(b, c, Instant::now());
+    p.drive();
+    for tag in p.take_delivered() {
+        p.ack(tag);
     }
-    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), Some(3));
+    assert_eq!(
+        p.broker.committed("g", &TopicPartition::new("t", 0)),
+        Some(3)
+    );
     // The broker restarts and loses the group and its commits; the member's next heartbeat
     // sees 16, it rejoins knowing it settled up to 3.
-    b.restart();
-    let is_fetch_offset = |r: &Request| matches!(r, Request::FetchOffset(_));
-    let mut held = Vec::new();
+    p.broker.restart();
+    p.route = Route::HoldIf(|r| matches!(r, Request::FetchOffset(_)));
     for _ in 0..100 {
-        now += Duration::from_millis(100);
-        m.handle_timeout(now);
-        let (_, h) = pump(&mut m, &mut b, now, &is_fetch_offset, 100, &mut sent);
-        held.extend(h);
-        if !held.is_empty() {
+        wake(&mut p, Duration::from_millis(100));
+        p.drive();
+        if !p.held.is_empty() {
             break;
         }
     }
-    let (id, request) = held.pop().expect("the rejoin's FetchOffset");
-    assert_eq!(m.assigned_partitions(), [0]);
-    assert_eq!(b.committed("g", &TopicPartition::new("t", 0)), None);
+    let fetch_offset = p.held.pop_back().expect("the rejoin's FetchOffset");
+    assert_eq!(p.m.assigned_partitions(), [0]);
+    assert_eq!(p.broker.committed("g", &TopicPartition::new("t", 0)), None);
     // Close now: nothing is dirty yet, the LeaveGroup goes out (its answer takes a while).
-    m.close(now);
-    let is_leave = |r: &Request| matches!(r, Request::LeaveGroup(_));
-    let (_, mut leave) = pump(&mut m, &mut b, now, &is_leave, 100, &mut sent);
-    let (leave_id, leave_request) = leave.pop().expect("a LeaveGroup");
+    p.route = Route::HoldIf(|r| matches!(r, Request::LeaveGroup(_)));
+    p.m.close(p.now);
+    p.drive();
+    let leave = p.held.pop_back().expect("a LeaveGroup");
     // The FetchOffset answer arrives first, then (200 ms later) the LeaveGroup's.
-    let r = b
-        .handle(now, request)
-        .map_err(|e| TransportError::Broker(e.0));
-    m.handle_response(now, id, r);
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
+    p.route = Route::Answer;
+    let r = p.broker.answer(p.now, fetch_offset.request);
+    p.m.handle_response(p.now, fetch_offset.id, r);
+    p.drive();
     // The ack-batch timer fires before the LeaveGroup is answered.
-    now += Duration::from_millis(200);
-    m.handle_timeout(now);
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    let r = b
-        .handle(now, leave_request)
-        .map_err(|e| TransportError::Broker(e.0));
-    m.handle_response(now, leave_id, r);
-    pump(&mut m, &mut b, now, &none, 100, &mut sent);
-    assert!(m.is_closed());
+    wake(&mut p, Duration::from_millis(200));
+    p.drive();
+    let r = p.broker.answer(p.now, leave.request);
+    p.m.handle_response(p.now, leave.id, r);
+    p.drive();
+    assert!(p.m.is_closed());
+    let sent = &p.sent;
     let leave = sent
         .iter()
         .position(|r| matches!(r, Request::LeaveGroup(_)))

@@ -1,80 +1,25 @@
-//! A tiny in-test broker and a pump that drives a `ConsumerMachine` against it.
+//! A tiny in-test broker, and the testkit's pump driving a `ConsumerMachine` against it.
 #![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
 use rustmq_consumer_core::protocol::*;
 use rustmq_consumer_core::*;
+use rustmq_consumer_testkit::{fast_config, Peer, Pump};
 
-/// What the harness does with a transmit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Answer at once from the mini broker.
-    Answer,
-    /// Keep it pending until the test answers it.
-    Hold,
-    /// Fail it with a transport error at once.
-    Fail,
-}
+/// One machine against a [`MiniBroker`], on a virtual clock.
+pub type Harness = Pump<MiniBroker>;
 
-pub struct Harness {
-    pub m: ConsumerMachine,
-    pub now: Instant,
+/// A broker reduced to what the machine tests need: logs, committed offsets, produce.
+#[derive(Debug, Default)]
+pub struct MiniBroker {
     pub logs: BTreeMap<(String, u32), Vec<Record>>,
     pub committed: BTreeMap<u32, u64>,
-    pub sent: Vec<Request>,
-    pub pending: VecDeque<Transmit>,
-    pub events: Vec<Event>,
-    pub mode: Mode,
 }
 
-impl Harness {
-    pub fn new(config: ConsumerConfig) -> Self {
-        Self::new_with(config, BTreeMap::new(), BTreeMap::new())
-    }
-
-    /// A consumer starting against existing broker state.
-    pub fn new_with(
-        config: ConsumerConfig,
-        logs: BTreeMap<(String, u32), Vec<Record>>,
-        committed: BTreeMap<u32, u64>,
-    ) -> Self {
-        let now = Instant::now();
-        let m = ConsumerMachine::new(config, now).unwrap();
-        let mut h = Self {
-            m,
-            now,
-            logs,
-            committed,
-            sent: Vec::new(),
-            pending: VecDeque::new(),
-            events: Vec::new(),
-            mode: Mode::Answer,
-        };
-        h.pump();
-        h
-    }
-
-    pub fn config(topic: &str) -> ConsumerConfig {
-        let mut c = ConsumerConfig::new(topic, "g");
-        c.partitions = vec![0];
-        c.empty_fetch_backoff_min = Duration::from_millis(10);
-        c.empty_fetch_backoff_max = Duration::from_millis(100);
-        c
-    }
-
-    pub fn produce(&mut self, partition: u32, n: usize) {
-        let topic = self.m.config().topic.clone();
-        let log = self.logs.entry((topic, partition)).or_default();
-        for _ in 0..n {
-            let i = log.len();
-            log.push(Record::from_value(format!("m{i}")));
-        }
-        self.pump();
-    }
-
-    pub fn answer(&mut self, request: &Request) -> Result<Response, TransportError> {
+impl Peer for MiniBroker {
+    fn answer(&mut self, _now: Instant, request: Request) -> Result<Response, TransportError> {
         Ok(match request {
             Request::Fetch(f) => {
                 let log = self
@@ -139,72 +84,57 @@ impl Harness {
             }
         })
     }
+}
 
-    /// Drains outputs, answering transmits per `mode`, until quiet.
-    pub fn pump(&mut self) {
-        loop {
-            let mut progressed = false;
-            while let Some(t) = self.m.poll_transmit() {
-                progressed = true;
-                self.sent.push(t.request.clone());
-                match self.mode {
-                    Mode::Answer => {
-                        let r = self.answer(&t.request);
-                        self.m.handle_response(self.now, t.id, r);
-                    }
-                    Mode::Hold => self.pending.push_back(t),
-                    Mode::Fail => self.m.handle_response(
-                        self.now,
-                        t.id,
-                        Err(TransportError::ConnectionLost("test".into())),
-                    ),
-                }
-            }
-            while let Some(e) = self.m.poll_event() {
-                progressed = true;
-                self.events.push(e);
-            }
-            if !progressed {
-                break;
-            }
-        }
-    }
+/// A started consumer on `config` against an empty broker.
+pub fn harness(config: ConsumerConfig) -> Harness {
+    harness_with(config, BTreeMap::new(), BTreeMap::new())
+}
 
-    /// Answers the oldest held transmit from the mini broker.
-    pub fn answer_pending(&mut self) -> Option<Request> {
-        let t = self.pending.pop_front()?;
-        let r = self.answer(&t.request);
-        self.m.handle_response(self.now, t.id, r);
-        self.pump();
-        Some(t.request)
-    }
+/// A started consumer on `config` against existing broker state.
+pub fn harness_with(
+    config: ConsumerConfig,
+    logs: BTreeMap<(String, u32), Vec<Record>>,
+    committed: BTreeMap<u32, u64>,
+) -> Harness {
+    let mut h = Pump::new(MiniBroker { logs, committed }, config, Instant::now());
+    h.drive();
+    h
+}
 
-    /// Answers every held transmit (and those they cause, when `mode` is `Answer`).
-    pub fn answer_all_pending(&mut self) {
-        while self.answer_pending().is_some() {}
-    }
+/// Partition 0 of `topic`, assigned by hand, with short empty-fetch backoffs.
+pub fn config(topic: &str) -> ConsumerConfig {
+    let mut c = fast_config(topic, "g");
+    c.partitions = vec![0];
+    c
+}
 
-    /// Moves time forward to `now + d`, firing every timer on the way.
-    pub fn advance(&mut self, d: Duration) {
-        let target = self.now + d;
-        let mut guard = 0;
-        while let Some((at, _)) = self.m.poll_timeout() {
-            if at > target {
-                break;
-            }
-            self.now = self.now.max(at);
-            self.m.handle_timeout(self.now);
-            self.pump();
-            guard += 1;
-            assert!(guard < 100_000, "timer loop does not progress");
-        }
-        self.now = target;
-        self.m.handle_timeout(self.now);
-        self.pump();
-    }
-
+/// What the machine tests add to the pump.
+pub trait HarnessExt {
+    /// Appends `n` messages `m<offset>` to `partition`, then drives.
+    fn produce(&mut self, partition: u32, n: usize);
+    /// The broker's answer to `request` now, leaving the machine alone.
+    fn answer(&mut self, request: &Request) -> Result<Response, TransportError>;
     /// Takes the deliveries seen so far.
-    pub fn deliveries(&mut self) -> Vec<Message> {
+    fn deliveries(&mut self) -> Vec<Message>;
+}
+
+impl HarnessExt for Harness {
+    fn produce(&mut self, partition: u32, n: usize) {
+        let topic = self.m.config().topic.clone();
+        let log = self.broker.logs.entry((topic, partition)).or_default();
+        for _ in 0..n {
+            let i = log.len();
+            log.push(Record::from_value(format!("m{i}")));
+        }
+        self.drive();
+    }
+
+    fn answer(&mut self, request: &Request) -> Result<Response, TransportError> {
+        self.broker.answer(self.now, request.clone())
+    }
+
+    fn deliveries(&mut self) -> Vec<Message> {
         let mut out = Vec::new();
         self.events.retain(|e| match e {
             Event::Deliver(d) => {
@@ -214,49 +144,5 @@ impl Harness {
             _ => true,
         });
         out
-    }
-
-    pub fn ack(&mut self, tag: DeliveryTag) {
-        self.m.ack(self.now, tag).unwrap();
-        self.pump();
-    }
-
-    pub fn nack(&mut self, tag: DeliveryTag, delay: Option<Duration>) {
-        self.m.nack(self.now, tag, delay).unwrap();
-        self.pump();
-    }
-
-    pub fn commits_sent(&self) -> Vec<&CommitOffsetRequest> {
-        self.sent
-            .iter()
-            .filter_map(|r| match r {
-                Request::CommitOffset(c) => Some(c),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn fetches_sent(&self) -> Vec<&FetchRequest> {
-        self.sent
-            .iter()
-            .filter_map(|r| match r {
-                Request::Fetch(f) => Some(f),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn produces_sent(&self) -> Vec<&ProduceRequest> {
-        self.sent
-            .iter()
-            .filter_map(|r| match r {
-                Request::Produce(p) => Some(p),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
-        self.events.iter().filter(|e| pred(e)).count()
     }
 }
