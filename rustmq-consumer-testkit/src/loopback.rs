@@ -97,8 +97,9 @@ const GARBAGE: &[u8] = b"\x7fthis is not a RustMQ frame";
 /// ```
 ///
 /// [`stop`](Self::stop) and [`restart`](Self::restart) take the server down and bring it back
-/// on the same port ([`kill`](Self::kill) takes it down without a word, like `kill -9`) (the broker's state is kept: call [`SimBroker::restart`] on it to lose
-/// groups and commits as the real broker does). Dropping it stops the server.
+/// on the same port (the broker's state is kept: call [`SimBroker::restart`] on it to lose
+/// groups and commits as the real broker does); [`kill`](Self::kill) takes it down without a
+/// word, like `kill -9`. Dropping it stops the server.
 ///
 /// [`SimBroker::restart`]: crate::SimBroker::restart
 pub struct LoopbackBroker {
@@ -223,9 +224,8 @@ impl LoopbackBroker {
 
     /// Takes the server down the way `kill -9` does: from now on it sends nothing (no
     /// `CONNECTION_CLOSE`, no acknowledgement) and reads nothing, and its socket is released
-    /// soon after, so clients learn of it only by silence (and then from the ICMP "port
-    /// unreachable" the OS sends, which QUIC ignores). Idempotent. [`restart`](Self::restart)
-    /// serves again on the same port.
+    /// soon after, so clients learn of it only by silence. Idempotent.
+    /// [`restart`](Self::restart) serves again on the same port.
     pub fn kill(&self) {
         if let Some(server) = self.lock_server().take() {
             server.socket.kill();
