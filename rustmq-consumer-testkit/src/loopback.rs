@@ -18,14 +18,21 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Endpoint, EndpointConfig, IdleTimeout, ReadToEndError, TransportConfig, VarInt};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{
+    AsyncUdpSocket, Endpoint, EndpointConfig, IdleTimeout, ReadToEndError, TransportConfig,
+    UdpPoller, VarInt,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustmq_consumer_core::codec::{self, CodecError};
 use rustmq_consumer_core::protocol::MAX_REQUEST_FRAME;
@@ -91,7 +98,8 @@ const GARBAGE: &[u8] = b"\x7fthis is not a RustMQ frame";
 ///
 /// [`stop`](Self::stop) and [`restart`](Self::restart) take the server down and bring it back
 /// on the same port (the broker's state is kept: call [`SimBroker::restart`] on it to lose
-/// groups and commits as the real broker does). Dropping it stops the server.
+/// groups and commits as the real broker does); [`kill`](Self::kill) takes it down without a
+/// word, like `kill -9`. Dropping it stops the server.
 ///
 /// [`SimBroker::restart`]: crate::SimBroker::restart
 pub struct LoopbackBroker {
@@ -112,6 +120,7 @@ struct Shared {
 
 struct Server {
     endpoint: Endpoint,
+    socket: Arc<KillableSocket>,
     /// Dropping it stops the reaper task.
     _stop: async_channel::Sender<()>,
 }
@@ -213,6 +222,19 @@ impl LoopbackBroker {
         }
     }
 
+    /// Takes the server down the way `kill -9` does: from now on it sends nothing (no
+    /// `CONNECTION_CLOSE`, no acknowledgement) and reads nothing, and its socket is released
+    /// soon after, so clients learn of it only by silence. Idempotent.
+    /// [`restart`](Self::restart) serves again on the same port.
+    pub fn kill(&self) {
+        if let Some(server) = self.lock_server().take() {
+            server.socket.kill();
+            // Releases the connections' state and then the socket; what it sends is lost.
+            server.endpoint.close(VarInt::from_u32(0), b"killed");
+            info!(addr = %self.addr, "loopback broker killed");
+        }
+    }
+
     /// Like [`shutdown`](Self::shutdown), then waits until the connections have drained, for
     /// at most [`DRAIN_GRACE`] of real time (quinn keeps a connection whose handshake the peer
     /// aborted until its idle timeout, 30 s, and that is no reason to hold a test up).
@@ -234,7 +256,8 @@ impl LoopbackBroker {
         }
     }
 
-    /// Serves again on the same port after [`stop`](Self::stop) (a no-op while running).
+    /// Serves again on the same port after [`stop`](Self::stop), [`shutdown`](Self::shutdown)
+    /// or [`kill`](Self::kill) (a no-op while running).
     /// Waits, boundedly, for the old socket to release the port.
     pub async fn restart(&self) -> Result<(), LoopbackError> {
         if self.is_running() {
@@ -270,16 +293,21 @@ impl LoopbackBroker {
 
     /// Starts the endpoint, its accept loop and the reaper on `socket`.
     fn serve(&self, socket: UdpSocket) -> Result<(), LoopbackError> {
-        let endpoint = Endpoint::new(
-            EndpointConfig::default(),
-            Some(self.server_config.clone()),
-            socket,
-            self.runtime.clone(),
-        )
-        .map_err(|e| LoopbackError::Bind {
+        let bind_error = |e: io::Error| LoopbackError::Bind {
             addr: self.addr,
             message: e.to_string(),
-        })?;
+        };
+        let socket = Arc::new(KillableSocket {
+            inner: self.runtime.wrap_udp_socket(socket).map_err(bind_error)?,
+            killed: AtomicBool::new(false),
+        });
+        let endpoint = Endpoint::new_with_abstract_socket(
+            EndpointConfig::default(),
+            Some(self.server_config.clone()),
+            socket.clone(),
+            self.runtime.clone(),
+        )
+        .map_err(bind_error)?;
         let (stop, stopped) = async_channel::bounded::<()>(1);
         self.runtime.spawn(Box::pin(accept_loop(
             endpoint.clone(),
@@ -293,6 +321,7 @@ impl LoopbackBroker {
         )));
         *self.lock_server() = Some(Server {
             endpoint,
+            socket,
             _stop: stop,
         });
         info!(addr = %self.addr, "loopback broker serving");
@@ -303,6 +332,71 @@ impl LoopbackBroker {
 impl Drop for LoopbackBroker {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The server's UDP socket, which [`LoopbackBroker::kill`] turns into a black hole: once
+/// killed, every datagram sent is dropped (reported as sent) and every datagram received is
+/// discarded. The OS socket is closed when quinn lets go of it.
+#[derive(Debug)]
+struct KillableSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    killed: AtomicBool,
+}
+
+impl KillableSocket {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+    }
+
+    fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+}
+
+impl AsyncUdpSocket for KillableSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if self.is_killed() {
+            trace!(to = %transmit.destination, "killed: datagram dropped");
+            return Ok(());
+        }
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(_)) if self.is_killed() => {
+                    trace!("killed: datagrams discarded");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
     }
 }
 

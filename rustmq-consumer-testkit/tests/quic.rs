@@ -17,6 +17,8 @@
 //!   `tls_verification_on_by_default` (and every scenario connects without ALPN);
 //! - a listener restart on the same port: `reconnects_after_server_restart`,
 //!   `broker_restart_mid_stream_loses_nothing`;
+//! - a broker killed without a word (no `CONNECTION_CLOSE`) and restarted on the same port,
+//!   whose stateless resets the client cannot authenticate: `broker_killed_and_restarted_resumes_quickly`;
 //! - commits not durable across a restart (groups lost, error 16):
 //!   `broker_restart_mid_stream_loses_nothing`;
 //! - no long-poll (empty fetches with backoff): `faulty_answers_open_the_breaker_and_lose_nothing`
@@ -42,7 +44,7 @@ use rustmq_consumer_core::protocol::{
     LeaveGroupRequest, MetadataRequest, ProduceRequest, Record, Request, RequestKind, Response,
     TopicPartition, MAX_REQUEST_FRAME,
 };
-use rustmq_consumer_core::quic::{QuicConfig, QuicTransport, RootCerts, TlsMode};
+use rustmq_consumer_core::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
 use rustmq_consumer_core::{
     dead_letter_headers, sleep, timeout, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError,
     Health, Runtime, Transport, TransportError, UsageError,
@@ -422,6 +424,28 @@ async fn tls_verification_on_by_default<R: Runtime>(rt: R, quic: Arc<dyn quinn::
         client.close();
     }
     loopback.stop().await;
+}
+
+/// A keep-alive interval that would let an idle connection time out between two pings is
+/// refused when the transport is built.
+#[test]
+fn keep_alive_must_be_shorter_than_idle_timeout() {
+    let quic: Arc<dyn quinn::Runtime> = Arc::new(quinn::SmolRuntime);
+    let config = QuicConfig::new("127.0.0.1:1".parse().expect("addr"), "x");
+    assert!(QuicTransport::new(config.clone(), quic.clone()).is_ok());
+    for (keep_alive, idle) in [(3, 3), (4, 3), (0, 3)] {
+        let refused = QuicTransport::new(
+            config
+                .clone()
+                .with_keep_alive_interval(Duration::from_secs(keep_alive))
+                .with_idle_timeout(Duration::from_secs(idle)),
+            quic.clone(),
+        );
+        assert!(
+            matches!(refused, Err(QuicError::Config(_))),
+            "keep-alive {keep_alive} s, idle {idle} s: {refused:?}"
+        );
+    }
 }
 
 /// The server is stopped and restarted on the same port: requests fail with
@@ -1071,6 +1095,111 @@ async fn broker_restart_mid_stream_loses_nothing<R: Runtime + Clone>(
     loopback.stop().await;
 }
 
+/// The broker is killed (`kill -9`: no `CONNECTION_CLOSE`, nothing answered, the port closed)
+/// while the consumer idles at the end of the stream, and comes back on the same port
+/// [`OUTAGE`] later having lost its groups and commits, with new records produced meanwhile.
+/// Default consumer and QUIC configs. The transport notices the dead connection by silence
+/// (its idle timeout) and reconnects; the consumer resumes and loses nothing.
+///
+/// The one bound on time is generous and is what the fix changes: the first new record is
+/// delivered within `request_timeout` (10 s) of the restart. Without the idle timeout the dead
+/// connection would live until the old 30 s idle timeout (about 25 s after the restart), the
+/// restarted broker's stateless resets being ignored, and every request sent on it in the
+/// meantime would meet its 10 s deadline first. The recovery time measured is printed.
+async fn broker_killed_and_restarted_resumes_quickly<R: Runtime + Clone>(
+    rt: R,
+    quic: Arc<dyn quinn::Runtime>,
+) {
+    /// A broker restart as issue reports saw it: longer than the idle timeout.
+    const OUTAGE: Duration = Duration::from_millis(4500);
+    const FIRST: u64 = 30;
+    const LATE: u64 = 30;
+    let shared = broker(FIRST as usize);
+    let loopback = LoopbackBroker::start(shared.clone(), quic.clone()).expect("start");
+    let addr = loopback.addr();
+    let client = transport(loopback.client_config(), &quic);
+    let config = ConsumerConfig::new(TOPIC, GROUP);
+    let request_timeout = config.request_timeout;
+    let consumer = start(&rt, config, &client).await;
+
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    for _ in 0..FIRST {
+        ack_counting(next(&rt, &consumer).await, &mut acked).await;
+    }
+    // Idle at the end of the stream, everything committed: nothing buffered survives the kill.
+    within(&rt, consumer.commit()).await.expect("commit");
+    assert_eq!(committed(&shared, 0), Some(FIRST));
+    assert!(client.is_connected());
+
+    let killed_at = rt.now();
+    loopback.kill();
+    assert!(!loopback.is_running());
+    // The outage, watching when the transport gives the dead connection up.
+    let mut given_up_after = None;
+    while rt.now() < killed_at + OUTAGE {
+        if given_up_after.is_none() && !client.is_connected() {
+            given_up_after = Some(rt.now() - killed_at);
+        }
+        sleep(&rt, Duration::from_millis(20)).await;
+    }
+    {
+        let mut broker = shared.lock();
+        broker.restart();
+        broker
+            .produce_values(TOPIC, 0, (FIRST..FIRST + LATE).map(|i| format!("m{i}")))
+            .expect("topic survives");
+    }
+    within(&rt, loopback.restart()).await.expect("restart");
+    let restarted_at = rt.now();
+    assert_eq!(loopback.addr(), addr);
+
+    let mut outages = 0;
+    let first = timeout(
+        &rt,
+        request_timeout,
+        next_through_outages(&rt, &consumer, &mut outages),
+    )
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "no delivery within request_timeout ({request_timeout:?}) of the restart: \
+             the dead connection was not given up by silence"
+        )
+    });
+    let resumed_after = rt.now() - restarted_at;
+    assert!(first.offset() >= FIRST, "a new record: {}", first.offset());
+    ack_counting(first, &mut acked).await;
+    let total = FIRST + LATE;
+    while (acked.len() as u64) < total {
+        ack_counting(
+            next_through_outages(&rt, &consumer, &mut outages).await,
+            &mut acked,
+        )
+        .await;
+    }
+    let all_after = rt.now() - restarted_at;
+    eprintln!(
+        "kill -9 for {OUTAGE:?}: connection given up {given_up_after:?} after the kill; \
+         first delivery {resumed_after:?} and all {LATE} new records {all_after:?} after the \
+         restart; {outages} outage(s) reported"
+    );
+    eventually!(
+        rt,
+        "the commit reaches the end",
+        committed(&shared, 0) == Some(total)
+    );
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (0..total).collect::<Vec<_>>(),
+        "every offset acked"
+    );
+    assert!(acked.values().all(|n| *n == 1), "acked twice: {acked:?}");
+    assert_eq!(loopback.connections_accepted(), 2, "one reconnection");
+    client.close();
+    loopback.stop().await;
+}
+
 /// Every kind of faulty answer (garbage, a truncated frame, the `0xFF` error frame, an empty
 /// FIN) arrives while the consumer idles at the end of the stream: its requests fail, the
 /// breaker opens (health `Unhealthy`), probes after the recovery timeout, closes again once
@@ -1217,5 +1346,6 @@ on_both_runtimes!(
     retries_and_dead_letters_over_quic,
     two_consumers_share_a_group_and_rebalance,
     broker_restart_mid_stream_loses_nothing,
+    broker_killed_and_restarted_resumes_quickly,
     faulty_answers_open_the_breaker_and_lose_nothing,
 );

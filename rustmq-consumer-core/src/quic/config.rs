@@ -11,8 +11,8 @@ use super::QuicError;
 /// How a [`QuicTransport`](super::QuicTransport) reaches one broker.
 ///
 /// Build it with [`QuicConfig::new`] and the `with_*` methods; the defaults verify the broker's
-/// certificate against the bundled Mozilla roots, offer no ALPN and send a keep-alive every
-/// 10 s.
+/// certificate against the bundled Mozilla roots, offer no ALPN, send a keep-alive every
+/// second and give a broker up after 3 s without a packet from it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct QuicConfig {
@@ -27,10 +27,27 @@ pub struct QuicConfig {
     /// configures no ALPN and fails the handshake of any client that offers one, after which its
     /// accept loop stops; leave this empty for it.
     pub alpn: Vec<Vec<u8>>,
-    /// Interval between QUIC keep-alive pings. Default 10 s: the broker closes a connection idle
-    /// for 30 s and sends no keep-alives of its own.
+    /// Interval between QUIC keep-alive pings. Default 1 s. The broker sends no keep-alives of
+    /// its own and closes a connection idle for 30 s; the pings keep it open, and their
+    /// acknowledgements are what tells a live broker from a dead one while no request is
+    /// answered (see [`idle_timeout`](Self::idle_timeout)). Must be shorter than the idle
+    /// timeout.
     pub keep_alive_interval: Duration,
-    /// The client's idle timeout (the smaller of both peers' values applies). Default 30 s.
+    /// How long the connection may go without receiving any packet from the broker before it is
+    /// considered dead: it is then closed, the requests in flight on it fail with
+    /// [`TransportError::ConnectionLost`](crate::TransportError::ConnectionLost) (which the
+    /// core's breaker counts and its owners retry) and the next request connects anew.
+    /// Default 3 s.
+    ///
+    /// This is the only way to notice a broker that died without closing the connection
+    /// (killed, host gone, network cut): a restarted broker does not know the old connection
+    /// and its stateless resets cannot be authenticated, so without it every request sent on
+    /// the dead connection waits out its deadline. With the default keep-alive a live broker
+    /// acknowledges a ping every second even while it is slow to answer requests
+    /// (acknowledgements come from its QUIC stack, not from request handling), so 3 s without
+    /// a packet means about three keep-alives in a row went unanswered. QUIC applies the smaller of both peers' values (the broker's is
+    /// 30 s) and never less than three probe timeouts (a few round trips), so a slow link is
+    /// not cut short.
     pub idle_timeout: Duration,
     /// How long a handshake may take before the attempt counts as failed. Default 2.5 s: well
     /// within the consumer's default `request_timeout` (an unreachable broker is reported as
@@ -57,8 +74,8 @@ impl QuicConfig {
             server_name: server_name.into(),
             tls: TlsMode::default(),
             alpn: Vec::new(),
-            keep_alive_interval: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_millis(2500),
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
@@ -78,13 +95,15 @@ impl QuicConfig {
         self
     }
 
-    /// Sets the keep-alive interval.
+    /// Sets the keep-alive interval (shorter than the idle timeout; see
+    /// [`keep_alive_interval`](Self::keep_alive_interval)).
     pub fn with_keep_alive_interval(mut self, interval: Duration) -> Self {
         self.keep_alive_interval = interval;
         self
     }
 
-    /// Sets the client's idle timeout.
+    /// Sets how long the connection may receive nothing before it is considered dead (see
+    /// [`idle_timeout`](Self::idle_timeout)).
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self

@@ -24,6 +24,14 @@
 //! is [`TransportError::Connect`]; every later connection or stream failure is
 //! [`TransportError::ConnectionLost`]. The core's circuit breaker counts them all.
 //!
+//! A broker that dies without closing the connection (killed, its host gone) is noticed by
+//! silence: the transport sends a keep-alive every [`QuicConfig::keep_alive_interval`] and
+//! quinn closes a connection that received nothing for [`QuicConfig::idle_timeout`] (3 s by
+//! default), failing the requests in flight on it with [`TransportError::ConnectionLost`].
+//! Without it a broker restarted on the same port would stay unnoticed until each request's
+//! deadline: it answers the old connection's packets with stateless resets the client cannot
+//! authenticate (they come from a different reset key), so they are ignored, as they must be.
+//!
 //! # Absences
 //!
 //! No lock is held across an `.await`; the transport never retries a request (the core owns
@@ -165,6 +173,13 @@ impl QuicTransport {
             QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(format!("{e:?}")))?;
         let mut transport = TransportConfig::default();
         transport.initial_rtt(INITIAL_RTT);
+        if config.keep_alive_interval.is_zero() || config.keep_alive_interval >= config.idle_timeout
+        {
+            return Err(QuicError::Config(format!(
+                "keep-alive interval {:?} must be non-zero and shorter than the idle timeout {:?}",
+                config.keep_alive_interval, config.idle_timeout
+            )));
+        }
         transport.keep_alive_interval(Some(config.keep_alive_interval));
         let idle = IdleTimeout::try_from(config.idle_timeout)
             .map_err(|_| QuicError::Config("idle timeout out of range".to_owned()))?;
