@@ -5,6 +5,9 @@
 //! simulated time, exact and repeatable. The QUIC scenarios use real UDP on 127.0.0.1 and assert
 //! only what happened, never how long it took.
 
+#[macro_use]
+mod runtimes;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_lite::StreamExt;
+use runtimes::init_tracing;
 use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
 use rustmq_consumer_core::quic::{QuicConfig, QuicTransport};
 use rustmq_consumer_core::{
@@ -27,14 +31,6 @@ const TOPIC: &str = "orders";
 const GROUP: &str = "billing";
 /// Longest any single step may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(120);
-
-/// Logs to the test output when `RUST_LOG` is set.
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
 
 /// A broker with `TOPIC` (one partition holding `messages` values `m<i>`) and `GROUP`.
 fn broker(messages: u64) -> SharedBroker {
@@ -706,33 +702,6 @@ async fn quic_five_second_outage<R: Runtime + Clone>(rt: R, quic: Arc<dyn quinn:
     within(&rt, consumer.close()).await.expect("close");
     transport.close();
     loopback.stop().await;
-}
-
-macro_rules! on_both_runtimes {
-    ($($name:ident),* $(,)?) => {
-        mod on_tokio {
-            use std::sync::Arc;
-            use rustmq_consumer_tokio::TokioRuntime;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::init_tracing();
-                    super::$name(TokioRuntime, Arc::new(quinn::TokioRuntime)).await;
-                }
-            )*
-        }
-        mod on_smol {
-            use std::sync::Arc;
-            use rustmq_consumer_smol::SmolRuntime;
-            $(
-                #[test]
-                fn $name() {
-                    super::init_tracing();
-                    smol::block_on(super::$name(SmolRuntime, Arc::new(quinn::SmolRuntime)));
-                }
-            )*
-        }
-    };
 }
 
 on_both_runtimes!(

@@ -29,6 +29,9 @@
 //!   leave, 22/27 fencing, commit before leave): `two_consumers_share_a_group_and_rebalance`;
 //! - commits store "the next offset to read": every consumer-level scenario.
 
+#[macro_use]
+mod runtimes;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -57,14 +60,6 @@ const TOPIC: &str = "orders";
 const GROUP: &str = "billing";
 /// Longest any single step may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(60);
-
-/// Logs to the test output when `RUST_LOG` is set.
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
 
 /// A broker with `TOPIC` (one partition holding `messages` values `m<i>`) and `GROUP`.
 fn broker(messages: usize) -> SharedBroker {
@@ -1306,33 +1301,6 @@ async fn faulty_answers_open_the_breaker_and_lose_nothing<R: Runtime + Clone>(
 }
 
 // ------------------------------------------------------------------ runtimes
-
-macro_rules! on_both_runtimes {
-    ($($name:ident),* $(,)?) => {
-        mod on_tokio {
-            use std::sync::Arc;
-            use rustmq_consumer_tokio::TokioRuntime;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::init_tracing();
-                    super::$name(TokioRuntime, Arc::new(quinn::TokioRuntime)).await;
-                }
-            )*
-        }
-        mod on_smol {
-            use std::sync::Arc;
-            use rustmq_consumer_smol::SmolRuntime;
-            $(
-                #[test]
-                fn $name() {
-                    super::init_tracing();
-                    smol::block_on(super::$name(SmolRuntime, Arc::new(quinn::SmolRuntime)));
-                }
-            )*
-        }
-    };
-}
 
 on_both_runtimes!(
     every_request_kind_round_trips,
