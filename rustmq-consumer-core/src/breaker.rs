@@ -178,9 +178,8 @@ impl Breaker {
         }
     }
 
-    /// A permit whose request ended with no verdict (e.g. cancelled before sending): frees a
-    /// probe slot. A no-op for a normal permit.
-    #[cfg(test)]
+    /// A permit whose request ended with no verdict on the broker (e.g. an answer naming one
+    /// partition's problem): frees a probe slot. A no-op for a normal permit.
     pub(crate) fn release(&mut self, permit: Permit) {
         if permit == Permit::Probe {
             self.take_probe();

@@ -83,6 +83,14 @@ pub enum StallReason {
         /// Size of the request it would need.
         size: usize,
     },
+    /// The broker answers this partition's fetches with an error that names the partition
+    /// (a non-zero `error_code`, `Partition not found`); the partition backs off and tries
+    /// again, and [`Event::Recovered`] says when a fetch succeeds.
+    #[error("fetches fail: {error}")]
+    FetchFailing {
+        /// The latest failure.
+        error: RequestError,
+    },
 }
 
 /// Why a request failed ([`Event::RequestFailed`]).
@@ -111,6 +119,24 @@ pub enum RequestError {
         /// The response type received.
         got: RequestKind,
     },
+}
+
+impl RequestError {
+    /// True when the broker answered a fetch with an error that is one partition's problem
+    /// (an error code, `Partition not found`) rather than the broker's: that partition backs
+    /// off, the circuit breaker does not count it.
+    pub fn names_partition(&self) -> bool {
+        match self {
+            Self::ErrorCode {
+                request: RequestKind::Fetch,
+                ..
+            } => true,
+            Self::Transport(TransportError::Broker(message)) => {
+                message.contains("Partition not found")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why a commit failed ([`Event::CommitFailed`]). Its offsets stay settled.
@@ -211,7 +237,8 @@ pub enum Event {
     Revoked(Vec<TopicPartition>),
     /// The coordinator assigned partitions of topics this consumer did not subscribe to.
     AssignmentIgnored(Vec<TopicPartition>),
-    /// A partition is stuck at `offset` until an operator acts.
+    /// A partition cannot move past `offset`: until an operator acts (a poison message that
+    /// cannot be dead-lettered), or until its fetches succeed again ([`Event::Recovered`]).
     Stalled {
         /// Partition.
         partition: u32,
@@ -219,6 +246,11 @@ pub enum Event {
         offset: u64,
         /// Why.
         reason: StallReason,
+    },
+    /// A partition stalled by failing fetches ([`StallReason::FetchFailing`]) fetched again.
+    Recovered {
+        /// Partition.
+        partition: u32,
     },
     /// A request failed (transport, broker error frame, error code or deadline).
     RequestFailed {
@@ -350,4 +382,26 @@ pub struct Metrics {
     pub cached: u64,
     /// Bytes the cache holds now.
     pub cached_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_naming_a_partition_are_the_partitions_failure() {
+        let code = |request| RequestError::ErrorCode {
+            request,
+            code: 1,
+            message: Some("Failed to fetch records".into()),
+        };
+        let frame = |text: &str| RequestError::Transport(TransportError::Broker(text.into()));
+        assert!(code(RequestKind::Fetch).names_partition());
+        assert!(frame("Partition not found: t:0").names_partition());
+        assert!(!code(RequestKind::CommitOffset).names_partition());
+        assert!(!frame("Serialization error: bad tag").names_partition());
+        assert!(!RequestError::Transport(TransportError::TimedOut).names_partition());
+        let lost = TransportError::ConnectionLost("reset".into());
+        assert!(!RequestError::Transport(lost).names_partition());
+    }
 }

@@ -183,6 +183,7 @@ pub struct SimBroker {
     next_reap: Option<Instant>,
     failing_commits: u32,
     failing_fetches: u32,
+    failing_partitions: BTreeSet<TopicPartition>,
     record_overhead: u32,
     commit_log: Vec<CommitRecord>,
     request_log: Vec<RequestLogEntry>,
@@ -219,6 +220,7 @@ impl SimBroker {
             next_reap: None,
             failing_commits: 0,
             failing_fetches: 0,
+            failing_partitions: BTreeSet::new(),
             record_overhead: DEFAULT_RECORD_OVERHEAD,
             commit_log: Vec::new(),
             request_log: Vec::new(),
@@ -337,6 +339,18 @@ impl SimBroker {
     /// (storage failure), no records and a high watermark of 0.
     pub fn fail_next_fetches(&mut self, n: u32) {
         self.failing_fetches = n;
+    }
+
+    /// While `failing`, every Fetch of `topic`:`partition` fails like the real broker's reads
+    /// after compaction merged that partition's segments: error code 1, "Failed to fetch
+    /// records", no records and a high watermark of 0. Other partitions and commits work.
+    pub fn set_partition_failing(&mut self, topic: &str, partition: u32, failing: bool) {
+        let tp = TopicPartition::new(topic, partition);
+        if failing {
+            self.failing_partitions.insert(tp);
+        } else {
+            self.failing_partitions.remove(&tp);
+        }
     }
 
     /// **Test shortcut, not real broker behaviour.** Creates `group` (Empty, generation 0) if
@@ -631,8 +645,13 @@ impl SimBroker {
     }
 
     fn handle_fetch(&mut self, req: FetchRequest) -> FetchResponse {
-        if self.failing_fetches > 0 {
-            self.failing_fetches -= 1;
+        let failing_partition = self
+            .failing_partitions
+            .contains(&TopicPartition::new(req.topic.clone(), req.partition_id));
+        if failing_partition || self.failing_fetches > 0 {
+            if !failing_partition {
+                self.failing_fetches -= 1;
+            }
             debug!(topic = %req.topic, partition = req.partition_id, "injected fetch failure");
             // As the real broker answers a failed read: no watermark either.
             return FetchResponse {

@@ -343,6 +343,88 @@ fn fail_fast_build_checks_the_connection() {
     });
 }
 
+// ------------------------------------------------------------------ a failing partition
+
+/// One of three partitions answers every fetch with error code 1 (the real broker after
+/// compaction merged its segments), commits work: `receive()` reports the stall once and
+/// delivers everything of the other two, `health_report()` says which partition, the breaker
+/// stays closed, and `close()` returns at once. The consumer once stalled silently, the
+/// breaker opened for everything, and the close took 30 to 50 s.
+#[test]
+fn a_failing_partition_is_reported_and_the_others_go_on() {
+    const MESSAGES: u64 = 200;
+    init_tracing();
+    let rt = VirtualRuntime::new();
+    rt.block_on(async {
+        let mut sim = SimBroker::new();
+        sim.create_topic(TOPIC, 3);
+        for p in 0..3 {
+            sim.produce_values(TOPIC, p, (0..MESSAGES).map(|i| format!("p{p}-m{i}")))
+                .expect("topic exists");
+        }
+        sim.set_partition_failing(TOPIC, 1, true);
+        let broker = SharedBroker::new(sim);
+        let consumer = start(
+            &rt,
+            default_config(3),
+            SimTransport::new(broker.clone(), rt.clone()),
+        )
+        .await;
+        let mut received = [0u64; 3];
+        let mut stalls = Vec::new();
+        while received[0] + received[2] < 2 * MESSAGES {
+            match within(&rt, consumer.receive()).await {
+                Ok(Some(d)) => {
+                    received[d.partition() as usize] += 1;
+                    d.ack().await.expect("ack");
+                }
+                Ok(None) => panic!("closed"),
+                Err(error) => stalls.push(error),
+            }
+        }
+        // A minute more: the stall is not reported again, whatever the retries.
+        if let Some(more) = timeout(&rt, Duration::from_secs(60), consumer.receive()).await {
+            stalls.push(more.expect_err("nothing left to deliver"));
+        }
+        assert_eq!(received, [MESSAGES, 0, MESSAGES]);
+        let [ConsumerError::Stalled {
+            partition: 1,
+            offset: 0,
+            ..
+        }] = stalls.as_slice()
+        else {
+            panic!("one stall of partition 1: {stalls:?}");
+        };
+        assert_eq!(
+            stalls[0].to_string(),
+            "partition 1 stalled at offset 0: fetches fail: error code 1 from Fetch"
+        );
+        let report = consumer.health_report().await;
+        assert_eq!(report.health, Health::Degraded);
+        assert_eq!(report.cause.as_ref(), Some(&stalls[0]));
+        assert_eq!(consumer.metrics().await.breaker_transitions, 0);
+        for p in [0, 2] {
+            let tp = TopicPartition::new(TOPIC, p);
+            let mut done = false;
+            for _ in 0..300 {
+                done = broker.lock().committed(GROUP, &tp) == Some(MESSAGES);
+                if done {
+                    break;
+                }
+                rt.sleep(Duration::from_millis(10)).await;
+            }
+            assert!(done, "partition {p} committed");
+        }
+        let asked = rt.now();
+        within(&rt, consumer.close()).await.expect("close");
+        assert!(
+            rt.now() - asked < Duration::from_secs(1),
+            "close took {:?}",
+            rt.now() - asked
+        );
+    });
+}
+
 // ------------------------------------------------------------------ quick recovery
 
 /// The broker stops for `outage` (every request refused, as the QUIC transport does while it

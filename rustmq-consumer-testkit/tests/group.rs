@@ -506,3 +506,122 @@ fn a_generation_number_given_again_after_a_restart_is_not_fenced() {
             .collect::<Vec<_>>()
     );
 }
+
+/// How many acks of each partition the member made.
+fn acked_per_partition(m: &Member, partitions: u32) -> Vec<usize> {
+    (0..partitions)
+        .map(|p| m.acked.iter().filter(|(q, _)| *q == p).count())
+        .collect()
+}
+
+fn stalls(m: &Member) -> Vec<(u32, u64, StallReason)> {
+    m.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Stalled {
+                partition,
+                offset,
+                reason,
+            } => Some((*partition, *offset, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn recoveries(m: &Member) -> Vec<u32> {
+    m.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Recovered { partition } => Some(*partition),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One partition's fetches fail (error code 1, as the real broker answers every fetch of a
+/// partition whose segments compaction merged) while the others and commits work: that
+/// partition backs off alone and reports one stall; the others deliver everything and commit;
+/// the breaker never counts it; the stall ends with a `Recovered` when its fetches succeed
+/// again; and a close while it fails finishes at once. The breaker once opened for everything
+/// and the close took 30 to 50 s.
+#[test]
+fn a_partition_whose_fetches_fail_stalls_alone_and_recovers() {
+    const MESSAGES: usize = 300;
+    let mut c = Cluster::new(3, MESSAGES);
+    c.b().set_partition_failing(TOPIC, 1, true);
+    let a = c.join(config());
+    c.advance(Duration::from_secs(120));
+    let m = &c.members[a];
+    assert_eq!(acked_per_partition(m, 3), [MESSAGES, 0, MESSAGES]);
+    assert_eq!(c.committed(0), Some(MESSAGES as u64));
+    assert_eq!(c.committed(2), Some(MESSAGES as u64));
+    assert_eq!(m.m.breaker_state(), BreakerState::Closed);
+    assert!(
+        !m.events
+            .iter()
+            .any(|e| matches!(e, Event::BreakerChanged { .. })),
+        "the breaker never moved"
+    );
+    let failure = RequestError::ErrorCode {
+        request: RequestKind::Fetch,
+        code: 1,
+        message: Some("Failed to fetch records".into()),
+    };
+    assert_eq!(
+        stalls(m),
+        [(
+            1,
+            0,
+            StallReason::FetchFailing {
+                error: failure.clone()
+            }
+        )],
+        "one stall for the whole episode"
+    );
+    assert_eq!(m.m.health(), Health::Degraded);
+    // Its own growing backoff: retried, but far fewer times than once per empty-fetch wait.
+    let tries = m
+        .sent
+        .iter()
+        .filter(|r| matches!(r, Request::Fetch(f) if f.partition_id == 1))
+        .count();
+    assert!((3..40).contains(&tries), "{tries} fetches of partition 1");
+
+    // The partition heals: it fetches again within its backoff (at most 30 s), says so, and
+    // catches up.
+    c.b().set_partition_failing(TOPIC, 1, false);
+    c.advance(Duration::from_secs(40));
+    let m = &c.members[a];
+    assert_eq!(recoveries(m), [1]);
+    assert_eq!(acked_per_partition(m, 3), [MESSAGES; 3]);
+    assert_eq!(c.committed(1), Some(MESSAGES as u64));
+    assert_eq!(m.m.health(), Health::Healthy);
+
+    // It fails again: a new episode, a new stall; a close now is not held up by it.
+    c.b().set_partition_failing(TOPIC, 1, true);
+    c.b()
+        .produce_values(TOPIC, 1, ["late-1"])
+        .expect("topic exists");
+    c.b()
+        .produce_values(TOPIC, 0, ["late-0"])
+        .expect("topic exists");
+    c.advance(Duration::from_secs(10));
+    assert_eq!(stalls(&c.members[a]).len(), 2, "a second episode");
+    assert_eq!(c.committed(0), Some(MESSAGES as u64 + 1));
+    let asked = c.now;
+    c.members[a].m.close(c.now);
+    c.pump();
+    for _ in 0..100 {
+        if c.members[a].m.is_closed() {
+            break;
+        }
+        c.advance(Duration::from_millis(10));
+    }
+    assert!(
+        c.members[a].m.is_closed(),
+        "closed within a second of simulated time"
+    );
+    assert!(c.now - asked < Duration::from_secs(1));
+    assert_eq!(c.committed(0), Some(MESSAGES as u64 + 1));
+    assert_eq!(c.committed(1), Some(MESSAGES as u64), "nothing skipped");
+}

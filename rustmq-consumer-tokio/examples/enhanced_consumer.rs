@@ -359,6 +359,11 @@ async fn consume<R: Runtime>(
                 println!("\n{error}: waiting for it");
                 continue;
             }
+            // One partition stuck; the others go on.
+            Err(error @ ConsumerError::Stalled { .. }) => {
+                println!("\n{error}");
+                continue;
+            }
             // Never connected, or a certificate that will never be accepted: give up.
             Err(error) => return Err(error),
         };

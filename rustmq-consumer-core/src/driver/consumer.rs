@@ -95,7 +95,8 @@ impl Consumer {
     /// An error is not fatal: [`ConsumerError::Unreachable`] says the broker cannot be reached
     /// (or refused the handshake) and why, once per outage; the consumer keeps trying and the
     /// next call waits for deliveries again. [`ConsumerError::is_permanent`] tells a broker
-    /// certificate that will never be accepted.
+    /// certificate that will never be accepted. [`ConsumerError::Stalled`] says a partition
+    /// stopped making progress (once per stall) while the others go on.
     pub async fn receive(&self) -> Result<Option<Delivery>, ConsumerError> {
         let stamped = self.next_stamped().await?;
         Ok(stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
@@ -265,7 +266,7 @@ impl Consumer {
     }
 
     /// How the consumer is doing and why: the outage in progress, if any
-    /// ([`ConsumerError::Unreachable`] with its cause).
+    /// ([`ConsumerError::Unreachable`] with its cause), else a stalled partition.
     pub async fn health_report(&self) -> HealthReport {
         self.shared
             .request(Command::Health)
@@ -323,7 +324,8 @@ pub struct HealthReport {
     /// The state: from the circuit breaker and progress, and `Unhealthy` while the broker is
     /// unreachable.
     pub health: Health,
-    /// The outage in progress ([`ConsumerError::Unreachable`]), if any.
+    /// The outage in progress ([`ConsumerError::Unreachable`]), if any, else a partition
+    /// stalled now ([`ConsumerError::Stalled`]).
     pub cause: Option<ConsumerError>,
 }
 

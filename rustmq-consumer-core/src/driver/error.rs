@@ -4,7 +4,7 @@ use thiserror::Error;
 
 use crate::config::ConfigError;
 use crate::error::{TransportError, UsageError};
-use crate::event::CommitError;
+use crate::event::{CommitError, StallReason};
 
 /// Why a consumer call failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -35,6 +35,18 @@ pub enum ConsumerError {
         cause: TransportError,
         /// Whether the broker had ever answered this consumer before.
         ever_connected: bool,
+    },
+    /// A partition cannot make progress (its fetches fail, or a poison message cannot be
+    /// dead-lettered); the others go on. Not fatal: reported once per stall by `receive()` and
+    /// the delivery stream, and by `health_report()` while it lasts.
+    #[error("partition {partition} stalled at offset {offset}: {reason}")]
+    Stalled {
+        /// Partition.
+        partition: u32,
+        /// The offset it is stuck at.
+        offset: u64,
+        /// Why.
+        reason: StallReason,
     },
 }
 

@@ -1,6 +1,6 @@
 //! The driver task: one per consumer, owning the state machine by value.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -122,6 +122,8 @@ pub(crate) struct Driver {
     /// The broker outage in progress ([`ConsumerError::Unreachable`]): set by the first request
     /// that got no answer, cleared by the next answer.
     outage: Option<ConsumerError>,
+    /// Partitions stalled now ([`ConsumerError::Stalled`]), until they recover.
+    stalls: BTreeMap<u32, ConsumerError>,
     /// Whether the broker ever answered.
     ever_connected: bool,
     /// The current wake-up is the timer: request failures it causes are deadlines.
@@ -160,6 +162,7 @@ impl Driver {
             dropped_open: true,
             lifeline_open: true,
             outage: None,
+            stalls: BTreeMap::new(),
             ever_connected: false,
             timer_wake: false,
             joined: None,
@@ -377,7 +380,21 @@ impl Driver {
                 partition,
                 offset,
                 reason,
-            } => tracing::error!(partition, offset, ?reason, "partition stalled"),
+            } => {
+                tracing::error!(partition, offset, %reason, "partition stalled");
+                let error = ConsumerError::Stalled {
+                    partition,
+                    offset,
+                    reason,
+                };
+                // Once per stall; an unread error (an outage) is not replaced.
+                let _ = self.channels.errors.try_send(error.clone());
+                self.stalls.insert(partition, error);
+            }
+            Event::Recovered { partition } => {
+                tracing::info!(partition, "partition recovered");
+                self.stalls.remove(&partition);
+            }
             Event::RequestFailed { id, error } => {
                 tracing::debug!(request = id.0, %error, "request failed");
                 // Transport failures were seen with their response; on a timer wake-up the
@@ -440,7 +457,10 @@ impl Driver {
         };
         HealthReport {
             health,
-            cause: self.outage.clone(),
+            cause: self
+                .outage
+                .clone()
+                .or_else(|| self.stalls.values().next().cloned()),
         }
     }
 
@@ -454,8 +474,12 @@ impl Driver {
         };
     }
 
-    /// Drops the not yet taken deliveries of `partitions` (sought or revoked: stale).
+    /// Drops the not yet taken deliveries of `partitions` (sought or revoked: stale), and
+    /// their stalls (a seek or a new owner starts them afresh).
     fn discard_stale(&mut self, partitions: &[u32], unpause: bool) {
+        for p in partitions {
+            self.stalls.remove(p);
+        }
         let before = self.backlog.len();
         self.backlog
             .retain(|s| !partitions.contains(&s.delivery.tag.partition));

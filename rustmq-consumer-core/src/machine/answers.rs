@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::commit::Answered;
 use super::group::HeartbeatOutcome;
 use super::partition::Refetched;
-use super::requests::{CommitEntry, InFlight, Owner};
+use super::requests::{CommitEntry, FetchOwner, InFlight, Owner};
 use super::ConsumerMachine;
-use crate::event::{ClosePhase, DiscardReason, Event, RequestError, RequestId};
+use crate::event::{ClosePhase, DiscardReason, Event, RequestError, RequestId, StallReason};
 use crate::protocol::Response;
 
 impl ConsumerMachine {
@@ -23,12 +23,22 @@ impl ConsumerMachine {
         flight: InFlight,
         answer: Result<Response, RequestError>,
     ) {
+        let fetch = matches!(
+            flight.owner,
+            Owner::Fetch(_) | Owner::Refetch(_) | Owner::ResolveLatest(_)
+        );
         match self.on_answer(now, flight.owner, answer) {
             Ok(()) => self.breaker.on_success(now, flight.permit),
             Err(error) => {
                 debug!(request = id.0, %error, "request failed");
                 self.metrics.requests_failed += 1;
-                self.breaker.on_failure(now, flight.permit);
+                if fetch && error.names_partition() {
+                    // One partition's problem, not the broker's: the partition backs off and
+                    // reports a stall; the breaker does not count it either way.
+                    self.breaker.release(flight.permit);
+                } else {
+                    self.breaker.on_failure(now, flight.permit);
+                }
                 self.events.push_back(Event::RequestFailed { id, error });
             }
         }
@@ -52,20 +62,29 @@ impl ConsumerMachine {
                 self.committer.moved(now, moved);
             }
             Owner::ResolveLatest(fetch) => {
-                self.partitions
-                    .on_resolve_latest(now, fetch, answer, jitter)?;
+                let resolved = self
+                    .partitions
+                    .on_resolve_latest(now, fetch, answer, jitter);
+                self.fetch_outcome(fetch, &resolved);
+                resolved?;
             }
-            Owner::Fetch(fetch) => self.partitions.on_fetch(
-                now,
-                fetch,
-                answer,
-                closing,
-                &self.config,
-                jitter,
-                &mut self.metrics,
-            )?,
+            Owner::Fetch(fetch) => {
+                let fetched = self.partitions.on_fetch(
+                    now,
+                    fetch,
+                    answer,
+                    closing,
+                    &self.config,
+                    jitter,
+                    &mut self.metrics,
+                );
+                self.fetch_outcome(fetch, &fetched);
+                fetched?;
+            }
             Owner::Refetch(fetch) => {
-                let refetched = self.partitions.on_refetch(now, fetch, answer, jitter)?;
+                let refetched = self.partitions.on_refetch(now, fetch, answer, jitter);
+                self.fetch_outcome(fetch, &refetched);
+                let refetched = refetched?;
                 let Some(idx) = self.partitions.index(fetch.partition) else {
                     return Ok(());
                 };
@@ -109,6 +128,33 @@ impl ConsumerMachine {
             }
         }
         Ok(())
+    }
+
+    /// What a fetch's outcome means for its partition: a failure that names the partition
+    /// starts a stall (reported once, whatever the retries), a success ends it.
+    fn fetch_outcome<T>(&mut self, owner: FetchOwner, result: &Result<T, RequestError>) {
+        let partition = owner.partition;
+        match result {
+            Ok(_) => {
+                if self.partitions.fetch_recovered(owner) {
+                    info!(topic = %self.config.topic, partition, "partition fetches again");
+                    self.events.push_back(Event::Recovered { partition });
+                }
+            }
+            Err(error) if error.names_partition() => {
+                if let Some(offset) = self.partitions.fetch_failing(owner) {
+                    warn!(topic = %self.config.topic, partition, offset, %error, "partition stalled: its fetches fail");
+                    self.events.push_back(Event::Stalled {
+                        partition,
+                        offset,
+                        reason: StallReason::FetchFailing {
+                            error: error.clone(),
+                        },
+                    });
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     pub(super) fn on_group_answer(

@@ -384,6 +384,28 @@ impl Partitions {
         Ok(())
     }
 
+    /// A fetch of `owner` failed with an error that names its partition: returns the offset
+    /// it asked for when this starts a stall (reported once, not on every retry).
+    pub(crate) fn fetch_failing(&mut self, owner: FetchOwner) -> Option<u64> {
+        let p = self
+            .get_mut(owner.partition)
+            .filter(|p| p.epoch == owner.epoch && !p.fetch_failing)?;
+        p.fetch_failing = true;
+        Some(owner.offset)
+    }
+
+    /// A fetch of `owner` succeeded: true when this ends a stall of failing fetches.
+    pub(crate) fn fetch_recovered(&mut self, owner: FetchOwner) -> bool {
+        let Some(p) = self
+            .get_mut(owner.partition)
+            .filter(|p| p.epoch == owner.epoch && p.fetch_failing)
+        else {
+            return false;
+        };
+        p.fetch_failing = false;
+        true
+    }
+
     /// A single-offset fetch of a lost message answered.
     pub(crate) fn on_refetch(
         &mut self,

@@ -49,6 +49,9 @@ pub(crate) struct Partition {
     /// Where consumption started without a commit: nothing to commit until the watermark moves.
     pub(crate) start: Option<u64>,
     pub(crate) stalled: bool,
+    /// Its fetches fail with errors that name it: a stall reported once, until a fetch
+    /// succeeds.
+    fetch_failing: bool,
 }
 
 /// How far a partition got in finding where to start.
@@ -125,6 +128,7 @@ impl Partition {
             commit_in_flight: None,
             start: None,
             stalled: false,
+            fetch_failing: false,
         }
     }
 
@@ -283,7 +287,7 @@ impl Partitions {
     }
 
     pub(crate) fn any_stalled(&self) -> bool {
-        self.list.iter().any(|p| p.stalled)
+        self.list.iter().any(|p| p.stalled || p.fetch_failing)
     }
 
     pub(crate) fn lag(&self, now: Instant) -> Vec<PartitionLag> {
@@ -456,6 +460,7 @@ impl Partitions {
         p.byte_blocked = None;
         p.empty_fetches = 0;
         p.stalled = false;
+        p.fetch_failing = false;
         self.retries.retain(|&(_, pid, _)| pid != id);
         self.refetch_reasons.retain(|&(pid, _), _| pid != id);
     }
