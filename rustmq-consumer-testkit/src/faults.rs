@@ -97,8 +97,8 @@ pub struct FaultPlan {
     /// How long after a crash the operator re-creates the consumer group (commits answer 16
     /// meanwhile).
     pub group_recreate_delay: Duration,
-    /// Expected storage-failure injections (`fail_next_fetches`/`fail_next_commits`) per
-    /// simulated second.
+    /// Expected storage-failure injections (`fail_next_fetches`/`fail_next_commits`, or one
+    /// partition whose fetches fail until heal) per simulated second.
     pub storage_failure_per_sec: f64,
     /// Most requests one storage-failure injection fails.
     pub storage_failure_burst: u32,

@@ -46,6 +46,7 @@ impl<H: Handler> Simulation<H> {
             fault_rng: rng.fork(10),
             app_rng: rng.fork(11),
             value_rng: rng.fork(12),
+            partition_fault_rng: rng.fork(13),
             queue: BTreeMap::new(),
             seq: 0,
             flights: BTreeMap::new(),
@@ -444,7 +445,18 @@ impl<H: Handler> Simulation<H> {
                     .range(1, u64::from(self.scenario.faults.storage_failure_burst))
                     as u32;
                 if self.fault_rng.chance(0.5) {
-                    self.broker.fail_next_fetches(n);
+                    if self.partition_fault_rng.chance(0.25) {
+                        // One partition's fetches fail until heal (the real broker's reads
+                        // after compaction merged its segments); commits and the others work.
+                        let last = self.produced.len() as u64 - 1;
+                        let p = self.partition_fault_rng.range(0, last) as u32;
+                        self.broker.set_partition_failing(TOPIC, p, true);
+                        let heal = self.scenario.faults.heal_at.saturating_sub(self.elapsed());
+                        self.schedule(heal, Item::PartitionHealed(p));
+                        self.trace("fault", &("partition failing", p));
+                    } else {
+                        self.broker.fail_next_fetches(n);
+                    }
                 } else {
                     self.broker.fail_next_commits(n);
                 }
@@ -528,6 +540,7 @@ impl<H: Handler> Simulation<H> {
                 self.broker.fail_next_commits(0);
                 self.broker.fail_next_fetches(0);
             }
+            Item::PartitionHealed(p) => self.broker.set_partition_failing(TOPIC, p, false),
             Item::CommitNow => {
                 if self.phase != Phase::Closing {
                     self.trace("app", &"commit");

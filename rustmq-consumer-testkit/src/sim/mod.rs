@@ -73,6 +73,8 @@ enum Item {
     PhantomBeat(usize),
     PhantomEnd(usize),
     Heal,
+    /// The partition's fetches work again (heal of a failing partition).
+    PartitionHealed(u32),
 }
 
 #[derive(Debug)]
@@ -112,6 +114,9 @@ pub struct Simulation<H: Handler = ModelApp> {
     fault_rng: SimRng,
     app_rng: SimRng,
     value_rng: SimRng,
+    /// Which storage failures fail one partition until heal (its own stream, so the shape
+    /// did not move the other faults of every seed).
+    partition_fault_rng: SimRng,
     queue: BTreeMap<(Instant, u64), Item>,
     seq: u64,
     flights: BTreeMap<RequestId, Flight>,
