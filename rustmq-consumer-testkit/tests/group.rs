@@ -625,3 +625,101 @@ fn a_partition_whose_fetches_fail_stalls_alone_and_recovers() {
     assert_eq!(c.committed(0), Some(MESSAGES as u64 + 1));
     assert_eq!(c.committed(1), Some(MESSAGES as u64), "nothing skipped");
 }
+
+/// Two members, one partition of `messages`, a broker seeded with `seed` (which orders the
+/// member ids, and so who gets the partition), and an application that handles `rate`
+/// deliveries per member every 10 ms, acking each (a refused ack is a message it will see
+/// again). The broker moves the generation on every join, as the real one does, so the two
+/// members rebalance each other for as long as both are there. Runs until everything is
+/// processed and committed, or `limit` of simulated time; returns (deliveries handled,
+/// distinct offsets, rebalances).
+fn two_members_one_partition(
+    messages: usize,
+    seed: u64,
+    rate: usize,
+    limit: Duration,
+) -> (usize, usize, usize) {
+    let mut broker = SimBroker::with_seed(seed);
+    broker.create_topic(TOPIC, 1);
+    broker
+        .produce_values(TOPIC, 0, (0..messages).map(|i| format!("m{i}")))
+        .unwrap();
+    let mut c = Cluster {
+        broker: SharedBroker::new(broker),
+        now: Instant::now(),
+        members: Vec::new(),
+    };
+    let a = c.join_acking(config(), false);
+    c.advance(Duration::from_millis(500));
+    let b = c.join_acking(config(), false);
+    let mut cursor = [0usize; 2];
+    let mut held: [std::collections::VecDeque<DeliveryTag>; 2] = Default::default();
+    let mut seen = BTreeSet::new();
+    let mut deliveries = 0;
+    let step = Duration::from_millis(10);
+    for _ in 0..limit.as_millis() / step.as_millis() {
+        if seen.len() == messages && c.committed(0) == Some(messages as u64) {
+            break;
+        }
+        for (i, m) in [a, b].into_iter().enumerate() {
+            for e in &c.members[m].events[cursor[i]..] {
+                if let Event::Deliver(d) = e {
+                    held[i].push_back(d.tag);
+                }
+            }
+            cursor[i] = c.members[m].events.len();
+            for tag in held[i].drain(..rate.min(held[i].len())) {
+                deliveries += 1;
+                seen.insert(tag.offset);
+                let _ = c.members[m].m.ack(c.now, tag);
+            }
+        }
+        c.pump();
+        c.advance(step);
+    }
+    let rebalances = c
+        .members
+        .iter()
+        .flat_map(|m| &m.events)
+        .filter(|e| matches!(e, Event::Revoked(_)))
+        .count();
+    assert_eq!(
+        (seen.len(), c.committed(0)),
+        (messages, Some(messages as u64)),
+        "everything processed and committed within {limit:?} ({deliveries} deliveries, {rebalances} rebalances)"
+    );
+    (deliveries, seen.len(), rebalances)
+}
+
+/// The partition stays with the member that has it (seed 1 orders the ids so) through every
+/// rebalance: it drains, rejoins and resumes at its own settle watermark, so an application
+/// that keeps up with the drain sees nothing twice.
+#[test]
+fn a_partition_given_back_resumes_at_the_settle_watermark() {
+    let (deliveries, distinct, rebalances) =
+        two_members_one_partition(10_000, 1, 10, Duration::from_secs(120));
+    assert!(rebalances > 0);
+    assert!(
+        deliveries - distinct <= rebalances * config().ack_batch_size,
+        "{} duplicates over {rebalances} rebalances",
+        deliveries - distinct
+    );
+}
+
+/// Issue 12 item 5, not done yet. An application slower than `max_unacked` per drain
+/// (100 messages a second here) still holds deliveries at the rebalance's drain deadline; they
+/// go stale although the partition comes straight back, are delivered again, and the next
+/// rebalance (every drain plus heartbeat while two members exist) comes before they are done:
+/// measured, the group stays at 920 committed for 2,000 s with 198,080 duplicates. Keeping a
+/// given-back partition's window and its deliveries' tags valid across the rejoin fixes it.
+#[test]
+#[ignore = "issue 12 item 5: deliveries of a partition given back go stale"]
+fn a_slow_application_is_not_livelocked_by_rebalances_that_give_the_partition_back() {
+    let (deliveries, distinct, rebalances) =
+        two_members_one_partition(10_000, 1, 1, Duration::from_secs(300));
+    assert!(
+        deliveries - distinct <= rebalances * config().ack_batch_size,
+        "{} duplicates over {rebalances} rebalances",
+        deliveries - distinct
+    );
+}
