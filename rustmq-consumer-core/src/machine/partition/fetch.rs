@@ -300,7 +300,14 @@ impl Partitions {
         if p.window.span() >= config.max_unsettled_per_partition {
             return Visit::Waits; // until settlements move the window
         }
-        if self.buffered + *reserved >= config.fetch_size
+        // Beside fetches in flight, one waits for a share of the buffer: many partitions then
+        // fetch batches, not one record each as every freed slot would let them.
+        let share = if *reserved > 0 {
+            (config.fetch_size / FETCH_SHARES).max(1)
+        } else {
+            1
+        };
+        if self.buffered + *reserved + share > config.fetch_size
             || self.buffered_bytes >= config.prefetch_bytes
         {
             return Visit::Full;
@@ -505,6 +512,10 @@ impl Partitions {
         }
     }
 }
+
+/// Fetches in flight together share the prefetch buffer (`fetch_size`) in at least this
+/// many parts: a fetch beside others waits until one part is free.
+const FETCH_SHARES: usize = 4;
 
 /// What a partition waits for after its turn at sending fetches.
 enum Visit {
