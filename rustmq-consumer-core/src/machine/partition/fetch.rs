@@ -300,9 +300,10 @@ impl Partitions {
         if p.window.span() >= config.max_unsettled_per_partition {
             return Visit::Waits; // until settlements move the window
         }
-        // Beside fetches in flight, one waits for a share of the buffer: many partitions then
-        // fetch batches, not one record each as every freed slot would let them.
-        let share = if *reserved > 0 {
+        // Unless the buffer is empty and no fetch in flight, a fetch waits for a share of the
+        // buffer: fetches carry batches, not one record each as every freed slot would let
+        // them (with many partitions, or an application acking one message at a time).
+        let share = if self.buffered + *reserved > 0 {
             (config.fetch_size / FETCH_SHARES).max(1)
         } else {
             1
@@ -513,8 +514,8 @@ impl Partitions {
     }
 }
 
-/// Fetches in flight together share the prefetch buffer (`fetch_size`) in at least this
-/// many parts: a fetch beside others waits until one part is free.
+/// A fetch waits until this part of the prefetch buffer (`fetch_size`) is free, unless the
+/// buffer is empty and no fetch is in flight.
 const FETCH_SHARES: usize = 4;
 
 /// What a partition waits for after its turn at sending fetches.
