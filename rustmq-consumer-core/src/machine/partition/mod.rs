@@ -139,7 +139,7 @@ impl Partition {
 
     /// Something to hand out: buffered messages or due retries, and not held back.
     fn deliverable(&self) -> bool {
-        !(self.paused || self.revoking) && !(self.buffered.is_empty() && self.redeliver.is_empty())
+        !self.paused && !self.revoking && (!self.buffered.is_empty() || !self.redeliver.is_empty())
     }
 
     /// May send a refetch or a Latest lookup, which go even when the prefetch buffer is full.
