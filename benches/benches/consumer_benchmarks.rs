@@ -10,6 +10,9 @@
 //!   beside a bare bounded channel between two tasks;
 //! - `ack_throughput_vs_old_design`: acks against a 0.25 ms round trip, beside the old design
 //!   (a task per message, one CommitOffset per ack);
+//! - `partitions`: the public `Consumer` on tokio over a zero-latency `SimTransport`, the
+//!   default config with 1, 10, 100 and 1,000 partitions assigned by hand, the same messages
+//!   spread over them; every run asserts that no request failed (no request timed out).
 //! - `quic_loopback`: the public `Consumer` with the default `ConsumerConfig` over QUIC on
 //!   127.0.0.1 against the embedded `LoopbackBroker` (which counts `max_bytes` like the real
 //!   broker), beside a raw loop of 1 MiB Fetch requests on the same kind of connection; the
@@ -24,7 +27,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use rustmq_consumer_benches::core::{
     commit_ok, delivered, failure, fetch_response, next_fetch, shuffled, start, wide_config,
 };
-use rustmq_consumer_benches::transport::{broker_with, DelayedTransport};
+use rustmq_consumer_benches::transport::{broker_spread, broker_with, DelayedTransport};
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
 use rustmq_consumer_core::protocol::{FetchRequest, Response};
@@ -41,6 +44,12 @@ const CYCLE_BATCH: usize = 100;
 const RETRY_N: usize = 1_000;
 /// Messages consumed per `end_to_end` iteration.
 const E2E_N: usize = 20_000;
+/// Messages consumed per `partitions` iteration, spread over the partitions.
+const PARTITIONS_N: usize = 200_000;
+/// How long a `partitions` run waits for a message before it fails as stalled.
+const STALL: Duration = Duration::from_secs(30);
+/// Partition counts of the `partitions` group.
+const PARTITION_COUNTS: [u32; 4] = [1, 10, 100, 1_000];
 /// Messages consumed per `quic_loopback` iteration.
 const QUIC_N: usize = 20_000;
 /// Messages acked per iteration by our consumer in `ack_throughput_vs_old_design`.
@@ -399,6 +408,53 @@ fn end_to_end(c: &mut Criterion) {
     g.finish();
 }
 
+fn partitions(c: &mut Criterion) {
+    let mut g = c.benchmark_group("partitions");
+    g.throughput(Throughput::Elements(PARTITIONS_N as u64));
+    g.sample_size(10);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    for count in PARTITION_COUNTS {
+        g.bench_function(format!("tokio_{count}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let broker = broker_spread(PARTITIONS_N, count);
+                    total += rt.block_on(async move {
+                        let transport = SimTransport::new(broker, TokioRuntime);
+                        let mut config = ConsumerConfig::new(TOPIC, GROUP);
+                        config.partitions = (0..count).collect();
+                        let start = Instant::now();
+                        let consumer = build(TokioRuntime, transport, config).await;
+                        for acked in 0..PARTITIONS_N {
+                            let received = tokio::time::timeout(STALL, consumer.receive()).await;
+                            let Ok(Ok(Some(d))) = received else {
+                                panic!(
+                                    "{count} partitions: stalled after {acked} acks: {received:?}"
+                                );
+                            };
+                            d.ack().await.unwrap();
+                        }
+                        let elapsed = start.elapsed();
+                        let metrics = consumer.metrics().await;
+                        // An in-memory broker answers at once: no request may fail or time out.
+                        assert_eq!(
+                            metrics.requests_failed, 0,
+                            "{count} partitions: requests failed: {metrics:?}"
+                        );
+                        consumer.close().await.unwrap();
+                        elapsed
+                    });
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
 /// A transport to a fresh broker holding `n` messages that answers after [`RTT`].
 fn delayed(n: usize) -> DelayedTransport {
     DelayedTransport::new(
@@ -694,6 +750,7 @@ criterion_group!(
     core_subsystems,
     end_to_end,
     ack_throughput_vs_old_design,
+    partitions,
     quic_loopback
 );
 criterion_main!(benches);

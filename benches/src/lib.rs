@@ -264,6 +264,23 @@ pub mod transport {
         SharedBroker::new(b)
     }
 
+    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] spread round-robin over
+    /// `partitions` partitions of [`TOPIC`], with [`GROUP`] created (for a manually assigned
+    /// consumer).
+    pub fn broker_spread(messages: usize, partitions: u32) -> SharedBroker {
+        let mut b = SimBroker::new();
+        b.create_topic(TOPIC, partitions);
+        let per = messages / partitions as usize;
+        let extra = messages % partitions as usize;
+        for p in 0..partitions {
+            let n = per + usize::from((p as usize) < extra);
+            b.produce_values(TOPIC, p, (0..n).map(|_| bytes::Bytes::from_static(PAYLOAD)))
+                .expect("topic exists");
+        }
+        b.ensure_group(GROUP);
+        SharedBroker::new(b)
+    }
+
     struct Chunk {
         /// Offset of the chunk's first message in the logical log.
         base: u64,

@@ -923,3 +923,29 @@ fn fetches_ask_for_what_the_buffer_takes_not_fetch_max_bytes() {
     }
     assert_eq!(h.deliveries().len(), 500, "and everything still arrives");
 }
+
+#[test]
+fn fetches_of_many_partitions_carry_batches_not_single_records() {
+    let mut c = config("t");
+    c.partitions = (0..100).collect();
+    let mut h = harness(c);
+    for p in 0..100 {
+        h.produce(p, 40);
+    }
+    let mut acked = 0;
+    for _ in 0..10_000 {
+        h.advance(Duration::from_millis(1));
+        for d in h.deliveries() {
+            h.ack(d.tag);
+            acked += 1;
+        }
+        if acked == 4_000 {
+            break;
+        }
+    }
+    assert_eq!(acked, 4_000, "every message delivered within the bound");
+    let fetches = h.fetches_sent().len();
+    // Every freed buffer slot used to start a fetch sized for one record: about one fetch
+    // per message.
+    assert!(fetches <= 1_000, "{fetches} fetches for 4,000 messages");
+}

@@ -140,10 +140,7 @@ impl Committer {
         metrics: &mut Metrics,
     ) -> bool {
         let ticket = self.requested;
-        let targets: Vec<(u32, u64)> = partitions
-            .iter()
-            .filter_map(|p| p.commit_target().map(|o| (p.id, o)))
-            .collect();
+        let targets = partitions.commit_targets();
         if targets.is_empty() {
             self.forget_batch();
             if ticket > 0 && !self.in_flight {

@@ -125,12 +125,7 @@ impl ConsumerMachine {
             Timer::CacheTtl => self.cache.poll_timeout(),
             Timer::RequestDeadline => self.requests.deadline(),
             Timer::Retry => self.partitions.next_retry().filter(|_| !closing),
-            Timer::FetchBackoff => self
-                .partitions
-                .iter()
-                .filter(|p| !closing && !p.fetch_in_flight && !p.paused && !p.revoking)
-                .filter_map(|p| p.fetch_not_before)
-                .min(),
+            Timer::FetchBackoff => self.partitions.next_fetch_backoff().filter(|_| !closing),
             Timer::AckFlush => self.committer.ack_flush_at(&self.config),
             Timer::CommitRetry => self.committer.retry_at,
             Timer::DeadLetterRetry => self.dead_letters.retry_at,
@@ -171,13 +166,7 @@ impl ConsumerMachine {
                 }
             }
             Timer::Retry => self.partitions.retries_due(now, &mut self.cache),
-            Timer::FetchBackoff => {
-                for p in self.partitions.iter_mut() {
-                    if p.fetch_not_before.is_some_and(|t| t <= now) {
-                        p.fetch_not_before = None;
-                    }
-                }
-            }
+            Timer::FetchBackoff => self.partitions.fetch_backoffs_due(now),
             Timer::AckFlush => self.committer.flush(),
             Timer::CommitRetry => self.committer.retry_at = None,
             Timer::DeadLetterRetry => self.dead_letters.retry_at = None,

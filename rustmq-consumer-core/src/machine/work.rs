@@ -34,6 +34,7 @@ impl ConsumerMachine {
             debug!(?from, ?to, "circuit breaker");
             self.events.push_back(Event::BreakerChanged { from, to });
         }
+        self.partitions.refresh();
     }
 
     /// Sends what is due, most valuable first (in half-open, the first requests are the

@@ -26,22 +26,19 @@ impl Partitions {
         breaker: &mut Breaker,
         requests: &mut Requests,
     ) -> bool {
-        let due = self.list.iter().any(|p| {
-            p.phase == Phase::Starting && !p.fetch_in_flight && p.fetch_not_before.is_none()
-        });
-        if !due {
+        self.refresh();
+        if self.starting_due.is_empty() {
             return true;
         }
         let Some(permit) = breaker.try_acquire() else {
             return false;
         };
-        let topic_partitions = self
-            .list
-            .iter_mut()
-            .filter(|p| p.phase == Phase::Starting)
-            .map(|p| {
-                p.fetch_in_flight = true;
-                TopicPartition::new(config.topic.clone(), p.id)
+        let ids: Vec<u32> = self.starting.iter().copied().collect();
+        let topic_partitions = ids
+            .into_iter()
+            .filter_map(|id| {
+                self.get_mut(id)?.fetch_in_flight = true;
+                Some(TopicPartition::new(config.topic.clone(), id))
             })
             .collect();
         let request = FetchOffsetRequest {
@@ -84,6 +81,7 @@ impl Partitions {
             }
         };
         let mut moved = 0;
+        self.all_dirty = true;
         for p in &mut self.list {
             if p.phase != Phase::Starting {
                 continue;
@@ -131,6 +129,7 @@ impl Partitions {
 
     /// Every partition in `phase` backs off after a failed FetchOffset or Latest lookup.
     fn phase_failed(&mut self, now: Instant, phase: Phase, jitter: &mut Jitter) {
+        self.all_dirty = true;
         for p in &mut self.list {
             if p.phase == phase {
                 p.fetch_failed(now, jitter);
@@ -177,11 +176,49 @@ impl Partitions {
         requests: &mut Requests,
         metrics: &mut Metrics,
     ) -> bool {
-        let mut reserved = self.list.iter().filter(|p| p.fetch_in_flight).count();
-        let n = self.list.len();
-        for k in 0..n {
-            let idx = (self.fetch_turn + k) % n;
-            if !self.send_partition_fetches(
+        self.refresh();
+        // Partitions that waited for buffer room for their first record and now fit.
+        while let Some(&(need, id)) = self.byte_waiting.first() {
+            if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {
+                break;
+            }
+            self.byte_waiting.pop_first();
+            self.fetch_candidates.insert(id);
+        }
+        let mut reserved = self.fetches_in_flight;
+        // Partitions take turns in id order from `fetch_turn`, once each; once the buffer is
+        // full, only refetches and Latest lookups can go.
+        let start = self.fetch_turn;
+        let (mut from, mut wrapped, mut full) = (start, false, false);
+        loop {
+            let set = if full {
+                &self.lookups
+            } else {
+                &self.fetch_candidates
+            };
+            let next = if wrapped {
+                set.range(from..start).next()
+            } else {
+                set.range(from..).next()
+            };
+            let Some(&id) = next else {
+                if wrapped {
+                    return true;
+                }
+                (from, wrapped) = (0, true);
+                continue;
+            };
+            match id.checked_add(1) {
+                Some(after) => from = after,
+                None if wrapped => return true,
+                None => (from, wrapped) = (0, true),
+            }
+            let Some(idx) = self.index(id) else {
+                self.fetch_candidates.remove(&id);
+                self.lookups.remove(&id);
+                continue;
+            };
+            let visit = self.send_partition_fetches(
                 now,
                 idx,
                 &mut reserved,
@@ -189,15 +226,26 @@ impl Partitions {
                 breaker,
                 requests,
                 metrics,
-            ) {
-                return false;
+            );
+            if !self.list[idx].has_lookup() {
+                self.lookups.remove(&id);
+            }
+            match visit {
+                Visit::Refused => return false,
+                Visit::Waits => {
+                    self.fetch_candidates.remove(&id);
+                }
+                Visit::ByteBlocked(need) => {
+                    self.fetch_candidates.remove(&id);
+                    self.byte_waiting.insert((need, id));
+                }
+                Visit::Full => full = true,
             }
         }
-        true
     }
 
     /// Sends one partition's refetch or fetch if due; a fetch sent takes one of the
-    /// `reserved` slots. False when the breaker said no.
+    /// `reserved` slots. Says what the partition waits for now.
     #[allow(clippy::too_many_arguments)]
     fn send_partition_fetches(
         &mut self,
@@ -208,15 +256,15 @@ impl Partitions {
         breaker: &mut Breaker,
         requests: &mut Requests,
         metrics: &mut Metrics,
-    ) -> bool {
+    ) -> Visit {
         let p = &mut self.list[idx];
         if p.fetch_not_before.is_some() {
-            return true;
+            return Visit::Waits;
         }
         if !p.refetch_in_flight {
             if let Some(&offset) = p.refetch.front() {
                 let Some(permit) = breaker.try_acquire() else {
-                    return false;
+                    return Visit::Refused;
                 };
                 p.refetch.pop_front();
                 p.refetch_in_flight = true;
@@ -231,7 +279,7 @@ impl Partitions {
             }
         }
         if p.fetch_in_flight || p.paused || p.revoking || p.phase == Phase::Starting {
-            return true; // a Starting partition waits for FetchOffset
+            return Visit::Waits; // a Starting partition waits for FetchOffset
         }
         let owner = FetchOwner {
             partition: p.id,
@@ -240,24 +288,38 @@ impl Partitions {
         };
         if p.phase == Phase::Latest {
             let Some(permit) = breaker.try_acquire() else {
-                return false;
+                return Visit::Refused;
             };
             p.fetch_in_flight = true;
+            p.counted_in_flight = true;
+            self.fetches_in_flight += 1;
             let request = fetch_request(config, owner.partition, 0, 1);
             requests.send(now, permit, Owner::ResolveLatest(owner), request);
-            return true;
+            return Visit::Waits;
         }
-        let flow_full = p.window.span() >= config.max_unsettled_per_partition
-            || self.buffered + *reserved >= config.fetch_size
+        if p.window.span() >= config.max_unsettled_per_partition {
+            return Visit::Waits; // until settlements move the window
+        }
+        // Unless the buffer is empty and no fetch in flight, a fetch waits for a share of the
+        // buffer: fetches carry batches, not one record each as every freed slot would let
+        // them (with many partitions, or an application acking one message at a time).
+        let share = if self.buffered + *reserved > 0 {
+            (config.fetch_size / FETCH_SHARES).max(1)
+        } else {
+            1
+        };
+        if self.buffered + *reserved + share > config.fetch_size
             || self.buffered_bytes >= config.prefetch_bytes
-            || p.byte_blocked.is_some_and(|need| {
-                self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes
-            });
-        if flow_full {
-            return true;
+        {
+            return Visit::Full;
+        }
+        if let Some(need) = p.byte_blocked {
+            if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {
+                return Visit::ByteBlocked(need);
+            }
         }
         let Some(permit) = breaker.try_acquire() else {
-            return false;
+            return Visit::Refused;
         };
         let room = config.prefetch_bytes - self.buffered_bytes;
         // Ask for about what the buffer can take (a quarter and one record of slack for
@@ -275,13 +337,15 @@ impl Partitions {
             .min(config.fetch_max_bytes)
             .max(1);
         p.fetch_in_flight = true;
+        p.counted_in_flight = true;
+        self.fetches_in_flight += 1;
         p.byte_blocked = None;
         *reserved += 1;
-        self.fetch_turn = idx + 1;
+        self.fetch_turn = owner.partition.checked_add(1).unwrap_or(0);
         metrics.fetches += 1;
         let request = fetch_request(config, owner.partition, owner.offset, max_bytes);
         requests.send(now, permit, Owner::Fetch(owner), request);
-        true
+        Visit::Waits
     }
 
     /// A fetch answered: buffer what fits, or back off (empty fetch, failure).
@@ -300,6 +364,7 @@ impl Partitions {
         let Some(idx) = self.index(owner.partition) else {
             return answer.map(drop);
         };
+        self.mark(idx);
         let p = &mut self.list[idx];
         let live = p.epoch == owner.epoch;
         let r = match (answer, live) {
@@ -469,6 +534,22 @@ impl Partitions {
             }
         }
     }
+}
+
+/// A fetch waits until this part of the prefetch buffer (`fetch_size`) is free, unless the
+/// buffer is empty and no fetch is in flight.
+const FETCH_SHARES: usize = 4;
+
+/// What a partition waits for after its turn at sending fetches.
+enum Visit {
+    /// The breaker refused a request: no more requests now.
+    Refused,
+    /// Its own state (in flight, backoff, paused, window full...): nothing until it changes.
+    Waits,
+    /// Room in the prefetch buffer, as every partition does.
+    Full,
+    /// Room in the prefetch buffer for a first record of this many bytes.
+    ByteBlocked(usize),
 }
 
 /// A fetch request, complete.

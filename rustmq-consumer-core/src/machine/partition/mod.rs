@@ -52,6 +52,12 @@ pub(crate) struct Partition {
     /// Its fetches fail with errors that name it: a stall reported once, until a fetch
     /// succeeds.
     fetch_failing: bool,
+    /// Queued in `Partitions::dirty`: the indexes do not reflect this partition yet.
+    dirty: bool,
+    /// What `Partitions::backoffs` holds for this partition.
+    indexed_backoff: Option<Instant>,
+    /// Whether `Partitions::fetches_in_flight` counts this partition.
+    counted_in_flight: bool,
 }
 
 /// How far a partition got in finding where to start.
@@ -129,7 +135,20 @@ impl Partition {
             start: None,
             stalled: false,
             fetch_failing: false,
+            dirty: false,
+            indexed_backoff: None,
+            counted_in_flight: false,
         }
+    }
+
+    /// Something to hand out: buffered messages or due retries, and not held back.
+    fn deliverable(&self) -> bool {
+        !self.paused && !self.revoking && (!self.buffered.is_empty() || !self.redeliver.is_empty())
+    }
+
+    /// May send a refetch or a Latest lookup, which go even when the prefetch buffer is full.
+    fn has_lookup(&self) -> bool {
+        !self.refetch.is_empty() || self.phase == Phase::Latest
     }
 
     /// Updates an unsettled slot; the caller checked it exists.
@@ -185,13 +204,37 @@ pub(crate) struct Partitions {
     /// Fetched messages not yet delivered, all partitions.
     pub(crate) buffered: usize,
     buffered_bytes: usize,
-    /// The partition whose fetch goes first next time (partitions take turns).
-    fetch_turn: usize,
-    /// The partition whose message is delivered next (round-robin for fairness).
-    delivery_turn: usize,
+    /// The partition id from which fetches go next time (partitions take turns).
+    fetch_turn: u32,
+    /// The partition id from which messages are delivered next (round-robin for fairness).
+    delivery_turn: u32,
     /// Estimated encoded size of a record (a moving average over the records fetches put in
     /// the buffer), to size fetches to what the buffer takes.
     record_bytes: usize,
+    /// Partitions changed since the indexes below were brought up to date (`refresh`); every
+    /// mutable access marks its partition. `all_dirty`: every partition.
+    dirty: Vec<u32>,
+    all_dirty: bool,
+    /// Partitions with something to deliver (exact after `refresh`).
+    deliverable: BTreeSet<u32>,
+    /// Partitions that may have a fetch, refetch or Latest lookup to send. Only a visit that
+    /// finds a partition waiting on its own state (in flight, backoff, paused...) removes it;
+    /// any change to the partition puts it back.
+    fetch_candidates: BTreeSet<u32>,
+    /// Partitions that may have a refetch or Latest lookup to send: the only ones visited once
+    /// the prefetch buffer is full.
+    lookups: BTreeSet<u32>,
+    /// Partitions waiting for buffer room for a record of this many bytes.
+    byte_waiting: BTreeSet<(usize, u32)>,
+    /// Every partition's fetch backoff: (not before, partition) (exact after `refresh`).
+    backoffs: BTreeSet<(Instant, u32)>,
+    /// Starting partitions (exact after `refresh`), and those of them due a FetchOffset.
+    starting: BTreeSet<u32>,
+    starting_due: BTreeSet<u32>,
+    /// Partitions whose watermark is to commit (exact after `refresh`).
+    uncommitted: BTreeSet<u32>,
+    /// Partitions with a fetch (or FetchOffset, Latest lookup) in flight.
+    fetches_in_flight: usize,
     /// Retry schedule: (due, partition id, offset).
     retries: BTreeSet<(Instant, u32, u64)>,
     /// Reasons of poison messages being fetched again for the dead-letter path.
@@ -205,8 +248,119 @@ impl Partitions {
     /// The breaker closed an outage's open interval: partitions backing off after failed
     /// fetches may fetch again at once.
     pub(crate) fn end_failure_backoff(&mut self) {
-        for p in self.list.iter_mut().filter(|p| p.fetch_failures > 0) {
-            p.fetch_not_before = None;
+        self.refresh();
+        let backoffs: Vec<(Instant, u32)> = self.backoffs.iter().copied().collect();
+        for (_, id) in backoffs {
+            if let Some(p) = self.get_mut(id).filter(|p| p.fetch_failures > 0) {
+                p.fetch_not_before = None;
+            }
+        }
+    }
+
+    /// The earliest fetch backoff of a partition that would fetch once it passes.
+    pub(crate) fn next_fetch_backoff(&self) -> Option<Instant> {
+        let waits = |p: &Partition| !p.fetch_in_flight && !p.paused && !p.revoking;
+        if self.all_dirty {
+            return self
+                .list
+                .iter()
+                .filter(|p| waits(p))
+                .filter_map(|p| p.fetch_not_before)
+                .min();
+        }
+        // The index holds every partition not changed since; the changed ones are looked at.
+        let indexed = self.backoffs.iter().find_map(|&(at, id)| {
+            let p = self.get(id)?;
+            (p.fetch_not_before == Some(at) && waits(p)).then_some(at)
+        });
+        let changed = self
+            .dirty
+            .iter()
+            .filter_map(|&id| self.get(id))
+            .filter(|p| waits(p))
+            .filter_map(|p| p.fetch_not_before)
+            .min();
+        indexed.into_iter().chain(changed).min()
+    }
+
+    /// Ends every fetch backoff that passed by `now`.
+    pub(crate) fn fetch_backoffs_due(&mut self, now: Instant) {
+        self.refresh();
+        while let Some(&(at, id)) = self.backoffs.first() {
+            if at > now {
+                break;
+            }
+            self.backoffs.pop_first();
+            if let Some(p) = self.get_mut(id) {
+                p.fetch_not_before = None;
+                p.indexed_backoff = None;
+            }
+        }
+    }
+
+    /// Queues the partition at `idx` for `refresh`.
+    fn mark(&mut self, idx: usize) {
+        let p = &mut self.list[idx];
+        if !p.dirty {
+            p.dirty = true;
+            self.dirty.push(p.id);
+        }
+    }
+
+    /// Brings the indexes up to date with the partitions changed since the last refresh.
+    pub(crate) fn refresh(&mut self) {
+        if std::mem::take(&mut self.all_dirty) {
+            self.dirty.clear();
+            for idx in 0..self.list.len() {
+                self.reindex(idx);
+            }
+            return;
+        }
+        while let Some(id) = self.dirty.pop() {
+            if let Some(idx) = self.index(id) {
+                self.reindex(idx);
+            }
+        }
+    }
+
+    fn reindex(&mut self, idx: usize) {
+        let p = &mut self.list[idx];
+        let id = p.id;
+        p.dirty = false;
+        if p.counted_in_flight != p.fetch_in_flight {
+            p.counted_in_flight = p.fetch_in_flight;
+            if p.fetch_in_flight {
+                self.fetches_in_flight += 1;
+            } else {
+                self.fetches_in_flight -= 1;
+            }
+        }
+        if p.indexed_backoff != p.fetch_not_before {
+            if let Some(at) = p.indexed_backoff {
+                self.backoffs.remove(&(at, id));
+            }
+            if let Some(at) = p.fetch_not_before {
+                self.backoffs.insert((at, id));
+            }
+            p.indexed_backoff = p.fetch_not_before;
+        }
+        let set = |set: &mut BTreeSet<u32>, member: bool| {
+            if member {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        };
+        set(&mut self.deliverable, p.deliverable());
+        set(&mut self.starting, p.phase == Phase::Starting);
+        set(
+            &mut self.starting_due,
+            p.phase == Phase::Starting && !p.fetch_in_flight && p.fetch_not_before.is_none(),
+        );
+        set(&mut self.uncommitted, p.commit_target().is_some());
+        self.fetch_candidates.insert(id);
+        if p.has_lookup() {
+            self.lookups.insert(id);
         }
     }
 
@@ -219,6 +373,17 @@ impl Partitions {
             buffered_bytes: 0,
             fetch_turn: 0,
             delivery_turn: 0,
+            dirty: Vec::new(),
+            all_dirty: false,
+            deliverable: BTreeSet::new(),
+            fetch_candidates: BTreeSet::new(),
+            lookups: BTreeSet::new(),
+            byte_waiting: BTreeSet::new(),
+            backoffs: BTreeSet::new(),
+            starting: BTreeSet::new(),
+            starting_due: BTreeSet::new(),
+            uncommitted: BTreeSet::new(),
+            fetches_in_flight: 0,
             // Until a fetch says otherwise: `fetch_max_bytes` spread over `fetch_size` records.
             record_bytes: (config.fetch_max_bytes as usize / config.fetch_size.max(1)).max(1),
             retries: BTreeSet::new(),
@@ -241,6 +406,7 @@ impl Partitions {
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
             self.list.insert(at, p);
+            self.mark(at);
         }
     }
 
@@ -253,6 +419,7 @@ impl Partitions {
     }
 
     pub(crate) fn at_mut(&mut self, idx: usize) -> &mut Partition {
+        self.mark(idx);
         &mut self.list[idx]
     }
 
@@ -261,7 +428,8 @@ impl Partitions {
     }
 
     pub(crate) fn get_mut(&mut self, id: u32) -> Option<&mut Partition> {
-        self.index(id).map(|idx| &mut self.list[idx])
+        let idx = self.index(id)?;
+        Some(self.at_mut(idx))
     }
 
     /// The partition `id` if it is still under `epoch`.
@@ -269,11 +437,8 @@ impl Partitions {
         self.get(id).is_some_and(|p| p.epoch == epoch)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Partition> {
-        self.list.iter()
-    }
-
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Partition> {
+        self.all_dirty = true;
         self.list.iter_mut()
     }
 
@@ -283,7 +448,31 @@ impl Partitions {
 
     /// Whether any partition's watermark moved past what was committed or is in flight.
     pub(crate) fn has_uncommitted(&self) -> bool {
-        self.list.iter().any(|p| p.commit_target().is_some())
+        if self.all_dirty {
+            return self.list.iter().any(|p| p.commit_target().is_some());
+        }
+        // The index holds every partition not changed since; the changed ones are looked at.
+        self.uncommitted
+            .iter()
+            .chain(&self.dirty)
+            .any(|&id| self.get(id).is_some_and(|p| p.commit_target().is_some()))
+    }
+
+    /// Every partition's offset to commit, by partition id.
+    pub(crate) fn commit_targets(&self) -> Vec<(u32, u64)> {
+        let target = |p: &Partition| p.commit_target().map(|o| (p.id, o));
+        if self.all_dirty {
+            return self.list.iter().filter_map(target).collect();
+        }
+        let ids: BTreeSet<u32> = self
+            .uncommitted
+            .iter()
+            .chain(&self.dirty)
+            .copied()
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.get(id).and_then(target))
+            .collect()
     }
 
     pub(crate) fn any_stalled(&self) -> bool {
@@ -336,14 +525,14 @@ impl Partitions {
             .map(|&id| self.index(id).ok_or(UsageError::UnknownPartition(id)))
             .collect::<Result<Vec<_>, _>>()?;
         for idx in idxs {
-            self.list[idx].paused = paused;
+            self.at_mut(idx).paused = paused;
         }
         Ok(())
     }
 
     /// Marks an offset settled; returns how far the watermark advanced.
     pub(crate) fn settle(&mut self, idx: usize, offset: u64, cache: &mut MessageCache) -> u64 {
-        let p = &mut self.list[idx];
+        let p = self.at_mut(idx);
         cache.remove((p.id, offset));
         p.window.settle(offset)
     }
@@ -356,7 +545,7 @@ impl Partitions {
     /// A nacked delivery waits for its retry at `due` (`None`: closing, it stays unsettled
     /// and the next consumer reads it again).
     pub(crate) fn schedule_retry(&mut self, tag: DeliveryTag, idx: usize, due: Option<Instant>) {
-        self.list[idx].set(
+        self.at_mut(idx).set(
             tag.offset,
             Slot::Waiting {
                 attempt: tag.attempt,
@@ -418,6 +607,7 @@ impl Partitions {
         attempt: u32,
         reason: DiscardReason,
     ) {
+        self.mark(idx);
         let p = &mut self.list[idx];
         p.set(
             offset,
@@ -435,6 +625,7 @@ impl Partitions {
     pub(crate) fn restart(&mut self, idx: usize, offset: u64) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        self.mark(idx);
         let p = &mut self.list[idx];
         let id = p.id;
         let outstanding = p
@@ -467,6 +658,7 @@ impl Partitions {
 
     /// Closing: undelivered messages stay unsettled, so the next member reads them again.
     pub(crate) fn drop_undelivered(&mut self) {
+        self.all_dirty = true;
         self.retries.clear();
         for p in &mut self.list {
             p.buffered.clear();
@@ -480,6 +672,7 @@ impl Partitions {
     /// A rebalance: stop fetching and delivering every partition. Undelivered messages and
     /// pending retries stay unsettled: the next owner reads them.
     pub(crate) fn start_revoke(&mut self) {
+        self.all_dirty = true;
         self.retries.clear();
         self.refetch_reasons.clear();
         for p in &mut self.list {
@@ -503,6 +696,17 @@ impl Partitions {
             self.restart(idx, base);
         }
         self.list.clear();
+        self.dirty.clear();
+        self.all_dirty = false;
+        self.deliverable.clear();
+        self.fetch_candidates.clear();
+        self.lookups.clear();
+        self.byte_waiting.clear();
+        self.backoffs.clear();
+        self.starting.clear();
+        self.starting_due.clear();
+        self.uncommitted.clear();
+        self.fetches_in_flight = 0;
         ids
     }
 
@@ -518,35 +722,45 @@ impl Partitions {
         metrics: &mut Metrics,
         events: &mut VecDeque<Event>,
     ) {
-        let n = self.list.len();
-        if n == 0 {
-            return;
-        }
-        let mut idle = 0;
-        while self.unacked < max_unacked && idle < n {
-            let idx = self.delivery_turn % n;
-            self.delivery_turn = self.delivery_turn.wrapping_add(1);
-            let p = &mut self.list[idx];
-            if p.paused || p.revoking {
-                idle += 1;
+        self.refresh();
+        // Partitions take turns in id order from `delivery_turn`, among those that have
+        // something to deliver.
+        while self.unacked < max_unacked {
+            let Some(&id) = self
+                .deliverable
+                .range(self.delivery_turn..)
+                .next()
+                .or_else(|| self.deliverable.first())
+            else {
+                break;
+            };
+            self.delivery_turn = id.checked_add(1).unwrap_or(0);
+            let Some(idx) = self.index(id) else {
+                self.deliverable.remove(&id);
                 continue;
-            }
-            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
-            {
-                let Some(Slot::Ready { attempt }) = p.window.get(offset).copied() else {
-                    continue;
-                };
-                metrics.retried += 1;
-                (offset, record, attempt)
+            };
+            let p = &mut self.list[idx];
+            let next = if let Some((offset, record)) = p.redeliver.pop_front() {
+                match p.window.get(offset).copied() {
+                    Some(Slot::Ready { attempt }) => {
+                        metrics.retried += 1;
+                        Some((offset, record, attempt))
+                    }
+                    _ => None,
+                }
             } else if let Some((offset, record)) = p.buffered.pop_front() {
                 self.buffered -= 1;
                 self.buffered_bytes -= record.encoded_len();
-                (offset, record, 1)
+                Some((offset, record, 1))
             } else {
-                idle += 1;
+                None
+            };
+            if !p.deliverable() {
+                self.deliverable.remove(&id);
+            }
+            let Some((offset, record, attempt)) = next else {
                 continue;
             };
-            idle = 0;
             p.set(
                 offset,
                 Slot::Delivered {
