@@ -92,6 +92,7 @@ mod error;
 mod event;
 mod frame;
 mod machine;
+pub mod process;
 pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic;
