@@ -132,6 +132,11 @@ impl AckGate {
                 .is_some_and(|&since| since > generation)
     }
 
+    /// The current generation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     fn wake_driver(&self) {
         // Full: a token is already there and the driver will apply this ack with the others.
         // Closed: the driver is gone, and it closed the gate before that under the lock, so

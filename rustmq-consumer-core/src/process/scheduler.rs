@@ -204,7 +204,10 @@ impl<T> Scheduler<T> {
             return Ok(());
         };
         let per_lane = self.limits.max_waiting_per_lane;
-        let state = self.lanes.entry(lane.clone()).or_insert_with(LaneState::new);
+        let state = self
+            .lanes
+            .entry(lane.clone())
+            .or_insert_with(LaneState::new);
         if state.held == Some((partition, offset)) {
             state.held = None;
             state.waiting.push_front(waiting);
@@ -269,24 +272,12 @@ impl<T> Scheduler<T> {
     /// start and nothing more may be pushed: the held-for redeliveries cannot come in, so
     /// waiting for them would never end (their order is given up instead).
     fn release_all(&mut self) -> bool {
-        let held: Vec<Lane> = self
-            .lanes
-            .iter()
-            .filter(|(_, state)| state.held.is_some())
-            .map(|(lane, _)| lane.clone())
-            .collect();
-        for lane in &held {
-            tracing::debug!(?lane, "hold released: the scheduler is full");
-            if let Some(state) = self.lanes.get_mut(lane) {
-                state.held = None;
-                if state.idle() {
-                    self.lanes.remove(lane);
-                    continue;
-                }
-            }
-            self.mark_ready(lane.clone());
+        let any = self.lanes.values().any(|state| state.held.is_some());
+        if any {
+            tracing::debug!("holds released: the scheduler is full");
+            self.release_holds(|_, _| true);
         }
-        !held.is_empty()
+        any
     }
 
     /// A started delivery ended. [`Finish::Redeliver`] holds its lane for the redelivery
@@ -313,63 +304,59 @@ impl<T> Scheduler<T> {
     /// Drops `partition`'s queued work (its deliveries went stale: a revoke or a seek) and
     /// releases the holds waiting for its redeliveries. Returns the dropped items.
     pub fn drop_partition(&mut self, partition: u32) -> Vec<T> {
-        let mut dropped = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.free.len());
-        for waiting in self.free.drain(..) {
-            if waiting.partition == partition {
-                dropped.push(waiting.item);
-            } else {
-                kept.push_back(waiting);
-            }
-        }
-        self.free = kept;
-        let per_lane = self.limits.max_waiting_per_lane;
-        let mut released = Vec::new();
-        self.lanes.retain(|lane, state| {
-            let was_full = state.waiting.len() == per_lane;
-            if state.waiting.iter().any(|w| w.partition == partition) {
-                let mut kept = VecDeque::with_capacity(state.waiting.len());
-                for waiting in state.waiting.drain(..) {
-                    if waiting.partition == partition {
-                        dropped.push(waiting.item);
-                    } else {
-                        kept.push_back(waiting);
-                    }
-                }
-                state.waiting = kept;
-            }
-            if was_full && state.waiting.len() < per_lane {
-                self.full_lanes -= 1;
-            }
-            if state.held.is_some_and(|(p, _)| p == partition) {
-                state.held = None;
-                released.push(lane.clone());
-            }
-            !state.idle()
-        });
-        self.waiting -= dropped.len();
-        for lane in released {
-            self.mark_ready(lane);
-        }
+        let dropped = self.drop_waiting(|p, _, _| p == partition);
+        self.release_holds(|p, _| p == partition);
         dropped
     }
 
-    /// Releases a lane's hold for the redelivery of `partition`/`offset` (it will not come:
-    /// the nack was refused or the message goes to the dead-letter path instead).
-    pub fn release(&mut self, partition: u32, offset: u64, key: Option<&Bytes>) {
-        let Some(lane) = self.lane_of(partition, key) else {
-            return;
-        };
-        let Some(state) = self.lanes.get_mut(&lane) else {
-            return;
-        };
-        if state.held == Some((partition, offset)) {
-            state.held = None;
-            if state.idle() {
-                self.lanes.remove(&lane);
-            } else {
-                self.mark_ready(lane);
+    /// Drops the waiting deliveries `stale(partition, offset, item)` picks (deliveries the
+    /// consumer no longer accepts settles for). Returns them, in no particular order.
+    pub fn drop_waiting(&mut self, mut stale: impl FnMut(u32, u64, &T) -> bool) -> Vec<T> {
+        let mut dropped = Vec::new();
+        let mut split = |queue: &mut VecDeque<Waiting<T>>| {
+            if !queue.iter().any(|w| stale(w.partition, w.offset, &w.item)) {
+                return;
             }
+            let mut kept = VecDeque::with_capacity(queue.len());
+            for waiting in queue.drain(..) {
+                if stale(waiting.partition, waiting.offset, &waiting.item) {
+                    dropped.push(waiting.item);
+                } else {
+                    kept.push_back(waiting);
+                }
+            }
+            *queue = kept;
+        };
+        split(&mut self.free);
+        let per_lane = self.limits.max_waiting_per_lane;
+        let mut full_lanes = 0;
+        self.lanes.retain(|_, state| {
+            split(&mut state.waiting);
+            if state.waiting.len() == per_lane {
+                full_lanes += 1;
+            }
+            !state.idle()
+        });
+        self.full_lanes = full_lanes;
+        self.waiting -= dropped.len();
+        dropped
+    }
+
+    /// Releases the holds `void(partition, offset)` picks: their redeliveries will not come
+    /// (the partition was revoked or sought).
+    pub fn release_holds(&mut self, mut void: impl FnMut(u32, u64) -> bool) {
+        let mut released = Vec::new();
+        self.lanes.retain(|lane, state| {
+            if let Some((partition, offset)) = state.held {
+                if void(partition, offset) {
+                    state.held = None;
+                    released.push(lane.clone());
+                }
+            }
+            !state.idle()
+        });
+        for lane in released {
+            self.mark_ready(lane);
         }
     }
 

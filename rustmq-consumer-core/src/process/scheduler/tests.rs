@@ -51,8 +51,11 @@ fn key_bytes(key: Option<u8>) -> Option<Bytes> {
     key.map(|k| Bytes::from(vec![k]))
 }
 
+/// A lane as the model sees it: a key, or a partition.
+type ModelLane = (Option<u8>, Option<u32>);
+
 /// The lane the model expects for an item.
-fn lane(order: OrderBy, item: &Item) -> Option<(Option<u8>, Option<u32>)> {
+fn lane(order: OrderBy, item: &Item) -> Option<ModelLane> {
     match (order, item.key) {
         (OrderBy::Unordered, _) => None,
         (OrderBy::Key, Some(key)) => Some((Some(key), None)),
@@ -79,14 +82,14 @@ proptest! {
         let mut next_offset: BTreeMap<u32, u64> = BTreeMap::new();
         let mut running: Vec<(Ticket, Item)> = Vec::new();
         // Per lane: the last started offset per partition (first attempts only).
-        let mut last_started: HashMap<((Option<u8>, Option<u32>), u32), u64> = HashMap::new();
+        let mut last_started: HashMap<(ModelLane, u32), u64> = HashMap::new();
         // Redeliveries owed to the scheduler (a nack), pushed back later by `Push` steps.
         let mut redeliveries: Vec<Item> = Vec::new();
         let mut pushed = 0usize;
         let mut started = 0usize;
         let mut dropped = 0usize;
 
-        let check_start = |last_started: &mut HashMap<((Option<u8>, Option<u32>), u32), u64>, item: &Item, ticket: &Ticket, running: &[(Ticket, Item)]| {
+        let check_start = |last_started: &mut HashMap<(ModelLane, u32), u64>, item: &Item, ticket: &Ticket, running: &[(Ticket, Item)]| {
             prop_assert_eq!((ticket.partition(), ticket.offset()), (item.partition, item.offset));
             if let Some(l) = lane(order, item) {
                 for (_, other) in running {
