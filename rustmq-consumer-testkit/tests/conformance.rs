@@ -76,6 +76,7 @@ conformance!(
     process_nacks,
     process_hot_key_bounded,
     process_through_a_seek,
+    process_then_close,
 );
 
 /// The same seed gives the same application-visible run on every runtime.

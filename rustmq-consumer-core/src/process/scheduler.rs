@@ -28,7 +28,8 @@ pub enum OrderBy {
     /// Any delivery may run beside any other.
     Unordered,
     /// Deliveries with the same key never overlap and run in offset order; different keys run
-    /// in parallel; records without a key are ordered by partition.
+    /// in parallel; records without a key are ordered by partition. A key is one lane across
+    /// partitions (its deliveries of different partitions never overlap either).
     #[default]
     Key,
     /// Deliveries of one partition never overlap and run in offset order.

@@ -22,7 +22,7 @@ use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 mod process;
 pub use process::{
     process_concurrency_bound, process_hot_key_bounded, process_in_key_order, process_nacks,
-    process_through_a_seek,
+    process_then_close, process_through_a_seek,
 };
 
 pub const TOPIC: &str = "orders";

@@ -275,3 +275,36 @@ pub async fn process_through_a_seek<R: Runtime + Clone>(rt: R) {
     );
     assert_eq!(committed(&broker, 0), Some(100));
 }
+
+/// A close from another handle while handlers run: the close waits for the running (and
+/// already queued) handlers, whose acks are all accepted, and the commit covers exactly what
+/// they acked; then the run ends.
+pub async fn process_then_close<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 0);
+    produce_keyed(&broker, 1, 200, |i| Some(format!("k{}", i % 7)));
+    let consumer = start(&rt, &broker, fast_config()).await;
+    let handled = std::cell::Cell::new(0u64);
+    let (enough, wait_enough) = async_channel::bounded::<()>(1);
+    let processing = consumer.process(ProcessOptions::new(4), |_| {
+        let (rt, handled, enough) = (&rt, &handled, enough.clone());
+        async move {
+            sleep(rt, Duration::from_millis(2)).await;
+            handled.set(handled.get() + 1);
+            if handled.get() == 20 {
+                let _ = enough.try_send(());
+            }
+            Outcome::Ack
+        }
+    });
+    let closing = async {
+        wait_enough.recv().await.expect("20 handled");
+        consumer.close().await
+    };
+    let (summary, closed) = within(&rt, futures_lite::future::zip(processing, closing)).await;
+    closed.expect("close");
+    let summary = summary.expect("processing ends when the consumer closes");
+    assert!(summary.acked >= 20, "{summary:?}");
+    assert_eq!(summary.refused, 0, "{summary:?}");
+    assert_eq!(summary.acked, handled.get());
+    assert_eq!(committed(&broker, 0), Some(summary.acked));
+}
