@@ -16,7 +16,10 @@
 //! - `quic_loopback`: the public `Consumer` with the default `ConsumerConfig` over QUIC on
 //!   127.0.0.1 against the embedded `LoopbackBroker` (which counts `max_bytes` like the real
 //!   broker), beside a raw loop of 1 MiB Fetch requests on the same kind of connection; the
-//!   ratio is printed after the group.
+//!   ratio is printed after the group;
+//! - `process`: `Consumer::process` with a handler that waits 1 ms (simulated I/O) on
+//!   messages over 1,000 keys, at concurrency 1, 8 and 64 in key order, beside the sequential
+//!   `receive`/sleep/`ack` loop; the rates and ratios are printed after the group.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
@@ -29,9 +32,12 @@ use rustmq_consumer_benches::core::{
 };
 use rustmq_consumer_benches::transport::{broker_spread, broker_with, DelayedTransport};
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
+use rustmq_consumer_core::process::OrderBy;
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
 use rustmq_consumer_core::protocol::{FetchRequest, Response};
-use rustmq_consumer_core::{BreakerState, Consumer, ConsumerConfig, Event, Runtime, Transport};
+use rustmq_consumer_core::{
+    BreakerState, Consumer, ConsumerConfig, Event, Outcome, ProcessOptions, Runtime, Transport,
+};
 use rustmq_consumer_testkit::{take_deliveries, LoopbackBroker, SimTransport};
 use rustmq_consumer_tokio::TokioRuntime;
 
@@ -56,6 +62,16 @@ const QUIC_N: usize = 20_000;
 const ACK_RTT_N: usize = 10_000;
 /// Messages acked per iteration by the old design (about a quarter of a second each).
 const OLD_N: usize = 1_000;
+/// Messages per `process` iteration at concurrency 8 and 64.
+const PROCESS_N: usize = 10_000;
+/// Messages per `process` iteration at concurrency 1 and in the sequential loop (a 1 ms
+/// handler makes 10,000 take ten seconds).
+const PROCESS_SLOW_N: usize = 1_000;
+/// Distinct keys of the `process` messages.
+const PROCESS_KEYS: usize = 1_000;
+/// The `process` handler's simulated I/O.
+const HANDLER_WAIT: Duration = Duration::from_millis(1);
+
 /// The measured commit round trip of a real RustMQ broker on loopback.
 const RTT: Duration = Duration::from_micros(250);
 /// Commits the old design had in flight at once. Its SDK serialised them behind the client's
@@ -743,6 +759,118 @@ fn quic_loopback(c: &mut Criterion) {
     }
 }
 
+// ---------------------------------------------------------------------- process
+
+/// A broker holding `n` messages in one partition, keyed over [`PROCESS_KEYS`] keys.
+fn keyed_broker(n: usize) -> rustmq_consumer_testkit::SharedBroker {
+    let mut b = rustmq_consumer_testkit::SimBroker::new();
+    b.create_topic(TOPIC, 1);
+    let batch = records(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut record)| {
+            record.key = Some(bytes::Bytes::from(format!("key-{}", i % PROCESS_KEYS)));
+            record
+        })
+        .collect();
+    b.produce(TOPIC, 0, batch).unwrap();
+    b.ensure_group(GROUP);
+    rustmq_consumer_testkit::SharedBroker::new(b)
+}
+
+/// `n` messages through `Consumer::process` at `concurrency`, each handler waiting
+/// [`HANDLER_WAIT`] on tokio's clock; the time from the first pull to the last ack.
+async fn process_run(consumer: &Consumer, n: usize, concurrency: usize) -> Duration {
+    let handled = std::cell::Cell::new(0);
+    let (all_done, done) = async_channel::bounded::<()>(1);
+    let start = Instant::now();
+    let summary = consumer
+        .process_until(
+            ProcessOptions::new(concurrency).order_by(OrderBy::Key),
+            |_| {
+                let (handled, all_done) = (&handled, all_done.clone());
+                async move {
+                    rustmq_consumer_core::sleep(&TokioRuntime, HANDLER_WAIT).await;
+                    handled.set(handled.get() + 1);
+                    if handled.get() == n {
+                        let _ = all_done.try_send(());
+                    }
+                    Outcome::Ack
+                }
+            },
+            async {
+                let _ = done.recv().await;
+            },
+        )
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(summary.acked, n as u64);
+    elapsed
+}
+
+/// The sequential loop: receive, wait [`HANDLER_WAIT`], ack, `n` times.
+async fn sequential_run(consumer: &Consumer, n: usize) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        let d = consumer.receive().await.unwrap().unwrap();
+        rustmq_consumer_core::sleep(&TokioRuntime, HANDLER_WAIT).await;
+        d.ack().await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn process(c: &mut Criterion) {
+    let mut g = c.benchmark_group("process");
+    g.sample_size(10);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // `None`: the sequential loop.
+    let runs: [(&str, Option<usize>, usize); 4] = [
+        ("sequential_receive_ack", None, PROCESS_SLOW_N),
+        ("concurrency_1", Some(1), PROCESS_SLOW_N),
+        ("concurrency_8", Some(8), PROCESS_N),
+        ("concurrency_64", Some(64), PROCESS_N),
+    ];
+    let mut tallies = Vec::new();
+    for (name, concurrency, n) in runs {
+        g.throughput(Throughput::Elements(n as u64));
+        let mut tally = Tally::default();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let broker = keyed_broker(n);
+                    let elapsed = rt.block_on(async {
+                        let transport = SimTransport::new(broker, TokioRuntime);
+                        let consumer = build(TokioRuntime, transport, e2e_config()).await;
+                        let elapsed = match concurrency {
+                            Some(concurrency) => process_run(&consumer, n, concurrency).await,
+                            None => sequential_run(&consumer, n).await,
+                        };
+                        consumer.close().await.unwrap();
+                        elapsed
+                    });
+                    total += tally.add(elapsed, n);
+                }
+                total
+            })
+        });
+        tallies.push((name, tally));
+    }
+    g.finish();
+    let sequential = tallies[0].1.rate();
+    for (name, tally) in &tallies {
+        eprintln!(
+            "process: {name} {:.0} msg/s = {:.1}x sequential_receive_ack",
+            tally.rate(),
+            tally.rate() / sequential
+        );
+    }
+}
+
 criterion_group!(
     benches,
     core_ack_path,
@@ -751,6 +879,7 @@ criterion_group!(
     end_to_end,
     ack_throughput_vs_old_design,
     partitions,
-    quic_loopback
+    quic_loopback,
+    process
 );
 criterion_main!(benches);

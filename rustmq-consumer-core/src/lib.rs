@@ -79,6 +79,8 @@
 //!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task.rs`
 //!   owns the machine and runs its loop, `gate.rs` settles acks without a round trip,
 //!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API.
+//! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,
+//!   bounded queues); `driver/process.rs` runs handlers under it (`Consumer::process`).
 //! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
 #![forbid(unsafe_code)]
 
@@ -92,6 +94,7 @@ mod error;
 mod event;
 mod frame;
 mod machine;
+pub mod process;
 pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic;
@@ -100,7 +103,8 @@ mod window;
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
-    DeliveryStream, HealthReport, Runtime, Sleep, Transport,
+    DeliveryStream, HealthReport, Outcome, ProcessOptions, ProcessSummary, Runtime, Sleep,
+    Transport,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -113,7 +117,8 @@ pub use machine::{dead_letter_headers, ConsumerMachine};
 /// `rustmq-consumer-tokio` and `rustmq-consumer-smol` cannot drift apart.
 #[doc(hidden)]
 pub mod adapter {
-    pub use crate::driver::Delivery;
+    pub use crate::driver::{Delivery, Outcome, ProcessOptions, ProcessSummary};
+    pub use crate::process::OrderBy;
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use rustmq_consumer_core::protocol::{Record, Request, TopicPartition};
 use rustmq_consumer_core::{
-    BreakerState, ClosePhase, ConsumerConfig, DiscardReason, Event, Metrics, RequestId, Transmit,
-    UsageError,
+    BreakerState, ClosePhase, ConsumerConfig, DeliveryTag, DiscardReason, Event, Metrics,
+    RequestId, Transmit, UsageError,
 };
 
 use crate::broker::SimBroker;
@@ -81,6 +81,10 @@ pub mod names {
     /// In a group session (no seeks), an accepted commit never moves the broker's offset of a
     /// partition backwards (a restart that lost it aside).
     pub const BROKER_COMMIT_MONOTONIC: &str = "broker-commit-monotonic";
+    /// Under concurrent processing, two deliveries of one key (or, ordered by partition, of
+    /// one partition) never run at once, and a key's first attempts of a partition run in
+    /// offset order (until a seek or a revoke starts the partition over).
+    pub const KEY_ORDER: &str = "key-order";
     /// In a group session, deliveries come only from partitions the consumer owns.
     pub const DELIVER_ONLY_OWNED: &str = "deliver-only-owned";
 }
@@ -196,6 +200,11 @@ pub struct Checker {
     /// Assignments (`Assigned` events) and revocations seen.
     assignments: u64,
     revocations: u64,
+    /// Concurrent processing: lanes (keys or partitions) running now.
+    running_lanes: BTreeSet<String>,
+    /// Concurrent processing: per lane and partition, the generation and the lowest offset
+    /// the next first attempt may have.
+    lane_next: BTreeMap<(String, u32), (u64, u64)>,
 }
 
 impl Checker {
@@ -237,6 +246,8 @@ impl Checker {
             duplicates: 0,
             assignments: 0,
             revocations: 0,
+            running_lanes: BTreeSet::new(),
+            lane_next: BTreeMap::new(),
         }
     }
 
@@ -890,6 +901,43 @@ impl Checker {
     /// Reports a command the machine refused for a reason the application did not expect.
     pub fn command_refused(&self, detail: String) -> Violation {
         self.violation(COMMAND_ACCEPTED, detail)
+    }
+
+    /// Concurrent processing started a delivery in `lane` (a key, or a partition): no other
+    /// delivery of the lane may be running, and a first attempt must not come before an
+    /// offset of its partition the lane already started in this generation.
+    pub fn lane_started(
+        &mut self,
+        lane: &str,
+        tag: DeliveryTag,
+        generation: u64,
+    ) -> Result<(), Violation> {
+        if !self.running_lanes.insert(lane.to_owned()) {
+            return self.fail(
+                KEY_ORDER,
+                format!("{lane}: {tag:?} started while another delivery of it runs"),
+            );
+        }
+        if tag.attempt == 1 {
+            let next = self
+                .lane_next
+                .entry((lane.to_owned(), tag.partition))
+                .or_insert((generation, 0));
+            if next.0 == generation && tag.offset < next.1 {
+                let last = next.1 - 1;
+                return self.fail(
+                    KEY_ORDER,
+                    format!("{lane}: {tag:?} started after offset {last} of its partition"),
+                );
+            }
+            *next = (generation, tag.offset + 1);
+        }
+        Ok(())
+    }
+
+    /// Concurrent processing finished a delivery of `lane`.
+    pub fn lane_finished(&mut self, lane: &str) {
+        self.running_lanes.remove(lane);
     }
 
     /// A violation of `invariant` at the current step (for checks made by the simulation).

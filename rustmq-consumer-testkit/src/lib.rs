@@ -68,8 +68,8 @@ pub use pump::{
 };
 pub use sim::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
-    Decision, Failure, Handler, ModelApp, Mutation, Scenario, SimReport, Simulation, Summary,
-    DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
+    Decision, Failure, Handler, ModelApp, Mutation, ProcessModel, Scenario, SimReport, Simulation,
+    Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };
 pub use transport::{SharedBroker, SimTransport};
 pub use virtual_rt::{Stalled, VirtualRuntime};

@@ -71,6 +71,12 @@ conformance!(
     // Regression: a close during a revoke used to spin on the Revoking deadline.
     stale_after_rebalance,
     paused_through_a_rebalance,
+    process_in_key_order,
+    process_concurrency_bound,
+    process_nacks,
+    process_hot_key_bounded,
+    process_through_a_seek,
+    process_then_close,
 );
 
 /// The same seed gives the same application-visible run on every runtime.

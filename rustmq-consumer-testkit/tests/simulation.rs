@@ -287,6 +287,80 @@ fn a_healthy_run_acks_everything_and_commits_the_high_watermark() {
     assert_eq!(report.faults, 0);
 }
 
+/// Concurrent processing under the core's scheduler, keyed, with nacks (held keys) and
+/// random latencies: every invariant holds, the key-order rule among them, and everything is
+/// acked and committed.
+#[test]
+fn a_keyed_processing_run_acks_everything() {
+    use rustmq_consumer_core::process::{Limits, OrderBy};
+    for (seed, order_by) in [
+        (3, OrderBy::Key),
+        (5, OrderBy::Partition),
+        (8, OrderBy::Key),
+    ] {
+        let mut s = Scenario::from_seed_manual(seed);
+        s.faults = FaultPlan::none(Duration::from_millis(1));
+        s.app = AppBehaviour::well_behaved(Duration::from_millis(20));
+        s.app.nack_rate = 0.1;
+        s.config.max_retry_attempts = 5;
+        s.messages = vec![80; s.messages.len()];
+        s.process = Some(ProcessModel {
+            order_by,
+            limits: Limits {
+                concurrency: 6,
+                max_waiting_per_lane: 3,
+                max_waiting: 12,
+            },
+            keys: 4,
+        });
+        s.liveness_budget = s.default_liveness_budget();
+        let total = s.total_messages();
+        let report = Simulation::new(s).run().unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(report.acked, total, "seed {seed}");
+    }
+}
+
+/// About half the swarm processes concurrently, under every ordering.
+#[test]
+fn the_swarm_processes_concurrently() {
+    use rustmq_consumer_core::process::OrderBy;
+    let models: Vec<ProcessModel> = (0..200)
+        .filter_map(|seed| Scenario::from_seed(seed).process)
+        .collect();
+    assert!(models.len() > 60 && models.len() < 140, "{}", models.len());
+    for order in [OrderBy::Key, OrderBy::Partition, OrderBy::Unordered] {
+        assert!(models.iter().any(|m| m.order_by == order), "{order:?}");
+    }
+}
+
+#[test]
+fn checker_catches_key_overlap_and_disorder() {
+    use rustmq_consumer_core::DeliveryTag;
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.partitions = vec![0];
+    let mut checker = Checker::new(&config);
+    let tag = |offset, attempt| DeliveryTag {
+        partition: 0,
+        offset,
+        epoch: 0,
+        attempt,
+    };
+    checker.lane_started("key a", tag(3, 1), 0).unwrap();
+    let err = checker.lane_started("key a", tag(4, 1), 0).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::KEY_ORDER, "{err}");
+    checker.lane_finished("key a");
+    checker.lane_started("key b", tag(1, 1), 0).unwrap();
+    checker.lane_finished("key b");
+    // A first attempt before an offset the key already ran: out of order.
+    let err = checker.lane_started("key a", tag(2, 1), 0).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::KEY_ORDER, "{err}");
+    checker.lane_finished("key a");
+    // A redelivery runs its own offset again; a new generation (a seek) starts over.
+    checker.lane_started("key a", tag(3, 2), 0).unwrap();
+    checker.lane_finished("key a");
+    checker.lane_started("key a", tag(0, 1), 1).unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 24,

@@ -33,6 +33,10 @@ pub(crate) struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
+    /// The config's `max_unacked`: deliveries outstanding at most.
+    pub(crate) max_unacked: usize,
+    /// The config's `max_retry_attempts`: a nack of a later attempt dead-letters.
+    pub(crate) max_retry_attempts: u32,
 }
 
 impl Shared {
@@ -312,6 +316,10 @@ impl Consumer {
         &self.shared.consumer_id
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     fn final_state(&self) -> Option<FinalState> {
         self.shared.final_state.get().cloned()
     }
@@ -510,6 +518,24 @@ impl Delivery {
     /// The tag the state machine knows this delivery by.
     pub fn tag(&self) -> DeliveryTag {
         self.inner.tag
+    }
+
+    /// True when the consumer certainly refuses to settle it (its partition was sought or
+    /// revoked since, or the consumer closed).
+    pub(crate) fn known_stale(&self) -> bool {
+        self.shared
+            .gate
+            .known_stale(self.inner.tag.partition, self.generation)
+    }
+
+    /// Drops a delivery that can no longer be settled without the unsettled-drop warning.
+    pub(crate) fn discard(mut self) {
+        self.settled = true;
+    }
+
+    /// Whether a nack of it is redelivered (rather than dead-lettered).
+    pub(crate) fn nack_redelivers(&self) -> bool {
+        self.inner.tag.attempt <= self.shared.max_retry_attempts
     }
 }
 

@@ -27,6 +27,7 @@
 // push, never across an `.await`. The machine itself is still owned by value, lock-free.
 #![allow(clippy::disallowed_types)]
 
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_channel::{Receiver, Sender};
@@ -50,6 +51,9 @@ pub(crate) struct GateState {
     pub(crate) open: bool,
     /// Acks accepted by the gate, not yet applied to the machine.
     pub(crate) pending: Vec<DeliveryTag>,
+    /// Per partition, the generation its last seek or revoke moved the gate to: a delivery of
+    /// it stamped earlier is certainly stale (`Consumer::process` drops its queued work).
+    invalidated: HashMap<u32, u64>,
     capacity: usize,
 }
 
@@ -63,6 +67,7 @@ impl AckGate {
                 generation: 0,
                 open: true,
                 pending: Vec::with_capacity(capacity),
+                invalidated: HashMap::new(),
                 capacity,
             }),
             kick,
@@ -116,6 +121,22 @@ impl AckGate {
         refused
     }
 
+    /// True when a delivery of `partition` stamped `generation` can no longer be settled: its
+    /// partition was sought or revoked since, or the consumer is closed. False says nothing.
+    pub(crate) fn known_stale(&self, partition: u32, generation: u64) -> bool {
+        let state = self.lock();
+        !state.open
+            || state
+                .invalidated
+                .get(&partition)
+                .is_some_and(|&since| since > generation)
+    }
+
+    /// The current generation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     fn wake_driver(&self) {
         // Full: a token is already there and the driver will apply this ack with the others.
         // Closed: the driver is gone, and it closed the gate before that under the lock, so
@@ -125,6 +146,14 @@ impl AckGate {
 }
 
 impl GateState {
+    /// Records that every delivery of `partitions` stamped before now is stale (called by the
+    /// driver after bumping the generation for a seek or a revoke).
+    pub(crate) fn invalidate(&mut self, partitions: &[u32]) {
+        for &partition in partitions {
+            self.invalidated.insert(partition, self.generation);
+        }
+    }
+
     fn accepts(&self, generation: u64) -> bool {
         self.open && self.generation == generation && self.pending.len() < self.capacity
     }

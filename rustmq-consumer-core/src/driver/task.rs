@@ -371,6 +371,7 @@ impl Driver {
                 // Their queued deliveries are stale: the application could only process them
                 // again after the next owner and have the acks refused. Their pause is gone too.
                 let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+                state.invalidate(&ids);
                 self.discard_stale(&ids, true);
             }
             Event::AssignmentIgnored(partitions) => {
@@ -600,6 +601,7 @@ impl Driver {
                 state.generation += 1;
                 let result = self.machine.seek(now, partition, offset);
                 if result.is_ok() {
+                    state.invalidate(&[partition]);
                     self.discard_stale(&[partition], false);
                 }
                 let _ = reply.try_send(result);

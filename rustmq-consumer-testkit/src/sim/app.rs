@@ -2,8 +2,11 @@
 //! [`ModelApp`] on [`AppBehaviour`]), and how the loop carries those decisions out on the
 //! machine.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use bytes::Bytes;
+use rustmq_consumer_core::process::{Finish, Limits, OrderBy, Scheduler, Ticket};
 use rustmq_consumer_core::{Message, UsageError};
 use tracing::debug;
 
@@ -150,6 +153,92 @@ impl AppBehaviour {
     }
 }
 
+/// Concurrent processing as `Consumer::process` does it: deliveries go through the core's
+/// [`Scheduler`] (lanes per key or partition, bounded queues, holds for redeliveries) before
+/// the handler's processing time starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessModel {
+    /// Which deliveries may overlap.
+    pub order_by: OrderBy,
+    /// The scheduler's bounds.
+    pub limits: Limits,
+    /// Distinct keys: a message's key is drawn from this many by its partition and offset.
+    pub keys: u64,
+}
+
+impl ProcessModel {
+    /// About half the seeds process concurrently: a small key set, small bounds.
+    pub fn from_rng(rng: &mut SimRng) -> Option<Self> {
+        if !rng.chance(0.5) {
+            return None;
+        }
+        let order_by = rng.pick(&[
+            OrderBy::Key,
+            OrderBy::Key,
+            OrderBy::Partition,
+            OrderBy::Unordered,
+        ]);
+        Some(Self {
+            order_by,
+            limits: Limits {
+                concurrency: rng.range_usize(1, 16),
+                max_waiting_per_lane: rng.range_usize(1, 8),
+                max_waiting: rng.range_usize(1, 32),
+            },
+            keys: rng.range(1, 8),
+        })
+    }
+
+    /// The key of a message: the record's own, or one of `keys` drawn by its position.
+    pub fn key_of(&self, d: &Message) -> Bytes {
+        if let Some(key) = &d.record.key {
+            return key.clone();
+        }
+        let mut rng = SimRng::new((u64::from(d.tag.partition) << 40) ^ d.tag.offset ^ 0x006b_6579);
+        Bytes::from(format!("k{}", rng.range(0, self.keys - 1)))
+    }
+
+    /// The lane a delivery runs in, as the checker names it (`None`: unordered).
+    fn lane(&self, partition: u32, key: &Bytes) -> Option<String> {
+        match self.order_by {
+            OrderBy::Key => Some(format!("key {}", String::from_utf8_lossy(key))),
+            OrderBy::Partition => Some(format!("partition {partition}")),
+            _ => None,
+        }
+    }
+}
+
+/// The scheduler between deliveries and the application, and what waits in front of it.
+#[derive(Debug)]
+pub(super) struct ProcessState {
+    model: ProcessModel,
+    scheduler: Scheduler<u64>,
+    /// Work delivered but not pushed yet (the driver's inbox while the scheduler is full).
+    inbox: VecDeque<u64>,
+    /// Started work: its ticket and lane.
+    started: BTreeMap<u64, (Ticket, Option<String>)>,
+    /// Holds for redeliveries: (partition, offset) -> the generation of the nacked delivery.
+    holds: BTreeMap<(u32, u64), u64>,
+    max_retry_attempts: u32,
+}
+
+impl ProcessState {
+    /// The state for `model`; the total bound leaves room for a redelivery under
+    /// `max_unacked`, as `Consumer::process` does.
+    pub(super) fn new(model: &ProcessModel, max_unacked: usize, max_retry_attempts: u32) -> Self {
+        let mut limits = model.limits;
+        limits.max_waiting = limits.max_waiting.min(max_unacked.saturating_sub(1)).max(1);
+        Self {
+            scheduler: Scheduler::new(model.order_by, limits),
+            model: model.clone(),
+            inbox: VecDeque::new(),
+            started: BTreeMap::new(),
+            holds: BTreeMap::new(),
+            max_retry_attempts,
+        }
+    }
+}
+
 /// The application model driven by [`AppBehaviour`]; the default [`Handler`].
 #[derive(Debug, Clone)]
 pub struct ModelApp {
@@ -213,6 +302,100 @@ impl<H: Handler> Simulation<H> {
     }
 
     pub(super) fn app_done(&mut self, key: u64) -> Result<(), Violation> {
+        let Some(started) = self.process.as_mut().and_then(|ps| ps.started.remove(&key)) else {
+            return self.settle_work(key);
+        };
+        let redelivery = self.work.get(&key).and_then(|w| {
+            let nack = matches!(w.action, Action::Nack(_) | Action::Drop);
+            (nack && !self.checker.is_stale(w.tag.partition, w.generation))
+                .then_some((w.tag, w.generation))
+        });
+        self.settle_work(key)?;
+        let (ticket, lane) = started;
+        if let Some(lane) = &lane {
+            self.checker.lane_finished(lane);
+        }
+        let open = self.machine.as_ref().is_some_and(|m| !m.is_closed());
+        let Some(ps) = &mut self.process else {
+            return Ok(());
+        };
+        let finish = match redelivery {
+            // The nack was accepted (a refusal is a violation already): a redelivery comes
+            // unless attempts ran out.
+            Some((tag, generation)) if open && tag.attempt <= ps.max_retry_attempts => {
+                ps.holds.insert((tag.partition, tag.offset), generation);
+                Finish::Redeliver
+            }
+            _ => Finish::Done,
+        };
+        ps.scheduler.finish(ticket, finish);
+        self.pump_process()
+    }
+
+    /// Moves work from the inbox into the scheduler while it has room, drops stale work and
+    /// void holds, and starts whatever may start (its processing time begins now).
+    fn pump_process(&mut self) -> Result<(), Violation> {
+        let Some(ps) = &mut self.process else {
+            return Ok(());
+        };
+        let (work, checker) = (&mut self.work, &self.checker);
+        let stale = |w: &Work| checker.is_stale(w.tag.partition, w.generation);
+        let dropped = ps
+            .scheduler
+            .drop_waiting(|_, _, key| work.get(key).is_none_or(stale));
+        ps.inbox
+            .retain(|key| work.get(key).is_some_and(|w| !stale(w)));
+        let holds = &mut ps.holds;
+        ps.scheduler.release_holds(|partition, offset| {
+            let void = holds
+                .get(&(partition, offset))
+                .is_none_or(|&generation| checker.is_stale(partition, generation));
+            if void {
+                holds.remove(&(partition, offset));
+            }
+            void
+        });
+        for key in dropped {
+            work.remove(&key);
+        }
+        while ps.scheduler.has_room() {
+            let Some(key) = ps.inbox.pop_front() else {
+                break;
+            };
+            let Some(w) = work.get(&key) else {
+                continue;
+            };
+            let (partition, offset) = (w.tag.partition, w.tag.offset);
+            ps.holds.remove(&(partition, offset));
+            let pushed = ps
+                .scheduler
+                .push(partition, offset, w.lane_key.as_ref(), key);
+            debug_assert!(pushed.is_ok(), "room was checked");
+        }
+        let mut starts = Vec::new();
+        while let Some((ticket, key)) = ps.scheduler.start() {
+            let Some(w) = work.get(&key) else {
+                ps.scheduler.finish(ticket, Finish::Done);
+                continue;
+            };
+            let lane = w
+                .lane_key
+                .as_ref()
+                .and_then(|k| ps.model.lane(w.tag.partition, k));
+            starts.push((key, w.tag, w.generation, w.after, lane.clone()));
+            ps.started.insert(key, (ticket, lane));
+        }
+        for (key, tag, generation, after, lane) in starts {
+            if let Some(lane) = &lane {
+                self.checker.lane_started(lane, tag, generation)?;
+            }
+            self.schedule(after, Item::AppDone(key));
+        }
+        Ok(())
+    }
+
+    /// Settles one piece of work as its action says, and checks the answer.
+    fn settle_work(&mut self, key: u64) -> Result<(), Violation> {
         let Some(w) = self.work.get(&key) else {
             return Ok(());
         };
@@ -286,14 +469,21 @@ impl<H: Handler> Simulation<H> {
         let key = self.next_work;
         self.next_work += 1;
         let ack = decision.action == Action::Ack;
+        let lane_key = self.process.as_ref().map(|ps| ps.model.key_of(&d));
         self.work.insert(
             key,
             Work {
                 tag: d.tag,
                 generation,
                 action: decision.action,
+                after: decision.after,
+                lane_key,
             },
         );
+        if let Some(ps) = &mut self.process {
+            ps.inbox.push_back(key);
+            return self.pump_process();
+        }
         match self.mutation {
             Mutation::AckBeforeSideEffect if ack => {
                 self.schedule(Duration::ZERO, Item::AppDone(key));

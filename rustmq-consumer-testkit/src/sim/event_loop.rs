@@ -52,6 +52,10 @@ impl<H: Handler> Simulation<H> {
             flights: BTreeMap::new(),
             work: BTreeMap::new(),
             next_work: 0,
+            process: scenario.process.as_ref().map(|model| {
+                let c = &scenario.config;
+                super::app::ProcessState::new(model, c.max_unacked, c.max_retry_attempts)
+            }),
             paused: BTreeSet::new(),
             produced,
             bursts_left: scenario.bursts,
@@ -84,6 +88,10 @@ impl<H: Handler> Simulation<H> {
     /// Runs a deliberately wrong policy instead of the real one.
     pub fn with_mutation(mut self, mutation: Mutation) -> Self {
         self.mutation = mutation;
+        // A mutant's application acts at delivery: no scheduler in between.
+        if mutation != Mutation::None {
+            self.process = None;
+        }
         self
     }
 

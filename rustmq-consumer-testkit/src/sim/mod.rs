@@ -18,8 +18,9 @@
 //! # Codemap
 //!
 //! - `scenario`: [`Scenario`] derived from a seed, and [`Mutation`]s.
-//! - `app`: the application model ([`Handler`], [`ModelApp`], [`AppBehaviour`]) and how its
-//!   decisions reach the machine.
+//! - `app`: the application model ([`Handler`], [`ModelApp`], [`AppBehaviour`]), concurrent
+//!   processing under the core's scheduler ([`ProcessModel`]), and how its decisions reach
+//!   the machine.
 //! - `phantom`: the other members of a group session.
 //! - `event_loop`: [`Simulation`], the loop itself.
 //! - `requests`: the fault layer between the machine and the broker.
@@ -42,7 +43,7 @@ use std::time::Instant;
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, Response};
 use rustmq_consumer_core::{ClosePhase, ConsumerMachine, DeliveryTag, RequestId, TransportError};
 
-pub use app::{Action, AppBehaviour, Decision, Handler, ModelApp};
+pub use app::{Action, AppBehaviour, Decision, Handler, ModelApp, ProcessModel};
 pub use runner::{
     check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Failure, SimReport,
     Summary, RUNS_ENV, SEED_ENV,
@@ -91,6 +92,10 @@ struct Work {
     tag: DeliveryTag,
     generation: u64,
     action: Action,
+    /// Processing time.
+    after: std::time::Duration,
+    /// The key its lane is chosen by, under concurrent processing.
+    lane_key: Option<bytes::Bytes>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +127,8 @@ pub struct Simulation<H: Handler = ModelApp> {
     flights: BTreeMap<RequestId, Flight>,
     work: BTreeMap<u64, Work>,
     next_work: u64,
+    /// Concurrent processing under the scheduler (the scenario's `process`, real policy only).
+    process: Option<app::ProcessState>,
     paused: BTreeSet<u32>,
     produced: Vec<u64>,
     bursts_left: u32,

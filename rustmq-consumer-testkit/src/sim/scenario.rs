@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rustmq_consumer_core::ConsumerConfig;
 
-use super::app::AppBehaviour;
+use super::app::{AppBehaviour, ProcessModel};
 use crate::broker::REAPER_INTERVAL;
 use crate::faults::{FaultPlan, PhantomPlan, SimRng};
 
@@ -46,6 +46,9 @@ pub struct Scenario {
     pub app: AppBehaviour,
     /// Simulated time allowed after heal for everything to settle and commit.
     pub liveness_budget: Duration,
+    /// Concurrent processing under the core's scheduler (about half the seeds), or every
+    /// delivery processed as soon as it comes.
+    pub process: Option<ProcessModel>,
 }
 
 /// Topic consumed in every scenario.
@@ -144,6 +147,8 @@ impl Scenario {
             faults,
             app,
             liveness_budget: Duration::ZERO,
+            // Its own stream, so every other knob of a seed stays what it always was.
+            process: ProcessModel::from_rng(&mut SimRng::new(seed ^ 0x7072_6f63_6573_7321)),
         };
         s.liveness_budget = s.default_liveness_budget();
         s

@@ -19,6 +19,12 @@ use rustmq_consumer_core::{
 };
 use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
+mod process;
+pub use process::{
+    process_concurrency_bound, process_hot_key_bounded, process_in_key_order, process_nacks,
+    process_then_close, process_through_a_seek,
+};
+
 pub const TOPIC: &str = "orders";
 pub const GROUP: &str = "billing";
 pub const DLQ: &str = "dead_letter_queue";
