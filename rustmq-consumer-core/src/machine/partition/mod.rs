@@ -15,6 +15,9 @@ use crate::protocol::Record;
 use crate::window::Window;
 
 mod fetch;
+mod sizing;
+
+use sizing::{FetchSizer, Planned};
 
 #[derive(Debug)]
 pub(crate) struct Partition {
@@ -33,6 +36,8 @@ pub(crate) struct Partition {
     /// Offsets whose record the cache lost: fetched again one by one.
     refetch: VecDeque<u64>,
     pub(crate) fetch_in_flight: bool,
+    /// The fetch in flight, as sized: its `max_bytes` and the buffer slots it reserves.
+    fetch_planned: Option<Planned>,
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     pub(crate) fetch_not_before: Option<Instant>,
@@ -115,6 +120,7 @@ impl Partition {
             redeliver: VecDeque::new(),
             refetch: VecDeque::new(),
             fetch_in_flight: false,
+            fetch_planned: None,
             refetch_in_flight: false,
             fetch_not_before: None,
             byte_blocked: None,
@@ -181,13 +187,15 @@ pub(crate) struct Partitions {
     /// Fetched messages not yet delivered, all partitions.
     pub(crate) buffered: usize,
     buffered_bytes: usize,
+    /// Buffer slots reserved by the fetches in flight (the records each may bring back), so
+    /// concurrent fetches of several partitions never bring back more than the buffer takes.
+    fetch_reserved: usize,
     /// The partition whose fetch goes first next time (partitions take turns).
     fetch_turn: usize,
     /// The partition whose message is delivered next (round-robin for fairness).
     delivery_turn: usize,
-    /// Estimated encoded size of a record (a moving average over the records fetches put in
-    /// the buffer), to size fetches to what the buffer takes.
-    record_bytes: usize,
+    /// Sizes fetches in the broker's unit, learned from its answers.
+    sizer: FetchSizer,
     /// Retry schedule: (due, partition id, offset).
     retries: BTreeSet<(Instant, u32, u64)>,
     /// Reasons of poison messages being fetched again for the dead-letter path.
@@ -213,10 +221,10 @@ impl Partitions {
             unacked: 0,
             buffered: 0,
             buffered_bytes: 0,
+            fetch_reserved: 0,
             fetch_turn: 0,
             delivery_turn: 0,
-            // Until a fetch says otherwise: `fetch_max_bytes` spread over `fetch_size` records.
-            record_bytes: (config.fetch_max_bytes as usize / config.fetch_size.max(1)).max(1),
+            sizer: FetchSizer::new(config),
             retries: BTreeSet::new(),
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
@@ -445,6 +453,9 @@ impl Partitions {
             .iter()
             .map(|(_, r)| r.encoded_len())
             .sum::<usize>();
+        if let Some(planned) = p.fetch_planned.take() {
+            self.fetch_reserved -= planned.records;
+        }
         p.epoch = epoch;
         p.window.reset(offset);
         p.buffered.clear();
