@@ -252,7 +252,7 @@ impl Partitions {
                 .saturating_sub(p.window.span()),
             bytes: config.prefetch_bytes.saturating_sub(self.buffered_bytes),
             reserved: self.fetch_reserved,
-            idle: self.buffered == 0,
+            buffered: self.buffered,
         };
         let planned = match self.sizer.plan(room, config) {
             Some(planned) if !byte_blocked => planned,

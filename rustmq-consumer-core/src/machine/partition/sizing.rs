@@ -48,9 +48,8 @@ pub(crate) struct Room {
     pub(crate) bytes: usize,
     /// Records reserved by the fetches in flight.
     pub(crate) reserved: usize,
-    /// Nothing is buffered: the application runs dry after what it holds, so any room is
-    /// worth a fetch.
-    pub(crate) idle: bool,
+    /// Records buffered, all partitions.
+    pub(crate) buffered: usize,
 }
 
 /// One fetch, sized.
@@ -85,8 +84,10 @@ impl FetchSizer {
         cost.max(1)
     }
 
-    /// Sizes the next fetch of a partition: `None` when the room left is not worth a fetch
-    /// (less than half of what one fetch could bring with the buffer drained, unless `idle`).
+    /// Sizes the next fetch of a partition: `None` when the room left is not worth a fetch.
+    /// A full fetch (what one fetch can bring with the buffer drained) always is; so is half
+    /// of one while fewer records than a full fetch are buffered (the application may run dry
+    /// before a smaller fetch's round trip ends), and any room once nothing is buffered.
     pub(crate) fn plan(&self, room: Room, config: &ConsumerConfig) -> Option<Planned> {
         let cost = self.cost();
         let wire = self.wire.max(1);
@@ -96,8 +97,9 @@ impl FetchSizer {
             .unwrap_or(usize::MAX)
             .max(1);
         let by_bytes = (room.bytes / wire).saturating_sub(room.reserved);
+        let idle = room.buffered == 0;
         let mut records = room.records.min(span).min(by_bytes).min(full);
-        if records == 0 && room.idle && room.records > 0 && span > 0 {
+        if records == 0 && idle && room.records > 0 && span > 0 {
             // Nothing buffered: one record, whatever its size (the broker sends at least one).
             records = 1;
         }
@@ -112,7 +114,10 @@ impl FetchSizer {
             .min(config.prefetch_bytes / wire)
             .min(full)
             .max(1);
-        if !room.idle && records < capacity.div_ceil(2) {
+        let worthwhile = records >= capacity
+            || (records >= capacity.div_ceil(2) && room.buffered < capacity)
+            || idle;
+        if !worthwhile {
             return None; // wait for deliveries to free room for a fetch worth its round trip
         }
         let max_bytes = u64::try_from(records)
@@ -186,7 +191,7 @@ mod tests {
             span: u64::MAX,
             bytes: usize::MAX,
             reserved: 0,
-            idle: true,
+            buffered: 0,
         }
     }
 
@@ -260,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn a_small_room_waits_unless_the_buffer_ran_dry() {
+    fn a_small_room_waits_unless_the_buffer_runs_low() {
         let c = config();
         let mut sizer = FetchSizer::new(&c);
         sizer.taken(1, 50);
@@ -269,12 +274,18 @@ mod tests {
             .fetch_size
             .min(c.max_unsettled_per_partition as usize)
             .min((c.fetch_max_bytes / 100) as usize);
-        let busy = |records| Room {
-            idle: false,
+        let busy = |records, buffered| Room {
+            buffered,
             ..room(records)
         };
-        assert_eq!(sizer.plan(busy(capacity.div_ceil(2) - 1), &c), None);
-        assert!(sizer.plan(busy(capacity.div_ceil(2)), &c).is_some());
+        let half = capacity.div_ceil(2);
+        assert_eq!(sizer.plan(busy(half - 1, 1), &c), None);
+        assert!(
+            sizer.plan(busy(half, 1), &c).is_some(),
+            "runs low: half will do"
+        );
+        assert_eq!(sizer.plan(busy(half, capacity), &c), None, "no hurry");
+        assert!(sizer.plan(busy(capacity, capacity), &c).is_some());
         let small = sizer
             .plan(room(3), &c)
             .expect("idle: any room is worth a fetch");
