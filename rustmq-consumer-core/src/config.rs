@@ -80,9 +80,9 @@ pub struct ConsumerConfig {
     pub ack_batch_timeout: Duration,
     /// Shortest time between the previous commit and one that `ack_batch_size` triggers: at
     /// full speed commits are bounded by time (at most about 1 / this per second), not by
-    /// message count, while a slow stream still commits within `ack_batch_timeout`. A redelivery
-    /// after a crash covers at most about this much more work. Zero: every `ack_batch_size`
-    /// settlements commit.
+    /// message count, while a slow stream still commits within `ack_batch_timeout`. A crash
+    /// redelivers up to about this much more work than with count-only batching. Zero: every
+    /// `ack_batch_size` settlements commit.
     pub ack_batch_min_interval: Duration,
     /// Retries before a message is poison (a message is delivered at most this plus one times).
     pub max_retry_attempts: u32,
