@@ -60,12 +60,22 @@ pub struct ConsumerConfig {
     pub rebalance_drain_timeout: Duration,
     /// Where to start where no offset was committed.
     pub start_position: StartPosition,
-    /// Target number of fetched messages buffered ahead of the application.
+    /// Most fetched messages buffered ahead of the application (beside the `max_unacked` it
+    /// holds), all partitions together.
+    ///
+    /// The default, 10,000, is large enough to fetch ahead: the next fetch of a partition goes
+    /// out as soon as the previous answer is in the buffer, while earlier records are still
+    /// delivered, and a full fetch (`fetch_max_bytes` of small records: about 2,900 at the
+    /// real broker's 350-byte record overhead) still finds room. For records of more than a
+    /// few hundred bytes `prefetch_bytes` binds first, so the buffer's memory stays bounded
+    /// by that budget, not by this count.
     pub fetch_size: usize,
-    /// Most bytes one fetch asks for (`max_bytes` on the wire). Each fetch asks for about
-    /// what the buffer has room for, estimated from the sizes of the records fetched so far.
+    /// Most one fetch asks for (`max_bytes` on the wire, in the broker's unit, which is not
+    /// wire bytes: the real broker charges each record about 350 bytes plus its payload).
+    /// Each fetch asks for what the buffer has room for, at the cost per record the consumer
+    /// learns from the broker's answers (records returned for the bytes asked).
     pub fetch_max_bytes: u32,
-    /// Byte budget of fetched messages buffered ahead of the application.
+    /// Byte budget (wire bytes) of fetched messages buffered ahead of the application.
     pub prefetch_bytes: usize,
     /// `timeout_ms` sent with fetches (the broker ignores it).
     pub fetch_timeout: Duration,
@@ -79,10 +89,17 @@ pub struct ConsumerConfig {
     pub max_unsettled_per_partition: u64,
     /// Commit automatically (by batch size and timeout); when false only on demand and on close.
     pub enable_auto_commit: bool,
-    /// Settlements that trigger a commit.
+    /// Settlements that trigger a commit (no sooner than `ack_batch_min_interval` after the
+    /// previous one).
     pub ack_batch_size: usize,
     /// Longest time a settlement waits for its commit (the old SDK's `auto_commit_interval`).
     pub ack_batch_timeout: Duration,
+    /// Shortest time between the previous commit and one that `ack_batch_size` triggers: at
+    /// full speed commits are bounded by time (at most about 1 / this per second), not by
+    /// message count, while a slow stream still commits within `ack_batch_timeout`. A crash
+    /// redelivers up to about this much more work than with count-only batching. Zero: every
+    /// `ack_batch_size` settlements commit.
+    pub ack_batch_min_interval: Duration,
     /// Retries before a message is poison (a message is delivered at most this plus one times).
     pub max_retry_attempts: u32,
     /// First retry delay; doubles per attempt up to `retry_backoff_max`, with full jitter.
@@ -139,7 +156,7 @@ impl Default for ConsumerConfig {
             heartbeat_interval: None,
             rebalance_drain_timeout: Duration::from_secs(5),
             start_position: StartPosition::Earliest,
-            fetch_size: 100,
+            fetch_size: 10_000,
             fetch_max_bytes: 1024 * 1024,
             prefetch_bytes: 16 * 1024 * 1024,
             fetch_timeout: Duration::from_secs(1),
@@ -150,6 +167,7 @@ impl Default for ConsumerConfig {
             enable_auto_commit: true,
             ack_batch_size: 100,
             ack_batch_timeout: Duration::from_millis(100),
+            ack_batch_min_interval: Duration::from_millis(100),
             max_retry_attempts: 3,
             retry_backoff_base: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(30),

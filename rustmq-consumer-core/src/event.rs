@@ -271,7 +271,8 @@ pub enum Event {
 pub enum Reason {
     /// A request's deadline.
     RequestDeadline,
-    /// Settled offsets waited `ack_batch_timeout` for a commit.
+    /// Settled offsets waited `ack_batch_timeout` for a commit, or a full batch
+    /// `ack_batch_min_interval` since the last one.
     AckFlush,
     /// A nacked message is due for redelivery.
     Retry,

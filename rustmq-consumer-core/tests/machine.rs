@@ -121,6 +121,8 @@ fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     let mut c = config("t");
     c.ack_batch_size = 10;
     c.ack_batch_timeout = Duration::from_secs(1);
+    // Every full batch commits (the pacing by time has a test of its own below).
+    c.ack_batch_min_interval = Duration::ZERO;
     c.fetch_size = 100;
     let mut h = started(c, 25);
     let ds = h.deliveries();
@@ -157,6 +159,48 @@ fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     assert_eq!(h.commits_sent().len(), 3, "batch timeout flushed");
     assert_eq!(h.broker.committed[&0], 25);
     assert!(h.m.metrics().max_batch >= 10);
+}
+
+#[test]
+fn full_batches_commit_no_more_often_than_the_min_interval() {
+    let mut c = config("t");
+    c.ack_batch_size = 10;
+    c.ack_batch_timeout = Duration::from_secs(1);
+    c.ack_batch_min_interval = Duration::from_millis(100);
+    let mut h = started(c, 100);
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 100);
+    for d in &ds[..50] {
+        h.ack(d.tag);
+    }
+    assert_eq!(
+        h.commits_sent().len(),
+        1,
+        "the first full batch commits at once"
+    );
+    h.advance(Duration::from_millis(99));
+    assert_eq!(h.commits_sent().len(), 1, "four more full batches wait");
+    h.advance(Duration::from_millis(1));
+    assert_eq!(
+        h.commits_sent().len(),
+        2,
+        "the interval passed: one commit of them all"
+    );
+    assert_eq!(h.broker.committed[&0], 50);
+    // A slow stream: a full batch long after the last commit goes at once.
+    h.advance(Duration::from_millis(500));
+    for d in &ds[50..60] {
+        h.ack(d.tag);
+    }
+    assert_eq!(h.commits_sent().len(), 3);
+    assert_eq!(h.broker.committed[&0], 60);
+    // Less than a batch still commits within the timeout.
+    h.ack(ds[60].tag);
+    h.advance(Duration::from_millis(999));
+    assert_eq!(h.commits_sent().len(), 3);
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.commits_sent().len(), 4, "the batch timeout flushed");
+    assert_eq!(h.broker.committed[&0], 61);
 }
 
 #[test]

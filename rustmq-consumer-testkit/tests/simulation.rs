@@ -480,6 +480,7 @@ fn seek_back_then_unknown_commit_outcome_minimal() {
     b.produce_values("t", 0, ["a", "b", "c"]).unwrap();
     let mut c = ConsumerConfig::new("t", "g");
     c.ack_batch_size = 1;
+    c.ack_batch_min_interval = Duration::ZERO; // every ack commits at once
     let mut p = Pump::new(b, c.clone(), Instant::now());
     p.drive();
     for tag in p.take_delivered() {
@@ -729,6 +730,7 @@ fn core_bug_commit_after_leave_fetch_offset_minimal() {
     c.session_timeout = Duration::from_secs(9);
     c.ack_batch_size = 1;
     c.ack_batch_timeout = Duration::from_millis(100);
+    c.ack_batch_min_interval = Duration::ZERO; // every ack commits at once
     let mut p = Pump::new(b, c, Instant::now());
     p.drive();
     for tag in p.take_delivered() {

@@ -227,6 +227,7 @@ impl ConsumerMachine {
             self.finish_revoke();
         }
         self.committer.after_answer(
+            now,
             answered,
             ticket,
             &self.partitions,

@@ -46,6 +46,8 @@ pub(crate) struct Committer {
     advanced: u64,
     /// Advances carried by the commit in flight.
     advanced_in_flight: u64,
+    /// When the last commit was sent (`ack_batch_min_interval` runs from it).
+    last_sent: Option<Instant>,
     /// A commit was answered for good during the close's final-commit phase.
     pub(crate) answered_in_close: bool,
     next_ticket: u64,
@@ -87,18 +89,38 @@ impl Committer {
     pub(crate) fn settled(&mut self, now: Instant, advanced: u64, config: &ConsumerConfig) {
         if advanced > 0 {
             self.moved(now, advanced);
-            if config.enable_auto_commit && self.advanced >= config.ack_batch_size as u64 {
-                self.wanted = true;
-            }
+            self.want_full_batch(now, config);
         }
     }
 
-    /// When settled offsets have waited `ack_batch_timeout` (while no commit is wanted or in
-    /// flight).
+    /// Wants a commit if a full batch waits and `ack_batch_min_interval` passed since the last
+    /// one; otherwise [`ack_flush_at`](Self::ack_flush_at) names when it will have.
+    fn want_full_batch(&mut self, now: Instant, config: &ConsumerConfig) {
+        if self.batch_full(config)
+            && self
+                .last_sent
+                .is_none_or(|last| now >= last + config.ack_batch_min_interval)
+        {
+            self.wanted = true;
+        }
+    }
+
+    fn batch_full(&self, config: &ConsumerConfig) -> bool {
+        config.enable_auto_commit && self.advanced >= config.ack_batch_size as u64
+    }
+
+    /// When settled offsets have waited `ack_batch_timeout`, or a full batch its
+    /// `ack_batch_min_interval` since the last commit (while no commit is wanted or in flight).
     pub(crate) fn ack_flush_at(&self, config: &ConsumerConfig) -> Option<Instant> {
-        self.dirty_since
+        let timeout = self
+            .dirty_since
             .filter(|_| !self.in_flight && !self.wanted)
-            .map(|t| t + config.ack_batch_timeout)
+            .map(|t| t + config.ack_batch_timeout)?;
+        let interval = self
+            .last_sent
+            .filter(|_| self.batch_full(config))
+            .map(|last| last + config.ack_batch_min_interval);
+        Some(interval.map_or(timeout, |at| at.min(timeout)))
     }
 
     /// The ack flush deadline passed.
@@ -177,6 +199,7 @@ impl Committer {
             });
         }
         self.in_flight = true;
+        self.last_sent = Some(now);
         self.wanted = partitions.has_uncommitted();
         self.dirty_since = None;
         self.advanced_in_flight = std::mem::take(&mut self.advanced);
@@ -343,8 +366,10 @@ impl Committer {
 
     /// After the coordinator's follow-up (a revoke may have finished): report a failure, or
     /// want the next commit when a newer watermark or ticket waits.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn after_answer(
         &mut self,
+        now: Instant,
         answered: Answered,
         ticket: u64,
         partitions: &Partitions,
@@ -360,10 +385,8 @@ impl Committer {
             }),
             Answered::Confirmed => {
                 if self.requested > ticket || partitions.has_uncommitted() {
-                    self.wanted |= self.requested > ticket
-                        || (config.enable_auto_commit
-                            && self.advanced >= config.ack_batch_size as u64)
-                        || closing;
+                    self.wanted |= self.requested > ticket || closing;
+                    self.want_full_batch(now, config);
                 }
             }
             Answered::Rejected { .. } => {}

@@ -26,7 +26,8 @@ pub(crate) enum Timer {
     Retry,
     /// The earliest partition's fetch backoff.
     FetchBackoff,
-    /// Settled offsets waited `ack_batch_timeout` for a commit.
+    /// Settled offsets waited `ack_batch_timeout` for a commit, or a full batch
+    /// `ack_batch_min_interval` since the last one.
     AckFlush,
     /// The failed commit's retry.
     CommitRetry,

@@ -1,10 +1,12 @@
-//! Fetching: where each partition starts (FetchOffset, Latest), fetch sizing against the
-//! prefetch budget, the intake of a fetch answer, refetches of lost messages, fetch backoff.
+//! Fetching: where each partition starts (FetchOffset, Latest), when a fetch goes out and the
+//! buffer slots it reserves, the intake of a fetch answer (which teaches the fetch sizer),
+//! refetches of lost messages, fetch backoff.
 
 use std::time::Instant;
 
 use tracing::{trace, warn};
 
+use super::sizing::Room;
 use super::{AfterRefetch, Partitions, Phase, Refetched, Slot};
 use crate::backoff::{self, Jitter};
 use crate::breaker::Breaker;
@@ -165,9 +167,9 @@ impl Partitions {
     }
 
     /// Sends every partition's due refetch or fetch, partitions taking turns. Every fetch in
-    /// flight reserves a slot of the prefetch buffer, so concurrent fetches of several
-    /// partitions never bring back more than the buffer takes (which would be dropped and
-    /// fetched again). False when the breaker said no.
+    /// flight reserves the buffer slots of the records it may bring back, so concurrent
+    /// fetches of several partitions never bring back more than the buffer takes (which would
+    /// be dropped and fetched again). False when the breaker said no.
     pub(crate) fn send_fetches(
         &mut self,
         now: Instant,
@@ -185,7 +187,6 @@ impl Partitions {
             self.byte_waiting.pop_first();
             self.fetch_candidates.insert(id);
         }
-        let mut reserved = self.fetches_in_flight;
         // Partitions take turns in id order from `fetch_turn`, once each; once the buffer is
         // full, only refetches and Latest lookups can go.
         let start = self.fetch_turn;
@@ -218,15 +219,7 @@ impl Partitions {
                 self.lookups.remove(&id);
                 continue;
             };
-            let visit = self.send_partition_fetches(
-                now,
-                idx,
-                &mut reserved,
-                config,
-                breaker,
-                requests,
-                metrics,
-            );
+            let visit = self.send_partition_fetches(now, idx, config, breaker, requests, metrics);
             if !self.list[idx].has_lookup() {
                 self.lookups.remove(&id);
             }
@@ -244,14 +237,14 @@ impl Partitions {
         }
     }
 
-    /// Sends one partition's refetch or fetch if due; a fetch sent takes one of the
-    /// `reserved` slots. Says what the partition waits for now.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one partition's refetch or fetch if due, and says what the partition waits for
+    /// now. A fetch goes out as soon as the buffer has room for one worth its round trip,
+    /// while earlier records are still delivered: it asks for what that room takes, in the
+    /// broker's unit (see [`super::sizing`]), and reserves the records it may bring back.
     fn send_partition_fetches(
         &mut self,
         now: Instant,
         idx: usize,
-        reserved: &mut usize,
         config: &ConsumerConfig,
         breaker: &mut Breaker,
         requests: &mut Requests,
@@ -300,50 +293,39 @@ impl Partitions {
         if p.window.span() >= config.max_unsettled_per_partition {
             return Visit::Waits; // until settlements move the window
         }
-        // Unless the buffer is empty and no fetch in flight, a fetch waits for a share of the
-        // buffer: fetches carry batches, not one record each as every freed slot would let
-        // them (with many partitions, or an application acking one message at a time).
-        let share = if self.buffered + *reserved > 0 {
-            (config.fetch_size / FETCH_SHARES).max(1)
-        } else {
-            1
-        };
-        if self.buffered + *reserved + share > config.fetch_size
-            || self.buffered_bytes >= config.prefetch_bytes
-        {
-            return Visit::Full;
-        }
         if let Some(need) = p.byte_blocked {
             if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {
                 return Visit::ByteBlocked(need);
             }
         }
+        let room = Room {
+            records: config
+                .fetch_size
+                .saturating_sub(self.buffered + self.fetch_reserved),
+            span: config
+                .max_unsettled_per_partition
+                .saturating_sub(p.window.span()),
+            bytes: config.prefetch_bytes.saturating_sub(self.buffered_bytes),
+            reserved: self.fetch_reserved,
+            buffered: self.buffered,
+            available: p.high_watermark.map(|hw| hw.saturating_sub(p.window.end())),
+        };
+        // Not worth a round trip yet: wait for deliveries to free room.
+        let Some(planned) = self.sizer.plan(room, config) else {
+            return Visit::Full;
+        };
         let Some(permit) = breaker.try_acquire() else {
             return Visit::Refused;
         };
-        let room = config.prefetch_bytes - self.buffered_bytes;
-        // Ask for about what the buffer can take (a quarter and one record of slack for
-        // sizes that vary), not `fetch_max_bytes` of records that would be dropped.
-        let slots = config
-            .fetch_size
-            .saturating_sub(self.buffered + *reserved)
-            .max(1);
-        let fits = slots.saturating_mul(self.record_bytes);
-        let want = fits
-            .saturating_add(fits / 4)
-            .saturating_add(self.record_bytes);
-        let max_bytes = u32::try_from(room.min(want))
-            .unwrap_or(u32::MAX)
-            .min(config.fetch_max_bytes)
-            .max(1);
         p.fetch_in_flight = true;
         p.counted_in_flight = true;
         self.fetches_in_flight += 1;
+        p.fetch_planned = Some(planned);
         p.byte_blocked = None;
-        *reserved += 1;
+        self.fetch_reserved += planned.records;
         self.fetch_turn = owner.partition.checked_add(1).unwrap_or(0);
         metrics.fetches += 1;
-        let request = fetch_request(config, owner.partition, owner.offset, max_bytes);
+        let request = fetch_request(config, owner.partition, owner.offset, planned.max_bytes);
         requests.send(now, permit, Owner::Fetch(owner), request);
         Visit::Waits
     }
@@ -365,8 +347,13 @@ impl Partitions {
             return answer.map(drop);
         };
         self.mark(idx);
+        let live = self.list[idx].epoch == owner.epoch;
+        // A stale answer's reservation went with the restart that made it stale.
+        let planned = live.then(|| self.list[idx].fetch_planned.take()).flatten();
+        if let Some(planned) = planned {
+            self.fetch_reserved -= planned.records;
+        }
         let p = &mut self.list[idx];
-        let live = p.epoch == owner.epoch;
         let r = match (answer, live) {
             (Ok(r), true) => r,
             (Ok(_) | Err(RequestError::ErrorCode { .. }), false) => {
@@ -391,6 +378,10 @@ impl Partitions {
         p.fetch_in_flight = false;
         p.high_watermark = Some(r.high_watermark);
         p.fetch_failures = 0;
+        if let Some(planned) = planned {
+            let more = r.high_watermark > owner.offset.saturating_add(r.records.len() as u64);
+            self.sizer.learn(planned.max_bytes, r.records.len(), more);
+        }
         if p.window.end() != owner.offset || closing {
             return Ok(());
         }
@@ -435,16 +426,8 @@ impl Partitions {
         if taken == 0 {
             // Nothing fitted: wait for deliveries to free room rather than asking again now.
             p.byte_blocked = Some(first_bytes);
-        } else {
-            // The record size estimate that sizes the next fetches.
-            let average = taken_bytes / taken as usize;
-            self.record_bytes = if metrics.received == 0 {
-                average
-            } else {
-                (3 * self.record_bytes + average) / 4
-            }
-            .max(1);
         }
+        self.sizer.taken(taken as usize, taken_bytes);
         metrics.received += taken;
         Ok(())
     }
@@ -535,10 +518,6 @@ impl Partitions {
         }
     }
 }
-
-/// A fetch waits until this part of the prefetch buffer (`fetch_size`) is free, unless the
-/// buffer is empty and no fetch is in flight.
-const FETCH_SHARES: usize = 4;
 
 /// What a partition waits for after its turn at sending fetches.
 enum Visit {

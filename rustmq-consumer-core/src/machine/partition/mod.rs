@@ -15,6 +15,9 @@ use crate::protocol::Record;
 use crate::window::Window;
 
 mod fetch;
+mod sizing;
+
+use sizing::{FetchSizer, Planned};
 
 #[derive(Debug)]
 pub(crate) struct Partition {
@@ -33,6 +36,8 @@ pub(crate) struct Partition {
     /// Offsets whose record the cache lost: fetched again one by one.
     refetch: VecDeque<u64>,
     pub(crate) fetch_in_flight: bool,
+    /// The fetch in flight, as sized: its `max_bytes` and the buffer slots it reserves.
+    fetch_planned: Option<Planned>,
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     pub(crate) fetch_not_before: Option<Instant>,
@@ -124,6 +129,7 @@ impl Partition {
             redeliver: VecDeque::new(),
             refetch: VecDeque::new(),
             fetch_in_flight: false,
+            fetch_planned: None,
             refetch_in_flight: false,
             fetch_not_before: None,
             byte_blocked: None,
@@ -208,9 +214,11 @@ pub(crate) struct Partitions {
     fetch_turn: u32,
     /// The partition id from which messages are delivered next (round-robin for fairness).
     delivery_turn: u32,
-    /// Estimated encoded size of a record (a moving average over the records fetches put in
-    /// the buffer), to size fetches to what the buffer takes.
-    record_bytes: usize,
+    /// Buffer slots reserved by the fetches in flight (the records each may bring back), so
+    /// concurrent fetches of several partitions never bring back more than the buffer takes.
+    fetch_reserved: usize,
+    /// Sizes fetches in the broker's unit, learned from its answers.
+    sizer: FetchSizer,
     /// Partitions changed since the indexes below were brought up to date (`refresh`); every
     /// mutable access marks its partition. `all_dirty`: every partition.
     dirty: Vec<u32>,
@@ -384,8 +392,8 @@ impl Partitions {
             starting_due: BTreeSet::new(),
             uncommitted: BTreeSet::new(),
             fetches_in_flight: 0,
-            // Until a fetch says otherwise: `fetch_max_bytes` spread over `fetch_size` records.
-            record_bytes: (config.fetch_max_bytes as usize / config.fetch_size.max(1)).max(1),
+            fetch_reserved: 0,
+            sizer: FetchSizer::new(config),
             retries: BTreeSet::new(),
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
@@ -640,6 +648,9 @@ impl Partitions {
             .iter()
             .map(|(_, r)| r.encoded_len())
             .sum::<usize>();
+        if let Some(planned) = p.fetch_planned.take() {
+            self.fetch_reserved -= planned.records;
+        }
         p.epoch = epoch;
         p.window.reset(offset);
         p.buffered.clear();

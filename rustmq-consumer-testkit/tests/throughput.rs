@@ -1,0 +1,236 @@
+//! The default configuration at full speed against the simulated broker (which counts a
+//! fetch's `max_bytes` like the real one): fetches sized in the broker's unit, fetch-ahead
+//! with records delivered in offset order, commits bounded by time rather than by count.
+//! In memory, on a virtual clock: no assertion depends on how long anything took.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
+use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, DeliveryTag, Event, TransportError};
+use rustmq_consumer_testkit::{SimBroker, GROUP, TOPIC};
+
+/// One fetch as the broker saw it.
+#[derive(Debug, Clone, Copy)]
+struct Fetched {
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+    returned: u64,
+    high_watermark: u64,
+    /// Deliveries of the partition the application had received when the fetch was sent.
+    delivered_before: u64,
+}
+
+/// A machine with the default configuration (partitions assigned by hand) against a
+/// `SimBroker`, and an application that acks every delivery, `per_ack` of virtual time each.
+struct Rig {
+    m: ConsumerMachine,
+    b: SimBroker,
+    now: Instant,
+    per_ack: Duration,
+    fetches: Vec<Fetched>,
+    commits: usize,
+    /// Offsets delivered per partition, in delivery order.
+    delivered: BTreeMap<u32, Vec<u64>>,
+    pending: VecDeque<DeliveryTag>,
+}
+
+impl Rig {
+    fn new(b: SimBroker, partitions: u32, per_ack: Duration) -> Self {
+        let mut config = ConsumerConfig::new(TOPIC, GROUP);
+        config.partitions = (0..partitions).collect();
+        let now = Instant::now();
+        Self {
+            m: ConsumerMachine::new(config, now).unwrap(),
+            b,
+            now,
+            per_ack,
+            fetches: Vec::new(),
+            commits: 0,
+            delivered: BTreeMap::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn broker(overhead: u32, partitions: u32, records: usize, payload: usize) -> SimBroker {
+        let mut b = SimBroker::new().with_record_overhead(overhead);
+        b.create_topic(TOPIC, partitions);
+        b.ensure_group(GROUP);
+        let value = Bytes::from(vec![b'x'; payload]);
+        for p in 0..partitions {
+            b.produce_values(TOPIC, p, (0..records).map(|_| value.clone()))
+                .unwrap();
+        }
+        b
+    }
+
+    /// Answers every request at once, takes every event, acks one delivery; fires the next
+    /// timer when nothing else moves. False when nothing at all is left to do.
+    fn step(&mut self) -> bool {
+        let mut progressed = false;
+        while let Some(t) = self.m.poll_transmit() {
+            progressed = true;
+            let fetch = match &t.request {
+                Request::Fetch(f) => Some((f.partition_id, f.fetch_offset, f.max_bytes)),
+                Request::CommitOffset(_) => {
+                    self.commits += 1;
+                    None
+                }
+                _ => None,
+            };
+            let answer = self
+                .b
+                .handle(self.now, t.request)
+                .map_err(|e| TransportError::Broker(e.0));
+            if let (Some((partition, offset, max_bytes)), Ok(Response::Fetch(r))) = (fetch, &answer)
+            {
+                self.fetches.push(Fetched {
+                    partition,
+                    offset,
+                    max_bytes,
+                    returned: r.records.len() as u64,
+                    high_watermark: r.high_watermark,
+                    delivered_before: self.delivered.get(&partition).map_or(0, |d| d.len()) as u64,
+                });
+            }
+            self.m.handle_response(self.now, t.id, answer);
+        }
+        while let Some(e) = self.m.poll_event() {
+            if let Event::Deliver(d) = e {
+                self.delivered
+                    .entry(d.tag.partition)
+                    .or_default()
+                    .push(d.tag.offset);
+                self.pending.push_back(d.tag);
+            }
+        }
+        if let Some(tag) = self.pending.pop_front() {
+            self.now += self.per_ack;
+            self.m.ack(self.now, tag).unwrap();
+            return true;
+        }
+        if progressed {
+            return true;
+        }
+        let Some((at, _)) = self.m.poll_timeout() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        self.m.handle_timeout(self.now);
+        true
+    }
+
+    /// Steps until every partition's `records` are delivered and committed.
+    fn run_until_committed(&mut self, partitions: u32, records: u64) {
+        let limit = 4 * records as usize * partitions as usize + 10_000;
+        for _ in 0..limit {
+            let done = (0..partitions)
+                .all(|p| self.b.committed(GROUP, &TopicPartition::new(TOPIC, p)) == Some(records));
+            if done || !self.step() {
+                break;
+            }
+        }
+        for p in 0..partitions {
+            assert_eq!(
+                self.b.committed(GROUP, &TopicPartition::new(TOPIC, p)),
+                Some(records),
+                "partition {p} not consumed and committed within {limit} steps"
+            );
+        }
+    }
+}
+
+#[test]
+fn commits_at_full_speed_are_bounded_by_time_not_count() {
+    const RECORDS: u64 = 200_000;
+    // An application that takes 2 us per message: 0.4 s of virtual time in all.
+    let b = Rig::broker(350, 1, RECORDS as usize, 32);
+    let mut rig = Rig::new(b, 1, Duration::from_micros(2));
+    rig.run_until_committed(1, RECORDS);
+    assert_eq!(rig.delivered[&0].len() as u64, RECORDS);
+    // By count alone (a commit per `ack_batch_size` = 100 settlements) this was 2,000.
+    assert!(
+        rig.commits <= 100,
+        "{} commits for {RECORDS} records",
+        rig.commits
+    );
+    assert!(rig.commits >= 2, "the stream was committed on the way");
+    // Full fetches: about 1 MiB / 382 = 2,745 records each, not a tenth of that.
+    assert!(
+        rig.fetches.len() <= 100,
+        "{} fetches for {RECORDS} records",
+        rig.fetches.len()
+    );
+}
+
+#[test]
+fn fetch_sizing_converges_to_the_broker_unit_within_a_few_fetches() {
+    let config = ConsumerConfig::new(TOPIC, GROUP);
+    // (record overhead the broker charges, payload bytes)
+    for (overhead, payload) in [(350u32, 32usize), (0, 32), (350, 10_000), (0, 10_000)] {
+        let cost = u64::from(overhead) + payload as u64;
+        let full = (u64::from(config.fetch_max_bytes) / cost).max(1);
+        // What a fetch should bring: a full fetch, or half the buffer when a full fetch
+        // is more than the buffer takes (fetch-ahead waits for that much room).
+        let wire = payload as u64 + 25;
+        let buffer = (config.fetch_size as u64)
+            .min(config.prefetch_bytes as u64 / wire)
+            .min(full);
+        let worthwhile = buffer.div_ceil(2).min(full);
+        let records = 30 * full.min(config.fetch_size as u64 / 2);
+        let b = Rig::broker(overhead, 1, records as usize, payload);
+        let mut rig = Rig::new(b, 1, Duration::from_micros(1));
+        rig.run_until_committed(1, records);
+        let case = format!("overhead {overhead}, payload {payload}");
+        let fetches: Vec<Fetched> = rig.fetches.clone();
+        assert!(fetches.len() >= 8, "{case}: {} fetches", fetches.len());
+        for (i, pair) in fetches.windows(2).enumerate().skip(2) {
+            let (f, next) = (pair[0], pair[1]);
+            if f.offset + f.returned >= f.high_watermark {
+                continue; // the end of the log, not the size asked for, cut this one
+            }
+            assert!(
+                f.returned * 100 >= worthwhile * 98,
+                "{case}: fetch {i} brought {} records for {} (max_bytes {}), want >= {worthwhile}",
+                f.returned,
+                f.max_bytes,
+                cost,
+            );
+            let taken = next.offset - f.offset;
+            assert!(
+                f.returned - taken <= f.returned / 50,
+                "{case}: fetch {i} brought {} records and the buffer took {taken}",
+                f.returned
+            );
+        }
+    }
+}
+
+#[test]
+fn fetch_ahead_keeps_each_partition_in_offset_order() {
+    const RECORDS: u64 = 20_000;
+    let b = Rig::broker(350, 3, RECORDS as usize, 32);
+    let mut rig = Rig::new(b, 3, Duration::from_micros(1));
+    rig.run_until_committed(3, RECORDS);
+    for p in 0..3 {
+        let offsets = &rig.delivered[&p];
+        assert!(
+            offsets.iter().copied().eq(0..RECORDS),
+            "partition {p}: every offset once, in order"
+        );
+        // Fetch-ahead: a fetch went out while the partition's earlier records were still
+        // to be delivered (more than `max_unacked` of them behind its offset).
+        let ahead = rig
+            .fetches
+            .iter()
+            .filter(|f| f.partition == p && f.offset > f.delivered_before + 1_000)
+            .count();
+        assert!(
+            ahead >= 2,
+            "partition {p}: {ahead} fetches ahead of delivery"
+        );
+    }
+}
