@@ -179,7 +179,7 @@ pub mod transport {
     use rustmq_consumer_core::{Transport, TransportError};
     use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
-    use super::{GROUP, PAYLOAD, TOPIC};
+    use super::{PAYLOAD, TOPIC};
 
     type Job = (
         Instant,
@@ -260,7 +260,6 @@ pub mod transport {
             (0..messages).map(|_| bytes::Bytes::from_static(PAYLOAD)),
         )
         .expect("topic exists");
-        b.ensure_group(GROUP);
         SharedBroker::new(b)
     }
 
@@ -340,7 +339,6 @@ pub mod transport {
                 (0..s.len).map(|_| bytes::Bytes::from_static(PAYLOAD)),
             )
             .expect("topic exists");
-            b.ensure_group(GROUP);
             *self.inner.broker().lock() = b;
         }
     }

@@ -48,7 +48,6 @@ pub struct ConsumerConfig {
     pub consumer_id: Option<String>,
     /// Empty (the default): join `consumer_group` and consume what its coordinator assigns.
     /// Non-empty: consume exactly these partitions of `topic`, with no group session.
-    ///
     /// Commits still go to `consumer_group`. The broker stores them only for a group that
     /// exists, under its current generation, and only a JoinGroup creates a group or reveals
     /// its generation: before its first commit (and when a commit answers 16 or 22) the

@@ -448,12 +448,12 @@ impl Partitions {
 
     /// Every active partition whose settle watermark the broker has not confirmed (the
     /// watermark moved past the last confirmed commit, or past the start when none was), with
-    /// that watermark.
+    /// that watermark. A watermark of 0 needs no commit: nothing lies below it.
     pub(crate) fn uncommitted(&self) -> Vec<(u32, u64)> {
         self.list
             .iter()
             .filter(|p| p.phase == Phase::Active)
-            .filter(|p| p.committed.or(p.start) != Some(p.window.base()))
+            .filter(|p| p.committed.or(p.start).unwrap_or(0) != p.window.base())
             .map(|p| (p.id, p.window.base()))
             .collect()
     }
