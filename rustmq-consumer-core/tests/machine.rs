@@ -774,8 +774,23 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
     for d in h.deliveries() {
         h.ack(d.tag);
     }
-    h.m.commit(h.now).unwrap();
+    let t = h.m.commit(h.now).unwrap();
     h.drive();
+    // `commit()` is answered by the last part only: the earlier parts left offsets unstored.
+    let tickets: Vec<u64> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Committed { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .collect();
+    assert!(tickets.len() >= 3, "{tickets:?}");
+    assert_eq!(tickets.last(), Some(&t));
+    assert!(
+        tickets[..tickets.len() - 1].iter().all(|&x| x == 0),
+        "{tickets:?}"
+    );
     let commits = h.commits_sent();
     assert!(
         commits.len() >= 3,
