@@ -49,7 +49,8 @@ pub mod core {
     use std::time::{Duration, Instant};
 
     use rustmq_consumer_core::protocol::{
-        CommitOffsetResponse, FetchOffsetResponse, FetchResponse, Record, Request, Response,
+        CommitOffsetResponse, FetchOffsetResponse, FetchResponse, JoinGroupResponse,
+        LeaveGroupResponse, Record, Request, Response,
     };
     use rustmq_consumer_core::{
         ConsumerConfig, ConsumerMachine, DeliveryTag, RequestId, TransportError,
@@ -118,6 +119,25 @@ pub mod core {
         CommitOffsetResponse { error_code: 0 }.into()
     }
 
+    /// The answer to the JoinGroup or LeaveGroup a manual assignment sends to learn its
+    /// group's generation before its first commit (generation 1, alone in the group).
+    pub fn group_answer(request: &Request) -> Option<Response> {
+        match request {
+            Request::JoinGroup(_) => Some(
+                JoinGroupResponse {
+                    generation_id: 1,
+                    member_id: "bench".to_owned(),
+                    leader_id: "bench".to_owned(),
+                    assigned_partitions: Default::default(),
+                    error_code: 0,
+                }
+                .into(),
+            ),
+            Request::LeaveGroup(_) => Some(LeaveGroupResponse { error_code: 0 }.into()),
+            _ => None,
+        }
+    }
+
     /// Drains `poll_transmit`: answers commits at once, and returns the id and offset of the
     /// first fetch it finds (later transmits stay queued).
     pub fn next_fetch(m: &mut ConsumerMachine, now: Instant) -> Option<(RequestId, u64)> {
@@ -125,7 +145,10 @@ pub mod core {
             match t.request {
                 Request::Fetch(f) => return Some((t.id, f.fetch_offset)),
                 Request::CommitOffset(_) => m.handle_response(now, t.id, Ok(commit_ok())),
-                other => panic!("unexpected request {:?}", other.kind()),
+                other => match group_answer(&other) {
+                    Some(answer) => m.handle_response(now, t.id, Ok(answer)),
+                    None => panic!("unexpected request {:?}", other.kind()),
+                },
             }
         }
         None
