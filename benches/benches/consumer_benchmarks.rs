@@ -778,7 +778,6 @@ fn keyed_broker(n: usize) -> rustmq_consumer_testkit::SharedBroker {
         })
         .collect();
     b.produce(TOPIC, 0, batch).unwrap();
-    b.ensure_group(GROUP);
     rustmq_consumer_testkit::SharedBroker::new(b)
 }
 

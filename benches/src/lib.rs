@@ -272,8 +272,8 @@ pub mod transport {
         }
     }
 
-    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] on partition 0 of [`TOPIC`],
-    /// with [`GROUP`] created (for a manually assigned consumer).
+    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] on partition 0 of [`TOPIC`]; a
+    /// manually assigned consumer creates its group itself.
     pub fn broker_with(messages: usize) -> SharedBroker {
         let mut b = SimBroker::new();
         b.create_topic(TOPIC, 1);
@@ -287,8 +287,8 @@ pub mod transport {
     }
 
     /// A fresh simulated broker holding `messages` of [`PAYLOAD`] spread round-robin over
-    /// `partitions` partitions of [`TOPIC`], with [`GROUP`] created (for a manually assigned
-    /// consumer).
+    /// `partitions` partitions of [`TOPIC`]; a manually assigned consumer creates its group
+    /// itself.
     pub fn broker_spread(messages: usize, partitions: u32) -> SharedBroker {
         let mut b = SimBroker::new();
         b.create_topic(TOPIC, partitions);
@@ -299,7 +299,6 @@ pub mod transport {
             b.produce_values(TOPIC, p, (0..n).map(|_| bytes::Bytes::from_static(PAYLOAD)))
                 .expect("topic exists");
         }
-        b.ensure_group(GROUP);
         SharedBroker::new(b)
     }
 
