@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rustmq_consumer_benches::core::{
-    commit_ok, delivered, failure, fetch_response, next_fetch, shuffled, start, wide_config,
+    commit_ok, delivered, failure, fetch_response, group_answer, next_fetch, shuffled, start,
+    wide_config,
 };
 use rustmq_consumer_benches::transport::{broker_spread, broker_with, DelayedTransport};
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
@@ -153,7 +154,10 @@ fn core_cycle(c: &mut Criterion) {
                         committed += 1;
                     }
                     Request::Fetch(f) => pending = Some((t.id, f.fetch_offset)),
-                    other => panic!("unexpected {:?}", other.kind()),
+                    other => match group_answer(&other) {
+                        Some(answer) => m.handle_response(now, t.id, Ok(answer)),
+                        None => panic!("unexpected {:?}", other.kind()),
+                    },
                 }
             }
             while m.poll_event().is_some() {}
@@ -775,7 +779,6 @@ fn keyed_broker(n: usize) -> rustmq_consumer_testkit::SharedBroker {
         })
         .collect();
     b.produce(TOPIC, 0, batch).unwrap();
-    b.ensure_group(GROUP);
     rustmq_consumer_testkit::SharedBroker::new(b)
 }
 

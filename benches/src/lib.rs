@@ -49,7 +49,8 @@ pub mod core {
     use std::time::{Duration, Instant};
 
     use rustmq_consumer_core::protocol::{
-        CommitOffsetResponse, FetchOffsetResponse, FetchResponse, Record, Request, Response,
+        CommitOffsetResponse, FetchOffsetResponse, FetchResponse, JoinGroupResponse,
+        LeaveGroupResponse, Record, Request, Response,
     };
     use rustmq_consumer_core::{
         ConsumerConfig, ConsumerMachine, DeliveryTag, RequestId, TransportError,
@@ -118,6 +119,25 @@ pub mod core {
         CommitOffsetResponse { error_code: 0 }.into()
     }
 
+    /// The answer to the JoinGroup or LeaveGroup a manual assignment sends to learn its
+    /// group's generation before its first commit (generation 1, alone in the group).
+    pub fn group_answer(request: &Request) -> Option<Response> {
+        match request {
+            Request::JoinGroup(_) => Some(
+                JoinGroupResponse {
+                    generation_id: 1,
+                    member_id: "bench".to_owned(),
+                    leader_id: "bench".to_owned(),
+                    assigned_partitions: Default::default(),
+                    error_code: 0,
+                }
+                .into(),
+            ),
+            Request::LeaveGroup(_) => Some(LeaveGroupResponse { error_code: 0 }.into()),
+            _ => None,
+        }
+    }
+
     /// Drains `poll_transmit`: answers commits at once, and returns the id and offset of the
     /// first fetch it finds (later transmits stay queued).
     pub fn next_fetch(m: &mut ConsumerMachine, now: Instant) -> Option<(RequestId, u64)> {
@@ -125,7 +145,10 @@ pub mod core {
             match t.request {
                 Request::Fetch(f) => return Some((t.id, f.fetch_offset)),
                 Request::CommitOffset(_) => m.handle_response(now, t.id, Ok(commit_ok())),
-                other => panic!("unexpected request {:?}", other.kind()),
+                other => match group_answer(&other) {
+                    Some(answer) => m.handle_response(now, t.id, Ok(answer)),
+                    None => panic!("unexpected request {:?}", other.kind()),
+                },
             }
         }
         None
@@ -179,7 +202,7 @@ pub mod transport {
     use rustmq_consumer_core::{Transport, TransportError};
     use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
-    use super::{GROUP, PAYLOAD, TOPIC};
+    use super::{PAYLOAD, TOPIC};
 
     type Job = (
         Instant,
@@ -249,8 +272,8 @@ pub mod transport {
         }
     }
 
-    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] on partition 0 of [`TOPIC`],
-    /// with [`GROUP`] created (for a manually assigned consumer).
+    /// A fresh simulated broker holding `messages` of [`PAYLOAD`] on partition 0 of [`TOPIC`]; a
+    /// manually assigned consumer creates its group itself.
     pub fn broker_with(messages: usize) -> SharedBroker {
         let mut b = SimBroker::new();
         b.create_topic(TOPIC, 1);
@@ -260,13 +283,12 @@ pub mod transport {
             (0..messages).map(|_| bytes::Bytes::from_static(PAYLOAD)),
         )
         .expect("topic exists");
-        b.ensure_group(GROUP);
         SharedBroker::new(b)
     }
 
     /// A fresh simulated broker holding `messages` of [`PAYLOAD`] spread round-robin over
-    /// `partitions` partitions of [`TOPIC`], with [`GROUP`] created (for a manually assigned
-    /// consumer).
+    /// `partitions` partitions of [`TOPIC`]; a manually assigned consumer creates its group
+    /// itself.
     pub fn broker_spread(messages: usize, partitions: u32) -> SharedBroker {
         let mut b = SimBroker::new();
         b.create_topic(TOPIC, partitions);
@@ -277,7 +299,6 @@ pub mod transport {
             b.produce_values(TOPIC, p, (0..n).map(|_| bytes::Bytes::from_static(PAYLOAD)))
                 .expect("topic exists");
         }
-        b.ensure_group(GROUP);
         SharedBroker::new(b)
     }
 
@@ -340,7 +361,6 @@ pub mod transport {
                 (0..s.len).map(|_| bytes::Bytes::from_static(PAYLOAD)),
             )
             .expect("topic exists");
-            b.ensure_group(GROUP);
             *self.inner.broker().lock() = b;
         }
     }

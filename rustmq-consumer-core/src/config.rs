@@ -47,11 +47,16 @@ pub struct ConsumerConfig {
     /// entropy; a bare state machine has none).
     pub consumer_id: Option<String>,
     /// Empty (the default): join `consumer_group` and consume what its coordinator assigns.
-    /// Non-empty: consume exactly these partitions of `topic`, with no group session (commits
-    /// still go to `consumer_group`, under `manual_generation`).
+    /// Non-empty: consume exactly these partitions of `topic`, with no group session.
+    /// Commits still go to `consumer_group`. The broker stores them only for a group that
+    /// exists, under its current generation, and only a JoinGroup creates a group or reveals
+    /// its generation: before its first commit (and when a commit answers 16 or 22) the
+    /// consumer joins the group once to learn the generation and leaves at once, so it never
+    /// holds a slot in the group's assignment. Give a manual assignment a group of its own:
+    /// each join and leave makes the members of a shared group rebalance, and their joins
+    /// move the generation under its commits (a refused commit is reported, and learning
+    /// again waits for a backoff).
     pub partitions: Vec<u32>,
-    /// Generation sent with commits of a manual assignment.
-    pub manual_generation: u64,
     /// Group session timeout: the broker evicts a member silent for longer.
     pub session_timeout: Duration,
     /// Time between heartbeats (`None`: a third of `session_timeout`).
@@ -151,7 +156,6 @@ impl Default for ConsumerConfig {
             consumer_group: String::new(),
             consumer_id: None,
             partitions: Vec::new(),
-            manual_generation: 0,
             session_timeout: Duration::from_secs(30),
             heartbeat_interval: None,
             rebalance_drain_timeout: Duration::from_secs(5),

@@ -124,40 +124,46 @@ fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     // Every full batch commits (the pacing by time has a test of its own below).
     c.ack_batch_min_interval = Duration::ZERO;
     c.fetch_size = 100;
-    let mut h = started(c, 25);
+    let mut h = started(c, 35);
     let ds = h.deliveries();
-    assert_eq!(ds.len(), 25);
+    assert_eq!(ds.len(), 35);
+    // The first batch also learns the group's generation (join and leave) on the way.
+    for d in &ds[..10] {
+        h.ack(d.tag);
+    }
+    assert_eq!(h.commits_sent().len(), 1);
+    assert_eq!(h.broker.committed[&0], 10);
     h.route = Route::Hold;
-    for d in &ds[..20] {
+    for d in &ds[10..30] {
         h.ack(d.tag);
     }
     assert_eq!(
         h.commits_sent().len(),
-        1,
+        2,
         "one commit in flight, the newer watermark waits"
     );
-    assert_eq!(h.commits_sent()[0].offsets.values().next(), Some(&10));
+    assert_eq!(h.commits_sent()[1].offsets.values().next(), Some(&20));
     h.route = Route::Answer;
     h.answer_all_held();
     assert_eq!(
         h.commits_sent().len(),
-        2,
+        3,
         "superseding commit sent after the first"
     );
-    assert_eq!(h.commits_sent()[1].offsets.values().next(), Some(&20));
-    for d in &ds[20..] {
+    assert_eq!(h.commits_sent()[2].offsets.values().next(), Some(&30));
+    for d in &ds[30..] {
         h.ack(d.tag);
     }
     assert_eq!(
         h.commits_sent().len(),
-        2,
+        3,
         "5 settlements: below the batch size"
     );
     h.advance(Duration::from_millis(999));
-    assert_eq!(h.commits_sent().len(), 2);
+    assert_eq!(h.commits_sent().len(), 3);
     h.advance(Duration::from_millis(2));
-    assert_eq!(h.commits_sent().len(), 3, "batch timeout flushed");
-    assert_eq!(h.broker.committed[&0], 25);
+    assert_eq!(h.commits_sent().len(), 4, "batch timeout flushed");
+    assert_eq!(h.broker.committed[&0], 35);
     assert!(h.m.metrics().max_batch >= 10);
 }
 
@@ -812,8 +818,23 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
     for d in h.deliveries() {
         h.ack(d.tag);
     }
-    h.m.commit(h.now).unwrap();
+    let t = h.m.commit(h.now).unwrap();
     h.drive();
+    // `commit()` is answered by the last part only: the earlier parts left offsets unstored.
+    let tickets: Vec<u64> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Committed { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .collect();
+    assert!(tickets.len() >= 3, "{tickets:?}");
+    assert_eq!(tickets.last(), Some(&t));
+    assert!(
+        tickets[..tickets.len() - 1].iter().all(|&x| x == 0),
+        "{tickets:?}"
+    );
     let commits = h.commits_sent();
     assert!(
         commits.len() >= 3,
@@ -897,35 +918,184 @@ fn fetches_of_several_partitions_never_bring_back_more_than_the_buffer_takes() {
     assert_eq!(from.len(), 3, "partitions take turns: {from:?}");
 }
 
+/// The kinds of the requests sent so far, without fetches.
+fn group_requests(h: &Harness) -> Vec<RequestKind> {
+    h.sent
+        .iter()
+        .map(Request::kind)
+        .filter(|k| !matches!(k, RequestKind::Fetch | RequestKind::FetchOffset))
+        .collect()
+}
+
+#[test]
+fn a_manual_assignment_creates_its_group_and_learns_the_generation_before_committing() {
+    let mut h = started(config("t"), 10);
+    assert_eq!(h.broker.generation, None, "the broker knows no group yet");
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    let t = h.m.commit(h.now).unwrap();
+    h.drive();
+    use RequestKind::*;
+    assert_eq!(group_requests(&h), [JoinGroup, LeaveGroup, CommitOffset]);
+    let join = h.sent.iter().find_map(|r| match r {
+        Request::JoinGroup(j) => Some(j.clone()),
+        _ => None,
+    });
+    assert_eq!(join.unwrap().member_id, "", "a new member");
+    assert_eq!(
+        h.commits_sent()[0].generation_id,
+        1,
+        "the joined generation"
+    );
+    assert_eq!(h.broker.committed[&0], 10);
+    assert!(h.events.contains(&Event::Committed {
+        ticket: t,
+        offsets: vec![(0, 10)]
+    }));
+    assert!(h.m.uncommitted_offsets().is_empty());
+}
+
 #[test]
 fn a_manual_commit_to_a_group_the_restarted_broker_forgot_is_retried() {
     let mut c = config("t");
     c.failure_threshold = 1;
     let mut h = started(c, 10);
-    for d in h.deliveries() {
+    let ds = h.deliveries();
+    for d in &ds[..4] {
         h.ack(d.tag);
     }
-    h.route = Route::Hold;
     h.m.commit(h.now).unwrap();
     h.drive();
-    let t = h.held.pop_front().unwrap();
-    assert!(matches!(t.request, Request::CommitOffset(_)));
-    // The broker restarted and forgot the group: 16, until a member recreates it.
-    let unknown_group = CommitOffsetResponse { error_code: 16 };
-    h.m.handle_response(h.now, t.id, Ok(unknown_group.into()));
+    assert_eq!(h.broker.committed[&0], 4);
+    // The broker restarts: the group and its commits are gone, and commits answer 16.
+    h.broker.generation = None;
+    h.broker.committed.clear();
+    h.events.clear();
+    for d in &ds[4..] {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
     h.drive();
+    use RequestKind::*;
+    assert_eq!(
+        group_requests(&h),
+        [
+            JoinGroup,
+            LeaveGroup,
+            CommitOffset,
+            CommitOffset,
+            JoinGroup,
+            LeaveGroup,
+            CommitOffset
+        ]
+    );
+    assert_eq!(
+        h.broker.committed.get(&0),
+        Some(&10),
+        "stored under the new group"
+    );
     assert_eq!(
         h.m.breaker_state(),
         BreakerState::Closed,
         "group state, not broker health"
     );
-    h.route = Route::Answer;
-    h.advance(Duration::from_secs(5));
-    assert_eq!(
-        h.broker.committed.get(&0),
-        Some(&10),
-        "the commit is retried"
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| matches!(e, Event::CommitFailed { .. })),
+        "a generation that had worked is learned again silently: {:?}",
+        h.events
     );
+}
+
+#[test]
+fn a_manual_commit_under_a_moved_generation_learns_it_again() {
+    let mut h = started(config("t"), 10);
+    let ds = h.deliveries();
+    h.ack(ds[0].tag);
+    h.m.commit(h.now).unwrap();
+    h.drive();
+    assert_eq!(h.commits_sent()[0].generation_id, 1);
+    // Another member joined (and left) meanwhile: generation 2.
+    h.broker.generation = Some(2);
+    for d in &ds[1..] {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.drive();
+    let generations: Vec<u64> = h.commits_sent().iter().map(|c| c.generation_id).collect();
+    assert_eq!(
+        generations,
+        [1, 1, 3],
+        "refused under 1, stored under the relearned 3"
+    );
+    assert_eq!(h.broker.committed[&0], 10);
+}
+
+/// Answers every held request; a LeaveGroup lets another member move the generation on.
+fn answer_held_with_others_joining(h: &mut Harness) -> u32 {
+    let mut leaves = 0;
+    while let Some(request) = h.answer_held() {
+        if let Request::LeaveGroup(_) = request {
+            leaves += 1;
+            h.broker.generation = h.broker.generation.map(|g| g + 1);
+        }
+    }
+    leaves
+}
+
+#[test]
+fn a_manual_assignment_sharing_its_group_reports_refusals_and_learns_again_with_backoff() {
+    let mut c = config("t");
+    c.retry_backoff_base = Duration::from_millis(100);
+    c.retry_backoff_max = Duration::from_secs(2);
+    c.drain_timeout = Duration::from_secs(10);
+    let mut h = started(c, 10);
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    let t = h.m.commit(h.now).unwrap();
+    // Other members move the generation on after every leave of ours: 22 forever.
+    h.route = Route::Hold;
+    let mut joins = 0;
+    for _ in 0..200 {
+        h.drive();
+        joins += answer_held_with_others_joining(&mut h);
+        h.advance(Duration::from_millis(100));
+    }
+    assert_eq!(h.broker.committed.get(&0), None);
+    assert!(
+        h.events.contains(&Event::CommitFailed {
+            ticket: t,
+            error: CommitError::Rejected { code: 22 }
+        }),
+        "{:?}",
+        h.events
+    );
+    assert_eq!(h.m.breaker_state(), BreakerState::Closed);
+    // 20 s of refusals: learning again waits for a backoff of up to 2 s each time.
+    assert!((5..=60).contains(&joins), "{joins} joins in 20 s");
+    assert_eq!(h.m.uncommitted_offsets(), [(0, 10)]);
+    // The close gives up at its deadline, saying the offsets are not committed.
+    h.m.close(h.now);
+    for _ in 0..1000 {
+        if h.m.is_closed() {
+            break;
+        }
+        h.drive();
+        answer_held_with_others_joining(&mut h);
+        h.advance(Duration::from_millis(100));
+    }
+    assert!(h.m.is_closed(), "close bounded by its deadline");
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::CommitFailed {
+            error: CommitError::CloseDeadline,
+            ..
+        }
+    )));
+    assert_eq!(h.m.uncommitted_offsets(), [(0, 10)]);
 }
 
 #[test]

@@ -166,11 +166,6 @@ impl Group {
 ///   remain; the last member leaving makes the group Empty and keeps its generation and its
 ///   commits; CommitOffset checks the generation, never membership;
 /// - [`restart`](Self::restart) keeps topics and records and loses every group and commit.
-///
-/// One shortcut has no counterpart on the real broker: [`ensure_group`](Self::ensure_group)
-/// creates a group without a JoinGroup. It exists for tests of manual assignment written
-/// before the consumer created its group itself; a test that uses it is not faithful to the
-/// real broker's group rules.
 #[derive(Debug, Clone)]
 pub struct SimBroker {
     broker: BrokerInfo,
@@ -351,20 +346,6 @@ impl SimBroker {
         } else {
             self.failing_partitions.remove(&tp);
         }
-    }
-
-    /// **Test shortcut, not real broker behaviour.** Creates `group` (Empty, generation 0) if
-    /// it does not exist and returns its generation.
-    ///
-    /// The real broker creates a group only on a JoinGroup; before that, CommitOffset and
-    /// FetchOffset for it answer 16 (unknown group), and so does this broker unless a test calls
-    /// this. It remains for tests of manual assignment written before the consumer created its
-    /// group itself; new tests should let the consumer join instead.
-    pub fn ensure_group(&mut self, group: &str) -> u64 {
-        self.groups
-            .entry(group.to_owned())
-            .or_insert_with(Group::new)
-            .generation
     }
 
     /// Handles one request like the real broker: a typed response, or the error frame's text.

@@ -94,9 +94,6 @@ pub struct FaultPlan {
     pub connection_loss_per_sec: f64,
     /// Expected broker crash-and-restarts per simulated second (commits lost, data kept).
     pub crash_per_sec: f64,
-    /// How long after a crash the operator re-creates the consumer group (commits answer 16
-    /// meanwhile).
-    pub group_recreate_delay: Duration,
     /// Expected storage-failure injections (`fail_next_fetches`/`fail_next_commits`, or one
     /// partition whose fetches fail until heal) per simulated second.
     pub storage_failure_per_sec: f64,
@@ -167,7 +164,6 @@ impl FaultPlan {
             lost_request_rate: 0.0,
             connection_loss_per_sec: 0.0,
             crash_per_sec: 0.0,
-            group_recreate_delay: Duration::ZERO,
             storage_failure_per_sec: 0.0,
             storage_failure_burst: 0,
             late_arrival: false,
@@ -197,7 +193,6 @@ impl FaultPlan {
             lost_request_rate: on(rng, 0.005, 0.05),
             connection_loss_per_sec: on(rng, 0.05, 1.0),
             crash_per_sec: on(rng, 0.02, 0.3),
-            group_recreate_delay: rng.millis(0, 500),
             storage_failure_per_sec: on(rng, 0.1, 2.0),
             storage_failure_burst: rng.range(1, 8) as u32,
             late_arrival: false,

@@ -176,8 +176,7 @@ pub struct Checker {
     group: bool,
     /// Partitions the consumer owns now.
     owned: BTreeSet<u32>,
-    /// The generation and member id the owned partitions were assigned under (manual:
-    /// `manual_generation` and the empty id).
+    /// The generation and member id the owned partitions were assigned under (group mode).
     owned_generation: u64,
     member: String,
     /// A JoinGroup answer handed to the machine in the current input, adopted on `Assigned`.
@@ -234,7 +233,7 @@ impl Checker {
             at: Duration::ZERO,
             group: config.partitions.is_empty(),
             owned: config.partitions.iter().copied().collect(),
-            owned_generation: config.manual_generation,
+            owned_generation: 0,
             member: String::new(),
             pending_join: None,
             commits_in_flight: BTreeSet::new(),
@@ -353,7 +352,12 @@ impl Checker {
     /// reached `LeavingGroup`, no commit is unanswered unless the final commit's deadline
     /// passed, and every settled offset is committed (`uncommitted` lists the owned partitions
     /// whose settle watermark the broker has not confirmed) unless a `CommitFailed` said why.
+    /// A manual assignment's LeaveGroup follows the join that learned its generation: none of
+    /// this applies.
     pub fn on_leave_sent(&mut self, uncommitted: &[u32]) -> Result<(), Violation> {
+        if !self.group {
+            return Ok(());
+        }
         self.check_leave(uncommitted)?;
         self.leave_sent = true;
         Ok(())
@@ -390,8 +394,10 @@ impl Checker {
         Ok(())
     }
 
-    /// Checks that a commit names only owned partitions, under the generation and member id
-    /// that assigned them.
+    /// Checks that a commit names only owned partitions and, in group mode, goes under the
+    /// generation and member id that assigned them. (A manual assignment commits under the
+    /// generation it learned by joining and leaving; the broker refuses any other, and an
+    /// orphan member of a join whose answer was lost bumps it: liveness covers it.)
     pub fn check_commit_owner(
         &self,
         offsets: &[(u32, u64)],
@@ -412,7 +418,8 @@ impl Checker {
         // The machine forgets its member id when the broker answers 25 or 16, before the
         // revoke commit: an empty id is tolerated (the broker does not check membership).
         let member_ok = member == self.member || member.is_empty();
-        if !offsets.is_empty() && (generation != self.owned_generation || !member_ok) {
+        if self.group && !offsets.is_empty() && (generation != self.owned_generation || !member_ok)
+        {
             return self.fail(
                 COMMIT_OWNED,
                 format!(

@@ -875,22 +875,6 @@ fn an_emptied_group_keeps_its_generation_and_accepts_commits_under_it() {
     assert_eq!(broker.committed(GROUP, &tp("t", 0)), Some(6));
 }
 
-/// The test shortcut: a group created without a JoinGroup, which the real broker never does.
-#[test]
-fn ensure_group_is_a_shortcut_that_creates_an_empty_group_at_generation_zero() {
-    let now = Instant::now();
-    let mut broker = SimBroker::new();
-    assert_eq!(broker.ensure_group("manual"), 0);
-    assert_eq!(broker.group_state("manual"), Some(GroupState::Empty));
-    assert_eq!(
-        commit_in(&mut broker, now, "manual", "me", 0, &[(tp("t", 0), 4)]),
-        error_code::NONE
-    );
-    assert_eq!(broker.committed("manual", &tp("t", 0)), Some(4));
-    assert_eq!(broker.ensure_group("manual"), 0);
-    assert_eq!(broker.commit_log()[0].member_assignment, None);
-}
-
 // ---------------------------------------------------------------- leave and rejoin
 
 #[test]

@@ -58,6 +58,8 @@ conformance!(
     seek,
     lag,
     commit,
+    manual_commits_create_the_group,
+    close_names_uncommitted_offsets,
     close,
     stream,
     one_driver_task,

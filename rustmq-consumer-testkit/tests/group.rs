@@ -379,21 +379,72 @@ fn heartbeat_error_codes_each_lead_to_a_rejoin() {
     }
 }
 
+/// A manual assignment has no group session: it joins only to create the group and learn
+/// its generation, leaves at once, never heartbeats, and its commits are stored.
 #[test]
-fn manual_assignment_has_no_group_session() {
+fn manual_assignment_creates_its_group_and_commits_without_a_session() {
     let mut c = Cluster::new(2, 3);
-    c.b().ensure_group(GROUP);
     let mut cfg = config();
     cfg.partitions = vec![1];
     let a = c.join(cfg);
     c.advance(Duration::from_secs(30));
-    let kinds = sent_kinds(&c.members[a]);
-    assert!(
-        !kinds.contains(&RequestKind::JoinGroup)
-            && !kinds.contains(&RequestKind::ConsumerHeartbeat)
-    );
+    let kinds: Vec<RequestKind> = sent_kinds(&c.members[a])
+        .into_iter()
+        .filter(|k| !matches!(k, RequestKind::Fetch | RequestKind::FetchOffset))
+        .collect();
+    use RequestKind::*;
+    assert_eq!(kinds, [JoinGroup, LeaveGroup, CommitOffset]);
     assert_eq!(c.members[a].acked, [(1, 0), (1, 1), (1, 2)]);
     assert_eq!(c.committed(1), Some(3));
+    assert!(c.b().members(GROUP).is_empty(), "it left at once");
+    assert_eq!(c.b().generation(GROUP), Some(1), "left alone: unchanged");
+}
+
+/// A manual assignment sharing its group with a group member (which the config docs advise
+/// against), here reading another topic: its leave bumps the generation, which it sees coming
+/// from the join's answer, so its commit is stored; the member rebalances and goes on.
+#[test]
+fn manual_assignment_sharing_a_group_commits_under_the_generation_after_its_leave() {
+    let mut c = Cluster::new(2, 3);
+    c.b().create_topic("audit", 1);
+    c.b()
+        .produce_values("audit", 0, ["a0", "a1", "a2"])
+        .unwrap();
+    let member = c.join(config());
+    c.advance(Duration::from_secs(1));
+    assert_eq!(c.b().members(GROUP).len(), 1);
+    let mut cfg = config();
+    cfg.topic = "audit".to_owned();
+    cfg.partitions = vec![0];
+    let manual = c.join_acking(cfg, false);
+    c.advance(Duration::from_secs(1));
+    let held = delivered(&c.members[manual]);
+    assert_eq!(held.len(), 3, "{:?}", c.members[manual].events);
+    let now = c.now;
+    for tag in held {
+        c.members[manual].m.ack(now, tag).unwrap();
+    }
+    c.members[manual].m.commit(now).unwrap();
+    c.pump();
+    c.advance(Duration::from_secs(10));
+    let commits: Vec<u64> = c.members[manual]
+        .sent
+        .iter()
+        .filter_map(|r| match r {
+            Request::CommitOffset(r) => Some(r.generation_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(commits.len(), 1, "stored at the first attempt: {commits:?}");
+    let audit = TopicPartition::new("audit", 0);
+    assert_eq!(c.b().committed(GROUP, &audit), Some(3));
+    assert!(!c.members[manual]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::CommitFailed { .. })));
+    // The group member rebalanced and is the group's only member again.
+    assert_eq!(c.b().members(GROUP).len(), 1);
+    assert_eq!(c.members[member].m.assigned_partitions(), [0, 1]);
 }
 
 #[test]

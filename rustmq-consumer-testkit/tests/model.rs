@@ -164,7 +164,6 @@ impl World {
         if let Some(dlq) = &config.dead_letter_queue {
             b.create_topic(dlq, 1);
         }
-        b.ensure_group(GROUP);
         let checker = Checker::new(&config);
         let parts = config.partitions.iter().map(|_| Part::default()).collect();
         let m = ConsumerMachine::new(config, now).unwrap();

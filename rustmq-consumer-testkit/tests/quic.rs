@@ -61,11 +61,11 @@ const GROUP: &str = "billing";
 /// Longest any single step may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(60);
 
-/// A broker with `TOPIC` (one partition holding `messages` values `m<i>`) and `GROUP`.
+/// A broker with `TOPIC` (one partition holding `messages` values `m<i>`); no group until a
+/// consumer joins it.
 fn broker(messages: usize) -> SharedBroker {
     let mut broker = SimBroker::new();
     broker.create_topic(TOPIC, 1);
-    broker.ensure_group(GROUP);
     if messages > 0 {
         broker
             .produce_values(TOPIC, 0, (0..messages).map(|i| format!("m{i}")))

@@ -58,7 +58,6 @@ impl Rig {
     fn broker(overhead: u32, partitions: u32, records: usize, payload: usize) -> SimBroker {
         let mut b = SimBroker::new().with_record_overhead(overhead);
         b.create_topic(TOPIC, partitions);
-        b.ensure_group(GROUP);
         let value = Bytes::from(vec![b'x'; payload]);
         for p in 0..partitions {
             b.produce_values(TOPIC, p, (0..records).map(|_| value.clone()))

@@ -219,7 +219,6 @@ fn embedded_broker(cli: &Cli) -> SharedBroker {
     let mut broker = SimBroker::new();
     broker.create_topic(&cli.topic, 1);
     broker.create_topic(&cli.dead_letter_topic, 1);
-    broker.ensure_group(&cli.group);
     if cli.broker.is_none() {
         let values = (0..cli.messages).map(|i| {
             if i % 97 == 42 {

@@ -16,12 +16,12 @@ use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-/// A broker with `my-topic` (two partitions, three messages in each) and `my-group`.
+/// A broker with `my-topic` (two partitions, three messages in each); consumers create
+/// `my-group`.
 fn broker() -> SharedBroker {
     let mut broker = SimBroker::new();
     broker.create_topic("my-topic", 2);
     broker.create_topic("dlq", 1);
-    broker.ensure_group("my-group");
     for partition in 0..2 {
         broker
             .produce_values("my-topic", partition, (0..3).map(|i| format!("m{i}")))

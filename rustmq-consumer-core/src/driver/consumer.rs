@@ -186,7 +186,9 @@ impl Consumer {
         }
     }
 
-    /// Commits every settled offset now and waits for the broker to store it.
+    /// Commits every settled offset now and waits for the broker to store it. Fails with
+    /// [`ConsumerError::Uncommitted`], naming the offsets the broker has not stored, when the
+    /// commit is not confirmed (the consumer keeps committing them).
     pub async fn commit(&self) -> Result<(), ConsumerError> {
         self.shared
             .request(Command::Commit)
@@ -282,7 +284,8 @@ impl Consumer {
     }
 
     /// Closes gracefully: stop fetching, drain, flush acks and dead letters, final commit,
-    /// leave the group. Every ack made before the call is committed. Idempotent.
+    /// leave the group. Every ack made before the call is committed, or the close fails with
+    /// [`ConsumerError::Uncommitted`] naming the offsets the broker did not store. Idempotent.
     pub async fn close(&self) -> Result<(), ConsumerError> {
         self.shared.request(Command::Close).await.unwrap_or(Ok(()))
     }

@@ -19,9 +19,19 @@ pub enum ConsumerError {
     /// The state machine refused the command (stale delivery, unknown partition, closed...).
     #[error(transparent)]
     Usage(#[from] UsageError),
-    /// The broker did not store the commit.
-    #[error("commit failed: {0}")]
-    CommitFailed(CommitError),
+    /// `commit()` or `close()` could not get every settled offset stored: the broker did not
+    /// confirm these. They stay settled: a later commit may still store them, and otherwise
+    /// the next consumer of the partition reads them again (at least once).
+    #[error("offsets not committed ({}): {cause}", list(offsets))]
+    #[non_exhaustive]
+    Uncommitted {
+        /// Each partition whose settlements the broker has not confirmed, with its settle
+        /// watermark (the offset a commit would store: the next one to read). Empty when the
+        /// partitions were revoked since (their offsets go to their next owner).
+        offsets: Vec<(u32, u64)>,
+        /// Why the last commit failed.
+        cause: CommitError,
+    },
     /// `close_with_timeout` gave up; the consumer was stopped without finishing its close.
     #[error("close timed out")]
     CloseTimedOut,
@@ -48,6 +58,15 @@ pub enum ConsumerError {
         /// Why.
         reason: StallReason,
     },
+}
+
+/// `partition 0 at 6, partition 3 at 10`.
+fn list(offsets: &[(u32, u64)]) -> String {
+    let named: Vec<String> = offsets
+        .iter()
+        .map(|(p, o)| format!("partition {p} at {o}"))
+        .collect();
+    named.join(", ")
 }
 
 impl ConsumerError {

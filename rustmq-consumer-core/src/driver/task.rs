@@ -19,7 +19,9 @@ use super::inbox::Inbox;
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
 use crate::error::{TransportError, UsageError};
-use crate::event::{DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId};
+use crate::event::{
+    CommitError, DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId,
+};
 use crate::machine::ConsumerMachine;
 use crate::protocol::Response;
 
@@ -113,6 +115,8 @@ pub(crate) struct Driver {
     /// Set while the backlog waits for room in the inbox.
     room: Option<EventListener>,
     commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
+    /// Why the last commit failed (the cause `close()` reports with offsets left uncommitted).
+    commit_error: Option<CommitError>,
     close_waiters: Vec<Reply<Result<(), ConsumerError>>>,
     closing: bool,
     abandoned: bool,
@@ -155,6 +159,7 @@ impl Driver {
             backlog: VecDeque::new(),
             room: None,
             commit_waiters: Vec::new(),
+            commit_error: None,
             close_waiters: Vec::new(),
             closing: false,
             abandoned: false,
@@ -336,7 +341,9 @@ impl Driver {
             }
             Event::CommitFailed { ticket, error } => {
                 tracing::warn!(ticket, %error, "commit failed");
-                self.resolve_commits(ticket, Err(ConsumerError::CommitFailed(error)));
+                let failure = self.uncommitted(error.clone());
+                self.commit_error = Some(error);
+                self.resolve_commits(ticket, Err(failure));
             }
             Event::DeadLettered {
                 partition,
@@ -492,6 +499,14 @@ impl Driver {
                 dropped,
                 "stale deliveries dropped before the application took them"
             );
+        }
+    }
+
+    /// The error naming every settled offset the broker has not stored, after `cause`.
+    fn uncommitted(&self, cause: CommitError) -> ConsumerError {
+        ConsumerError::Uncommitted {
+            offsets: self.machine.uncommitted_offsets(),
+            cause,
         }
     }
 
@@ -670,10 +685,17 @@ impl Driver {
             lag: self.machine.lag(now),
         };
         let _ = self.channels.final_state.set(final_state.clone());
-        let close_result = if self.machine.is_closed() {
+        // Closed is not enough: the broker must hold every settlement.
+        let close_result = if !self.machine.is_closed() {
+            Err(ConsumerError::CloseTimedOut)
+        } else if self.machine.uncommitted_offsets().is_empty() {
             Ok(())
         } else {
-            Err(ConsumerError::CloseTimedOut)
+            let cause = self
+                .commit_error
+                .clone()
+                .unwrap_or(CommitError::CloseDeadline);
+            Err(self.uncommitted(cause))
         };
         // Close the channels first: a command queued after this fails to send and the handle
         // falls back to the final snapshot; one queued before is answered here. (Queued

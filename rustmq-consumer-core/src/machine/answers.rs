@@ -10,8 +10,10 @@ use super::group::HeartbeatOutcome;
 use super::partition::Refetched;
 use super::requests::{CommitEntry, FetchOwner, InFlight, Owner};
 use super::ConsumerMachine;
-use crate::event::{ClosePhase, DiscardReason, Event, RequestError, RequestId, StallReason};
-use crate::protocol::Response;
+use crate::event::{
+    ClosePhase, CommitError, DiscardReason, Event, RequestError, RequestId, StallReason,
+};
+use crate::protocol::{error_code, Response};
 
 impl ConsumerMachine {
     /// Hands a request's answer (or failure) to its owner, then tells the breaker and, on
@@ -56,6 +58,12 @@ impl ConsumerMachine {
         let jitter = &mut self.jitter;
         match owner {
             Owner::FetchOffset => {
+                // 16: the broker does not know the group (never joined, or restarted since):
+                // a manual assignment's generation is gone with it.
+                let unknown_group = matches!(&answer, Ok(Response::FetchOffset(r)) if r.error_code == error_code::UNKNOWN_GROUP);
+                if let Some(manual) = self.manual.as_mut().filter(|_| unknown_group) {
+                    manual.forget();
+                }
                 let moved = self
                     .partitions
                     .on_fetch_offset(now, answer, &self.config, jitter)?;
@@ -165,7 +173,12 @@ impl ConsumerMachine {
     ) -> Result<(), RequestError> {
         let closing = self.close.is_some();
         let Some(g) = &mut self.group else {
-            return answer.map(drop);
+            // A manual assignment joins and leaves only to learn its generation.
+            return match (owner, &mut self.manual) {
+                (Owner::Join, Some(m)) => m.on_join(now, answer, &mut self.jitter),
+                (Owner::Leave, Some(m)) => m.on_leave(answer),
+                _ => answer.map(drop),
+            };
         };
         match owner {
             Owner::FindCoordinator => g.on_find_coordinator(now, answer, &mut self.jitter),
@@ -235,6 +248,20 @@ impl ConsumerMachine {
             self.close.is_some(),
             &mut self.events,
         );
+        match (answered, &mut self.manual) {
+            (Answered::Confirmed, Some(m)) => m.confirmed(),
+            (Answered::Refused { code }, Some(m)) => {
+                let worth_reporting = m.refused(now, &mut self.jitter);
+                if worth_reporting {
+                    warn!(group = %self.config.consumer_group, code, "a generation learned afresh was refused: other members share the group");
+                    self.events.push_back(Event::CommitFailed {
+                        ticket,
+                        error: CommitError::Rejected { code },
+                    });
+                }
+            }
+            _ => {}
+        }
         if answered == (Answered::Rejected { fenced: true }) {
             self.committer
                 .fence(self.group.as_ref().map(|g| g.generation));

@@ -17,7 +17,8 @@ use crate::protocol::{
     error_code, CommitOffsetRequest, RequestKind, Response, TopicPartition, MAX_REQUEST_FRAME,
 };
 
-/// Who commits: the group member and generation, or the manual assignment's generation.
+/// Who commits: the group member and generation, or the manual assignment's learned
+/// generation.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CommitAs<'a> {
     pub(crate) member_id: &'a str,
@@ -31,6 +32,9 @@ pub(crate) enum Answered {
     Confirmed,
     /// Refused by the group coordinator for good; `fenced` under an illegal generation.
     Rejected { fenced: bool },
+    /// A manual assignment's commit refused with `code` (16 or 22): the offsets go again
+    /// once the generation is learned again.
+    Refused { code: u32 },
     /// Not confirmed: the offsets go again with the next commit (with backoff).
     Failed,
 }
@@ -48,6 +52,8 @@ pub(crate) struct Committer {
     advanced_in_flight: u64,
     /// When the last commit was sent (`ack_batch_min_interval` runs from it).
     last_sent: Option<Instant>,
+    /// The commit in flight carries every offset that was due (not split for the frame).
+    complete_in_flight: bool,
     /// A commit was answered for good during the close's final-commit phase.
     pub(crate) answered_in_close: bool,
     next_ticket: u64,
@@ -182,8 +188,10 @@ impl Committer {
         let entry_len = frame::commit_entry_len(&config.topic);
         let mut offsets = BTreeMap::new();
         let mut entries = Vec::new();
+        let mut complete = true;
         for (id, offset) in targets {
             if size + entry_len > MAX_REQUEST_FRAME && !offsets.is_empty() {
+                complete = false;
                 break; // the rest goes in the next commit
             }
             size += entry_len;
@@ -203,6 +211,7 @@ impl Committer {
         self.wanted = partitions.has_uncommitted();
         self.dirty_since = None;
         self.advanced_in_flight = std::mem::take(&mut self.advanced);
+        self.complete_in_flight = complete;
         metrics.commits_sent += 1;
         let request = CommitOffsetRequest {
             group_id: config.consumer_group.clone(),
@@ -264,18 +273,22 @@ impl Committer {
             }
         }
         let answered = match code {
-            error_code::UNKNOWN_GROUP if manual => {
-                // Manual assignment: a restarted broker forgets groups until a member joins
-                // again. Retried with backoff; group state, not broker health, so the breaker
-                // ignores it.
+            error_code::UNKNOWN_GROUP | error_code::ILLEGAL_GENERATION if manual => {
+                // Manual assignment: the broker lost the group (a restart) or its generation
+                // moved on. The offsets go again once the generation is learned again (join
+                // and leave). Group state, not broker health, so the breaker ignores it.
                 debug!(
                     code,
-                    ticket, "commit to a group the broker does not know; retrying"
+                    ticket, "manual commit refused; learning the group's generation again"
                 );
-                return (
-                    Ok(()),
-                    self.failed(now, &entries, ticket, partitions, jitter, metrics),
-                );
+                metrics.commits_failed += 1;
+                self.advanced += std::mem::take(&mut self.advanced_in_flight);
+                if code == error_code::UNKNOWN_GROUP {
+                    // Whatever the broker held for the group is gone with it.
+                    partitions.forget_commits();
+                }
+                self.wanted = partitions.has_uncommitted() || self.requested > ticket;
+                return (Ok(()), Answered::Refused { code });
             }
             error_code::UNKNOWN_GROUP | error_code::ILLEGAL_GENERATION => {
                 // The group moved on: reported, never retried under this (or a newer)
@@ -309,8 +322,10 @@ impl Committer {
                 self.advanced_in_flight = 0;
                 self.failures = 0;
                 debug!(ticket, ?confirmed, "committed");
+                // A commit split to fit the frame answers `commit()` only with its last part.
+                let complete = self.complete_in_flight;
                 events.push_back(Event::Committed {
-                    ticket,
+                    ticket: if complete { ticket } else { 0 },
                     offsets: confirmed,
                 });
                 Answered::Confirmed
@@ -325,7 +340,9 @@ impl Committer {
                 return (Err(error), failed);
             }
         };
-        if final_phase {
+        // The close's final commit is over once answered for good, unless it was one part of
+        // a split commit (the next part goes next).
+        if final_phase && (self.complete_in_flight || answered != Answered::Confirmed) {
             self.answered_in_close = true;
         }
         (Ok(()), answered)
@@ -389,7 +406,7 @@ impl Committer {
                     self.want_full_batch(now, config);
                 }
             }
-            Answered::Rejected { .. } => {}
+            Answered::Rejected { .. } | Answered::Refused { .. } => {}
         }
     }
 

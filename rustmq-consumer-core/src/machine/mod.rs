@@ -6,6 +6,7 @@
 //! - [`commit`]: the committer (what is due, the request, its answer and failure, fencing);
 //! - [`dead_letter`]: the dead-letter outbox (records, headers, answers, retries);
 //! - [`group`]: the group session (coordinator, join, heartbeats, revoke, fencing);
+//! - [`manual`]: a manual assignment's group generation (join and leave to learn it);
 //! - [`close`]: the close's phases;
 //! - [`requests`]: requests in flight and the owner each answer goes to;
 //! - [`timers`]: the one table of named deadlines `poll_timeout` and `handle_timeout` read.
@@ -32,6 +33,7 @@ mod close;
 mod commit;
 mod dead_letter;
 mod group;
+mod manual;
 mod partition;
 mod requests;
 mod timers;
@@ -42,6 +44,7 @@ use commit::Committer;
 pub use dead_letter::dead_letter_headers;
 use dead_letter::{DeadLetterEntry, DeadLetters};
 use group::GroupSession;
+use manual::ManualGeneration;
 use partition::{Partitions, Slot};
 use requests::Requests;
 use timers::{Timer, TimerTable};
@@ -79,6 +82,8 @@ pub struct ConsumerMachine {
     dead_letters: DeadLetters,
     /// The group session; `None` for a manual assignment.
     group: Option<GroupSession>,
+    /// The generation a manual assignment commits under; `None` in a group session.
+    manual: Option<ManualGeneration>,
     close: Option<Close>,
     metrics: Metrics,
 }
@@ -113,6 +118,7 @@ impl ConsumerMachine {
             group: config
                 .uses_group_session()
                 .then(|| GroupSession::new(now, config.heartbeat(), config.session_timeout)),
+            manual: (!config.uses_group_session()).then(ManualGeneration::default),
             close: None,
             metrics: Metrics::default(),
             config,
@@ -373,6 +379,14 @@ impl ConsumerMachine {
     /// The offset the broker last confirmed for a partition.
     pub fn committed_offset(&self, partition: u32) -> Option<u64> {
         self.partitions.get(partition)?.committed
+    }
+
+    /// Settled offsets the broker has not confirmed storing: each assigned partition (and its
+    /// settle watermark, the offset to commit) whose watermark moved past the last commit the
+    /// broker confirmed, whether or not a commit of it is in flight. Empty when the broker
+    /// holds every settlement.
+    pub fn uncommitted_offsets(&self) -> Vec<(u32, u64)> {
+        self.partitions.uncommitted()
     }
 
     // ------------------------------------------------------------ partitions

@@ -31,7 +31,7 @@ pub(crate) enum Timer {
     AckFlush,
     /// The failed commit's retry.
     CommitRetry,
-    /// The group request's retry (FindCoordinator, JoinGroup).
+    /// The group request's retry (FindCoordinator, JoinGroup; a manual assignment's join).
     GroupRetry,
     /// The group session's expiry without a confirmed heartbeat.
     SessionExpiry,
@@ -130,7 +130,9 @@ impl ConsumerMachine {
             Timer::AckFlush => self.committer.ack_flush_at(&self.config),
             Timer::CommitRetry => self.committer.retry_at,
             Timer::DeadLetterRetry => self.dead_letters.retry_at,
-            Timer::GroupRetry => group.and_then(|g| g.retry_at),
+            Timer::GroupRetry => group
+                .and_then(|g| g.retry_at)
+                .or_else(|| self.manual.as_ref().and_then(|m| m.retry_at)),
             Timer::SessionExpiry => group.and_then(|g| g.expires_at()).filter(|_| !closing),
             Timer::Heartbeat => group
                 .filter(|g| g.is_member() && !g.heartbeat_in_flight && !closing)
@@ -174,6 +176,9 @@ impl ConsumerMachine {
             Timer::GroupRetry => {
                 if let Some(g) = &mut self.group {
                     g.retry_at = None;
+                }
+                if let Some(m) = &mut self.manual {
+                    m.retry_at = None;
                 }
             }
             Timer::SessionExpiry => {

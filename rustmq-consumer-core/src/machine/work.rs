@@ -42,7 +42,7 @@ impl ConsumerMachine {
     /// breaker refuses.
     pub(super) fn send_work(&mut self, now: Instant) {
         // Closed is final: nothing more goes on the wire, not even a commit still wanted.
-        if self.is_closed() || !self.drive_group(now) {
+        if self.is_closed() {
             return;
         }
         let generation = self.group.as_ref().map(|g| g.generation);
@@ -51,7 +51,15 @@ impl ConsumerMachine {
             self.close_phase(),
             Some(ClosePhase::LeavingGroup | ClosePhase::Closed)
         );
-        if self.committer.due(generation) && !past_final_commit && !self.send_commit(now) {
+        if !self.drive_group(now, !past_final_commit) {
+            return;
+        }
+        // A manual assignment commits once it knows the group's generation.
+        let known = self
+            .manual
+            .as_ref()
+            .is_none_or(|m| m.generation().is_some());
+        if self.committer.due(generation) && !past_final_commit && known && !self.send_commit(now) {
             return;
         }
         let (too_large, sent) =
@@ -90,7 +98,13 @@ impl ConsumerMachine {
             },
             None => CommitAs {
                 member_id: "",
-                generation: self.config.manual_generation,
+                // Revoke commits are the group session's; a manual commit waits for the
+                // generation (see `send_work`).
+                generation: self
+                    .manual
+                    .as_ref()
+                    .and_then(|m| m.generation())
+                    .unwrap_or(0),
             },
         };
         self.committer.send(
@@ -106,11 +120,22 @@ impl ConsumerMachine {
     }
 
     /// Sends what the group session needs: heartbeats (also while revoking), the revoke
-    /// commit, FindCoordinator, JoinGroup, LeaveGroup. False when the breaker said no.
-    pub(super) fn drive_group(&mut self, now: Instant) -> bool {
+    /// commit, FindCoordinator, JoinGroup, LeaveGroup; for a manual assignment, the join and
+    /// leave that learn the generation when a commit is due (and `may_commit`). False when
+    /// the breaker said no.
+    pub(super) fn drive_group(&mut self, now: Instant, may_commit: bool) -> bool {
         let closing = self.close.is_some();
         let Some(g) = &mut self.group else {
-            return true;
+            let commit_due = may_commit && self.committer.due(None);
+            return self.manual.as_mut().is_none_or(|m| {
+                m.send(
+                    now,
+                    commit_due,
+                    &self.config,
+                    &mut self.breaker,
+                    &mut self.requests,
+                )
+            });
         };
         if !closing && !g.send_heartbeat(now, &self.config, &mut self.breaker, &mut self.requests) {
             return false;

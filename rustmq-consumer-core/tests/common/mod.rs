@@ -11,11 +11,15 @@ use rustmq_consumer_testkit::{fast_config, Peer, Pump};
 /// One machine against a [`MiniBroker`], on a virtual clock.
 pub type Harness = Pump<MiniBroker>;
 
-/// A broker reduced to what the machine tests need: logs, committed offsets, produce.
+/// A broker reduced to what the machine tests need: logs, committed offsets, produce, and a
+/// group generation.
 #[derive(Debug, Default)]
 pub struct MiniBroker {
     pub logs: BTreeMap<(String, u32), Vec<Record>>,
     pub committed: BTreeMap<u32, u64>,
+    /// The group's generation (`None`: the broker does not know the group). Only a join
+    /// creates it and bumps it; commits are stored only under it (16 or 22 otherwise).
+    pub generation: Option<u64>,
 }
 
 impl Peer for MiniBroker {
@@ -57,11 +61,37 @@ impl Peer for MiniBroker {
             }
             .into(),
             Request::CommitOffset(r) => {
-                for (tp, o) in &r.offsets {
-                    self.committed.insert(tp.partition, *o);
-                }
-                CommitOffsetResponse { error_code: 0 }.into()
+                let error_code = match self.generation {
+                    None => error_code::UNKNOWN_GROUP,
+                    Some(g) if g != r.generation_id => error_code::ILLEGAL_GENERATION,
+                    Some(_) => {
+                        for (tp, o) in &r.offsets {
+                            self.committed.insert(tp.partition, *o);
+                        }
+                        0
+                    }
+                };
+                CommitOffsetResponse { error_code }.into()
             }
+            Request::JoinGroup(r) => {
+                let generation = self.generation.map_or(1, |g| g + 1);
+                self.generation = Some(generation);
+                let member = format!("member-{generation}");
+                let assigned = r
+                    .topics
+                    .iter()
+                    .map(|t| TopicPartition::new(t.clone(), 0))
+                    .collect();
+                JoinGroupResponse {
+                    generation_id: generation,
+                    member_id: member.clone(),
+                    leader_id: member.clone(),
+                    assigned_partitions: [(member, assigned)].into_iter().collect(),
+                    error_code: 0,
+                }
+                .into()
+            }
+            Request::LeaveGroup(_) => LeaveGroupResponse { error_code: 0 }.into(),
             Request::Produce(p) => {
                 let log = self
                     .logs
@@ -97,7 +127,14 @@ pub fn harness_with(
     logs: BTreeMap<(String, u32), Vec<Record>>,
     committed: BTreeMap<u32, u64>,
 ) -> Harness {
-    let mut h = Pump::new(MiniBroker { logs, committed }, config, Instant::now());
+    // Stored commits mean someone joined the group once.
+    let generation = (!committed.is_empty()).then_some(1);
+    let broker = MiniBroker {
+        logs,
+        committed,
+        generation,
+    };
+    let mut h = Pump::new(broker, config, Instant::now());
     h.drive();
     h
 }

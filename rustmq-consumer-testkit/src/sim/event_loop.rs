@@ -165,7 +165,6 @@ impl<H: Handler> Simulation<H> {
         if let Some(dlq) = &cfg.dead_letter_queue {
             self.broker.create_topic(dlq, 1);
         }
-        self.broker.ensure_group(GROUP);
         if self.scenario.is_group() {
             self.checker.track_partitions(partitions);
             for (i, p) in self.scenario.faults.phantoms.clone().iter().enumerate() {
@@ -439,13 +438,8 @@ impl<H: Handler> Simulation<H> {
                 self.trace("fault", &"broker crash");
                 self.broker.restart();
                 self.fail_all_in_flight("broker restarted")?;
-                let delay = self.scenario.faults.group_recreate_delay;
-                self.schedule(delay, Item::RecreateGroup);
                 let rate = self.scenario.faults.crash_per_sec;
                 self.schedule_poisson(rate, Item::Crash, true);
-            }
-            Item::RecreateGroup => {
-                self.broker.ensure_group(GROUP);
             }
             Item::StorageFailure => {
                 let n = self

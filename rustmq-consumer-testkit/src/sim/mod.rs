@@ -64,7 +64,6 @@ enum Item {
     SideEffect(u64),
     ConnectionLoss,
     Crash,
-    RecreateGroup,
     StorageFailure,
     Pause,
     Resume(u32),

@@ -191,7 +191,8 @@ impl<H: Handler> Simulation<H> {
         let request = CommitOffsetRequest {
             group_id: GROUP.to_owned(),
             member_id: String::new(),
-            generation_id: self.scenario.config.manual_generation,
+            // The generation the broker holds (the consumer learned it): stored if it exists.
+            generation_id: self.broker.generation(GROUP).unwrap_or_default(),
             offsets: [(TopicPartition::new(TOPIC, partition), offset)]
                 .into_iter()
                 .collect(),

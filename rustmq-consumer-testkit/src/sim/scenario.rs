@@ -189,7 +189,6 @@ impl Scenario {
             + per_try * attempts * 4
             + breaker * 8
             + c.ack_batch_timeout * 4
-            + self.faults.group_recreate_delay
             + a.pause_max
             + serial
             + Duration::from_secs(30)

@@ -50,12 +50,11 @@ pub fn fast_config() -> ConsumerConfig {
 }
 
 /// A broker with `TOPIC` (`partitions` partitions, `messages` values `m<i>` in partition 0),
-/// the dead-letter topic and the group.
+/// and the dead-letter topic; no group until a consumer joins it.
 pub fn broker(partitions: u32, messages: usize) -> SharedBroker {
     let mut broker = SimBroker::new();
     broker.create_topic(TOPIC, partitions);
     broker.create_topic(DLQ, 1);
-    broker.ensure_group(GROUP);
     if messages > 0 {
         broker
             .produce_values(TOPIC, 0, (0..messages).map(|i| format!("m{i}")))
@@ -541,10 +540,12 @@ pub async fn commit<R: Runtime + Clone>(rt: R) {
     );
     broker.lock().fail_next_commits(1);
     let failed = within(&rt, consumer.commit()).await;
-    assert!(
-        matches!(failed, Err(ConsumerError::CommitFailed(_))),
-        "{failed:?}"
-    );
+    match failed {
+        Err(ConsumerError::Uncommitted { offsets, .. }) => {
+            assert_eq!(offsets, [(0, 6)], "names what the broker did not store")
+        }
+        other => panic!("{other:?}"),
+    }
     within(&rt, consumer.commit()).await.expect("commit");
     assert_eq!(committed(&broker, 0), Some(6));
     within(&rt, consumer.close()).await.expect("close");
@@ -595,6 +596,68 @@ pub async fn close<R: Runtime + Clone>(rt: R) {
     let metrics = consumer.metrics().await;
     assert_eq!(metrics.acked, 60);
     assert!(metrics.nacked >= 39, "{metrics:?}");
+}
+
+/// A manual assignment on a broker that knows no group yet: the consumer creates the group
+/// itself (join and leave), and the broker stores exactly what was settled.
+pub async fn manual_commits_create_the_group<R: Runtime + Clone>(rt: R) {
+    let broker = broker(2, 10);
+    assert_eq!(broker.lock().generation(GROUP), None, "no group before");
+    let mut config = fast_config();
+    config.partitions = vec![0, 1];
+    config.enable_auto_commit = false;
+    let consumer = start(&rt, &broker, config).await;
+    for _ in 0..7 {
+        next(&rt, &consumer).await.ack().await.expect("ack");
+    }
+    within(&rt, consumer.commit()).await.expect("commit");
+    assert_eq!(committed(&broker, 0), Some(7), "what was settled");
+    assert_eq!(committed(&broker, 1), None, "nothing settled there");
+    for _ in 7..10 {
+        next(&rt, &consumer).await.ack().await.expect("ack");
+    }
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), Some(10));
+    let broker = broker.lock();
+    assert!(
+        broker.generation(GROUP).is_some(),
+        "the consumer created it"
+    );
+    assert!(broker.members(GROUP).is_empty(), "and left it at once");
+}
+
+/// Every commit refused: `commit()` and `close()` fail, naming the offsets the broker did not
+/// store, instead of reporting success.
+pub async fn close_names_uncommitted_offsets<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 10);
+    let mut config = fast_config();
+    config.partitions = vec![0];
+    config.enable_auto_commit = false;
+    config.drain_timeout = Duration::from_millis(200);
+    let consumer = start(&rt, &broker, config).await;
+    for _ in 0..6 {
+        next(&rt, &consumer).await.ack().await.expect("ack");
+    }
+    broker.lock().fail_next_commits(u32::MAX);
+    let expected = vec![(0, 6)];
+    match within(&rt, consumer.commit()).await {
+        Err(ConsumerError::Uncommitted { offsets, .. }) => assert_eq!(offsets, expected),
+        other => panic!("commit: {other:?}"),
+    }
+    match within(&rt, consumer.close()).await {
+        Err(error @ ConsumerError::Uncommitted { .. }) => {
+            assert_eq!(
+                error.to_string(),
+                "offsets not committed (partition 0 at 6): closed before the final commit was confirmed"
+            );
+            let ConsumerError::Uncommitted { offsets, .. } = error else {
+                unreachable!()
+            };
+            assert_eq!(offsets, expected);
+        }
+        other => panic!("close: {other:?}"),
+    }
+    assert_eq!(committed(&broker, 0), None, "the broker stored nothing");
 }
 
 /// The deliveries stream yields the same messages as `receive`.

@@ -454,6 +454,27 @@ impl Partitions {
         self.list.iter().map(|p| p.id).collect()
     }
 
+    /// Every active partition whose settle watermark the broker has not confirmed (the
+    /// watermark moved past the last confirmed commit, or past the start when none was), with
+    /// that watermark. A watermark of 0 needs no commit: nothing lies below it.
+    pub(crate) fn uncommitted(&self) -> Vec<(u32, u64)> {
+        self.list
+            .iter()
+            .filter(|p| p.phase == Phase::Active)
+            .filter(|p| p.committed.or(p.start).unwrap_or(0) != p.window.base())
+            .map(|p| (p.id, p.window.base()))
+            .collect()
+    }
+
+    /// The broker lost every commit (it no longer knows the group): every position is
+    /// committed again.
+    pub(crate) fn forget_commits(&mut self) {
+        for p in &mut self.list {
+            p.committed = None;
+            p.start = None;
+        }
+    }
+
     /// Whether any partition's watermark moved past what was committed or is in flight.
     pub(crate) fn has_uncommitted(&self) -> bool {
         if self.all_dirty {
