@@ -25,6 +25,12 @@ fn group_seeds_hold_every_group_invariant() {
             );
             assert_eq!(s.runs, seeds.len() as u64);
             assert!(s.delivered >= s.produced, "every message delivered");
+            if s.runs >= 24 {
+                assert!(s.crashes > 0, "crashes exercised");
+                assert!(s.pauses > 0, "pauses exercised");
+                assert!(s.closes > s.runs, "leaves exercised");
+                assert!(s.generations > s.runs * 3, "rebalances exercised");
+            }
         }
         Err(f) => panic!("{f}"),
     }
@@ -91,6 +97,7 @@ fn group_checker_catches_commits_past_what_was_settled() {
         );
     }
     let shown = caught[0].to_string();
+    println!("{shown}");
     assert!(
         shown.contains(&format!(
             "RUSTMQ_SIM_SEED={} cargo test -p rustmq-consumer-testkit --test group_simulation",
@@ -111,4 +118,5 @@ fn group_checker_catches_members_taking_partitions_they_were_not_given() {
     for f in &caught {
         assert!(ownership.contains(&f.violation.invariant), "{f}");
     }
+    println!("{}", caught[0]);
 }
