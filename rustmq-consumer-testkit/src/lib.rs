@@ -65,7 +65,7 @@ pub use fixtures::{broker_with, fast_config};
 pub use group_sim::{
     group_names, group_replay_command, run_group_seed, run_group_seeds, Burst, GroupFailure,
     GroupMutation, GroupReport, GroupScenario, GroupSimulation, GroupSummary, MemberFate,
-    MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_MEMBERS, MAX_PARTITIONS,
+    MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_PARTITIONS,
 };
 pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]

@@ -32,7 +32,7 @@ pub mod group_names {
 struct Settled {
     /// Every offset below this was acked by someone.
     prefix: u64,
-    /// Offsets at or above `prefix + 1` acked by someone.
+    /// Offsets above `prefix` acked by someone.
     above: BTreeSet<u64>,
     /// Messages produced (the high watermark).
     produced: u64,

@@ -12,8 +12,6 @@ pub const GROUP_TOPIC: &str = "group-sim-topic";
 /// Consumer group of every group scenario.
 pub const GROUP_ID: &str = "group-sim";
 
-/// Most members one scenario has (the late joiner a scenario may need after heal included).
-pub const MAX_MEMBERS: usize = 21;
 /// Most partitions one scenario has.
 pub const MAX_PARTITIONS: u32 = 1_000;
 
