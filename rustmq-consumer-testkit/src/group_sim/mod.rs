@@ -495,10 +495,7 @@ impl GroupSimulation {
             if !self.slots[i].driven() {
                 continue;
             }
-            loop {
-                let Some(entry) = self.slots[i].held.first_entry() else {
-                    break;
-                };
+            while let Some(entry) = self.slots[i].held.first_entry() {
                 if entry.key().0 > self.now {
                     break;
                 }
@@ -538,14 +535,14 @@ impl GroupSimulation {
             .collect();
         loop {
             let mut progressed = false;
-            for i in 0..self.slots.len() {
+            for (i, budget) in budgets.iter_mut().enumerate() {
                 if !self.slots[i].driven() {
                     continue;
                 }
                 let Some(p) = self.slots[i].pump.as_mut() else {
                     continue;
                 };
-                if !p.step(&mut budgets[i]) {
+                if !p.step(budget) {
                     continue;
                 }
                 progressed = true;
