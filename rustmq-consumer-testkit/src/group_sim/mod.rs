@@ -331,15 +331,16 @@ impl GroupSimulation {
             .enumerate()
             .map(|(i, s)| format!("{i}:{:?}", s.life))
             .collect();
-        let missing = self
-            .checker
-            .first_unsettled()
-            .map(|(p, offset, produced)| {
-                format!("partition {p}: offset {offset} of {produced} not acked by anyone")
-            })
-            .unwrap_or_else(|| "members still closing".to_owned());
+        let (invariant, missing) = match self.checker.first_unsettled() {
+            Some((p, offset, produced)) => (
+                group_names::SETTLED_AFTER_HEAL,
+                format!("partition {p}: offset {offset} of {produced} not acked by anyone"),
+            ),
+            // Everything was acked: a closing member has nothing left to wake it.
+            None => (group_names::CLOSE, "members still closing".to_owned()),
+        };
         (
-            group_names::SETTLED_AFTER_HEAL,
+            invariant,
             format!(
                 "{:?} after heal (budget {:?}): {missing}; members {}",
                 (self.now - self.start).saturating_sub(self.scenario.heal_at),
