@@ -27,6 +27,10 @@
 //!   session instead of manual assignment); [`run_seeds`] and [`seeds_from_env`] run many and
 //!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
 //!   policies (the checker must catch them).
+//! - `group_sim`: [`GroupSimulation`], several machines in one consumer group on one broker
+//!   (members joining, leaving, crashing and pausing, from one seed: [`GroupScenario`]), with
+//!   group-wide invariants ([`group_names`]); [`run_group_seeds`] runs many, and
+//!   [`GroupMutation`]s are deliberately wrong members the checker must catch.
 //! - `pump`: [`Pump`], one `ConsumerMachine` and a broker ([`Peer`]) driven in lock-step on a
 //!   virtual clock for scripted tests ([`drive_all`] and [`advance_all`] for several machines
 //!   sharing one broker); every loop is bounded ([`Limits`]) and panics naming the bound.
@@ -42,6 +46,7 @@
 mod broker;
 mod faults;
 mod fixtures;
+mod group_sim;
 mod invariants;
 #[cfg(feature = "quic")]
 mod loopback;
@@ -57,6 +62,11 @@ pub use broker::{
 };
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use fixtures::{broker_with, fast_config};
+pub use group_sim::{
+    group_names, group_replay_command, run_group_seed, run_group_seeds, Burst, GroupFailure,
+    GroupMutation, GroupReport, GroupScenario, GroupSimulation, GroupSummary, MemberFate,
+    MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_PARTITIONS,
+};
 pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]
 pub use loopback::{
