@@ -938,8 +938,12 @@ async fn two_consumers_share_a_group_and_rebalance<R: Runtime + Clone>(
     .await;
     let shared_generations = shared.lock().generation(GROUP);
 
-    // `a` leaves: its close commits its acks, then LeaveGroup; `b` takes over.
-    within(&rt, a.close()).await.expect("a closes");
+    // `a` leaves: its close commits its acks, then LeaveGroup; `b` takes over. (A rebalance
+    // racing the close can fence its final commit: then it says which offsets b reads again.)
+    match within(&rt, a.close()).await {
+        Ok(()) | Err(ConsumerError::Uncommitted { .. }) => {}
+        Err(other) => panic!("a closes: {other}"),
+    }
     assert!(a.receive().await.expect("receive").is_none());
     assert_eq!(shared.lock().members(GROUP).len(), 1, "a left the group");
     let all = 2 * PER_PARTITION as usize;
