@@ -469,7 +469,8 @@ impl Partitions {
     /// The broker lost every commit (it no longer knows the group): every position is
     /// committed again.
     pub(crate) fn forget_commits(&mut self) {
-        for p in &mut self.list {
+        // Through `iter_mut`, which marks every partition for the indexes' refresh.
+        for p in self.iter_mut() {
             p.committed = None;
             p.start = None;
         }
