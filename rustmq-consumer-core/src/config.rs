@@ -80,7 +80,9 @@ pub struct ConsumerConfig {
     /// Each fetch asks for what the buffer has room for, at the cost per record the consumer
     /// learns from the broker's answers (records returned for the bytes asked).
     pub fetch_max_bytes: u32,
-    /// Byte budget (wire bytes) of fetched messages buffered ahead of the application.
+    /// Byte budget (wire bytes) of fetched messages buffered ahead of the application. A
+    /// record larger than the room left waits for room; when room comes, it is taken even if
+    /// other partitions' answers arrived first, so the budget can be passed by one record.
     pub prefetch_bytes: usize,
     /// `timeout_ms` sent with fetches (the broker ignores it).
     pub fetch_timeout: Duration,

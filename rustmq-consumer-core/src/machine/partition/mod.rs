@@ -38,6 +38,8 @@ pub(crate) struct Partition {
     pub(crate) fetch_in_flight: bool,
     /// The fetch in flight, as sized: its `max_bytes` and the buffer slots it reserves.
     fetch_planned: Option<Planned>,
+    /// The fetch in flight went out when buffer room for a record that did not fit came free.
+    released_from_byte_wait: bool,
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     pub(crate) fetch_not_before: Option<Instant>,
@@ -130,6 +132,7 @@ impl Partition {
             refetch: VecDeque::new(),
             fetch_in_flight: false,
             fetch_planned: None,
+            released_from_byte_wait: false,
             refetch_in_flight: false,
             fetch_not_before: None,
             byte_blocked: None,
