@@ -76,7 +76,7 @@
 //! - [`protocol`]: typed RustMQ requests and responses; [`codec`]: their bytes on the wire.
 //! - `config`, `event`, `error`: what goes in, what comes out, what can be refused.
 //! - [`driver`]: the runtime-agnostic driver and the application API ([`Consumer`],
-//!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task.rs`
+//!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task/`
 //!   owns the machine and runs its loop, `gate.rs` settles acks without a round trip,
 //!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API.
 //! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,

@@ -1,0 +1,209 @@
+//! What the driver does with the machine's events: deliveries into the backlog, commit
+//! waiters, outages and stalls for the application, and the gate's generation.
+
+use super::*;
+
+impl Driver {
+    /// Routes one event. Events after which an outstanding delivery may be refused (its
+    /// partition revoked or given a new epoch, or the consumer closed) bump the gate's
+    /// generation, so acks of deliveries stamped before them take the slow path.
+    pub(super) fn event(&mut self, event: Event, state: &mut GateState) {
+        match event {
+            Event::Deliver(delivery) => {
+                tracing::trace!(
+                    partition = delivery.tag.partition,
+                    offset = delivery.tag.offset,
+                    attempt = delivery.tag.attempt,
+                    "deliver"
+                );
+                self.backlog.push_back(Stamped {
+                    delivery,
+                    generation: state.generation,
+                });
+            }
+            Event::Committed { ticket, offsets } => {
+                tracing::debug!(ticket, ?offsets, "committed");
+                self.resolve_commits(ticket, Ok(()));
+            }
+            Event::CommitFailed { ticket, error } => {
+                tracing::warn!(ticket, %error, "commit failed");
+                let failure = self.uncommitted(error.clone());
+                self.commit_error = Some(error);
+                self.resolve_commits(ticket, Err(failure));
+            }
+            Event::DeadLettered {
+                partition,
+                offset,
+                attempts,
+            } => tracing::info!(partition, offset, attempts, "dead-lettered"),
+            Event::Discarded {
+                partition,
+                offset,
+                attempts,
+                reason,
+            } => tracing::warn!(partition, offset, attempts, %reason, "poison message discarded"),
+            Event::BreakerChanged { from, to } => {
+                tracing::warn!(?from, ?to, "circuit breaker changed")
+            }
+            Event::Assigned(partitions) => {
+                state.generation += 1;
+                if let Some((member_id, generation)) = self.joined.take() {
+                    self.member_span = tracing::info_span!(
+                        parent: &self.span,
+                        "member",
+                        member_id = %member_id,
+                        generation,
+                    );
+                }
+                self.member_span
+                    .in_scope(|| tracing::info!(?partitions, "assigned"));
+            }
+            Event::Revoked(partitions) => {
+                state.generation += 1;
+                tracing::info!(?partitions, "revoked");
+                // Their queued deliveries are stale: the application could only process them
+                // again after the next owner and have the acks refused. Their pause is gone too.
+                let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+                state.invalidate(&ids);
+                self.discard_stale(&ids, true);
+            }
+            Event::AssignmentIgnored(partitions) => {
+                tracing::info!(?partitions, "ignoring partitions of topics not subscribed")
+            }
+            Event::Stalled {
+                partition,
+                offset,
+                reason,
+            } => {
+                tracing::error!(partition, offset, %reason, "partition stalled");
+                let error = ConsumerError::Stalled {
+                    partition,
+                    offset,
+                    reason,
+                };
+                // Once per stall; an unread error (an outage) is not replaced.
+                let _ = self.channels.errors.try_send(error.clone());
+                self.stalls.insert(partition, error);
+            }
+            Event::Recovered { partition } => {
+                tracing::info!(partition, "partition recovered");
+                self.stalls.remove(&partition);
+            }
+            Event::RequestFailed { id, error } => {
+                tracing::debug!(request = id.0, %error, "request failed");
+                // Transport failures were seen with their response; on a timer wake-up the
+                // failures are deadlines: no answer at all.
+                if self.timer_wake {
+                    self.unreachable(TransportError::TimedOut);
+                }
+            }
+            Event::Closing(phase) => tracing::debug!(?phase, "closing"),
+            Event::Closed => {
+                state.generation += 1;
+                state.open = false;
+                tracing::info!("closed");
+            }
+        }
+    }
+
+    /// A request got no answer from the broker: starts an outage, reported once to the
+    /// application (replacing an error it has not read), to a fail-fast `build()`, and by
+    /// `health_report()` until the broker answers again.
+    pub(super) fn unreachable(&mut self, cause: TransportError) {
+        if self.outage.is_some() {
+            return;
+        }
+        tracing::warn!(
+            %cause,
+            permanent = cause.is_permanent(),
+            ever_connected = self.ever_connected,
+            "broker unreachable"
+        );
+        let error = ConsumerError::Unreachable {
+            cause,
+            ever_connected: self.ever_connected,
+        };
+        while self.channels.unread_errors.try_recv().is_ok() {}
+        // Never full (just emptied, and only this task sends); closed once every handle is gone.
+        let _ = self.channels.errors.try_send(error.clone());
+        if let Some(reply) = self.channels.first_contact.take() {
+            let _ = reply.try_send(Err(error.clone()));
+        }
+        self.outage = Some(error);
+    }
+
+    /// The broker answered: ends the outage in progress.
+    pub(super) fn reached(&mut self) {
+        self.ever_connected = true;
+        if let Some(reply) = self.channels.first_contact.take() {
+            let _ = reply.try_send(Ok(()));
+        }
+        if let Some(outage) = self.outage.take() {
+            tracing::info!(after = %outage, "broker reachable again");
+        }
+    }
+
+    /// The health the application sees: the machine's, and `Unhealthy` during an outage.
+    pub(super) fn health_report(&self) -> HealthReport {
+        let health = match self.machine.health() {
+            Health::Healthy if self.outage.is_some() => Health::Unhealthy,
+            health => health,
+        };
+        HealthReport {
+            health,
+            cause: self
+                .outage
+                .clone()
+                .or_else(|| self.stalls.values().next().cloned()),
+        }
+    }
+
+    /// Moves deliveries into the inbox, as many as it has room for (`max_unacked`); the rest
+    /// wait for room.
+    pub(super) fn push_backlog(&mut self) {
+        self.room = if self.backlog.is_empty() {
+            None
+        } else {
+            self.channels.inbox.push(&mut self.backlog)
+        };
+    }
+
+    /// Drops the not yet taken deliveries of `partitions` (sought or revoked: stale), and
+    /// their stalls (a seek or a new owner starts them afresh).
+    pub(super) fn discard_stale(&mut self, partitions: &[u32], unpause: bool) {
+        for p in partitions {
+            self.stalls.remove(p);
+        }
+        let before = self.backlog.len();
+        self.backlog
+            .retain(|s| !partitions.contains(&s.delivery.tag.partition));
+        let dropped =
+            before - self.backlog.len() + self.channels.inbox.discard(partitions, unpause);
+        if dropped > 0 {
+            tracing::debug!(
+                ?partitions,
+                dropped,
+                "stale deliveries dropped before the application took them"
+            );
+        }
+    }
+
+    /// The error naming every settled offset the broker has not stored, after `cause`.
+    pub(super) fn uncommitted(&self, cause: CommitError) -> ConsumerError {
+        ConsumerError::Uncommitted {
+            offsets: self.machine.uncommitted_offsets(),
+            cause,
+        }
+    }
+
+    pub(super) fn resolve_commits(&mut self, ticket: u64, result: Result<(), ConsumerError>) {
+        self.commit_waiters.retain(|(waiting, reply)| {
+            if *waiting <= ticket {
+                let _ = reply.try_send(result.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,383 @@
+//! The driver task: one per consumer, owning the state machine by value.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use event_listener::EventListener;
+use futures_lite::{future, Stream};
+use futures_util::stream::FuturesUnordered;
+
+use super::consumer::HealthReport;
+use super::error::ConsumerError;
+use super::gate::{AckGate, GateState};
+use super::inbox::Inbox;
+use super::runtime::{AsyncTimer, Runtime};
+use super::transport::Transport;
+use crate::error::{TransportError, UsageError};
+use crate::event::{
+    CommitError, DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId,
+};
+use crate::machine::ConsumerMachine;
+use crate::protocol::Response;
+
+mod commands;
+mod events;
+
+/// A one-shot reply from the driver (a channel of capacity one).
+pub(crate) type Reply<T> = Sender<T>;
+
+/// What the application asks of the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Ack(DeliveryTag, Reply<Result<(), UsageError>>),
+    Nack(DeliveryTag, Option<Duration>, Reply<Result<(), UsageError>>),
+    Reject(DeliveryTag, String, Reply<Result<(), UsageError>>),
+    Pause(Vec<u32>, Reply<Result<(), UsageError>>),
+    Resume(Vec<u32>, Reply<Result<(), UsageError>>),
+    Seek(u32, u64, Reply<Result<(), UsageError>>),
+    Commit(Reply<Result<(), ConsumerError>>),
+    Lag(Reply<Vec<PartitionLag>>),
+    Assigned(Reply<Vec<u32>>),
+    Metrics(Reply<Metrics>),
+    Health(Reply<HealthReport>),
+    Close(Reply<Result<(), ConsumerError>>),
+    /// Stop now, without finishing the close (`close_with_timeout` expired).
+    Abandon,
+}
+
+/// Most queued commands and dropped deliveries taken per wake-up before the outputs are
+/// drained (the command channel's capacity: one wake-up can empty it).
+const DRAIN_BATCH: usize = 256;
+
+/// A delivery on its way to the application, stamped with the ack gate's generation at the
+/// time the machine emitted it (see `gate`).
+#[derive(Debug)]
+pub(crate) struct Stamped {
+    pub(crate) delivery: Message,
+    pub(crate) generation: u64,
+}
+
+/// What the consumer can still answer after the driver has exited.
+#[derive(Debug, Clone)]
+pub(crate) struct FinalState {
+    pub(crate) metrics: Metrics,
+    pub(crate) lag: Vec<PartitionLag>,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = (RequestId, Result<Response, TransportError>)> + Send>>;
+
+/// The channels between the driver and its consumer handles.
+pub(crate) struct DriverChannels {
+    pub(crate) commands: Pin<Box<Receiver<Command>>>,
+    pub(crate) dropped: Pin<Box<Receiver<DeliveryTag>>>,
+    pub(crate) lifeline: Pin<Box<Receiver<()>>>,
+    pub(crate) kicked: Pin<Box<Receiver<()>>>,
+    pub(crate) gate: Arc<AckGate>,
+    pub(crate) inbox: Arc<Inbox>,
+    pub(crate) final_state: Arc<OnceLock<FinalState>>,
+    /// Errors for the application (`receive()`, the stream): at most one waits, the newest.
+    pub(crate) errors: Sender<ConsumerError>,
+    pub(crate) unread_errors: Receiver<ConsumerError>,
+    /// `build()` waiting for the broker's first answer or first outage (fail fast).
+    pub(crate) first_contact: Option<Reply<Result<(), ConsumerError>>>,
+}
+
+/// What woke the driver.
+enum Wake {
+    Timer,
+    Response(RequestId, Result<Response, TransportError>),
+    Command(Command),
+    CommandsClosed,
+    Dropped(DeliveryTag),
+    DroppedClosed,
+    LifelineClosed,
+    /// The inbox has room again.
+    Room,
+    /// Acks are waiting in the gate (applied at the top of every iteration anyway).
+    Kicked,
+}
+
+/// The driver: the state machine plus everything needed to feed it.
+pub(crate) struct Driver {
+    machine: ConsumerMachine,
+    runtime: Arc<dyn Runtime>,
+    transport: Arc<dyn Transport>,
+    channels: DriverChannels,
+    in_flight: FuturesUnordered<ResponseFuture>,
+    timer: Option<Pin<Box<dyn AsyncTimer>>>,
+    armed: Option<Instant>,
+    /// Deliveries the inbox had no room for. A safety net: the inbox holds only deliveries the
+    /// machine counts outstanding (stale ones are discarded), so at most `max_unacked`.
+    backlog: VecDeque<Stamped>,
+    /// Set while the backlog waits for room in the inbox.
+    room: Option<EventListener>,
+    commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
+    /// Why the last commit failed (the cause `close()` reports with offsets left uncommitted).
+    commit_error: Option<CommitError>,
+    close_waiters: Vec<Reply<Result<(), ConsumerError>>>,
+    closing: bool,
+    abandoned: bool,
+    commands_open: bool,
+    dropped_open: bool,
+    lifeline_open: bool,
+    /// The broker outage in progress ([`ConsumerError::Unreachable`]): set by the first request
+    /// that got no answer, cleared by the next answer.
+    outage: Option<ConsumerError>,
+    /// Partitions stalled now ([`ConsumerError::Stalled`]), until they recover.
+    stalls: BTreeMap<u32, ConsumerError>,
+    /// Whether the broker ever answered.
+    ever_connected: bool,
+    /// The current wake-up is the timer: request failures it causes are deadlines.
+    timer_wake: bool,
+    /// The member id and generation of the last successful JoinGroup answer, for the member
+    /// span of the assignment the machine reports next.
+    joined: Option<(String, u64)>,
+    /// The consumer's span (consumer id, group, topic), the parent of `member_span`.
+    span: tracing::Span,
+    /// `member{member_id, generation}` of the current group assignment (none before).
+    member_span: tracing::Span,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        machine: ConsumerMachine,
+        runtime: Arc<dyn Runtime>,
+        transport: Arc<dyn Transport>,
+        channels: DriverChannels,
+    ) -> Self {
+        Self {
+            machine,
+            runtime,
+            transport,
+            channels,
+            in_flight: FuturesUnordered::new(),
+            timer: None,
+            armed: None,
+            backlog: VecDeque::new(),
+            room: None,
+            commit_waiters: Vec::new(),
+            commit_error: None,
+            close_waiters: Vec::new(),
+            closing: false,
+            abandoned: false,
+            commands_open: true,
+            dropped_open: true,
+            lifeline_open: true,
+            outage: None,
+            stalls: BTreeMap::new(),
+            ever_connected: false,
+            timer_wake: false,
+            joined: None,
+            span: tracing::Span::none(),
+            member_span: tracing::Span::none(),
+        }
+    }
+
+    /// The run loop: apply the gate's acks, then handle inputs as the old one-input-per-wake-up
+    /// loop did (each followed by a drain of the outputs and a re-armed timer), but take every
+    /// input that is already ready (a bounded number) before waiting again; then wait for the
+    /// first input, until the machine is closed. The gate's lock is held while the machine is
+    /// fed (see `gate`) and released before waiting.
+    pub(crate) async fn run(mut self) {
+        tracing::debug!("driver started");
+        self.span = tracing::Span::current();
+        let gate = Arc::clone(&self.channels.gate);
+        let mut wake = None;
+        loop {
+            let done = {
+                let member_span = self.member_span.clone();
+                let _member = member_span.enter();
+                let mut state = gate.lock();
+                self.apply_pending(self.runtime.now(), &mut state);
+                self.handle_ready(wake.take(), &mut state);
+                let done = self.machine.is_closed() || self.abandoned;
+                if done {
+                    state.open = false;
+                }
+                done
+            };
+            if done {
+                break;
+            }
+            self.arm_timer();
+            wake = Some(self.wait().await);
+        }
+        self.finish();
+    }
+
+    /// Handles `wake` and then every input already ready, in `wait`'s order, up to
+    /// `DRAIN_BATCH` of them: a burst of commands or responses costs one wake-up. An input is
+    /// only taken from its source when it will be handled: what is still ready after the
+    /// batch stays there for `wait`.
+    fn handle_ready(&mut self, mut wake: Option<Wake>, state: &mut GateState) {
+        let mut cx = Context::from_waker(Waker::noop());
+        for round in 1..=DRAIN_BATCH {
+            if let Some(wake) = wake.take() {
+                let now = self.runtime.now();
+                self.wake(now, wake, state);
+            }
+            self.drain_outputs(state);
+            self.timer_wake = false;
+            self.joined = None;
+            if self.machine.is_closed() || self.abandoned {
+                return;
+            }
+            self.arm_timer();
+            if round == DRAIN_BATCH {
+                return;
+            }
+            // The no-op waker is fine: `wait` polls every source again with the real one
+            // before the task sleeps.
+            match self.poll_wake(&mut cx) {
+                Poll::Ready(next) => wake = Some(next),
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Feeds the machine every ack the gate accepted. Each was checked against a generation
+    /// the machine has not moved past, so a refusal is a bug in the gate's bookkeeping.
+    fn apply_pending(&mut self, now: Instant, state: &mut GateState) {
+        for tag in state.pending.drain(..) {
+            let result = self.machine.ack(now, tag);
+            if let Err(error) = &result {
+                tracing::error!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "an ack the gate accepted was refused");
+            }
+            debug_assert!(result.is_ok(), "gate accepted a refused ack: {result:?}");
+        }
+    }
+
+    fn wake(&mut self, now: Instant, wake: Wake, state: &mut GateState) {
+        match wake {
+            Wake::Timer => {
+                // A fired timer must be reset before it is polled again.
+                self.armed = None;
+                self.timer_wake = true;
+                self.machine.handle_timeout(now);
+            }
+            Wake::Response(id, result) => {
+                match &result {
+                    Ok(response) => {
+                        if let Response::JoinGroup(r) = response {
+                            if r.error_code == 0 {
+                                self.joined = Some((r.member_id.clone(), r.generation_id));
+                            }
+                        }
+                        self.reached();
+                    }
+                    Err(error) if error.is_unreachable() => self.unreachable(error.clone()),
+                    Err(_) => {}
+                }
+                self.machine.handle_response(now, id, result)
+            }
+            Wake::Command(command) => self.command(now, command, state),
+            Wake::Dropped(tag) => self.dropped(now, tag),
+            Wake::Room => self.room = None,
+            Wake::Kicked => {}
+            Wake::CommandsClosed => self.commands_open = false,
+            Wake::DroppedClosed => self.dropped_open = false,
+            Wake::LifelineClosed => {
+                self.lifeline_open = false;
+                tracing::debug!("every consumer handle dropped: closing");
+                self.begin_close(now, state);
+            }
+        }
+    }
+
+    fn dropped(&mut self, now: Instant, tag: DeliveryTag) {
+        if let Err(error) = self.machine.nack(now, tag, None) {
+            tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "nack of a dropped delivery refused");
+        }
+    }
+
+    /// Starts every transmit and routes every event, until the machine has nothing to say.
+    fn drain_outputs(&mut self, state: &mut GateState) {
+        loop {
+            let mut progressed = false;
+            while let Some(transmit) = self.machine.poll_transmit() {
+                progressed = true;
+                let transport = Arc::clone(&self.transport);
+                let id = transmit.id;
+                tracing::trace!(request = id.0, kind = ?transmit.request.kind(), "send");
+                self.in_flight.push(Box::pin(async move {
+                    let result = transport.request(transmit.request).await;
+                    (id, result)
+                }));
+            }
+            while let Some(event) = self.machine.poll_event() {
+                progressed = true;
+                self.event(event, state);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.push_backlog();
+    }
+
+    fn arm_timer(&mut self) {
+        let deadline = self.machine.poll_timeout().map(|(deadline, _)| deadline);
+        if deadline == self.armed {
+            return;
+        }
+        self.armed = deadline;
+        if let Some(deadline) = deadline {
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(self.runtime.new_timer(deadline)),
+            }
+        }
+    }
+
+    /// Waits for the first input. Order: timer, responses, dropped deliveries, commands,
+    /// lifeline, gate.
+    async fn wait(&mut self) -> Wake {
+        future::poll_fn(|cx| self.poll_wake(cx)).await
+    }
+
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if self.armed.is_some() {
+            if let Some(timer) = &mut self.timer {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+            }
+        }
+        if !self.in_flight.is_empty() {
+            if let Poll::Ready(Some((id, result))) = Pin::new(&mut self.in_flight).poll_next(cx) {
+                return Poll::Ready(Wake::Response(id, result));
+            }
+        }
+        if let Some(room) = &mut self.room {
+            if Pin::new(room).poll(cx).is_ready() {
+                return Poll::Ready(Wake::Room);
+            }
+        }
+        if self.dropped_open {
+            if let Poll::Ready(tag) = self.channels.dropped.as_mut().poll_next(cx) {
+                return Poll::Ready(tag.map_or(Wake::DroppedClosed, Wake::Dropped));
+            }
+        }
+        if self.commands_open {
+            if let Poll::Ready(command) = self.channels.commands.as_mut().poll_next(cx) {
+                return Poll::Ready(command.map_or(Wake::CommandsClosed, Wake::Command));
+            }
+        }
+        if self.lifeline_open {
+            if let Poll::Ready(None) = self.channels.lifeline.as_mut().poll_next(cx) {
+                return Poll::Ready(Wake::LifelineClosed);
+            }
+        }
+        // Never closed while the driver runs: the gate holds the sender.
+        if let Poll::Ready(Some(())) = self.channels.kicked.as_mut().poll_next(cx) {
+            return Poll::Ready(Wake::Kicked);
+        }
+        Poll::Pending
+    }
+}
