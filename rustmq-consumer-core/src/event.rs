@@ -233,6 +233,11 @@ pub enum Event {
     },
     /// Partitions now consumed.
     Assigned(Vec<TopicPartition>),
+    /// A rebalance started: no more deliveries of these partitions. The revoke commit follows
+    /// once their outstanding deliveries settle and a rebalance listener (if the machine
+    /// [holds revokes](crate::ConsumerMachine::hold_revokes)) returned, or at
+    /// `rebalance_drain_timeout`; then [`Event::Revoked`].
+    Revoking(Vec<TopicPartition>),
     /// Partitions no longer consumed.
     Revoked(Vec<TopicPartition>),
     /// The coordinator assigned partitions of topics this consumer did not subscribe to.

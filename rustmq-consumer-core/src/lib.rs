@@ -103,8 +103,8 @@ mod window;
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
-    DeliveryStream, HealthReport, Outcome, ProcessOptions, ProcessSummary, Runtime, Sleep,
-    Transport,
+    DeliveryStream, EventNotice, EventStream, HealthReport, Hook, ListenerError, Outcome,
+    ProcessOptions, ProcessSummary, RebalanceListener, Runtime, Sleep, Transport, EVENTS_CAPACITY,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -123,7 +123,8 @@ pub mod adapter {
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{
         protocol, AsyncTimer, BreakerState, CommitError, ConfigError, Consumer, ConsumerConfig,
-        ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag,
-        Runtime, StartPosition, Transport, TransportError, UsageError,
+        ConsumerError, DeliveryStream, DeliveryTag, Event, EventNotice, EventStream, Health,
+        HealthReport, Hook, ListenerError, Metrics, PartitionLag, RebalanceListener, Runtime,
+        StartPosition, Transport, TransportError, UsageError,
     };
 }

@@ -79,6 +79,10 @@ conformance!(
     process_hot_key_bounded,
     process_through_a_seek,
     process_then_close,
+    revoke_hook_acks_are_in_the_revoke_commit,
+    assign_hook_seeks_before_the_first_delivery,
+    failing_hook_is_reported_and_the_consumer_goes_on,
+    event_stream_is_bounded_and_never_blocks,
 );
 
 /// The same seed gives the same application-visible run on every runtime.

@@ -11,6 +11,8 @@ use super::consumer::{Consumer, Shared};
 use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::inbox::Inbox;
+use super::notices::Notices;
+use super::rebalance::{Hooks, RebalanceListener};
 use super::runtime::Runtime;
 use super::task::{Command, Driver, DriverChannels};
 use super::transport::Transport;
@@ -46,6 +48,7 @@ pub struct ConsumerBuilder<R> {
     config: ConsumerConfig,
     transport: Option<Arc<dyn Transport>>,
     fail_fast: bool,
+    listener: Option<Arc<dyn RebalanceListener>>,
 }
 
 impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
@@ -57,6 +60,7 @@ impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
             .field("config", &self.config)
             .field("transport", &self.transport.is_some())
             .field("fail_fast", &self.fail_fast)
+            .field("rebalance_listener", &self.listener.is_some())
             .finish()
     }
 }
@@ -84,6 +88,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             config: ConsumerConfig::default(),
             transport: None,
             fail_fast: false,
+            listener: None,
         }
     }
 
@@ -125,6 +130,15 @@ impl<R: Runtime> ConsumerBuilder<R> {
         self
     }
 
+    /// Hooks that run inside the group protocol around each rebalance: see
+    /// [`RebalanceListener`]. A group session's revoke commit then waits for the revoke hook
+    /// (within `rebalance_drain_timeout`), and no delivery of newly assigned partitions comes
+    /// out before the assign hook returned.
+    pub fn rebalance_listener(mut self, listener: impl RebalanceListener) -> Self {
+        self.listener = Some(Arc::new(listener));
+        self
+    }
+
     /// Validates the settings and starts the consumer's driver task (and with
     /// [`fail_fast`](Self::fail_fast), waits for the broker's first answer).
     pub async fn build(self) -> Result<Consumer, ConsumerError> {
@@ -156,7 +170,12 @@ impl<R: Runtime> ConsumerBuilder<R> {
         );
         let max_unacked = config.max_unacked;
         let max_retry_attempts = config.max_retry_attempts;
-        let machine = ConsumerMachine::new(config, runtime.now())?;
+        let hook_limit = config.rebalance_drain_timeout;
+        let mut machine = ConsumerMachine::new(config, runtime.now())?;
+        if self.listener.is_some() {
+            machine.hold_revokes();
+        }
+        let notices = Notices::new();
 
         let (commands_tx, commands) = async_channel::bounded(COMMAND_CAPACITY);
         let (dropped_tx, dropped) = async_channel::bounded(max_unacked);
@@ -178,8 +197,17 @@ impl<R: Runtime> ConsumerBuilder<R> {
             final_state: Arc::clone(&final_state),
             max_unacked,
             max_retry_attempts,
+            events: notices.subscriber(),
         });
-        let consumer = Consumer::new(Arc::clone(&shared), unread_errors.clone(), lifeline_tx);
+        let consumer = Consumer::new(
+            Arc::clone(&shared),
+            unread_errors.clone(),
+            Some(lifeline_tx),
+        );
+        let hooks = self.listener.map(|listener| {
+            let handle = Consumer::new(Arc::clone(&shared), unread_errors.clone(), None);
+            Hooks::new(listener, handle, hook_limit)
+        });
         let driver = Driver::new(
             machine,
             Arc::clone(&runtime),
@@ -195,6 +223,8 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 errors,
                 unread_errors,
                 first_contact: self.fail_fast.then_some(first_contact),
+                notices,
+                hooks,
             },
         );
         runtime.spawn(Box::pin(driver.run().instrument(span)));

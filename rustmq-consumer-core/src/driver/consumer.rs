@@ -13,13 +13,16 @@ use bytes::Bytes;
 use event_listener::EventListener;
 use futures_lite::{future, Stream};
 
+use async_broadcast::InactiveReceiver;
+
 use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::inbox::{Inbox, Take};
+use super::notices::{self, EventStream};
 use super::runtime::{sleep, Runtime};
 use super::task::{Command, FinalState, Reply, Stamped};
 use crate::error::UsageError;
-use crate::event::{self, DeliveryTag, Health, Metrics, PartitionLag};
+use crate::event::{self, DeliveryTag, Event, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
 
 /// State shared by a consumer's handles and its deliveries.
@@ -37,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) max_unacked: usize,
     /// The config's `max_retry_attempts`: a nack of a later attempt dead-letters.
     pub(crate) max_retry_attempts: u32,
+    /// Opens event streams ([`Consumer::events`]).
+    pub(crate) events: InactiveReceiver<Event>,
 }
 
 impl Shared {
@@ -68,7 +73,9 @@ impl Shared {
 pub struct Consumer {
     shared: Arc<Shared>,
     errors: Receiver<ConsumerError>,
-    _lifeline: Sender<()>,
+    /// Dropped with the last handle that has one: the consumer then closes. The handle a
+    /// rebalance hook gets has none.
+    _lifeline: Option<Sender<()>>,
 }
 
 impl fmt::Debug for Consumer {
@@ -84,7 +91,7 @@ impl Consumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
         errors: Receiver<ConsumerError>,
-        lifeline: Sender<()>,
+        lifeline: Option<Sender<()>>,
     ) -> Self {
         Self {
             shared,
@@ -184,6 +191,17 @@ impl Consumer {
             shared: Arc::clone(&self.shared),
             listener: None,
         }
+    }
+
+    /// What the consumer decides from now on, as a bounded stream: assignments and
+    /// revocations, commits (with offsets) and their failures (with the cause), dead letters,
+    /// discards, stalls, breaker changes, close phases; every [`Event`] but deliveries. A
+    /// reader that falls more than [`EVENTS_CAPACITY`](super::EVENTS_CAPACITY) events behind
+    /// never slows the consumer: it loses the oldest, and the next
+    /// [`EventNotice::missed`](super::EventNotice::missed) says how many. Each call opens an
+    /// independent stream; it ends after [`Event::Closed`].
+    pub fn events(&self) -> EventStream {
+        notices::subscribe(&self.shared.events)
     }
 
     /// Commits every settled offset now and waits for the broker to store it. Fails with

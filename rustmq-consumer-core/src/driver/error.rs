@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+use super::rebalance::Hook;
 use crate::config::ConfigError;
 use crate::error::{TransportError, UsageError};
 use crate::event::{CommitError, StallReason};
@@ -57,6 +58,17 @@ pub enum ConsumerError {
         offset: u64,
         /// Why.
         reason: StallReason,
+    },
+    /// A [`RebalanceListener`](super::RebalanceListener) hook failed or overran its
+    /// `rebalance_drain_timeout`; the rebalance went on without it. Not fatal.
+    #[error("rebalance listener's {hook} hook failed for partitions {partitions:?}: {cause}")]
+    Listener {
+        /// Which hook.
+        hook: Hook,
+        /// The partitions it was called for.
+        partitions: Vec<u32>,
+        /// The hook's error, or the overrun.
+        cause: String,
     },
 }
 

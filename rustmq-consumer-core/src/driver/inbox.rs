@@ -182,6 +182,30 @@ impl Inbox {
         dropped
     }
 
+    /// Takes the queued deliveries of `partitions`, held ones included (a revoke hook's
+    /// partitions hand them back), keeping their pause.
+    pub(crate) fn take_partitions(&self, partitions: &[u32]) -> Vec<Stamped> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let before = state.len;
+        let (taken, ready): (VecDeque<Stamped>, VecDeque<Stamped>) =
+            std::mem::take(&mut state.ready)
+                .into_iter()
+                .partition(|s| partitions.contains(&partition(s)));
+        state.ready = ready;
+        let mut taken = Vec::from(taken);
+        for p in partitions {
+            if let Some(held) = state.held.get_mut(p) {
+                taken.extend(held.drain(..));
+            }
+        }
+        state.len -= taken.len();
+        if !taken.is_empty() && before >= self.capacity {
+            self.writable.notify(usize::MAX);
+        }
+        taken
+    }
+
     /// Takes every queued delivery, held ones included (the close hands them back).
     pub(crate) fn take_all(&self) -> Vec<Stamped> {
         let mut state = self.lock();

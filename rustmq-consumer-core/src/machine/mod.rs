@@ -86,6 +86,10 @@ pub struct ConsumerMachine {
     manual: Option<ManualGeneration>,
     close: Option<Close>,
     metrics: Metrics,
+    /// Revokes wait for [`rebalance_listener_done`](Self::rebalance_listener_done).
+    hold_revokes: bool,
+    /// The current revoke waits for the rebalance listener.
+    revoke_held: bool,
 }
 
 impl ConsumerMachine {
@@ -121,6 +125,8 @@ impl ConsumerMachine {
             manual: (!config.uses_group_session()).then(ManualGeneration::default),
             close: None,
             metrics: Metrics::default(),
+            hold_revokes: false,
+            revoke_held: false,
             config,
         };
         if machine.group.is_none() {
@@ -279,6 +285,22 @@ impl ConsumerMachine {
         // Undelivered messages stay unsettled: the next member reads them again.
         self.partitions.drop_undelivered();
         self.advance_close(now, false);
+        self.poll_work(now);
+    }
+
+    /// From now on every revoke waits, after [`Event::Revoking`], until
+    /// [`rebalance_listener_done`](Self::rebalance_listener_done) (or `rebalance_drain_timeout`)
+    /// before its commit: the application's rebalance listener runs in between, and may still
+    /// settle deliveries of the revoked partitions.
+    pub fn hold_revokes(&mut self) {
+        self.hold_revokes = true;
+    }
+
+    /// The rebalance listener returned from the revoke announced by the last
+    /// [`Event::Revoking`]: the revoke commit may go once the partitions are drained.
+    /// Nothing happens when no revoke waits for it.
+    pub fn rebalance_listener_done(&mut self, now: Instant) {
+        self.revoke_held = false;
         self.poll_work(now);
     }
 
@@ -530,11 +552,15 @@ impl ConsumerMachine {
         let deadline = now + self.config.rebalance_drain_timeout;
         if g.start_revoke(deadline, forget_member) {
             self.partitions.start_revoke();
+            self.revoke_held = self.hold_revokes;
+            let revoking = self.topic_partitions(self.partitions.ids());
+            self.events.push_back(Event::Revoking(revoking));
         }
     }
 
     /// Lets every partition go (after the revoke commit, or fenced without one) and rejoins.
     fn finish_revoke(&mut self) {
+        self.revoke_held = false;
         let ids = self.partitions.revoke_all();
         for &id in &ids {
             self.dead_letters.forget_partition(id);

@@ -161,7 +161,8 @@ impl ConsumerMachine {
         let Some((deadline, false)) = self.group.as_ref().and_then(|g| g.revoking()) else {
             return true;
         };
-        let drained = self.partitions.unacked == 0 && self.dead_letters.is_flushed();
+        let drained =
+            self.partitions.unacked == 0 && self.dead_letters.is_flushed() && !self.revoke_held;
         if !(drained || now >= deadline) || self.committer.in_flight {
             return true;
         }

@@ -47,6 +47,7 @@ impl<H: Handler> Simulation<H> {
             app_rng: rng.fork(11),
             value_rng: rng.fork(12),
             partition_fault_rng: rng.fork(13),
+            listener_rng: rng.fork(14),
             queue: BTreeMap::new(),
             seq: 0,
             flights: BTreeMap::new(),
@@ -194,6 +195,9 @@ impl<H: Handler> Simulation<H> {
             detail: format!("scenario config rejected: {e}"),
         })?;
         self.machine = Some(machine);
+        if self.scenario.listener_latency.is_some() {
+            self.machine().hold_revokes();
+        }
         self.after_input()?;
 
         let heal = f.heal_at;
@@ -543,6 +547,12 @@ impl<H: Handler> Simulation<H> {
                 self.broker.fail_next_fetches(0);
             }
             Item::PartitionHealed(p) => self.broker.set_partition_failing(TOPIC, p, false),
+            Item::ListenerReturned => {
+                self.trace("app", &"revoke hook returned");
+                let now = self.now;
+                self.machine().rebalance_listener_done(now);
+                self.after_input()?;
+            }
             Item::CommitNow => {
                 if self.phase != Phase::Closing {
                     self.trace("app", &"commit");
@@ -639,6 +649,12 @@ impl<H: Handler> Simulation<H> {
             }
             match e {
                 Event::Deliver(d) => self.on_deliver(d)?,
+                Event::Revoking(_) => {
+                    if let Some(max) = self.scenario.listener_latency {
+                        let latency = self.listener_rng.millis(0, max.as_millis() as u64);
+                        self.schedule(latency, Item::ListenerReturned);
+                    }
+                }
                 Event::Revoked(tps) => {
                     for tp in tps {
                         self.paused.remove(&tp.partition);

@@ -75,6 +75,8 @@ enum Item {
     Heal,
     /// The partition's fetches work again (heal of a failing partition).
     PartitionHealed(u32),
+    /// The rebalance listener's revoke hook returned.
+    ListenerReturned,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,8 @@ pub struct Simulation<H: Handler = ModelApp> {
     /// Which storage failures fail one partition until heal (its own stream, so the shape
     /// did not move the other faults of every seed).
     partition_fault_rng: SimRng,
+    /// How long each revoke hook takes (the scenario's `listener_latency`).
+    listener_rng: SimRng,
     queue: BTreeMap<(Instant, u64), Item>,
     seq: u64,
     flights: BTreeMap<RequestId, Flight>,

@@ -49,6 +49,10 @@ pub struct Scenario {
     /// Concurrent processing under the core's scheduler (about half the seeds), or every
     /// delivery processed as soon as it comes.
     pub process: Option<ProcessModel>,
+    /// A rebalance listener (about half the group seeds): the machine holds each revoke
+    /// commit until the revoke hook returns, which takes up to this long (random per revoke,
+    /// up to twice `rebalance_drain_timeout`, so some hooks overrun).
+    pub listener_latency: Option<Duration>,
 }
 
 /// Topic consumed in every scenario.
@@ -149,7 +153,13 @@ impl Scenario {
             liveness_budget: Duration::ZERO,
             // Its own stream, so every other knob of a seed stays what it always was.
             process: ProcessModel::from_rng(&mut SimRng::new(seed ^ 0x7072_6f63_6573_7321)),
+            listener_latency: None,
         };
+        let mut listener = SimRng::new(seed ^ 0x6c69_7374_656e_6572);
+        if s.is_group() && listener.chance(0.5) {
+            let max = s.config.rebalance_drain_timeout.as_millis() as u64 * 2;
+            s.listener_latency = Some(listener.millis(0, max));
+        }
         s.liveness_budget = s.default_liveness_budget();
         s
     }
@@ -171,6 +181,7 @@ impl Scenario {
         let serial = (a.delay_max + rtt + c.empty_fetch_backoff_max + expected * 2)
             .saturating_mul(u32::try_from(total).unwrap_or(u32::MAX));
         let group = if self.is_group() {
+            let listener = self.listener_latency.unwrap_or_default();
             let phantom = self
                 .faults
                 .phantoms
@@ -180,7 +191,8 @@ impl Scenario {
                 .unwrap_or_default();
             phantom
                 + REAPER_INTERVAL * 2
-                + (c.session_timeout + c.heartbeat() + c.rebalance_drain_timeout + rtt) * 4
+                + (c.session_timeout + c.heartbeat() + c.rebalance_drain_timeout + rtt + listener)
+                    * 4
                 + c.request_timeout * 4
         } else {
             Duration::ZERO

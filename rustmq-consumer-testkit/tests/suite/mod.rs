@@ -19,6 +19,11 @@ use rustmq_consumer_core::{
 };
 use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
+mod listener;
+pub use listener::{
+    assign_hook_seeks_before_the_first_delivery, event_stream_is_bounded_and_never_blocks,
+    failing_hook_is_reported_and_the_consumer_goes_on, revoke_hook_acks_are_in_the_revoke_commit,
+};
 mod process;
 pub use process::{
     process_concurrency_bound, process_hot_key_bounded, process_in_key_order, process_nacks,

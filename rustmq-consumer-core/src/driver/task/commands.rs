@@ -18,6 +18,8 @@ impl Driver {
             Command::Pause(partitions, reply) => {
                 let result = machine.pause(now, &partitions);
                 if result.is_ok() {
+                    // The application's pause outlasts an assign hook's hold.
+                    self.held_for_hook.retain(|p| !partitions.contains(p));
                     // Before the reply: once `pause_partitions` returns, nothing of these
                     // partitions can be taken, including what is already queued.
                     self.channels.inbox.pause(&partitions);

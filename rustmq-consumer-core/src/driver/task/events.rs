@@ -8,6 +8,7 @@ impl Driver {
     /// partition revoked or given a new epoch, or the consumer closed) bump the gate's
     /// generation, so acks of deliveries stamped before them take the slow path.
     pub(super) fn event(&mut self, event: Event, state: &mut GateState) {
+        self.channels.notices.publish(&event);
         match event {
             Event::Deliver(delivery) => {
                 tracing::trace!(
@@ -57,6 +58,23 @@ impl Driver {
                 }
                 self.member_span
                     .in_scope(|| tracing::info!(?partitions, "assigned"));
+                if let Some(hooks) = &mut self.channels.hooks {
+                    // Held back until the assign hook returns (it may seek first).
+                    let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+                    self.channels.inbox.pause(&ids);
+                    self.held_for_hook.extend(&ids);
+                    hooks.push(Hook::Assign, ids);
+                }
+            }
+            Event::Revoking(partitions) => {
+                tracing::info!(?partitions, "revoking");
+                if self.channels.hooks.is_some() {
+                    let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+                    self.hand_back(&ids);
+                    if let Some(hooks) = &mut self.channels.hooks {
+                        hooks.push(Hook::Revoke, ids);
+                    }
+                }
             }
             Event::Revoked(partitions) => {
                 state.generation += 1;
@@ -66,6 +84,17 @@ impl Driver {
                 let ids: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
                 state.invalidate(&ids);
                 self.discard_stale(&ids, true);
+                self.held_for_hook.retain(|p| !ids.contains(p));
+                if let Some(partitions) =
+                    self.channels.hooks.as_mut().and_then(Hooks::cancel_revoke)
+                {
+                    // The machine let the partitions go at its drain deadline.
+                    self.listener_failed(
+                        Hook::Revoke,
+                        partitions,
+                        "overran the rebalance drain timeout".into(),
+                    );
+                }
             }
             Event::AssignmentIgnored(partitions) => {
                 tracing::info!(?partitions, "ignoring partitions of topics not subscribed")
@@ -186,6 +215,61 @@ impl Driver {
                 "stale deliveries dropped before the application took them"
             );
         }
+    }
+
+    /// Hands the machine back the deliveries of `partitions` the application has not taken
+    /// (queued or in the backlog): a revoke hook runs once deliveries of them stopped, and
+    /// the revoke commit need not wait for these. They stay unsettled: their next owner reads
+    /// them.
+    fn hand_back(&mut self, partitions: &[u32]) {
+        let now = self.runtime.now();
+        let mut returned = self.channels.inbox.take_partitions(partitions);
+        let (stale, kept): (VecDeque<Stamped>, VecDeque<Stamped>) = self
+            .backlog
+            .drain(..)
+            .partition(|s| partitions.contains(&s.delivery.tag.partition));
+        self.backlog = kept;
+        returned.extend(stale);
+        for stamped in returned {
+            let tag = stamped.delivery.tag;
+            if let Err(error) = self.machine.nack(now, tag, None) {
+                tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "undelivered message not handed back");
+            }
+        }
+    }
+
+    /// A rebalance hook ended: a revoke commit may go; assigned partitions deliver.
+    pub(super) fn hook_ended(&mut self, now: Instant, ended: Ended) {
+        match ended.hook {
+            Hook::Revoke => self.machine.rebalance_listener_done(now),
+            Hook::Assign => {
+                let held: Vec<u32> = ended
+                    .partitions
+                    .iter()
+                    .copied()
+                    .filter(|p| self.held_for_hook.contains(p))
+                    .collect();
+                self.held_for_hook.retain(|p| !held.contains(p));
+                self.channels.inbox.resume(&held);
+            }
+        }
+        match ended.result {
+            Ok(()) => {
+                tracing::debug!(hook = %ended.hook, partitions = ?ended.partitions, "rebalance listener returned")
+            }
+            Err(cause) => self.listener_failed(ended.hook, ended.partitions, cause),
+        }
+    }
+
+    /// Reports a failed or overrun hook to the application (once; an unread error stays).
+    fn listener_failed(&mut self, hook: Hook, partitions: Vec<u32>, cause: String) {
+        tracing::warn!(%hook, ?partitions, %cause, "rebalance listener failed");
+        let error = ConsumerError::Listener {
+            hook,
+            partitions,
+            cause,
+        };
+        let _ = self.channels.errors.try_send(error);
     }
 
     /// The error naming every settled offset the broker has not stored, after `cause`.

@@ -16,6 +16,8 @@ use super::consumer::HealthReport;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
 use super::inbox::Inbox;
+use super::notices::Notices;
+use super::rebalance::{Ended, Hook, Hooks};
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
 use crate::error::{TransportError, UsageError};
@@ -86,6 +88,10 @@ pub(crate) struct DriverChannels {
     pub(crate) unread_errors: Receiver<ConsumerError>,
     /// `build()` waiting for the broker's first answer or first outage (fail fast).
     pub(crate) first_contact: Option<Reply<Result<(), ConsumerError>>>,
+    /// Events for the application's event streams.
+    pub(crate) notices: Notices,
+    /// The rebalance listener's hooks, when the application set one.
+    pub(crate) hooks: Option<Hooks>,
 }
 
 /// What woke the driver.
@@ -101,6 +107,8 @@ enum Wake {
     Room,
     /// Acks are waiting in the gate (applied at the top of every iteration anyway).
     Kicked,
+    /// A rebalance hook returned, failed or overran.
+    Hook(Ended),
 }
 
 /// The driver: the state machine plus everything needed to feed it.
@@ -142,6 +150,8 @@ pub(crate) struct Driver {
     span: tracing::Span,
     /// `member{member_id, generation}` of the current group assignment (none before).
     member_span: tracing::Span,
+    /// Newly assigned partitions the inbox holds back until their assign hook returns.
+    held_for_hook: Vec<u32>,
 }
 
 impl Driver {
@@ -176,6 +186,7 @@ impl Driver {
             joined: None,
             span: tracing::Span::none(),
             member_span: tracing::Span::none(),
+            held_for_hook: Vec::new(),
         }
     }
 
@@ -234,7 +245,8 @@ impl Driver {
             }
             // The no-op waker is fine: `wait` polls every source again with the real one
             // before the task sleeps.
-            match self.poll_wake(&mut cx) {
+            // Hooks are not polled here: the gate's lock is held, and a hook may ack.
+            match self.poll_wake(&mut cx, false) {
                 Poll::Ready(next) => wake = Some(next),
                 Poll::Pending => return,
             }
@@ -280,6 +292,7 @@ impl Driver {
             Wake::Dropped(tag) => self.dropped(now, tag),
             Wake::Room => self.room = None,
             Wake::Kicked => {}
+            Wake::Hook(ended) => self.hook_ended(now, ended),
             Wake::CommandsClosed => self.commands_open = false,
             Wake::DroppedClosed => self.dropped_open = false,
             Wake::LifelineClosed => {
@@ -336,12 +349,12 @@ impl Driver {
     }
 
     /// Waits for the first input. Order: timer, responses, dropped deliveries, commands,
-    /// lifeline, gate.
+    /// lifeline, gate, rebalance hook.
     async fn wait(&mut self) -> Wake {
-        future::poll_fn(|cx| self.poll_wake(cx)).await
+        future::poll_fn(|cx| self.poll_wake(cx, true)).await
     }
 
-    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+    fn poll_wake(&mut self, cx: &mut Context<'_>, hooks: bool) -> Poll<Wake> {
         if self.armed.is_some() {
             if let Some(timer) = &mut self.timer {
                 if timer.as_mut().poll(cx).is_ready() {
@@ -377,6 +390,11 @@ impl Driver {
         // Never closed while the driver runs: the gate holds the sender.
         if let Poll::Ready(Some(())) = self.channels.kicked.as_mut().poll_next(cx) {
             return Poll::Ready(Wake::Kicked);
+        }
+        if let Some(running) = self.channels.hooks.as_mut().filter(|_| hooks) {
+            if let Poll::Ready(ended) = running.poll(cx, &*self.runtime) {
+                return Poll::Ready(Wake::Hook(ended));
+            }
         }
         Poll::Pending
     }
