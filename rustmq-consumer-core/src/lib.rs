@@ -100,6 +100,8 @@ pub mod protocol;
 pub mod quic;
 mod window;
 
+/// The attribute that implements [`RebalanceListener`] (and [`Transport`]) with `async fn`s.
+pub use async_trait::async_trait;
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
@@ -117,6 +119,7 @@ pub use machine::{dead_letter_headers, ConsumerMachine};
 /// `rustmq-consumer-tokio` and `rustmq-consumer-smol` cannot drift apart.
 #[doc(hidden)]
 pub mod adapter {
+    pub use crate::async_trait;
     pub use crate::driver::{Delivery, Outcome, ProcessOptions, ProcessSummary};
     pub use crate::process::OrderBy;
     #[cfg(feature = "quic")]

@@ -30,8 +30,11 @@ use std::time::{Duration, Instant};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, ValueEnum};
 // The embedded broker's server side runs on quinn directly; the consumer never does.
+use futures_lite::StreamExt;
 use rustmq_consumer_core::quic::quinn;
-use rustmq_consumer_core::{timeout, ConsumerBuilder};
+use rustmq_consumer_core::{
+    async_trait, timeout, ConsumerBuilder, Event, ListenerError, RebalanceListener,
+};
 use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker, SimBroker, SimTransport};
 use rustmq_consumer_tokio::{
     protocol::TopicPartition, Consumer, ConsumerConfig, ConsumerError, Health, Metrics, QuicConfig,
@@ -307,7 +310,10 @@ async fn run<R: Runtime + Clone + Default>(
     };
     // On one runtime this is `rustmq_consumer_tokio::ConsumerBuilder::new()` (or smol's).
     // Fail fast: `build()` fails with the cause when the broker cannot be reached.
-    let builder = ConsumerBuilder::<R>::new().config(config).fail_fast(true);
+    let builder = ConsumerBuilder::<R>::new()
+        .config(config)
+        .fail_fast(true)
+        .rebalance_listener(PrintRebalances);
     let consumer = match quic_config {
         None => {
             println!("transport: in memory");
@@ -324,7 +330,51 @@ async fn run<R: Runtime + Clone + Default>(
             builder.client(client).build().await?
         }
     };
+    // What the consumer decides, as it happens (a reader that falls behind loses the oldest).
+    let mut events = consumer.events();
+    runtime.spawn(Box::pin(async move {
+        while let Some(notice) = events.next().await {
+            match notice.event {
+                Event::BreakerChanged { from, to } => {
+                    println!("\ncircuit breaker {from:?} -> {to:?}")
+                }
+                Event::CommitFailed { error, .. } => println!("\ncommit failed: {error}"),
+                Event::Stalled {
+                    partition,
+                    offset,
+                    reason,
+                } => {
+                    println!("\npartition {partition} stalled at {offset}: {reason}")
+                }
+                _ => {}
+            }
+        }
+    }));
     consume(&runtime, &consumer, cli, idle).await
+}
+
+/// Prints assignments and revocations as the group protocol makes them.
+struct PrintRebalances;
+
+#[async_trait]
+impl RebalanceListener for PrintRebalances {
+    async fn on_partitions_assigned(
+        &self,
+        _consumer: &Consumer,
+        partitions: &[u32],
+    ) -> Result<(), ListenerError> {
+        println!("assigned partitions {partitions:?}");
+        Ok(())
+    }
+
+    async fn on_partitions_revoked(
+        &self,
+        _consumer: &Consumer,
+        partitions: &[u32],
+    ) -> Result<(), ListenerError> {
+        println!("\nrevoked partitions {partitions:?}");
+        Ok(())
+    }
 }
 
 async fn consume<R: Runtime>(

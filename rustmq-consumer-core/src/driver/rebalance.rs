@@ -36,11 +36,11 @@ pub type ListenerError = Box<dyn std::error::Error + Send + Sync>;
 /// as [`ConsumerError::Listener`](super::ConsumerError::Listener) and the rebalance goes on.
 ///
 /// ```
-/// use rustmq_consumer_core::{Consumer, ListenerError, RebalanceListener};
+/// use rustmq_consumer_core::{async_trait, Consumer, ListenerError, RebalanceListener};
 ///
 /// struct FlushOnRevoke;
 ///
-/// #[async_trait::async_trait]
+/// #[async_trait]
 /// impl RebalanceListener for FlushOnRevoke {
 ///     async fn on_partitions_revoked(
 ///         &self,
