@@ -20,9 +20,9 @@ fn seeds_hold_every_invariant() {
         Ok(s) => {
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused",
+                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused, {} revoke hooks returned",
                 s.runs, s.steps, s.produced, s.delivered, s.delivered as f64 / secs, s.dead_lettered, s.discarded, s.faults, s.crashes, s.simulated,
-                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused
+                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused, s.hooks_returned
             );
             assert_eq!(s.runs, seeds.len() as u64);
         }
@@ -73,6 +73,7 @@ fn the_swarm_exercises_every_fault_and_outcome() {
         "rebalances exercised"
     );
     assert!(summary.stale_refused > 0, "stale acks exercised");
+    assert!(summary.hooks_returned > 0, "rebalance listeners exercised");
 }
 
 /// Runs seeds with a mutant until one is caught; returns the failures.

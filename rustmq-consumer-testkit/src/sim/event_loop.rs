@@ -549,6 +549,7 @@ impl<H: Handler> Simulation<H> {
             Item::PartitionHealed(p) => self.broker.set_partition_failing(TOPIC, p, false),
             Item::ListenerReturned => {
                 self.trace("app", &"revoke hook returned");
+                self.report.hooks_returned += 1;
                 let now = self.now;
                 self.machine().rebalance_listener_done(now);
                 self.after_input()?;

@@ -70,6 +70,8 @@ pub struct SimReport {
     /// Deliveries of messages already processed (at least once across rebalances, restarts
     /// and seeks).
     pub duplicates: u64,
+    /// Group session: revoke hooks of the rebalance listener that returned.
+    pub hooks_returned: u64,
     /// Simulated time until Closed.
     pub simulated: Duration,
     /// Hash of every transmit, event and application action, in order.
@@ -169,6 +171,8 @@ pub struct Summary {
     pub stale_refused: u64,
     /// Deliveries of messages already processed, in group sessions.
     pub group_duplicates: u64,
+    /// Revoke hooks that returned (seeds with a rebalance listener).
+    pub hooks_returned: u64,
 }
 
 impl Summary {
@@ -187,6 +191,7 @@ impl Summary {
         self.phantom_joins += s.phantom_joins;
         self.stale_refused += s.stale_refused;
         self.group_duplicates += s.group_duplicates;
+        self.hooks_returned += s.hooks_returned;
     }
 
     fn add(&mut self, r: &SimReport) {
@@ -194,6 +199,7 @@ impl Summary {
         self.assignments += r.assignments;
         self.phantom_joins += r.phantom_joins;
         self.stale_refused += r.stale_refused;
+        self.hooks_returned += r.hooks_returned;
         if r.group {
             self.group_duplicates += r.duplicates;
         }

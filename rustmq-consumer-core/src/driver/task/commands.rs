@@ -90,7 +90,13 @@ impl Driver {
         self.drain_outputs(state);
         let mut returned = self.channels.inbox.take_all();
         returned.extend(self.backlog.drain(..));
-        for stamped in returned {
+        self.give_back(now, returned);
+    }
+
+    /// Nacks deliveries the application never took: they stay unsettled (no redelivery while
+    /// their partitions are closing or revoking; the next owner reads them).
+    pub(super) fn give_back(&mut self, now: Instant, undelivered: Vec<Stamped>) {
+        for stamped in undelivered {
             let tag = stamped.delivery.tag;
             if let Err(error) = self.machine.nack(now, tag, None) {
                 tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "undelivered message not returned");

@@ -230,12 +230,7 @@ impl Driver {
             .partition(|s| partitions.contains(&s.delivery.tag.partition));
         self.backlog = kept;
         returned.extend(stale);
-        for stamped in returned {
-            let tag = stamped.delivery.tag;
-            if let Err(error) = self.machine.nack(now, tag, None) {
-                tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "undelivered message not handed back");
-            }
-        }
+        self.give_back(now, returned);
     }
 
     /// A rebalance hook ended: a revoke commit may go; assigned partitions deliver.
