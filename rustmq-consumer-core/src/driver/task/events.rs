@@ -233,26 +233,26 @@ impl Driver {
         self.give_back(now, returned);
     }
 
-    /// A rebalance hook ended: a revoke commit may go; assigned partitions deliver.
+    /// A rebalance hook ended: a revoke commit may go; assigned partitions deliver. A failure
+    /// is reported first, so the application sees it before the partitions' deliveries.
     pub(super) fn hook_ended(&mut self, now: Instant, ended: Ended) {
+        match ended.result {
+            Ok(()) => {
+                tracing::debug!(hook = %ended.hook, partitions = ?ended.partitions, "rebalance listener returned")
+            }
+            Err(cause) => self.listener_failed(ended.hook, ended.partitions.clone(), cause),
+        }
         match ended.hook {
             Hook::Revoke => self.machine.rebalance_listener_done(now),
             Hook::Assign => {
                 let held: Vec<u32> = ended
                     .partitions
-                    .iter()
-                    .copied()
+                    .into_iter()
                     .filter(|p| self.held_for_hook.contains(p))
                     .collect();
                 self.held_for_hook.retain(|p| !held.contains(p));
                 self.channels.inbox.resume(&held);
             }
-        }
-        match ended.result {
-            Ok(()) => {
-                tracing::debug!(hook = %ended.hook, partitions = ?ended.partitions, "rebalance listener returned")
-            }
-            Err(cause) => self.listener_failed(ended.hook, ended.partitions, cause),
         }
     }
 
