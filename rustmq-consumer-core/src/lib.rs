@@ -100,7 +100,7 @@ pub mod protocol;
 pub mod quic;
 mod window;
 
-pub use config::{ConfigError, ConsumerConfig, StartPosition};
+pub use config::{ConfigError, ConfigUpdateError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
     DeliveryStream, HealthReport, Outcome, ProcessOptions, ProcessSummary, Runtime, Sleep,
@@ -122,8 +122,8 @@ pub mod adapter {
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{
-        protocol, AsyncTimer, BreakerState, CommitError, ConfigError, Consumer, ConsumerConfig,
-        ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag,
-        Runtime, StartPosition, Transport, TransportError, UsageError,
+        protocol, AsyncTimer, BreakerState, CommitError, ConfigError, ConfigUpdateError, Consumer,
+        ConsumerConfig, ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics,
+        PartitionLag, Runtime, StartPosition, Transport, TransportError, UsageError,
     };
 }

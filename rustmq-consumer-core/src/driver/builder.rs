@@ -155,7 +155,6 @@ impl<R: Runtime> ConsumerBuilder<R> {
             topic = %topic,
         );
         let max_unacked = config.max_unacked;
-        let max_retry_attempts = config.max_retry_attempts;
         let machine = ConsumerMachine::new(config, runtime.now())?;
 
         let (commands_tx, commands) = async_channel::bounded(COMMAND_CAPACITY);
@@ -177,7 +176,6 @@ impl<R: Runtime> ConsumerBuilder<R> {
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
             max_unacked,
-            max_retry_attempts,
         });
         let consumer = Consumer::new(Arc::clone(&shared), unread_errors.clone(), lifeline_tx);
         let driver = Driver::new(

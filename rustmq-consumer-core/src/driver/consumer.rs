@@ -17,7 +17,8 @@ use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::inbox::{Inbox, Take};
 use super::runtime::{sleep, Runtime};
-use super::task::{Command, FinalState, Reply, Stamped};
+use super::task::{Command, ConfigEdit, FinalState, Reply, Stamped};
+use crate::config::{ConfigUpdateError, ConsumerConfig};
 use crate::error::UsageError;
 use crate::event::{self, DeliveryTag, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
@@ -33,10 +34,8 @@ pub(crate) struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
-    /// The config's `max_unacked`: deliveries outstanding at most.
+    /// The config's `max_unacked`: deliveries outstanding at most (fixed while running).
     pub(crate) max_unacked: usize,
-    /// The config's `max_retry_attempts`: a nack of a later attempt dead-letters.
-    pub(crate) max_retry_attempts: u32,
 }
 
 impl Shared {
@@ -257,6 +256,52 @@ impl Consumer {
             .await
     }
 
+    /// The configuration in force (`None` once the consumer has closed).
+    pub async fn config(&self) -> Option<ConsumerConfig> {
+        self.shared.request(Command::Config).await
+    }
+
+    /// Changes settings while the consumer runs: `edit` gets the configuration in force and
+    /// changes what it wants; the driver applies it as one command between two inputs
+    /// ([`ConsumerMachine::update_config`](crate::ConsumerMachine::update_config) says when
+    /// each setting takes effect). Returns the configuration now in force.
+    ///
+    /// Refused with [`ConsumerError::ConfigUpdate`], and nothing changes, when the edit
+    /// changes a setting fixed while running ([`ConsumerConfig::FIXED_SETTINGS`]: topic,
+    /// group, partitions, consumer id, start position, seed, `max_unacked`, the session and
+    /// heartbeat, the dead-letter topic and partition), when the result fails validation as
+    /// `build()` would refuse it, or once the consumer is closing.
+    ///
+    /// ```no_run
+    /// # async fn run(consumer: rustmq_consumer_core::Consumer) -> Result<(), rustmq_consumer_core::ConsumerError> {
+    /// use std::time::Duration;
+    ///
+    /// let config = consumer
+    ///     .update_config(|c| {
+    ///         c.max_retry_attempts = 1;
+    ///         c.ack_batch_size = 500;
+    ///         c.recovery_timeout = Duration::from_secs(10);
+    ///     })
+    ///     .await?;
+    /// assert_eq!(config.ack_batch_size, 500);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_config(
+        &self,
+        edit: impl FnOnce(&mut ConsumerConfig) + Send + 'static,
+    ) -> Result<ConsumerConfig, ConsumerError> {
+        let edit = ConfigEdit(Box::new(edit));
+        match self
+            .shared
+            .request(|reply| Command::UpdateConfig(edit, reply))
+            .await
+        {
+            Some(result) => result.map_err(ConsumerError::ConfigUpdate),
+            None => Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Closed)),
+        }
+    }
+
     /// A snapshot of the consumer's counters (the final one once closed).
     pub async fn metrics(&self) -> Metrics {
         match self.shared.request(Command::Metrics).await {
@@ -427,10 +472,10 @@ impl Delivery {
 
     /// Sends a settling command. The delivery counts as settled once the command is queued:
     /// if this future is dropped before that, the delivery's drop nacks it.
-    async fn settle(
+    async fn settle<T>(
         mut self,
-        command: impl FnOnce(DeliveryTag, Reply<Result<(), UsageError>>) -> Command,
-    ) -> Result<(), ConsumerError> {
+        command: impl FnOnce(DeliveryTag, Reply<Result<T, UsageError>>) -> Command,
+    ) -> Result<T, ConsumerError> {
         let (reply, answer) = async_channel::bounded(1);
         if self
             .shared
@@ -466,13 +511,21 @@ impl Delivery {
 
     /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).
     pub async fn nack(self) -> Result<(), ConsumerError> {
-        self.settle(|tag, reply| Command::Nack(tag, None, reply))
-            .await
+        self.nack_redelivers(None).await.map(drop)
     }
 
     /// Failed: redeliver after `delay`.
     pub async fn nack_with_delay(self, delay: Duration) -> Result<(), ConsumerError> {
-        self.settle(|tag, reply| Command::Nack(tag, Some(delay), reply))
+        self.nack_redelivers(Some(delay)).await.map(drop)
+    }
+
+    /// Nacks it; `Ok(true)` when a redelivery follows, `Ok(false)` when attempts ran out
+    /// under the `max_retry_attempts` in force at the nack (dead-lettered or discarded).
+    pub(crate) async fn nack_redelivers(
+        self,
+        delay: Option<Duration>,
+    ) -> Result<bool, ConsumerError> {
+        self.settle(|tag, reply| Command::Nack(tag, delay, reply))
             .await
     }
 
@@ -534,11 +587,6 @@ impl Delivery {
     /// Drops a delivery that can no longer be settled without the unsettled-drop warning.
     pub(crate) fn discard(mut self) {
         self.settled = true;
-    }
-
-    /// Whether a nack of it is redelivered (rather than dead-lettered).
-    pub(crate) fn nack_redelivers(&self) -> bool {
-        self.inner.tag.attempt <= self.shared.max_retry_attempts
     }
 }
 

@@ -275,20 +275,16 @@ async fn settle<Fut: Future<Output = Outcome>>(
     let outcome = work.await;
     let (partition, offset, attempt) =
         (delivery.partition(), delivery.offset(), delivery.attempt());
-    let redelivers = delivery.nack_redelivers();
     let (result, settled, finish) = match outcome {
         Outcome::Ack => (delivery.ack().await, Settled::Acked, Finish::Done),
         Outcome::Nack(delay) => {
-            let result = match delay {
-                Some(delay) => delivery.nack_with_delay(delay).await,
-                None => delivery.nack().await,
-            };
-            let finish = if result.is_ok() && redelivers {
+            let result = delivery.nack_redelivers(delay).await;
+            let finish = if result == Ok(true) {
                 Finish::Redeliver
             } else {
                 Finish::Done
             };
-            (result, Settled::Nacked, finish)
+            (result.map(drop), Settled::Nacked, finish)
         }
         Outcome::Reject(reason) => (
             delivery.reject(reason).await,

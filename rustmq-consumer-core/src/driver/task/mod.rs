@@ -18,6 +18,7 @@ use super::gate::{AckGate, GateState};
 use super::inbox::Inbox;
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
+use crate::config::{ConfigUpdateError, ConsumerConfig};
 use crate::error::{TransportError, UsageError};
 use crate::event::{
     CommitError, DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId,
@@ -35,7 +36,12 @@ pub(crate) type Reply<T> = Sender<T>;
 #[derive(Debug)]
 pub(crate) enum Command {
     Ack(DeliveryTag, Reply<Result<(), UsageError>>),
-    Nack(DeliveryTag, Option<Duration>, Reply<Result<(), UsageError>>),
+    /// The reply says whether the nack redelivers (else it dead-letters or discards).
+    Nack(
+        DeliveryTag,
+        Option<Duration>,
+        Reply<Result<bool, UsageError>>,
+    ),
     Reject(DeliveryTag, String, Reply<Result<(), UsageError>>),
     Pause(Vec<u32>, Reply<Result<(), UsageError>>),
     Resume(Vec<u32>, Reply<Result<(), UsageError>>),
@@ -44,10 +50,21 @@ pub(crate) enum Command {
     Lag(Reply<Vec<PartitionLag>>),
     Assigned(Reply<Vec<u32>>),
     Metrics(Reply<Metrics>),
+    Config(Reply<ConsumerConfig>),
+    UpdateConfig(ConfigEdit, Reply<Result<ConsumerConfig, ConfigUpdateError>>),
     Health(Reply<HealthReport>),
     Close(Reply<Result<(), ConsumerError>>),
     /// Stop now, without finishing the close (`close_with_timeout` expired).
     Abandon,
+}
+
+/// An edit of the configuration in force, applied by the driver (`Consumer::update_config`).
+pub(crate) struct ConfigEdit(pub(crate) Box<dyn FnOnce(&mut ConsumerConfig) + Send>);
+
+impl std::fmt::Debug for ConfigEdit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigEdit")
+    }
 }
 
 /// Most queued commands and dropped deliveries taken per wake-up before the outputs are
