@@ -20,14 +20,47 @@ fn seeds_hold_every_invariant() {
         Ok(s) => {
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused",
+                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused; {} runs with {} live config updates",
                 s.runs, s.steps, s.produced, s.delivered, s.delivered as f64 / secs, s.dead_lettered, s.discarded, s.faults, s.crashes, s.simulated,
-                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused
+                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused,
+                s.update_runs, s.config_updates
             );
             assert_eq!(s.runs, seeds.len() as u64);
         }
         Err(f) => panic!("{f}"),
     }
+}
+
+/// The live configuration family: every seed updates the configuration (retries, commits,
+/// breaker, fetch and cache bounds, timeouts) one to four times at random times before heal,
+/// and every invariant holds throughout.
+#[test]
+fn live_config_update_seeds_hold_every_invariant() {
+    let seeds = seeds_from_env(0, 200);
+    let mut updates = 0;
+    let mut lowered_retries = 0;
+    for &seed in &seeds {
+        let scenario = Scenario::from_seed_with_updates(seed);
+        assert!(!scenario.config_updates.is_empty());
+        lowered_retries += u64::from(
+            scenario
+                .configs()
+                .zip(scenario.configs().skip(1))
+                .any(|(a, b)| b.max_retry_attempts < a.max_retry_attempts),
+        );
+        let report = Simulation::new(scenario).run().unwrap_or_else(|f| {
+            panic!("{f}\n(the live-config family: Scenario::from_seed_with_updates({seed}))")
+        });
+        updates += report.config_updates;
+    }
+    assert!(
+        updates >= seeds.len() as u64,
+        "every run applied its updates"
+    );
+    assert!(
+        seeds.len() < 50 || lowered_retries > 10,
+        "lowered retry limits exercised"
+    );
 }
 
 #[test]
@@ -73,6 +106,12 @@ fn the_swarm_exercises_every_fault_and_outcome() {
         "rebalances exercised"
     );
     assert!(summary.stale_refused > 0, "stale acks exercised");
+    assert!(
+        summary.update_runs > 20 && summary.update_runs < 100,
+        "about a quarter of the swarm updates the configuration live: {}",
+        summary.update_runs
+    );
+    assert!(summary.config_updates > summary.update_runs);
 }
 
 /// Runs seeds with a mutant until one is caught; returns the failures.

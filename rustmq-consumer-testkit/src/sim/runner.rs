@@ -59,6 +59,8 @@ pub struct SimReport {
     pub crashes: u64,
     /// Seeks.
     pub seeks: u64,
+    /// Live configuration updates applied.
+    pub config_updates: u64,
     /// The run was a group session.
     pub group: bool,
     /// Group session: assignments the consumer received (`Assigned` events).
@@ -169,6 +171,10 @@ pub struct Summary {
     pub stale_refused: u64,
     /// Deliveries of messages already processed, in group sessions.
     pub group_duplicates: u64,
+    /// Runs that updated the configuration live.
+    pub update_runs: u64,
+    /// Live configuration updates applied.
+    pub config_updates: u64,
 }
 
 impl Summary {
@@ -187,6 +193,8 @@ impl Summary {
         self.phantom_joins += s.phantom_joins;
         self.stale_refused += s.stale_refused;
         self.group_duplicates += s.group_duplicates;
+        self.update_runs += s.update_runs;
+        self.config_updates += s.config_updates;
     }
 
     fn add(&mut self, r: &SimReport) {
@@ -197,6 +205,8 @@ impl Summary {
         if r.group {
             self.group_duplicates += r.duplicates;
         }
+        self.update_runs += u64::from(r.config_updates > 0);
+        self.config_updates += r.config_updates;
         self.runs += 1;
         self.steps += r.steps;
         self.produced += r.produced;
