@@ -104,7 +104,7 @@ pub use config::{ConfigError, ConfigUpdateError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
     DeliveryStream, HealthReport, Outcome, ProcessOptions, ProcessSummary, Runtime, Sleep,
-    Transport,
+    Transport, TRACEPARENT, TRACESTATE,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -124,6 +124,7 @@ pub mod adapter {
     pub use crate::{
         protocol, AsyncTimer, BreakerState, CommitError, ConfigError, ConfigUpdateError, Consumer,
         ConsumerConfig, ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics,
-        PartitionLag, Runtime, StartPosition, Transport, TransportError, UsageError,
+        PartitionLag, Runtime, StartPosition, Transport, TransportError, UsageError, TRACEPARENT,
+        TRACESTATE,
     };
 }

@@ -147,6 +147,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             .clone()
             .unwrap_or_else(|| format!("consumer-{:016x}", entropy()));
         let topic = config.topic.clone();
+        let group = config.consumer_group.clone();
         // Inside it, the driver opens a `member` span (member id, generation) per assignment.
         let span = tracing::info_span!(
             "consumer",
@@ -168,6 +169,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let final_state = Arc::new(OnceLock::new());
         let shared = Arc::new(Shared {
             topic,
+            group,
             consumer_id,
             commands: commands_tx,
             dropped: dropped_tx,

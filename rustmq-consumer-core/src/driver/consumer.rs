@@ -26,6 +26,7 @@ use crate::protocol::Record;
 /// State shared by a consumer's handles and its deliveries.
 pub(crate) struct Shared {
     pub(crate) topic: String,
+    pub(crate) group: String,
     pub(crate) consumer_id: String,
     pub(crate) commands: Sender<Command>,
     pub(crate) dropped: Sender<DeliveryTag>,
@@ -444,6 +445,8 @@ impl Stream for DeliveryStream {
 /// cannot stall its partition.
 pub struct Delivery {
     inner: event::Message,
+    /// `delivery{topic, partition, offset, attempt, group, member}` (see [`Delivery::span`]).
+    span: tracing::Span,
     /// The ack gate's generation when the machine emitted it.
     generation: u64,
     shared: Arc<Shared>,
@@ -462,7 +465,14 @@ impl fmt::Debug for Delivery {
 
 impl Delivery {
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
+        let member = match &*stamped.member {
+            "" => shared.consumer_id.as_str(),
+            member => member,
+        };
+        let span =
+            super::trace::delivery_span(&stamped.delivery, &shared.topic, &shared.group, member);
         Self {
+            span,
             inner: stamped.delivery,
             generation: stamped.generation,
             shared,
@@ -536,6 +546,21 @@ impl Delivery {
             .await
     }
 
+    /// The span of this delivery, `delivery`, with fields `topic`, `partition`, `offset`,
+    /// `attempt`, `group` and `member` (the group member id it was delivered under; the
+    /// consumer id in a manual assignment), and `otel.kind = "consumer"`. Enter it (or
+    /// `.instrument(..)` the handling with it) to trace the processing; `Consumer::process`
+    /// runs each handler inside it. It is created when the application takes the delivery,
+    /// as a child of the current span.
+    ///
+    /// With the `opentelemetry` feature, a record whose headers carry a W3C
+    /// [`TRACEPARENT`](crate::TRACEPARENT) (and [`TRACESTATE`](crate::TRACESTATE)) makes the
+    /// span a child of that remote span instead, through `tracing-opentelemetry`: the
+    /// consumer joins the producer's trace.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
     /// Delivery attempt, from 1.
     pub fn attempt(&self) -> u32 {
         self.inner.tag.attempt
@@ -597,6 +622,7 @@ impl Drop for Delivery {
         }
         let tag = self.inner.tag;
         tracing::warn!(
+            parent: &self.span,
             consumer_id = %self.shared.consumer_id,
             topic = %self.shared.topic,
             partition = tag.partition,

@@ -16,6 +16,7 @@ mod inbox;
 mod process;
 mod runtime;
 mod task;
+mod trace;
 mod transport;
 
 pub use builder::ConsumerBuilder;
@@ -23,4 +24,5 @@ pub use consumer::{Consumer, Delivery, DeliveryStream, HealthReport};
 pub use error::ConsumerError;
 pub use process::{Outcome, ProcessOptions, ProcessSummary};
 pub use runtime::{sleep, sleep_until, timeout, AsyncTimer, Runtime, Sleep};
+pub use trace::{TRACEPARENT, TRACESTATE};
 pub use transport::Transport;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use futures_lite::future;
 use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use tracing::Instrument as _;
 
 use super::consumer::{Consumer, Delivery};
 use super::error::ConsumerError;
@@ -193,8 +194,10 @@ impl Consumer {
                 seen_generation = generation;
             }
             while let Some((ticket, delivery)) = scheduler.start() {
-                let work = handler(&delivery);
-                running.push(settle(ticket, delivery, work));
+                // The handler runs, and its delivery is settled, inside the delivery's span.
+                let span = delivery.span().clone();
+                let work = span.in_scope(|| handler(&delivery));
+                running.push(settle(ticket, delivery, work).instrument(span));
             }
             summary.peak_running = summary.peak_running.max(running.len());
             if !intake_open && running.is_empty() {

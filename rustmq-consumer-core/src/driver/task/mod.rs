@@ -77,6 +77,8 @@ const DRAIN_BATCH: usize = 256;
 pub(crate) struct Stamped {
     pub(crate) delivery: Message,
     pub(crate) generation: u64,
+    /// The group member id it was delivered under (empty in a manual assignment).
+    pub(crate) member: Arc<str>,
 }
 
 /// What the consumer can still answer after the driver has exited.
@@ -159,6 +161,9 @@ pub(crate) struct Driver {
     span: tracing::Span,
     /// `member{member_id, generation}` of the current group assignment (none before).
     member_span: tracing::Span,
+    /// The member id of the current group assignment, stamped on its deliveries (empty
+    /// before one, and in a manual assignment).
+    member: Arc<str>,
 }
 
 impl Driver {
@@ -193,6 +198,7 @@ impl Driver {
             joined: None,
             span: tracing::Span::none(),
             member_span: tracing::Span::none(),
+            member: Arc::from(""),
         }
     }
 
