@@ -67,7 +67,8 @@
 //!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
 //!   - `machine/dead_letter.rs`: the dead-letter outbox (records, headers, answers);
 //!   - `machine/group.rs`: the group session (coordinator, join, heartbeats, revoke, fencing);
-//!   - `machine/close.rs`: the close's phases.
+//!   - `machine/close.rs`: the close's phases;
+//!   - `machine/live_config.rs`: a configuration update while running (`update_config`).
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
 //! - `cache`: the LRU + TTL message cache that redeliveries come from.
@@ -78,7 +79,9 @@
 //! - [`driver`]: the runtime-agnostic driver and the application API ([`Consumer`],
 //!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task/`
 //!   owns the machine and runs its loop, `gate.rs` settles acks without a round trip,
-//!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API.
+//!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API;
+//!   `trace.rs` each delivery's span (and, feature `opentelemetry`, its parent from the
+//!   record's W3C `traceparent` header).
 //! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,
 //!   bounded queues); `driver/process.rs` runs handlers under it (`Consumer::process`).
 //! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
