@@ -267,6 +267,9 @@ impl Consumer {
     /// ([`ConsumerMachine::update_config`](crate::ConsumerMachine::update_config) says when
     /// each setting takes effect). Returns the configuration now in force.
     ///
+    /// `edit` runs on the driver task, between two inputs: keep it short. If it panics, the
+    /// panic resumes here, in the caller, and the consumer goes on unchanged.
+    ///
     /// Refused with [`ConsumerError::ConfigUpdate`], and nothing changes, when the edit
     /// changes a setting fixed while running ([`ConsumerConfig::FIXED_SETTINGS`]: topic,
     /// group, partitions, consumer id, start position, seed, `max_unacked`, the session and
@@ -298,7 +301,9 @@ impl Consumer {
             .request(|reply| Command::UpdateConfig(edit, reply))
             .await
         {
-            Some(result) => result.map_err(ConsumerError::ConfigUpdate),
+            Some(Ok(result)) => result.map_err(ConsumerError::ConfigUpdate),
+            // The edit panicked on the driver task: the panic is the caller's.
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
             None => Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Closed)),
         }
     }

@@ -324,6 +324,16 @@ pub async fn update_config<R: Runtime + Clone>(rt: R) {
             ConfigError::Zero("fetch_size")
         )))
     );
+    // A panicking edit panics in the caller; the consumer goes on unchanged.
+    let edit = consumer.update_config(|c| {
+        c.fetch_size = 1;
+        panic!("a bug in the edit");
+    });
+    let panicked = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(edit));
+    assert!(
+        panicked.await.is_err(),
+        "the edit's panic reaches the caller"
+    );
     let config = consumer.config().await.expect("running");
     assert_eq!((config.max_retry_attempts, config.fetch_size), (1, 20));
     within(&rt, consumer.close()).await.expect("close");

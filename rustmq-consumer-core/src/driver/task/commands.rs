@@ -1,5 +1,7 @@
 //! The application's commands, the start of a close and the driver's last words.
 
+use std::panic::AssertUnwindSafe;
+
 use super::*;
 
 impl Driver {
@@ -65,10 +67,14 @@ impl Driver {
             }
             Command::UpdateConfig(edit, reply) => {
                 let mut next = machine.config().clone();
-                (edit.0)(&mut next);
-                let result = machine
-                    .update_config(now, next)
-                    .map(|()| machine.config().clone());
+                // The application's edit runs here: a panic in it goes back to the caller
+                // (`Consumer::update_config` resumes it), not through the driver.
+                let edited = std::panic::catch_unwind(AssertUnwindSafe(|| (edit.0)(&mut next)));
+                let result = edited.map(|()| {
+                    machine
+                        .update_config(now, next)
+                        .map(|()| machine.config().clone())
+                });
                 let _ = reply.try_send(result);
             }
             Command::Health(reply) => {
@@ -167,7 +173,7 @@ impl Driver {
                     let _ = reply.try_send(self.machine.config().clone());
                 }
                 Command::UpdateConfig(_, reply) => {
-                    let _ = reply.try_send(Err(ConfigUpdateError::Closed));
+                    let _ = reply.try_send(Ok(Err(ConfigUpdateError::Closed)));
                 }
                 Command::Health(reply) => {
                     let _ = reply.try_send(HealthReport {

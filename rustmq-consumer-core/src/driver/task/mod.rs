@@ -51,7 +51,8 @@ pub(crate) enum Command {
     Assigned(Reply<Vec<u32>>),
     Metrics(Reply<Metrics>),
     Config(Reply<ConsumerConfig>),
-    UpdateConfig(ConfigEdit, Reply<Result<ConsumerConfig, ConfigUpdateError>>),
+    /// The reply is `Err` with the panic's payload when the edit panicked.
+    UpdateConfig(ConfigEdit, Reply<EditResult>),
     Health(Reply<HealthReport>),
     Close(Reply<Result<(), ConsumerError>>),
     /// Stop now, without finishing the close (`close_with_timeout` expired).
@@ -66,6 +67,9 @@ impl std::fmt::Debug for ConfigEdit {
         f.write_str("ConfigEdit")
     }
 }
+
+/// What an edit of the configuration came to: the update's result, or the edit's panic.
+pub(crate) type EditResult = std::thread::Result<Result<ConsumerConfig, ConfigUpdateError>>;
 
 /// Most queued commands and dropped deliveries taken per wake-up before the outputs are
 /// drained (the command channel's capacity: one wake-up can empty it).
