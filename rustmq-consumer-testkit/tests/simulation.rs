@@ -188,6 +188,71 @@ fn checker_catches_a_driver_leaving_before_the_final_commit() {
     }
 }
 
+/// The checker follows live configuration updates, fed by hand: a lowered prefetch bound holds
+/// once the buffer drained to it, a lowered cache bound at once, and a lowered retry limit
+/// from each message's next nack (a retry scheduled under the old one may still come).
+#[test]
+fn checker_follows_live_config_updates() {
+    use rustmq_consumer_core::protocol::Record;
+    use rustmq_consumer_core::{DeliveryTag, Message, Metrics};
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.partitions = vec![0];
+    config.fetch_size = 10;
+    config.max_retry_attempts = 3;
+    let mut checker = Checker::new(&config);
+    let metrics = |buffered: u64, cached: u64| {
+        let mut m = Metrics::default();
+        (m.buffered, m.cached) = (buffered, cached);
+        m
+    };
+    let state = |c: &Checker, m: &Metrics| c.check_state(m, |_| Some(0));
+    let mut lowered = config.clone();
+    lowered.fetch_size = 2;
+    lowered.cache_max_entries = Some(3);
+    lowered.max_retry_attempts = 0;
+    checker.on_config_update(&lowered, &metrics(8, 0));
+    state(&checker, &metrics(8, 0)).unwrap();
+    let err = state(&checker, &metrics(9, 0)).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::PREFETCH_BOUNDED, "{err}");
+    state(&checker, &metrics(2, 0)).unwrap();
+    let err = state(&checker, &metrics(3, 0)).unwrap_err();
+    assert_eq!(
+        err.invariant,
+        invariant_names::PREFETCH_BOUNDED,
+        "drained: {err}"
+    );
+    let err = state(&checker, &metrics(0, 4)).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::CACHE_BOUNDED, "{err}");
+    // Offset 0 was nacked at attempt 3 under the old limit (3 retries): its attempt 4 may
+    // come; offset 1 was never handed back, so the new limit (no retry) holds for it.
+    let record = Record::from_value("m");
+    let deliver = |offset, attempt| {
+        Event::Deliver(Message {
+            tag: DeliveryTag {
+                partition: 0,
+                offset,
+                epoch: 1,
+                attempt,
+            },
+            record: record.clone(),
+        })
+    };
+    let mut checker = Checker::new(&config);
+    checker
+        .on_event(&deliver(0, 3), |_, _| Some(&record))
+        .unwrap();
+    checker.handed_back(0, 0, 0);
+    checker.on_config_update(&lowered, &metrics(0, 0));
+    checker
+        .on_event(&deliver(0, 4), |_, _| Some(&record))
+        .unwrap();
+    checker.handed_back(0, 0, 0);
+    let err = checker
+        .on_event(&deliver(1, 2), |_, _| Some(&record))
+        .unwrap_err();
+    assert_eq!(err.invariant, invariant_names::ATTEMPTS_BOUNDED, "{err}");
+}
+
 /// The group checks, fed by hand: a stale ack that is accepted, a commit of a partition not
 /// owned or under another generation, a broker offset moving back, a leave before the final
 /// commit: each is named.
