@@ -64,6 +64,12 @@ impl Jitter {
         }
     }
 
+    /// New bounds (a live configuration update); the generator goes on where it was.
+    pub(crate) fn set_bounds(&mut self, base: Duration, max: Duration) {
+        self.base = base;
+        self.max = max;
+    }
+
     /// The delay before delivery `attempt + 1` of a nacked message.
     pub(crate) fn retry(&mut self, attempt: u32) -> Duration {
         full_jitter(&mut self.rng, self.base, self.max, attempt)

@@ -99,6 +99,24 @@ impl Breaker {
         }
     }
 
+    /// New settings (a live configuration update). The state stays: a closed circuit opens
+    /// once its failures in a row reach the new threshold (at its next failure if they already
+    /// did), an open interval already running keeps its end, and a half-open circuit sends no
+    /// more probes while `max_probes` or more are in flight and closes after `max_probes`
+    /// successes. Zeros are taken as 1, as in [`Breaker::new`].
+    pub(crate) fn reconfigure(
+        &mut self,
+        failure_threshold: u32,
+        recovery_timeout: Duration,
+        max_probes: u32,
+        half_open_max_wait: Duration,
+    ) {
+        self.failure_threshold = failure_threshold.max(1);
+        self.recovery_timeout = recovery_timeout;
+        self.max_probes = max_probes.max(1);
+        self.half_open_max_wait = half_open_max_wait;
+    }
+
     /// The current state.
     pub(crate) fn state(&self) -> BreakerState {
         match self.inner {

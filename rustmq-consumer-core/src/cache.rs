@@ -142,6 +142,38 @@ impl MessageCache {
         evicted
     }
 
+    /// New bounds (a live configuration update): expired entries under the new time to live
+    /// are dropped (counted as expirations), then least recently used entries are evicted
+    /// (counted as evictions) until both bounds hold. Returns the number evicted.
+    pub(crate) fn set_bounds(
+        &mut self,
+        now: Instant,
+        max_entries: usize,
+        max_bytes: usize,
+        ttl: Duration,
+    ) -> usize {
+        self.max_entries = max_entries;
+        self.max_bytes = max_bytes;
+        self.ttl = ttl;
+        self.expire(now);
+        let mut evicted = 0;
+        while self.map.len() > self.max_entries || self.bytes > self.max_bytes {
+            let Some((key, old)) = self.map.pop_front() else {
+                break;
+            };
+            self.bytes -= old.cost;
+            evicted += 1;
+            trace!(
+                partition = key.0,
+                offset = key.1,
+                "cache eviction: bounds lowered"
+            );
+        }
+        self.stats.evictions += evicted as u64;
+        self.tidy();
+        evicted
+    }
+
     /// A hit marks the entry most recently used and returns a clone of its record. An
     /// expired entry is removed (counted in `expirations`) and misses.
     pub(crate) fn get(&mut self, now: Instant, key: CacheKey) -> Option<Record> {

@@ -36,7 +36,7 @@ pub enum StartPosition {
 /// The default has no topic and no group: give them here or with the builder's `topic(..)` and
 /// `consumer_group(..)` (`build()` refuses a consumer without them, and refuses two different
 /// values for either). `validate()` rejects nonsense before the state machine ever sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerConfig {
     /// The subscribed topic (required: here or with the builder's `topic(..)`).
     pub topic: String,
@@ -286,6 +286,89 @@ impl ConsumerConfig {
         }
         Ok(())
     }
+}
+
+impl ConsumerConfig {
+    /// The settings an update cannot change while the consumer runs (see
+    /// [`ConsumerConfig::check_update`]), and why:
+    ///
+    /// - `topic`, `consumer_group`, `partitions`, `consumer_id`: who the consumer is. The
+    ///   assignment, the group membership and every commit are keyed by them.
+    /// - `start_position`: where partitions without a commit started; one consumer's
+    ///   partitions all start by one rule.
+    /// - `seed`: the retry jitter's generator was seeded from it at the start (a simulated run
+    ///   replays from it).
+    /// - `max_unacked`: it sized the driver's bounded channels (the delivery inbox, the ack
+    ///   gate, dropped deliveries) and the processing scheduler's limits at `build()`.
+    /// - `session_timeout`, `heartbeat_interval`: the session timeout went to the group
+    ///   coordinator with the JoinGroup, which holds the member to it; heartbeats must stay
+    ///   under it.
+    /// - `dead_letter_queue`, `dead_letter_partition`: dead letters already queued or in
+    ///   flight are bound for the topic they were queued for, and switching the dead-letter
+    ///   path on or off would change what a poison message owes half way through.
+    ///
+    /// Everything else can change live: retries (`max_retry_attempts`,
+    /// `retry_backoff_base`, `retry_backoff_max`), commits (`enable_auto_commit`,
+    /// `ack_batch_size`, `ack_batch_timeout`, `ack_batch_min_interval`), the circuit breaker
+    /// (`failure_threshold`, `recovery_timeout`, `half_open_max_probes`,
+    /// `half_open_max_wait`), fetching (`fetch_size`, `fetch_max_bytes`, `prefetch_bytes`,
+    /// `max_unsettled_per_partition`, `fetch_timeout`, `empty_fetch_backoff_min`,
+    /// `empty_fetch_backoff_max`), the cache (`cache_max_entries`, `cache_max_bytes`,
+    /// `cache_ttl`) and the timeouts (`request_timeout`, `drain_timeout`,
+    /// `rebalance_drain_timeout`).
+    pub const FIXED_SETTINGS: &'static [&'static str] = &[
+        "topic",
+        "consumer_group",
+        "partitions",
+        "consumer_id",
+        "start_position",
+        "seed",
+        "max_unacked",
+        "session_timeout",
+        "heartbeat_interval",
+        "dead_letter_queue",
+        "dead_letter_partition",
+    ];
+
+    /// Checks that `next` may replace this configuration while the consumer runs: it changes
+    /// none of the [`FIXED_SETTINGS`](Self::FIXED_SETTINGS) (the first one it changes is
+    /// named), and it passes [`validate`](Self::validate) as `build()` requires.
+    pub fn check_update(&self, next: &ConsumerConfig) -> Result<(), ConfigUpdateError> {
+        let same = [
+            self.topic == next.topic,
+            self.consumer_group == next.consumer_group,
+            self.partitions == next.partitions,
+            self.consumer_id == next.consumer_id,
+            self.start_position == next.start_position,
+            self.seed == next.seed,
+            self.max_unacked == next.max_unacked,
+            self.session_timeout == next.session_timeout,
+            self.heartbeat_interval == next.heartbeat_interval,
+            self.dead_letter_queue == next.dead_letter_queue,
+            self.dead_letter_partition == next.dead_letter_partition,
+        ];
+        if let Some(i) = same.iter().position(|same| !same) {
+            return Err(ConfigUpdateError::Fixed(Self::FIXED_SETTINGS[i]));
+        }
+        next.validate()?;
+        Ok(())
+    }
+}
+
+/// Why a configuration update was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ConfigUpdateError {
+    /// The update changes a setting that is fixed while the consumer runs (one of
+    /// [`ConsumerConfig::FIXED_SETTINGS`], where each one's reason is given).
+    #[error("{0} cannot change while the consumer runs")]
+    Fixed(&'static str),
+    /// The updated configuration fails validation, as `build()` would refuse it.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] ConfigError),
+    /// The consumer is closing or closed.
+    #[error("consumer is closed")]
+    Closed,
 }
 
 /// Why a configuration was rejected.

@@ -67,7 +67,8 @@
 //!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
 //!   - `machine/dead_letter.rs`: the dead-letter outbox (records, headers, answers);
 //!   - `machine/group.rs`: the group session (coordinator, join, heartbeats, revoke, fencing);
-//!   - `machine/close.rs`: the close's phases.
+//!   - `machine/close.rs`: the close's phases;
+//!   - `machine/live_config.rs`: a configuration update while running (`update_config`).
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
 //! - `cache`: the LRU + TTL message cache that redeliveries come from.
@@ -78,7 +79,9 @@
 //! - [`driver`]: the runtime-agnostic driver and the application API ([`Consumer`],
 //!   [`ConsumerBuilder`], deliveries, the [`Runtime`] and [`Transport`] traits): `task/`
 //!   owns the machine and runs its loop, `gate.rs` settles acks without a round trip,
-//!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API.
+//!   `consumer.rs`, `builder.rs`, `error.rs`, `runtime.rs`, `transport.rs` the API;
+//!   `trace.rs` each delivery's span (and, feature `opentelemetry`, its parent from the
+//!   record's W3C `traceparent` header).
 //! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,
 //!   bounded queues); `driver/process.rs` runs handlers under it (`Consumer::process`).
 //! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
@@ -102,11 +105,12 @@ mod window;
 
 /// The attribute that implements [`RebalanceListener`] (and [`Transport`]) with `async fn`s.
 pub use async_trait::async_trait;
-pub use config::{ConfigError, ConsumerConfig, StartPosition};
+pub use config::{ConfigError, ConfigUpdateError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
     DeliveryStream, EventNotice, EventStream, HealthReport, Hook, ListenerError, Outcome,
     ProcessOptions, ProcessSummary, RebalanceListener, Runtime, Sleep, Transport, EVENTS_CAPACITY,
+    TRACEPARENT, TRACESTATE,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -125,9 +129,10 @@ pub mod adapter {
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
     pub use crate::{
-        protocol, AsyncTimer, BreakerState, CommitError, ConfigError, Consumer, ConsumerConfig,
-        ConsumerError, DeliveryStream, DeliveryTag, Event, EventNotice, EventStream, Health,
-        HealthReport, Hook, ListenerError, Metrics, PartitionLag, RebalanceListener, Runtime,
-        StartPosition, Transport, TransportError, UsageError,
+        protocol, AsyncTimer, BreakerState, CommitError, ConfigError, ConfigUpdateError, Consumer,
+        ConsumerConfig, ConsumerError, DeliveryStream, DeliveryTag, Event, EventNotice,
+        EventStream, Health, HealthReport, Hook, ListenerError, Metrics, PartitionLag,
+        RebalanceListener, Runtime, StartPosition, Transport, TransportError, UsageError,
+        TRACEPARENT, TRACESTATE,
     };
 }

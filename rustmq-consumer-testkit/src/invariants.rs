@@ -148,10 +148,20 @@ impl Truth {
 /// method returns the first [`Violation`] it finds.
 #[derive(Debug)]
 pub struct Checker {
+    /// `max_retry_attempts + 1` in force.
     max_attempts: u32,
+    /// The highest `max_attempts` of any configuration in force so far.
+    max_attempts_ever: u32,
+    /// Per message handed back: the highest `max_attempts` in force at one of its hand-backs.
+    /// A nack redelivers under the limit in force at the nack, so a live update that lowers
+    /// it still lets a retry scheduled before it be delivered once (and dead-lettered after).
+    attempts_allowed: BTreeMap<(u32, u64), u32>,
     cache_entries: u64,
     cache_bytes: u64,
-    fetch_size: u64,
+    /// The prefetch bound in force: `fetch_size`, or after a live update lowered it, what
+    /// was buffered then, until the buffer drained to `fetch_size_target`.
+    fetch_size: std::cell::Cell<u64>,
+    fetch_size_target: u64,
     max_unacked: u64,
     max_probes: u32,
     dead_letter: bool,
@@ -211,9 +221,12 @@ impl Checker {
     pub fn new(config: &ConsumerConfig) -> Self {
         Self {
             max_attempts: config.max_retry_attempts.saturating_add(1),
+            max_attempts_ever: config.max_retry_attempts.saturating_add(1),
+            attempts_allowed: BTreeMap::new(),
             cache_entries: config.cache_entries() as u64,
             cache_bytes: config.cache_max_bytes as u64,
-            fetch_size: config.fetch_size as u64,
+            fetch_size: std::cell::Cell::new(config.fetch_size as u64),
+            fetch_size_target: config.fetch_size as u64,
             max_unacked: config.max_unacked as u64,
             max_probes: config.half_open_max_probes,
             dead_letter: config.dead_letter_queue.is_some(),
@@ -521,8 +534,37 @@ impl Checker {
         }
     }
 
+    /// A live configuration update: the machine accepted `config` (its `metrics` right after
+    /// it). The bounds follow it: the cache's at once (the machine evicts down to them), the
+    /// prefetch buffer's once what was buffered past a lowered `fetch_size` is delivered, the
+    /// attempts' from the next nack of each message, the probes' at the next probe.
+    pub fn on_config_update(&mut self, config: &ConsumerConfig, metrics: &Metrics) {
+        let max_attempts = config.max_retry_attempts.saturating_add(1);
+        self.max_attempts = max_attempts;
+        self.max_attempts_ever = self.max_attempts_ever.max(max_attempts);
+        self.cache_entries = config.cache_entries() as u64;
+        self.cache_bytes = config.cache_max_bytes as u64;
+        self.fetch_size_target = config.fetch_size as u64;
+        self.fetch_size
+            .set(self.fetch_size_target.max(metrics.buffered));
+        self.max_probes = config.half_open_max_probes;
+    }
+
+    /// The attempts a message may have been delivered (and may be dead-lettered or discarded
+    /// after): the limit in force, or the higher one of a nack before a live update lowered it.
+    fn attempts_bound(&self, partition: u32, offset: u64) -> u32 {
+        self.attempts_allowed
+            .get(&(partition, offset))
+            .map_or(self.max_attempts, |&a| a.max(self.max_attempts))
+    }
+
     /// The application handed a delivery back (ack, nack, reject or drop accepted).
     pub fn handed_back(&mut self, partition: u32, offset: u64, generation: u64) {
+        let allowed = self
+            .attempts_allowed
+            .entry((partition, offset))
+            .or_default();
+        *allowed = (*allowed).max(self.max_attempts);
         if let Some(t) = self.partitions.get_mut(&partition) {
             if t.generation == generation {
                 t.outstanding.remove(&offset);
@@ -745,12 +787,12 @@ impl Checker {
         match event {
             Event::Deliver(d) => {
                 let (p, o, attempt) = (d.tag.partition, d.tag.offset, d.tag.attempt);
-                if attempt > self.max_attempts || attempt == 0 {
+                let max = self.attempts_bound(p, o);
+                if attempt > max || attempt == 0 {
                     return self.fail(
                         ATTEMPTS_BOUNDED,
                         format!(
-                            "partition {p} offset {o} delivered with attempt {attempt} (max {})",
-                            self.max_attempts
+                            "partition {p} offset {o} delivered with attempt {attempt} (max {max})"
                         ),
                     );
                 }
@@ -803,7 +845,7 @@ impl Checker {
                 offset,
                 attempts,
             } => {
-                if *attempts > self.max_attempts {
+                if *attempts > self.attempts_bound(*partition, *offset) {
                     return self.fail(
                         ATTEMPTS_BOUNDED,
                         format!("partition {partition} offset {offset} dead-lettered after {attempts} attempts"),
@@ -822,7 +864,7 @@ impl Checker {
                 attempts,
                 reason,
             } => {
-                if *attempts > self.max_attempts {
+                if *attempts > self.attempts_bound(*partition, *offset) {
                     return self.fail(
                         ATTEMPTS_BOUNDED,
                         format!("partition {partition} offset {offset} discarded after {attempts} attempts"),
@@ -881,12 +923,17 @@ impl Checker {
                 ),
             );
         }
-        if metrics.buffered > self.fetch_size {
+        if metrics.buffered <= self.fetch_size_target {
+            // Drained to a lowered bound: it holds from here on.
+            self.fetch_size.set(self.fetch_size_target);
+        }
+        if metrics.buffered > self.fetch_size.get() {
             return self.fail(
                 PREFETCH_BOUNDED,
                 format!(
                     "{} messages buffered (fetch_size {})",
-                    metrics.buffered, self.fetch_size
+                    metrics.buffered,
+                    self.fetch_size.get()
                 ),
             );
         }
@@ -1018,7 +1065,7 @@ impl Checker {
                 || text(r, CONSUMER_GROUP) != group
                 || r.header(LAST_REASON).is_none()
                 || attempts == 0
-                || attempts > config.max_retry_attempts + 1
+                || attempts > self.max_attempts_ever
                 || original.map(|x| &x.value) != Some(&r.value)
             {
                 return bad(format!("dead letter of p{p}@{o} is wrong: {r:?}"));

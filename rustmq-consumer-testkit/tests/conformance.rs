@@ -53,6 +53,7 @@ conformance!(
     out_of_order_acks,
     nack_and_retry,
     reject_to_dead_letter,
+    update_config,
     pause_resume,
     pause_holds_queued_deliveries,
     seek,

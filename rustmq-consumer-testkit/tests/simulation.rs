@@ -20,14 +20,47 @@ fn seeds_hold_every_invariant() {
         Ok(s) => {
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused, {} revoke hooks returned",
+                "{} seeds in {secs:.1}s on {threads} threads: {} steps, {} messages produced, {} deliveries ({:.0}/s wall), {} dead-lettered, {} discarded, {} faults, {} crashes, {:?} simulated; {} group sessions: {} assignments, {} phantom joins, {} duplicate deliveries, {} stale acks refused, {} revoke hooks returned; {} runs with {} live config updates",
                 s.runs, s.steps, s.produced, s.delivered, s.delivered as f64 / secs, s.dead_lettered, s.discarded, s.faults, s.crashes, s.simulated,
-                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused, s.hooks_returned
+                s.group_runs, s.assignments, s.phantom_joins, s.group_duplicates, s.stale_refused, s.hooks_returned,
+                s.update_runs, s.config_updates
             );
             assert_eq!(s.runs, seeds.len() as u64);
         }
         Err(f) => panic!("{f}"),
     }
+}
+
+/// The live configuration family: every seed updates the configuration (retries, commits,
+/// breaker, fetch and cache bounds, timeouts) one to four times at random times before heal,
+/// and every invariant holds throughout.
+#[test]
+fn live_config_update_seeds_hold_every_invariant() {
+    let seeds = seeds_from_env(0, 200);
+    let mut updates = 0;
+    let mut lowered_retries = 0;
+    for &seed in &seeds {
+        let scenario = Scenario::from_seed_with_updates(seed);
+        assert!(!scenario.config_updates.is_empty());
+        lowered_retries += u64::from(
+            scenario
+                .configs()
+                .zip(scenario.configs().skip(1))
+                .any(|(a, b)| b.max_retry_attempts < a.max_retry_attempts),
+        );
+        let report = Simulation::new(scenario).run().unwrap_or_else(|f| {
+            panic!("{f}\n(the live-config family: Scenario::from_seed_with_updates({seed}))")
+        });
+        updates += report.config_updates;
+    }
+    assert!(
+        updates >= seeds.len() as u64,
+        "every run applied its updates"
+    );
+    assert!(
+        seeds.len() < 50 || lowered_retries > 10,
+        "lowered retry limits exercised"
+    );
 }
 
 #[test]
@@ -74,6 +107,12 @@ fn the_swarm_exercises_every_fault_and_outcome() {
     );
     assert!(summary.stale_refused > 0, "stale acks exercised");
     assert!(summary.hooks_returned > 0, "rebalance listeners exercised");
+    assert!(
+        summary.update_runs > 20 && summary.update_runs < 100,
+        "about a quarter of the swarm updates the configuration live: {}",
+        summary.update_runs
+    );
+    assert!(summary.config_updates > summary.update_runs);
 }
 
 /// Runs seeds with a mutant until one is caught; returns the failures.
@@ -148,6 +187,71 @@ fn checker_catches_a_driver_leaving_before_the_final_commit() {
             "{f}"
         );
     }
+}
+
+/// The checker follows live configuration updates, fed by hand: a lowered prefetch bound holds
+/// once the buffer drained to it, a lowered cache bound at once, and a lowered retry limit
+/// from each message's next nack (a retry scheduled under the old one may still come).
+#[test]
+fn checker_follows_live_config_updates() {
+    use rustmq_consumer_core::protocol::Record;
+    use rustmq_consumer_core::{DeliveryTag, Message, Metrics};
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.partitions = vec![0];
+    config.fetch_size = 10;
+    config.max_retry_attempts = 3;
+    let mut checker = Checker::new(&config);
+    let metrics = |buffered: u64, cached: u64| {
+        let mut m = Metrics::default();
+        (m.buffered, m.cached) = (buffered, cached);
+        m
+    };
+    let state = |c: &Checker, m: &Metrics| c.check_state(m, |_| Some(0));
+    let mut lowered = config.clone();
+    lowered.fetch_size = 2;
+    lowered.cache_max_entries = Some(3);
+    lowered.max_retry_attempts = 0;
+    checker.on_config_update(&lowered, &metrics(8, 0));
+    state(&checker, &metrics(8, 0)).unwrap();
+    let err = state(&checker, &metrics(9, 0)).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::PREFETCH_BOUNDED, "{err}");
+    state(&checker, &metrics(2, 0)).unwrap();
+    let err = state(&checker, &metrics(3, 0)).unwrap_err();
+    assert_eq!(
+        err.invariant,
+        invariant_names::PREFETCH_BOUNDED,
+        "drained: {err}"
+    );
+    let err = state(&checker, &metrics(0, 4)).unwrap_err();
+    assert_eq!(err.invariant, invariant_names::CACHE_BOUNDED, "{err}");
+    // Offset 0 was nacked at attempt 3 under the old limit (3 retries): its attempt 4 may
+    // come; offset 1 was never handed back, so the new limit (no retry) holds for it.
+    let record = Record::from_value("m");
+    let deliver = |offset, attempt| {
+        Event::Deliver(Message {
+            tag: DeliveryTag {
+                partition: 0,
+                offset,
+                epoch: 1,
+                attempt,
+            },
+            record: record.clone(),
+        })
+    };
+    let mut checker = Checker::new(&config);
+    checker
+        .on_event(&deliver(0, 3), |_, _| Some(&record))
+        .unwrap();
+    checker.handed_back(0, 0, 0);
+    checker.on_config_update(&lowered, &metrics(0, 0));
+    checker
+        .on_event(&deliver(0, 4), |_, _| Some(&record))
+        .unwrap();
+    checker.handed_back(0, 0, 0);
+    let err = checker
+        .on_event(&deliver(1, 2), |_, _| Some(&record))
+        .unwrap_err();
+    assert_eq!(err.invariant, invariant_names::ATTEMPTS_BOUNDED, "{err}");
 }
 
 /// The group checks, fed by hand: a stale ack that is accepted, a commit of a partition not

@@ -161,6 +161,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             .clone()
             .unwrap_or_else(|| format!("consumer-{:016x}", entropy()));
         let topic = config.topic.clone();
+        let group = config.consumer_group.clone();
         // Inside it, the driver opens a `member` span (member id, generation) per assignment.
         let span = tracing::info_span!(
             "consumer",
@@ -169,8 +170,6 @@ impl<R: Runtime> ConsumerBuilder<R> {
             topic = %topic,
         );
         let max_unacked = config.max_unacked;
-        let max_retry_attempts = config.max_retry_attempts;
-        let hook_limit = config.rebalance_drain_timeout;
         let mut machine = ConsumerMachine::new(config, runtime.now())?;
         if self.listener.is_some() {
             machine.hold_revokes();
@@ -188,6 +187,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
         let final_state = Arc::new(OnceLock::new());
         let shared = Arc::new(Shared {
             topic,
+            group,
             consumer_id,
             commands: commands_tx,
             dropped: dropped_tx,
@@ -196,7 +196,6 @@ impl<R: Runtime> ConsumerBuilder<R> {
             runtime: Arc::clone(&runtime),
             final_state: Arc::clone(&final_state),
             max_unacked,
-            max_retry_attempts,
             events: notices.subscriber(),
         });
         let consumer = Consumer::new(
@@ -206,7 +205,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
         );
         let hooks = self.listener.map(|listener| {
             let handle = Consumer::new(Arc::clone(&shared), unread_errors.clone(), None);
-            Hooks::new(listener, handle, hook_limit)
+            Hooks::new(listener, handle)
         });
         let driver = Driver::new(
             machine,

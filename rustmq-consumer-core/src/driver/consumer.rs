@@ -20,7 +20,8 @@ use super::gate::AckGate;
 use super::inbox::{Inbox, Take};
 use super::notices::{self, EventStream};
 use super::runtime::{sleep, Runtime};
-use super::task::{Command, FinalState, Reply, Stamped};
+use super::task::{Command, ConfigEdit, FinalState, Reply, Stamped};
+use crate::config::{ConfigUpdateError, ConsumerConfig};
 use crate::error::UsageError;
 use crate::event::{self, DeliveryTag, Event, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
@@ -28,6 +29,7 @@ use crate::protocol::Record;
 /// State shared by a consumer's handles and its deliveries.
 pub(crate) struct Shared {
     pub(crate) topic: String,
+    pub(crate) group: String,
     pub(crate) consumer_id: String,
     pub(crate) commands: Sender<Command>,
     pub(crate) dropped: Sender<DeliveryTag>,
@@ -36,10 +38,8 @@ pub(crate) struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) final_state: Arc<OnceLock<FinalState>>,
-    /// The config's `max_unacked`: deliveries outstanding at most.
+    /// The config's `max_unacked`: deliveries outstanding at most (fixed while running).
     pub(crate) max_unacked: usize,
-    /// The config's `max_retry_attempts`: a nack of a later attempt dead-letters.
-    pub(crate) max_retry_attempts: u32,
     /// Opens event streams ([`Consumer::events`]).
     pub(crate) events: InactiveReceiver<Event>,
 }
@@ -275,6 +275,57 @@ impl Consumer {
             .await
     }
 
+    /// The configuration in force (`None` once the consumer has closed).
+    pub async fn config(&self) -> Option<ConsumerConfig> {
+        self.shared.request(Command::Config).await
+    }
+
+    /// Changes settings while the consumer runs: `edit` gets the configuration in force and
+    /// changes what it wants; the driver applies it as one command between two inputs
+    /// ([`ConsumerMachine::update_config`](crate::ConsumerMachine::update_config) says when
+    /// each setting takes effect). Returns the configuration now in force.
+    ///
+    /// `edit` runs on the driver task, between two inputs: keep it short. If it panics, the
+    /// panic resumes here, in the caller, and the consumer goes on unchanged.
+    ///
+    /// Refused with [`ConsumerError::ConfigUpdate`], and nothing changes, when the edit
+    /// changes a setting fixed while running ([`ConsumerConfig::FIXED_SETTINGS`]: topic,
+    /// group, partitions, consumer id, start position, seed, `max_unacked`, the session and
+    /// heartbeat, the dead-letter topic and partition), when the result fails validation as
+    /// `build()` would refuse it, or once the consumer is closing.
+    ///
+    /// ```no_run
+    /// # async fn run(consumer: rustmq_consumer_core::Consumer) -> Result<(), rustmq_consumer_core::ConsumerError> {
+    /// use std::time::Duration;
+    ///
+    /// let config = consumer
+    ///     .update_config(|c| {
+    ///         c.max_retry_attempts = 1;
+    ///         c.ack_batch_size = 500;
+    ///         c.recovery_timeout = Duration::from_secs(10);
+    ///     })
+    ///     .await?;
+    /// assert_eq!(config.ack_batch_size, 500);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_config(
+        &self,
+        edit: impl FnOnce(&mut ConsumerConfig) + Send + 'static,
+    ) -> Result<ConsumerConfig, ConsumerError> {
+        let edit = ConfigEdit(Box::new(edit));
+        match self
+            .shared
+            .request(|reply| Command::UpdateConfig(edit, reply))
+            .await
+        {
+            Some(Ok(result)) => result.map_err(ConsumerError::ConfigUpdate),
+            // The edit panicked on the driver task: the panic is the caller's.
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Closed)),
+        }
+    }
+
     /// A snapshot of the consumer's counters (the final one once closed).
     pub async fn metrics(&self) -> Metrics {
         match self.shared.request(Command::Metrics).await {
@@ -417,6 +468,8 @@ impl Stream for DeliveryStream {
 /// cannot stall its partition.
 pub struct Delivery {
     inner: event::Message,
+    /// `delivery{topic, partition, offset, attempt, group, member}` (see [`Delivery::span`]).
+    span: tracing::Span,
     /// The ack gate's generation when the machine emitted it.
     generation: u64,
     shared: Arc<Shared>,
@@ -435,7 +488,14 @@ impl fmt::Debug for Delivery {
 
 impl Delivery {
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
+        let member = match &*stamped.member {
+            "" => shared.consumer_id.as_str(),
+            member => member,
+        };
+        let span =
+            super::trace::delivery_span(&stamped.delivery, &shared.topic, &shared.group, member);
         Self {
+            span,
             inner: stamped.delivery,
             generation: stamped.generation,
             shared,
@@ -445,10 +505,10 @@ impl Delivery {
 
     /// Sends a settling command. The delivery counts as settled once the command is queued:
     /// if this future is dropped before that, the delivery's drop nacks it.
-    async fn settle(
+    async fn settle<T>(
         mut self,
-        command: impl FnOnce(DeliveryTag, Reply<Result<(), UsageError>>) -> Command,
-    ) -> Result<(), ConsumerError> {
+        command: impl FnOnce(DeliveryTag, Reply<Result<T, UsageError>>) -> Command,
+    ) -> Result<T, ConsumerError> {
         let (reply, answer) = async_channel::bounded(1);
         if self
             .shared
@@ -484,13 +544,21 @@ impl Delivery {
 
     /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).
     pub async fn nack(self) -> Result<(), ConsumerError> {
-        self.settle(|tag, reply| Command::Nack(tag, None, reply))
-            .await
+        self.nack_redelivers(None).await.map(drop)
     }
 
     /// Failed: redeliver after `delay`.
     pub async fn nack_with_delay(self, delay: Duration) -> Result<(), ConsumerError> {
-        self.settle(|tag, reply| Command::Nack(tag, Some(delay), reply))
+        self.nack_redelivers(Some(delay)).await.map(drop)
+    }
+
+    /// Nacks it; `Ok(true)` when a redelivery follows, `Ok(false)` when attempts ran out
+    /// under the `max_retry_attempts` in force at the nack (dead-lettered or discarded).
+    pub(crate) async fn nack_redelivers(
+        self,
+        delay: Option<Duration>,
+    ) -> Result<bool, ConsumerError> {
+        self.settle(|tag, reply| Command::Nack(tag, delay, reply))
             .await
     }
 
@@ -499,6 +567,21 @@ impl Delivery {
         let reason = reason.into();
         self.settle(|tag, reply| Command::Reject(tag, reason, reply))
             .await
+    }
+
+    /// The span of this delivery, `delivery`, with fields `topic`, `partition`, `offset`,
+    /// `attempt`, `group` and `member` (the group member id it was delivered under; the
+    /// consumer id in a manual assignment), and `otel.kind = "consumer"`. Enter it (or
+    /// `.instrument(..)` the handling with it) to trace the processing; `Consumer::process`
+    /// runs each handler inside it. It is created when the application takes the delivery,
+    /// as a child of the current span.
+    ///
+    /// With the `opentelemetry` feature, a record whose headers carry a W3C
+    /// [`TRACEPARENT`](crate::TRACEPARENT) (and [`TRACESTATE`](crate::TRACESTATE)) makes the
+    /// span a child of that remote span instead, through `tracing-opentelemetry`: the
+    /// consumer joins the producer's trace.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// Delivery attempt, from 1.
@@ -553,11 +636,6 @@ impl Delivery {
     pub(crate) fn discard(mut self) {
         self.settled = true;
     }
-
-    /// Whether a nack of it is redelivered (rather than dead-lettered).
-    pub(crate) fn nack_redelivers(&self) -> bool {
-        self.inner.tag.attempt <= self.shared.max_retry_attempts
-    }
 }
 
 impl Drop for Delivery {
@@ -567,6 +645,7 @@ impl Drop for Delivery {
         }
         let tag = self.inner.tag;
         tracing::warn!(
+            parent: &self.span,
             consumer_id = %self.shared.consumer_id,
             topic = %self.shared.topic,
             partition = tag.partition,

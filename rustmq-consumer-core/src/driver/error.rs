@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 use super::rebalance::Hook;
-use crate::config::ConfigError;
+use crate::config::{ConfigError, ConfigUpdateError};
 use crate::error::{TransportError, UsageError};
 use crate::event::{CommitError, StallReason};
 
@@ -17,6 +17,10 @@ pub enum ConsumerError {
     /// The configuration failed validation (a missing topic or group included).
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A configuration update was refused ([`Consumer::update_config`](super::Consumer::update_config)):
+    /// it changes a setting fixed while running, or fails validation. Nothing changed.
+    #[error("configuration update refused: {0}")]
+    ConfigUpdate(#[from] ConfigUpdateError),
     /// The state machine refused the command (stale delivery, unknown partition, closed...).
     #[error(transparent)]
     Usage(#[from] UsageError),

@@ -18,6 +18,7 @@ mod process;
 mod rebalance;
 mod runtime;
 mod task;
+mod trace;
 mod transport;
 
 pub use builder::ConsumerBuilder;
@@ -27,4 +28,5 @@ pub use notices::{EventNotice, EventStream, EVENTS_CAPACITY};
 pub use process::{Outcome, ProcessOptions, ProcessSummary};
 pub use rebalance::{Hook, ListenerError, RebalanceListener};
 pub use runtime::{sleep, sleep_until, timeout, AsyncTimer, Runtime, Sleep};
+pub use trace::{TRACEPARENT, TRACESTATE};
 pub use transport::Transport;

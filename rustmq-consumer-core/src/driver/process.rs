@@ -19,6 +19,7 @@ use std::time::Duration;
 use futures_lite::future;
 use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use tracing::Instrument as _;
 
 use super::consumer::{Consumer, Delivery};
 use super::error::ConsumerError;
@@ -193,8 +194,10 @@ impl Consumer {
                 seen_generation = generation;
             }
             while let Some((ticket, delivery)) = scheduler.start() {
-                let work = handler(&delivery);
-                running.push(settle(ticket, delivery, work));
+                // The handler runs, and its delivery is settled, inside the delivery's span.
+                let span = delivery.span().clone();
+                let work = span.in_scope(|| handler(&delivery));
+                running.push(settle(ticket, delivery, work).instrument(span));
             }
             summary.peak_running = summary.peak_running.max(running.len());
             if !intake_open && running.is_empty() {
@@ -275,20 +278,16 @@ async fn settle<Fut: Future<Output = Outcome>>(
     let outcome = work.await;
     let (partition, offset, attempt) =
         (delivery.partition(), delivery.offset(), delivery.attempt());
-    let redelivers = delivery.nack_redelivers();
     let (result, settled, finish) = match outcome {
         Outcome::Ack => (delivery.ack().await, Settled::Acked, Finish::Done),
         Outcome::Nack(delay) => {
-            let result = match delay {
-                Some(delay) => delivery.nack_with_delay(delay).await,
-                None => delivery.nack().await,
-            };
-            let finish = if result.is_ok() && redelivers {
+            let result = delivery.nack_redelivers(delay).await;
+            let finish = if result == Ok(true) {
                 Finish::Redeliver
             } else {
                 Finish::Done
             };
-            (result, Settled::Nacked, finish)
+            (result.map(drop), Settled::Nacked, finish)
         }
         Outcome::Reject(reason) => (
             delivery.reject(reason).await,

@@ -104,6 +104,7 @@ struct Running {
     hook: Hook,
     partitions: Vec<u32>,
     future: HookFuture,
+    limit: Duration,
     overrun: Pin<Box<dyn AsyncTimer>>,
 }
 
@@ -120,21 +121,15 @@ pub(crate) struct Hooks {
     listener: Arc<dyn RebalanceListener>,
     /// The handle hooks get; it does not keep the consumer alive.
     consumer: Consumer,
-    limit: Duration,
     queue: VecDeque<(Hook, Vec<u32>)>,
     running: Option<Running>,
 }
 
 impl Hooks {
-    pub(crate) fn new(
-        listener: Arc<dyn RebalanceListener>,
-        consumer: Consumer,
-        limit: Duration,
-    ) -> Self {
+    pub(crate) fn new(listener: Arc<dyn RebalanceListener>, consumer: Consumer) -> Self {
         Self {
             listener,
             consumer,
-            limit,
             queue: VecDeque::new(),
             running: None,
         }
@@ -160,8 +155,14 @@ impl Hooks {
         }
     }
 
-    /// Starts the next hook if none runs, and polls the running one (and its overrun timer).
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, runtime: &dyn Runtime) -> Poll<Ended> {
+    /// Starts the next hook if none runs (it may take `limit`: the config's
+    /// `rebalance_drain_timeout` in force), and polls the running one and its overrun timer.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        runtime: &dyn Runtime,
+        limit: Duration,
+    ) -> Poll<Ended> {
         if self.running.is_none() {
             let Some((hook, partitions)) = self.queue.pop_front() else {
                 return Poll::Pending;
@@ -180,7 +181,8 @@ impl Hooks {
                 hook,
                 partitions,
                 future,
-                overrun: runtime.new_timer(runtime.now() + self.limit),
+                limit,
+                overrun: runtime.new_timer(runtime.now() + limit),
             });
         }
         let Some(running) = &mut self.running else {
@@ -189,7 +191,7 @@ impl Hooks {
         let result = match running.future.as_mut().poll(cx) {
             Poll::Ready(result) => result.map_err(|error| error.to_string()),
             Poll::Pending => match running.overrun.as_mut().poll(cx) {
-                Poll::Ready(()) => Err(format!("overran {:?}", self.limit)),
+                Poll::Ready(()) => Err(format!("overran {:?}", running.limit)),
                 Poll::Pending => return Poll::Pending,
             },
         };

@@ -111,6 +111,12 @@ impl Committer {
         }
     }
 
+    /// The batch settings changed (a live configuration update): a batch that is full under
+    /// the new ones commits as it would have after a settlement.
+    pub(crate) fn reconfigured(&mut self, now: Instant, config: &ConsumerConfig) {
+        self.want_full_batch(now, config);
+    }
+
     fn batch_full(&self, config: &ConsumerConfig) -> bool {
         config.enable_auto_commit && self.advanced >= config.ack_batch_size as u64
     }

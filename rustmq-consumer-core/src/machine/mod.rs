@@ -8,6 +8,7 @@
 //! - [`group`]: the group session (coordinator, join, heartbeats, revoke, fencing);
 //! - [`manual`]: a manual assignment's group generation (join and leave to learn it);
 //! - [`close`]: the close's phases;
+//! - [`live_config`]: a configuration update while running (`update_config`);
 //! - [`requests`]: requests in flight and the owner each answer goes to;
 //! - [`timers`]: the one table of named deadlines `poll_timeout` and `handle_timeout` read.
 //!
@@ -33,6 +34,7 @@ mod close;
 mod commit;
 mod dead_letter;
 mod group;
+mod live_config;
 mod manual;
 mod partition;
 mod requests;

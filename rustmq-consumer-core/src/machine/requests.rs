@@ -93,6 +93,12 @@ impl Requests {
         }
     }
 
+    /// The deadline of requests sent from now on (a live configuration update); those in
+    /// flight keep theirs.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Queues a complete request for the driver, due back by `now + request_timeout`.
     pub(crate) fn send(&mut self, now: Instant, permit: Permit, owner: Owner, request: Request) {
         let id = RequestId(self.next_id);

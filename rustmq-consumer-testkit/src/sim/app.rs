@@ -239,6 +239,14 @@ impl ProcessState {
     }
 }
 
+impl ProcessState {
+    /// A live configuration update changed the retry limit: a nack from now on redelivers
+    /// under the new one (as the driver's nack reply says).
+    pub(super) fn set_max_retry_attempts(&mut self, max_retry_attempts: u32) {
+        self.max_retry_attempts = max_retry_attempts;
+    }
+}
+
 /// The application model driven by [`AppBehaviour`]; the default [`Handler`].
 #[derive(Debug, Clone)]
 pub struct ModelApp {

@@ -187,6 +187,9 @@ impl<H: Handler> Simulation<H> {
             self.schedule_poisson(a.seek_per_sec, Item::Seek, true);
         }
         self.schedule_poisson(a.commit_per_sec, Item::CommitNow, false);
+        for (i, (at, _)) in self.scenario.config_updates.clone().into_iter().enumerate() {
+            self.schedule(at, Item::UpdateConfig(i));
+        }
 
         let machine = ConsumerMachine::new(cfg.clone(), self.now).map_err(|e| Violation {
             invariant: names::COMMAND_ACCEPTED,
@@ -210,9 +213,14 @@ impl<H: Handler> Simulation<H> {
             }
             if self.phase == Phase::Liveness && self.settled_everything() {
                 self.phase = Phase::Closing;
+                // Under the most patient configuration the run had in force (a request sent
+                // before the last update keeps its deadline).
+                let most = |f: fn(&rustmq_consumer_core::ConsumerConfig) -> Duration| {
+                    self.scenario.configs().map(f).max().unwrap_or_default()
+                };
                 close_deadline = self.elapsed()
-                    + cfg.drain_timeout * 5
-                    + cfg.request_timeout * 3
+                    + most(|c| c.drain_timeout) * 5
+                    + most(|c| c.request_timeout) * 3
                     + Duration::from_secs(1);
                 let now = self.now;
                 self.trace("app", &"close");
@@ -552,6 +560,23 @@ impl<H: Handler> Simulation<H> {
                 self.report.hooks_returned += 1;
                 let now = self.now;
                 self.machine().rebalance_listener_done(now);
+                self.after_input()?;
+            }
+            Item::UpdateConfig(i) => {
+                let next = self.scenario.config_updates[i].1.clone();
+                self.report.config_updates += 1;
+                self.trace("app", &("update config", i));
+                let now = self.now;
+                if let Err(e) = self.machine().update_config(now, next.clone()) {
+                    return Err(self
+                        .checker
+                        .command_refused(format!("config update {i} refused: {e}")));
+                }
+                let metrics = self.machine.as_ref().expect("running").metrics();
+                self.checker.on_config_update(&next, &metrics);
+                if let Some(ps) = &mut self.process {
+                    ps.set_max_retry_attempts(next.max_retry_attempts);
+                }
                 self.after_input()?;
             }
             Item::CommitNow => {

@@ -69,6 +69,8 @@ enum Item {
     Resume(u32),
     Seek,
     CommitNow,
+    /// The scenario's live configuration update of this index.
+    UpdateConfig(usize),
     PhantomJoin(usize),
     PhantomBeat(usize),
     PhantomEnd(usize),

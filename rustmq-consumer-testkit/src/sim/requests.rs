@@ -42,9 +42,10 @@ impl<H: Handler> Simulation<H> {
         let mut fate = self.scenario.faults.fate(&mut self.fault_rng, elapsed);
         if !self.scenario.faults.late_arrival {
             // The request reaches the broker before its deadline (its answer may still be late).
+            // The deadline in force when it was sent (live updates change it).
             let limit = self
-                .scenario
-                .config
+                .machine()
+                .config()
                 .request_timeout
                 .saturating_sub(Duration::from_millis(1));
             match &mut fate {

@@ -59,6 +59,8 @@ pub struct SimReport {
     pub crashes: u64,
     /// Seeks.
     pub seeks: u64,
+    /// Live configuration updates applied.
+    pub config_updates: u64,
     /// The run was a group session.
     pub group: bool,
     /// Group session: assignments the consumer received (`Assigned` events).
@@ -173,6 +175,10 @@ pub struct Summary {
     pub group_duplicates: u64,
     /// Revoke hooks that returned (seeds with a rebalance listener).
     pub hooks_returned: u64,
+    /// Runs that updated the configuration live.
+    pub update_runs: u64,
+    /// Live configuration updates applied.
+    pub config_updates: u64,
 }
 
 impl Summary {
@@ -192,6 +198,8 @@ impl Summary {
         self.stale_refused += s.stale_refused;
         self.group_duplicates += s.group_duplicates;
         self.hooks_returned += s.hooks_returned;
+        self.update_runs += s.update_runs;
+        self.config_updates += s.config_updates;
     }
 
     fn add(&mut self, r: &SimReport) {
@@ -203,6 +211,8 @@ impl Summary {
         if r.group {
             self.group_duplicates += r.duplicates;
         }
+        self.update_runs += u64::from(r.config_updates > 0);
+        self.config_updates += r.config_updates;
         self.runs += 1;
         self.steps += r.steps;
         self.produced += r.produced;

@@ -53,6 +53,10 @@ pub struct Scenario {
     /// commit until the revoke hook returns, which takes up to this long (random per revoke,
     /// up to twice `rebalance_drain_timeout`, so some hooks overrun).
     pub listener_latency: Option<Duration>,
+    /// Live configuration updates (about a quarter of the swarm's seeds): at each time before
+    /// heal, the configuration in force is replaced by this one, which redraws some of the
+    /// settings that may change while running (`ConsumerMachine::update_config`).
+    pub config_updates: Vec<(Duration, ConsumerConfig)>,
 }
 
 /// Topic consumed in every scenario.
@@ -63,23 +67,32 @@ pub const GROUP: &str = "sim-group";
 pub const DEAD_LETTER_TOPIC: &str = "sim-dlq";
 
 impl Scenario {
-    /// Derives a whole scenario from `seed`; about a third of the seeds run a group session.
+    /// Derives a whole scenario from `seed`; about a third of the seeds run a group session,
+    /// about a quarter update the configuration live.
     pub fn from_seed(seed: u64) -> Self {
-        Self::derive(seed, None)
+        Self::derive(seed, None, None)
     }
 
     /// The scenario of `seed`, forced into a group session (with the same group knobs and
-    /// phantom members the seed would give it).
+    /// phantom members the seed would give it), without live configuration updates.
     pub fn from_seed_in_group(seed: u64) -> Self {
-        Self::derive(seed, Some(true))
+        Self::derive(seed, Some(true), Some(false))
     }
 
-    /// The scenario of `seed`, forced into manual assignment of every partition.
+    /// The scenario of `seed`, forced into manual assignment of every partition, without live
+    /// configuration updates (so a pinned seed replays what it always did).
     pub fn from_seed_manual(seed: u64) -> Self {
-        Self::derive(seed, Some(false))
+        Self::derive(seed, Some(false), Some(false))
     }
 
-    fn derive(seed: u64, group: Option<bool>) -> Self {
+    /// The scenario of `seed` with live configuration updates at random times before heal
+    /// (the seed family of `ConsumerMachine::update_config`); the rest is what `from_seed`
+    /// derives.
+    pub fn from_seed_with_updates(seed: u64) -> Self {
+        Self::derive(seed, None, Some(true))
+    }
+
+    fn derive(seed: u64, group: Option<bool>, updates: Option<bool>) -> Self {
         let mut rng = SimRng::new(seed);
         let mut knobs = rng.fork(1);
         let partitions = knobs.range(1, 4) as u32;
@@ -154,19 +167,37 @@ impl Scenario {
             // Its own stream, so every other knob of a seed stays what it always was.
             process: ProcessModel::from_rng(&mut SimRng::new(seed ^ 0x7072_6f63_6573_7321)),
             listener_latency: None,
+            config_updates: Vec::new(),
         };
         let mut listener = SimRng::new(seed ^ 0x6c69_7374_656e_6572);
         if s.is_group() && listener.chance(0.5) {
             let max = s.config.rebalance_drain_timeout.as_millis() as u64 * 2;
             s.listener_latency = Some(listener.millis(0, max));
         }
+        // Its own stream too: a seed without updates derives what it always did.
+        let mut u = SimRng::new(seed ^ 0x6c69_7665_636f_6e66);
+        if updates.unwrap_or_else(|| u.chance(0.25)) {
+            s.config_updates = live_updates(&mut u, &s.config, s.faults.heal_at);
+        }
         s.liveness_budget = s.default_liveness_budget();
         s
     }
 
-    /// A generous bound on the simulated time after heal that settling everything may take.
+    /// Every configuration the run has in force at some time: the first, then each update's.
+    pub fn configs(&self) -> impl Iterator<Item = &ConsumerConfig> {
+        std::iter::once(&self.config).chain(self.config_updates.iter().map(|(_, c)| c))
+    }
+
+    /// A generous bound on the simulated time after heal that settling everything may take,
+    /// under the most patient of the configurations the run has in force.
     pub fn default_liveness_budget(&self) -> Duration {
-        let c = &self.config;
+        self.configs()
+            .map(|c| self.liveness_budget_under(c))
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn liveness_budget_under(&self, c: &ConsumerConfig) -> Duration {
         let a = &self.app;
         let rtt = self.faults.latency_max * 2 + self.faults.latency_spike * 2;
         let attempts = c.max_retry_attempts + 2;
@@ -215,4 +246,69 @@ impl Scenario {
     pub fn total_messages(&self) -> u64 {
         self.messages.iter().sum()
     }
+}
+
+/// One to four updates at random times before `heal_at`, each redrawing some of the settings
+/// that may change while running (from the ranges `derive` draws them from) in the one before.
+fn live_updates(
+    rng: &mut SimRng,
+    first: &ConsumerConfig,
+    heal_at: Duration,
+) -> Vec<(Duration, ConsumerConfig)> {
+    let heal = u64::try_from(heal_at.as_millis()).unwrap_or(u64::MAX);
+    let mut at: Vec<Duration> = (0..rng.range(1, 4))
+        .map(|_| rng.millis(0, heal.saturating_sub(1)))
+        .collect();
+    at.sort();
+    let mut c = first.clone();
+    let mut updates = Vec::new();
+    for at in at {
+        let redraw = |rng: &mut SimRng| rng.chance(0.4);
+        if redraw(rng) {
+            c.max_retry_attempts = rng.range(0, 4) as u32;
+        }
+        if redraw(rng) {
+            c.retry_backoff_base = rng.millis(1, 50);
+            c.retry_backoff_max = c.retry_backoff_base + rng.millis(0, 2_000);
+        }
+        if redraw(rng) {
+            c.ack_batch_size = rng.pick(&[1, 3, 10, 100]);
+            c.ack_batch_timeout = rng.millis(5, 500);
+            c.ack_batch_min_interval = rng.millis(0, 200);
+        }
+        if redraw(rng) {
+            c.fetch_size = rng.pick(&[1, 2, 5, 10, 50, 100]);
+            c.fetch_max_bytes = rng.pick(&[64, 256, 4096, 1 << 20]);
+        }
+        if redraw(rng) {
+            c.prefetch_bytes = rng.pick(&[256, 4096, 16 << 20]);
+            c.max_unsettled_per_partition = rng.pick(&[1, 4, 64, 10_000]);
+        }
+        if redraw(rng) {
+            c.cache_max_entries = rng.pick(&[Some(1), Some(2), Some(5), None, Some(1000)]);
+            c.cache_max_bytes = rng.pick(&[64, 1024, 64 << 20]);
+            c.cache_ttl = rng.pick(&[
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+            ]);
+        }
+        if redraw(rng) {
+            c.failure_threshold = rng.range(1, 6) as u32;
+            c.recovery_timeout = rng.millis(10, 2_000);
+            c.half_open_max_probes = rng.range(1, 3) as u32;
+            c.half_open_max_wait = rng.millis(50, 3_000);
+        }
+        if redraw(rng) {
+            c.request_timeout = rng.millis(100, 3_000);
+            c.drain_timeout = rng.millis(100, 2_000);
+            c.empty_fetch_backoff_min = rng.millis(1, 20);
+            c.empty_fetch_backoff_max = c.empty_fetch_backoff_min + rng.millis(0, 500);
+        }
+        if c.uses_group_session() && redraw(rng) {
+            c.rebalance_drain_timeout = rng.millis(20, 3_000);
+        }
+        updates.push((at, c.clone()));
+    }
+    updates
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use rustmq_consumer_core::driver::Delivery;
 use rustmq_consumer_core::protocol::TopicPartition;
 use rustmq_consumer_core::{
-    sleep, timeout, AsyncTimer, ConfigError, Consumer, ConsumerBuilder, ConsumerConfig,
-    ConsumerError, Health, Runtime, UsageError,
+    sleep, timeout, AsyncTimer, ConfigError, ConfigUpdateError, Consumer, ConsumerBuilder,
+    ConsumerConfig, ConsumerError, Health, Runtime, UsageError,
 };
 use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
@@ -283,6 +283,77 @@ pub async fn reject_to_dead_letter<R: Runtime + Clone>(rt: R) {
         .collect();
     assert_eq!(dead, vec!["m1".to_owned(), "m3".to_owned()]);
     assert_eq!(consumer.metrics().await.dead_lettered, 2);
+}
+
+/// A live update takes effect at the next input: a lowered retry limit dead-letters the next
+/// nack of a message past it; a fixed setting and an invalid value are refused, changing
+/// nothing; after close every update is refused.
+pub async fn update_config<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 3);
+    let mut config = fast_config();
+    config.dead_letter_queue = Some(DLQ.to_owned());
+    config.max_retry_attempts = 5;
+    let consumer = start(&rt, &broker, config).await;
+    let mut done = 0;
+    let mut attempts_of_0 = Vec::new();
+    while done < 3 {
+        let d = next(&rt, &consumer).await;
+        if d.offset() != 0 {
+            d.ack().await.expect("ack");
+            done += 1;
+            continue;
+        }
+        attempts_of_0.push(d.attempt());
+        if d.attempt() == 2 {
+            let now = within(&rt, consumer.update_config(|c| c.max_retry_attempts = 1))
+                .await
+                .expect("a live setting");
+            assert_eq!(now.max_retry_attempts, 1);
+            done += 1;
+        }
+        d.nack().await.expect("nack");
+    }
+    let refused = consumer
+        .update_config(|c| c.topic = "elsewhere".into())
+        .await;
+    assert_eq!(
+        refused,
+        Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Fixed(
+            "topic"
+        )))
+    );
+    let refused = consumer.update_config(|c| c.fetch_size = 0).await;
+    assert_eq!(
+        refused,
+        Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Invalid(
+            ConfigError::Zero("fetch_size")
+        )))
+    );
+    // A panicking edit panics in the caller; the consumer goes on unchanged.
+    let edit = consumer.update_config(|c| {
+        c.fetch_size = 1;
+        panic!("a bug in the edit");
+    });
+    let panicked = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(edit));
+    assert!(
+        panicked.await.is_err(),
+        "the edit's panic reaches the caller"
+    );
+    let config = consumer.config().await.expect("running");
+    assert_eq!((config.max_retry_attempts, config.fetch_size), (1, 20));
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(
+        attempts_of_0,
+        [1, 2],
+        "the second nack is past the new limit"
+    );
+    assert_eq!(broker.lock().records(DLQ, 0).len(), 1);
+    assert_eq!(committed(&broker, 0), Some(3));
+    let late = consumer.update_config(|c| c.max_retry_attempts = 3).await;
+    assert_eq!(
+        late,
+        Err(ConsumerError::ConfigUpdate(ConfigUpdateError::Closed))
+    );
 }
 
 /// A paused partition delivers nothing until resumed.

@@ -1,5 +1,7 @@
 //! The application's commands, the start of a close and the driver's last words.
 
+use std::panic::AssertUnwindSafe;
+
 use super::*;
 
 impl Driver {
@@ -10,7 +12,9 @@ impl Driver {
                 let _ = reply.try_send(machine.ack(now, tag));
             }
             Command::Nack(tag, delay, reply) => {
-                let _ = reply.try_send(machine.nack(now, tag, delay));
+                // Read before the nack, under the limit the machine applies to it.
+                let redelivers = tag.attempt <= machine.config().max_retry_attempts;
+                let _ = reply.try_send(machine.nack(now, tag, delay).map(|()| redelivers));
             }
             Command::Reject(tag, reason, reply) => {
                 let _ = reply.try_send(machine.reject(now, tag, &reason));
@@ -59,6 +63,21 @@ impl Driver {
             }
             Command::Metrics(reply) => {
                 let _ = reply.try_send(machine.metrics());
+            }
+            Command::Config(reply) => {
+                let _ = reply.try_send(machine.config().clone());
+            }
+            Command::UpdateConfig(edit, reply) => {
+                let mut next = machine.config().clone();
+                // The application's edit runs here: a panic in it goes back to the caller
+                // (`Consumer::update_config` resumes it), not through the driver.
+                let edited = std::panic::catch_unwind(AssertUnwindSafe(|| (edit.0)(&mut next)));
+                let result = edited.map(|()| {
+                    machine
+                        .update_config(now, next)
+                        .map(|()| machine.config().clone())
+                });
+                let _ = reply.try_send(result);
             }
             Command::Health(reply) => {
                 let _ = reply.try_send(self.health_report());
@@ -136,8 +155,10 @@ impl Driver {
         while let Ok(command) = self.channels.commands.try_recv() {
             let closed = || Err(UsageError::Closed);
             match command {
+                Command::Nack(_, _, reply) => {
+                    let _ = reply.try_send(Err(UsageError::Closed));
+                }
                 Command::Ack(_, reply)
-                | Command::Nack(_, _, reply)
                 | Command::Reject(_, _, reply)
                 | Command::Pause(_, reply)
                 | Command::Resume(_, reply)
@@ -155,6 +176,12 @@ impl Driver {
                 }
                 Command::Metrics(reply) => {
                     let _ = reply.try_send(final_state.metrics);
+                }
+                Command::Config(reply) => {
+                    let _ = reply.try_send(self.machine.config().clone());
+                }
+                Command::UpdateConfig(_, reply) => {
+                    let _ = reply.try_send(Ok(Err(ConfigUpdateError::Closed)));
                 }
                 Command::Health(reply) => {
                     let _ = reply.try_send(HealthReport {

@@ -20,6 +20,7 @@ impl Driver {
                 self.backlog.push_back(Stamped {
                     delivery,
                     generation: state.generation,
+                    member: Arc::clone(&self.member),
                 });
             }
             Event::Committed { ticket, offsets } => {
@@ -49,6 +50,7 @@ impl Driver {
             Event::Assigned(partitions) => {
                 state.generation += 1;
                 if let Some((member_id, generation)) = self.joined.take() {
+                    self.member = Arc::from(member_id.as_str());
                     self.member_span = tracing::info_span!(
                         parent: &self.span,
                         "member",

@@ -20,6 +20,7 @@ use super::notices::Notices;
 use super::rebalance::{Ended, Hook, Hooks};
 use super::runtime::{AsyncTimer, Runtime};
 use super::transport::Transport;
+use crate::config::{ConfigUpdateError, ConsumerConfig};
 use crate::error::{TransportError, UsageError};
 use crate::event::{
     CommitError, DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId,
@@ -37,7 +38,12 @@ pub(crate) type Reply<T> = Sender<T>;
 #[derive(Debug)]
 pub(crate) enum Command {
     Ack(DeliveryTag, Reply<Result<(), UsageError>>),
-    Nack(DeliveryTag, Option<Duration>, Reply<Result<(), UsageError>>),
+    /// The reply says whether the nack redelivers (else it dead-letters or discards).
+    Nack(
+        DeliveryTag,
+        Option<Duration>,
+        Reply<Result<bool, UsageError>>,
+    ),
     Reject(DeliveryTag, String, Reply<Result<(), UsageError>>),
     Pause(Vec<u32>, Reply<Result<(), UsageError>>),
     Resume(Vec<u32>, Reply<Result<(), UsageError>>),
@@ -46,11 +52,26 @@ pub(crate) enum Command {
     Lag(Reply<Vec<PartitionLag>>),
     Assigned(Reply<Vec<u32>>),
     Metrics(Reply<Metrics>),
+    Config(Reply<ConsumerConfig>),
+    /// The reply is `Err` with the panic's payload when the edit panicked.
+    UpdateConfig(ConfigEdit, Reply<EditResult>),
     Health(Reply<HealthReport>),
     Close(Reply<Result<(), ConsumerError>>),
     /// Stop now, without finishing the close (`close_with_timeout` expired).
     Abandon,
 }
+
+/// An edit of the configuration in force, applied by the driver (`Consumer::update_config`).
+pub(crate) struct ConfigEdit(pub(crate) Box<dyn FnOnce(&mut ConsumerConfig) + Send>);
+
+impl std::fmt::Debug for ConfigEdit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigEdit")
+    }
+}
+
+/// What an edit of the configuration came to: the update's result, or the edit's panic.
+pub(crate) type EditResult = std::thread::Result<Result<ConsumerConfig, ConfigUpdateError>>;
 
 /// Most queued commands and dropped deliveries taken per wake-up before the outputs are
 /// drained (the command channel's capacity: one wake-up can empty it).
@@ -62,6 +83,8 @@ const DRAIN_BATCH: usize = 256;
 pub(crate) struct Stamped {
     pub(crate) delivery: Message,
     pub(crate) generation: u64,
+    /// The group member id it was delivered under (empty in a manual assignment).
+    pub(crate) member: Arc<str>,
 }
 
 /// What the consumer can still answer after the driver has exited.
@@ -152,6 +175,9 @@ pub(crate) struct Driver {
     member_span: tracing::Span,
     /// Newly assigned partitions the inbox holds back until their assign hook returns.
     held_for_hook: Vec<u32>,
+    /// The member id of the current group assignment, stamped on its deliveries (empty
+    /// before one, and in a manual assignment).
+    member: Arc<str>,
 }
 
 impl Driver {
@@ -187,6 +213,7 @@ impl Driver {
             span: tracing::Span::none(),
             member_span: tracing::Span::none(),
             held_for_hook: Vec::new(),
+            member: Arc::from(""),
         }
     }
 
@@ -392,7 +419,11 @@ impl Driver {
             return Poll::Ready(Wake::Kicked);
         }
         if let Some(running) = self.channels.hooks.as_mut().filter(|_| hooks) {
-            if let Poll::Ready(ended) = running.poll(cx, &*self.runtime) {
+            if let Poll::Ready(ended) = running.poll(
+                cx,
+                &*self.runtime,
+                self.machine.config().rebalance_drain_timeout,
+            ) {
                 return Poll::Ready(Wake::Hook(ended));
             }
         }

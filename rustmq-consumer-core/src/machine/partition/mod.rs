@@ -410,6 +410,12 @@ impl Partitions {
         set
     }
 
+    /// The fetch bounds changed (a live configuration update): every partition is looked at
+    /// again, since one that waited for room may have it now.
+    pub(crate) fn bounds_changed(&mut self) {
+        self.all_dirty = true;
+    }
+
     /// Starts consuming `id` (no-op if it is assigned already).
     pub(crate) fn add(&mut self, id: u32) {
         if self.index(id).is_none() {
