@@ -98,13 +98,15 @@ pub mod process;
 pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "metrics")]
+pub mod telemetry;
 mod window;
 
 pub use config::{ConfigError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
-    DeliveryStream, HealthReport, Outcome, ProcessOptions, ProcessSummary, Runtime, Sleep,
-    Transport,
+    DeliveryStream, HealthIssue, HealthReport, Outcome, Probe, ProcessOptions, ProcessSummary,
+    Runtime, Sleep, Transport,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -121,9 +123,11 @@ pub mod adapter {
     pub use crate::process::OrderBy;
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
+    #[cfg(feature = "metrics")]
+    pub use crate::telemetry;
     pub use crate::{
         protocol, AsyncTimer, BreakerState, CommitError, ConfigError, Consumer, ConsumerConfig,
-        ConsumerError, DeliveryStream, DeliveryTag, Health, HealthReport, Metrics, PartitionLag,
-        Runtime, StartPosition, Transport, TransportError, UsageError,
+        ConsumerError, DeliveryStream, DeliveryTag, Health, HealthIssue, HealthReport, Metrics,
+        PartitionLag, Probe, Runtime, StartPosition, Transport, TransportError, UsageError,
     };
 }

@@ -4,6 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -12,7 +13,7 @@ use super::error::ConsumerError;
 use super::gate::AckGate;
 use super::inbox::Inbox;
 use super::runtime::Runtime;
-use super::task::{Command, Driver, DriverChannels};
+use super::task::{Command, Driver, DriverChannels, DEFAULT_PROGRESS_TIMEOUT};
 use super::transport::Transport;
 use crate::config::{ConfigError, ConsumerConfig};
 use crate::machine::ConsumerMachine;
@@ -46,6 +47,7 @@ pub struct ConsumerBuilder<R> {
     config: ConsumerConfig,
     transport: Option<Arc<dyn Transport>>,
     fail_fast: bool,
+    progress_timeout: Duration,
 }
 
 impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
@@ -57,6 +59,7 @@ impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
             .field("config", &self.config)
             .field("transport", &self.transport.is_some())
             .field("fail_fast", &self.fail_fast)
+            .field("progress_timeout", &self.progress_timeout)
             .finish()
     }
 }
@@ -84,6 +87,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             config: ConsumerConfig::default(),
             transport: None,
             fail_fast: false,
+            progress_timeout: DEFAULT_PROGRESS_TIMEOUT,
         }
     }
 
@@ -122,6 +126,16 @@ impl<R: Runtime> ConsumerBuilder<R> {
     /// starts at once and reports an outage through `receive()`.
     pub fn fail_fast(mut self, fail_fast: bool) -> Self {
         self.fail_fast = fail_fast;
+        self
+    }
+
+    /// How long a partition's settle watermark may stay put, while the broker answers and has
+    /// messages past it, before [`Consumer::health_report`] reports
+    /// [`HealthIssue::NoProgress`](super::HealthIssue::NoProgress) and
+    /// [`Consumer::liveness`] fails. Default 5 minutes (like Kafka's `max.poll.interval.ms`):
+    /// longer than the slowest handler is expected to take.
+    pub fn progress_timeout(mut self, timeout: Duration) -> Self {
+        self.progress_timeout = timeout;
         self
     }
 
@@ -197,6 +211,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 first_contact: self.fail_fast.then_some(first_contact),
             },
         );
+        let driver = driver.progress_timeout(self.progress_timeout);
         runtime.spawn(Box::pin(driver.run().instrument(span)));
         if self.fail_fast {
             // The driver answers within `request_timeout` (a deadline is an outage too).

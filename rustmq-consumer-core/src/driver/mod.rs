@@ -12,6 +12,7 @@ mod builder;
 mod consumer;
 mod error;
 mod gate;
+mod health;
 mod inbox;
 mod process;
 mod runtime;
@@ -19,8 +20,9 @@ mod task;
 mod transport;
 
 pub use builder::ConsumerBuilder;
-pub use consumer::{Consumer, Delivery, DeliveryStream, HealthReport};
+pub use consumer::{Consumer, Delivery, DeliveryStream};
 pub use error::ConsumerError;
+pub use health::{HealthIssue, HealthReport, Probe};
 pub use process::{Outcome, ProcessOptions, ProcessSummary};
 pub use runtime::{sleep, sleep_until, timeout, AsyncTimer, Runtime, Sleep};
 pub use transport::Transport;
