@@ -20,8 +20,8 @@ use runtimes::init_tracing;
 use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
 use rustmq_consumer_core::quic::{QuicConfig, QuicTransport};
 use rustmq_consumer_core::{
-    timeout, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, Health, Runtime, Transport,
-    TransportError,
+    timeout, BreakerState, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, Health,
+    HealthIssue, Runtime, StallReason, Transport, TransportError,
 };
 use rustmq_consumer_testkit::{
     LoopbackBroker, SharedBroker, SimBroker, SimTransport, VirtualRuntime, LOOPBACK_SERVER_NAME,
@@ -183,6 +183,37 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
         assert!(quiet.is_none(), "reported twice: {quiet:?}");
         assert!(consumer.metrics().await.requests_failed > 1);
 
+        // The report says since when: the outage from the first refusal, the breaker from its
+        // last transition (it probes now and then); not ready, but alive: a restart cannot
+        // bring the broker back.
+        let report = consumer.health_report().await;
+        let Some(&HealthIssue::Unreachable { since, elapsed, .. }) = report.issues.first() else {
+            panic!("the outage first: {:?}", report.issues);
+        };
+        assert!(since - start_at <= request_timeout && elapsed >= Duration::from_secs(60));
+        let breaker = report.issues.iter().find_map(|issue| match issue {
+            HealthIssue::Breaker {
+                state,
+                since: opened,
+                ..
+            } => Some((*state, *opened)),
+            _ => None,
+        });
+        let Some((state, opened)) = breaker else {
+            panic!("the breaker: {:?}", report.issues);
+        };
+        assert_ne!(state, BreakerState::Closed);
+        assert!(opened >= since && opened <= rt.now());
+        let readiness = consumer.readiness().await;
+        assert!(!readiness.passed && readiness.status_code() == 503);
+        assert!(
+            readiness
+                .to_string()
+                .starts_with("broker unreachable for 6"),
+            "{readiness}"
+        );
+        assert!(consumer.liveness().await.passed);
+
         switch.set_down(false);
         for offset in 0..3 {
             let delivery = within(&rt, consumer.receive())
@@ -193,6 +224,15 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
             delivery.ack().await.expect("ack");
         }
         assert_eq!(consumer.health_report().await.cause, None);
+        let mut ready = consumer.readiness().await;
+        for _ in 0..100 {
+            if ready.passed {
+                break;
+            }
+            rt.sleep(Duration::from_millis(100)).await;
+            ready = consumer.readiness().await;
+        }
+        assert!(ready.passed, "ready once the broker answers: {ready}");
         within(&rt, consumer.close()).await.expect("close");
         assert_eq!(committed(&broker), Some(3));
     });
@@ -402,6 +442,19 @@ fn a_failing_partition_is_reported_and_the_others_go_on() {
         let report = consumer.health_report().await;
         assert_eq!(report.health, Health::Degraded);
         assert_eq!(report.cause.as_ref(), Some(&stalls[0]));
+        // Since when, and why; not ready, alive.
+        let [HealthIssue::Stalled {
+            partition: 1,
+            offset: 0,
+            reason: StallReason::FetchFailing { .. },
+            elapsed,
+            ..
+        }] = report.issues.as_slice()
+        else {
+            panic!("the stall alone: {:?}", report.issues);
+        };
+        assert!(*elapsed >= Duration::from_secs(60), "{elapsed:?}");
+        assert!(!report.readiness().passed && report.liveness().passed);
         assert_eq!(consumer.metrics().await.breaker_transitions, 0);
         for p in [0, 2] {
             let tp = TopicPartition::new(TOPIC, p);
