@@ -1,5 +1,6 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec, the runtime-agnostic
-//! driver that runs the machine for an application, and (feature `quic`) the QUIC transport.
+//! driver that runs the machine for an application, (feature `quic`) the QUIC transport, and
+//! (feature `metrics`) the metrics export through the `metrics` facade.
 //!
 //! # The run loop
 //!
@@ -82,6 +83,8 @@
 //! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,
 //!   bounded queues); `driver/process.rs` runs handlers under it (`Consumer::process`).
 //! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
+//! - `telemetry` (feature `metrics`): the names of the metrics the driver exports through the
+//!   `metrics` facade (`driver/task/telemetry.rs` records them).
 #![forbid(unsafe_code)]
 
 mod backoff;
