@@ -131,6 +131,10 @@ impl Driver {
     /// What an event means for health and metrics, beside its routing.
     pub(super) fn watch_event(&mut self, event: &Event) {
         self.telemetry.event(event, &self.machine);
+        if matches!(event, Event::Assigned(_) | Event::Revoked(_)) {
+            // The partitions changed: the next look is not put off.
+            self.watch.observed = None;
+        }
         if matches!(
             event,
             Event::BreakerChanged { .. } | Event::Stalled { .. } | Event::Recovered { .. }
