@@ -10,7 +10,6 @@ mod runtimes;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,8 @@ use rustmq_consumer_core::{
     HealthIssue, Runtime, StallReason, Transport, TransportError,
 };
 use rustmq_consumer_testkit::{
-    LoopbackBroker, SharedBroker, SimBroker, SimTransport, VirtualRuntime, LOOPBACK_SERVER_NAME,
+    LoopbackBroker, SharedBroker, SimBroker, SimTransport, Switch, VirtualRuntime,
+    LOOPBACK_SERVER_NAME,
 };
 
 const TOPIC: &str = "orders";
@@ -86,40 +86,6 @@ fn default_config(seed: u64) -> ConsumerConfig {
     config
 }
 
-/// A broker that can be stopped: while down every request fails at once with `cause` (what
-/// the QUIC transport answers between reconnection attempts); while up it is the simulated
-/// broker. A stop does not touch the broker's state; `restart` below does.
-#[derive(Clone)]
-struct Switch {
-    inner: SimTransport,
-    down: Arc<AtomicBool>,
-    cause: TransportError,
-}
-
-impl Switch {
-    fn new(broker: &SharedBroker, rt: &VirtualRuntime, cause: TransportError) -> Self {
-        Self {
-            inner: SimTransport::new(broker.clone(), rt.clone()),
-            down: Arc::new(AtomicBool::new(false)),
-            cause,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-}
-
-#[async_trait]
-impl Transport for Switch {
-    async fn request(&self, request: Request) -> Result<Response, TransportError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(self.cause.clone());
-        }
-        self.inner.request(request).await
-    }
-}
-
 /// A broker that never answers (packets dropped on the way).
 struct Silent;
 
@@ -145,7 +111,7 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(3);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         switch.set_down(true);
         let config = default_config(1);
         let request_timeout = config.request_timeout;
@@ -279,7 +245,7 @@ fn refused_certificate_is_permanent_and_said_at_once() {
     rt.block_on(async {
         let broker = broker(1);
         let tls = TransportError::Tls("invalid peer certificate: UnknownIssuer".to_owned());
-        let switch = Switch::new(&broker, &rt, tls.clone());
+        let switch = Switch::new(&broker, rt.clone(), tls.clone());
         switch.set_down(true);
         let start_at = rt.now();
         let consumer = start(&rt, default_config(3), switch.clone()).await;
@@ -319,7 +285,7 @@ fn fail_fast_build_checks_the_connection() {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(1);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         switch.set_down(true);
         let built = within(
             &rt,
@@ -490,7 +456,7 @@ fn outage_recovery(seed: u64, outage: Duration) -> Duration {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(BEFORE);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         let config = default_config(seed);
         assert_eq!(config.recovery_timeout, Duration::from_secs(60));
         let consumer = start(&rt, config, switch.clone()).await;

@@ -15,8 +15,10 @@ use std::time::Duration;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
 use rustmq_consumer_core::telemetry as names;
-use rustmq_consumer_core::{timeout, Consumer, ConsumerBuilder, ConsumerConfig, Metrics, Runtime};
-use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport, VirtualRuntime};
+use rustmq_consumer_core::{
+    timeout, Consumer, ConsumerBuilder, ConsumerConfig, Metrics, Runtime, TransportError,
+};
+use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport, Switch, VirtualRuntime};
 
 /// Labels of one series, sorted, as `key=value`.
 type Labels = Vec<String>;
@@ -302,9 +304,7 @@ fn every_counter_matches_the_consumers_snapshot() {
         assert!(m.commits_failed >= 2 && m.requests_failed >= 5, "{m:?}");
         assert!(m.refetches > 0 || m.cache_misses > 0, "{m:?}");
 
-        for (name, value) in counters(&m) {
-            assert_eq!(seen.counter(name), value, "{name}");
-        }
+        assert_counters_match(&m, &seen);
         // Failures by request kind and error.
         let failures = |request: &str| {
             seen.counters
@@ -349,10 +349,94 @@ fn every_counter_matches_the_consumers_snapshot() {
             m.commits_sent - m.commits_failed
         );
 
-        // Closed: every gauge gave its share back.
-        for (name, labels) in seen.gauges.keys() {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            assert_eq!(seen.gauge(name, &labels), 0.0, "{name} {labels:?}");
+        assert_gauges_zero(&seen);
+    });
+}
+
+fn assert_counters_match(m: &Metrics, seen: &Recorded) {
+    for (name, value) in counters(m) {
+        assert_eq!(seen.counter(name), value, "{name}");
+    }
+}
+
+/// Closed: every gauge gave its share back.
+fn assert_gauges_zero(seen: &Recorded) {
+    assert!(!seen.gauges.is_empty());
+    for (name, labels) in seen.gauges.keys() {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        assert_eq!(seen.gauge(name, &labels), 0.0, "{name} {labels:?}");
+    }
+}
+
+/// The broker goes away for ten seconds: the breaker opens (its state gauge says so), request
+/// failures are counted as transport failures, transitions match the snapshot; after the
+/// outage everything is consumed and every counter still matches.
+#[test]
+fn an_outage_moves_the_breaker_gauge_and_counts_failures() {
+    let (topic, group) = ("export-outage", "export-outage-billing");
+    recorder();
+    let rt = VirtualRuntime::new();
+    let mut sim = SimBroker::new();
+    sim.create_topic(topic, 1);
+    sim.produce_values(topic, 0, (0..200).map(|i| format!("m{i}")))
+        .expect("topic exists");
+    let broker = SharedBroker::new(sim);
+    let lost = TransportError::ConnectionLost("reset".into());
+    let switch = Switch::new(&broker, rt.clone(), lost);
+    rt.block_on(async {
+        let consumer = ConsumerBuilder::with_runtime(rt.clone())
+            .config(ConsumerConfig::new(topic, group))
+            .client(switch.clone())
+            .build()
+            .await
+            .expect("valid consumer");
+        let mut acked = 0;
+        let mut receive = || async {
+            timeout(&rt, Duration::from_secs(60), consumer.receive())
+                .await
+                .expect("in time")
+        };
+        while acked < 100 {
+            if let Ok(Some(delivery)) = receive().await {
+                delivery.ack().await.expect("ack");
+                acked += 1;
+            }
         }
+        switch.set_down(true);
+        rustmq_consumer_core::sleep(&rt, Duration::from_secs(10)).await;
+        consumer.health_report().await;
+        let m = consumer.metrics().await;
+        let seen = recorded(topic, group);
+        assert!(m.breaker_transitions >= 1, "{m:?}");
+        assert_eq!(
+            seen.counter(names::BREAKER_TRANSITIONS),
+            m.breaker_transitions
+        );
+        assert_eq!(seen.gauge(names::BREAKER_STATE, &["state=closed"]), 0.0);
+        let open = seen.gauge(names::BREAKER_STATE, &["state=open"])
+            + seen.gauge(names::BREAKER_STATE, &["state=half_open"]);
+        assert_eq!(open, 1.0);
+        let transport_failures: u64 = seen
+            .counters
+            .iter()
+            .filter(|((n, l), _)| {
+                n == names::REQUEST_FAILURES && l.contains(&"error=transport".into())
+            })
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(transport_failures, m.requests_failed);
+
+        switch.set_down(false);
+        while acked < 200 {
+            if let Ok(Some(delivery)) = receive().await {
+                delivery.ack().await.expect("ack");
+                acked += 1;
+            }
+        }
+        consumer.close().await.expect("close");
+        let m = consumer.metrics().await;
+        let seen = recorded(topic, group);
+        assert_counters_match(&m, &seen);
+        assert_gauges_zero(&seen);
     });
 }
