@@ -391,7 +391,7 @@ fn an_outage_moves_the_breaker_gauge_and_counts_failures() {
             .await
             .expect("valid consumer");
         let mut acked = 0;
-        let mut receive = || async {
+        let receive = || async {
             timeout(&rt, Duration::from_secs(60), consumer.receive())
                 .await
                 .expect("in time")
