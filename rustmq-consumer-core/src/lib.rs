@@ -1,5 +1,6 @@
 //! The RustMQ consumer's core: a sans-IO state machine, the wire codec, the runtime-agnostic
-//! driver that runs the machine for an application, and (feature `quic`) the QUIC transport.
+//! driver that runs the machine for an application, (feature `quic`) the QUIC transport, and
+//! (feature `metrics`) the metrics export through the `metrics` facade.
 //!
 //! # The run loop
 //!
@@ -85,6 +86,8 @@
 //! - [`process`]: the sans-IO scheduler of concurrent processing (lanes per key or partition,
 //!   bounded queues); `driver/process.rs` runs handlers under it (`Consumer::process`).
 //! - `quic` (feature `quic`): the [`Transport`] over QUIC (`config.rs`, `tls.rs`).
+//! - `telemetry` (feature `metrics`): the names of the metrics the driver exports through the
+//!   `metrics` facade (`driver/task/telemetry.rs` records them).
 #![forbid(unsafe_code)]
 
 mod backoff;
@@ -101,6 +104,8 @@ pub mod process;
 pub mod protocol;
 #[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "metrics")]
+pub mod telemetry;
 mod window;
 
 /// The attribute that implements [`RebalanceListener`] (and [`Transport`]) with `async fn`s.
@@ -108,9 +113,9 @@ pub use async_trait::async_trait;
 pub use config::{ConfigError, ConfigUpdateError, ConsumerConfig, StartPosition};
 pub use driver::{
     sleep, sleep_until, timeout, AsyncTimer, Consumer, ConsumerBuilder, ConsumerError,
-    DeliveryStream, EventNotice, EventStream, HealthReport, Hook, ListenerError, Outcome,
-    ProcessOptions, ProcessSummary, RebalanceListener, Runtime, Sleep, Transport, EVENTS_CAPACITY,
-    TRACEPARENT, TRACESTATE,
+    DeliveryStream, EventNotice, EventStream, HealthIssue, HealthReport, Hook, ListenerError,
+    Outcome, Probe, ProcessOptions, ProcessSummary, RebalanceListener, Runtime, Sleep, Transport,
+    EVENTS_CAPACITY, TRACEPARENT, TRACESTATE,
 };
 pub use error::{TransportError, UsageError};
 pub use event::{
@@ -128,11 +133,13 @@ pub mod adapter {
     pub use crate::process::OrderBy;
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};
+    #[cfg(feature = "metrics")]
+    pub use crate::telemetry;
     pub use crate::{
         protocol, AsyncTimer, BreakerState, CommitError, ConfigError, ConfigUpdateError, Consumer,
         ConsumerConfig, ConsumerError, DeliveryStream, DeliveryTag, Event, EventNotice,
-        EventStream, Health, HealthReport, Hook, ListenerError, Metrics, PartitionLag,
-        RebalanceListener, Runtime, StartPosition, Transport, TransportError, UsageError,
+        EventStream, Health, HealthIssue, HealthReport, Hook, ListenerError, Metrics, PartitionLag,
+        Probe, RebalanceListener, Runtime, StartPosition, Transport, TransportError, UsageError,
         TRACEPARENT, TRACESTATE,
     };
 }

@@ -81,5 +81,5 @@ pub use sim::{
     Decision, Failure, Handler, ModelApp, Mutation, ProcessModel, Scenario, SimReport, Simulation,
     Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };
-pub use transport::{SharedBroker, SimTransport};
+pub use transport::{SharedBroker, SimTransport, Switch};
 pub use virtual_rt::{Stalled, VirtualRuntime};

@@ -1,6 +1,7 @@
 //! [`SimTransport`]: an in-memory [`Transport`] from a consumer to a shared [`SimBroker`].
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -85,5 +86,50 @@ impl Transport for SimTransport {
         broker
             .handle(now, request)
             .map_err(|error| TransportError::Broker(error.0))
+    }
+}
+
+/// A [`SimTransport`] that can be stopped: while down every request fails at once with `cause`
+/// (what the QUIC transport answers between reconnection attempts); while up it is the
+/// simulated broker. A stop does not touch the broker's state. Clones share the switch.
+#[derive(Clone)]
+pub struct Switch {
+    inner: SimTransport,
+    down: Arc<AtomicBool>,
+    cause: TransportError,
+}
+
+impl fmt::Debug for Switch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Switch")
+            .field("down", &self.down.load(Ordering::SeqCst))
+            .field("cause", &self.cause)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Switch {
+    /// A switch, up, in front of `broker` on `runtime`'s clock.
+    pub fn new(broker: &SharedBroker, runtime: impl Runtime, cause: TransportError) -> Self {
+        Self {
+            inner: SimTransport::new(broker.clone(), runtime),
+            down: Arc::new(AtomicBool::new(false)),
+            cause,
+        }
+    }
+
+    /// Stops (`true`) or restarts the way to the broker.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Transport for Switch {
+    async fn request(&self, request: Request) -> Result<Response, TransportError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(self.cause.clone());
+        }
+        self.inner.request(request).await
     }
 }

@@ -10,7 +10,6 @@ mod runtimes;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,11 +19,12 @@ use runtimes::init_tracing;
 use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
 use rustmq_consumer_core::quic::{QuicConfig, QuicTransport};
 use rustmq_consumer_core::{
-    timeout, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, Health, Runtime, Transport,
-    TransportError,
+    timeout, BreakerState, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, Health,
+    HealthIssue, Runtime, StallReason, Transport, TransportError,
 };
 use rustmq_consumer_testkit::{
-    LoopbackBroker, SharedBroker, SimBroker, SimTransport, VirtualRuntime, LOOPBACK_SERVER_NAME,
+    LoopbackBroker, SharedBroker, SimBroker, SimTransport, Switch, VirtualRuntime,
+    LOOPBACK_SERVER_NAME,
 };
 
 const TOPIC: &str = "orders";
@@ -86,40 +86,6 @@ fn default_config(seed: u64) -> ConsumerConfig {
     config
 }
 
-/// A broker that can be stopped: while down every request fails at once with `cause` (what
-/// the QUIC transport answers between reconnection attempts); while up it is the simulated
-/// broker. A stop does not touch the broker's state; `restart` below does.
-#[derive(Clone)]
-struct Switch {
-    inner: SimTransport,
-    down: Arc<AtomicBool>,
-    cause: TransportError,
-}
-
-impl Switch {
-    fn new(broker: &SharedBroker, rt: &VirtualRuntime, cause: TransportError) -> Self {
-        Self {
-            inner: SimTransport::new(broker.clone(), rt.clone()),
-            down: Arc::new(AtomicBool::new(false)),
-            cause,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-}
-
-#[async_trait]
-impl Transport for Switch {
-    async fn request(&self, request: Request) -> Result<Response, TransportError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(self.cause.clone());
-        }
-        self.inner.request(request).await
-    }
-}
-
 /// A broker that never answers (packets dropped on the way).
 struct Silent;
 
@@ -145,7 +111,7 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(3);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         switch.set_down(true);
         let config = default_config(1);
         let request_timeout = config.request_timeout;
@@ -183,6 +149,37 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
         assert!(quiet.is_none(), "reported twice: {quiet:?}");
         assert!(consumer.metrics().await.requests_failed > 1);
 
+        // The report says since when: the outage from the first refusal, the breaker from its
+        // last transition (it probes now and then); not ready, but alive: a restart cannot
+        // bring the broker back.
+        let report = consumer.health_report().await;
+        let Some(&HealthIssue::Unreachable { since, elapsed, .. }) = report.issues.first() else {
+            panic!("the outage first: {:?}", report.issues);
+        };
+        assert!(since - start_at <= request_timeout && elapsed >= Duration::from_secs(60));
+        let breaker = report.issues.iter().find_map(|issue| match issue {
+            HealthIssue::Breaker {
+                state,
+                since: opened,
+                ..
+            } => Some((*state, *opened)),
+            _ => None,
+        });
+        let Some((state, opened)) = breaker else {
+            panic!("the breaker: {:?}", report.issues);
+        };
+        assert_ne!(state, BreakerState::Closed);
+        assert!(opened >= since && opened <= rt.now());
+        let readiness = consumer.readiness().await;
+        assert!(!readiness.passed && readiness.status_code() == 503);
+        assert!(
+            readiness
+                .to_string()
+                .starts_with("broker unreachable for 6"),
+            "{readiness}"
+        );
+        assert!(consumer.liveness().await.passed);
+
         switch.set_down(false);
         for offset in 0..3 {
             let delivery = within(&rt, consumer.receive())
@@ -193,6 +190,15 @@ fn refused_connection_is_reported_once_and_the_consumer_carries_on() {
             delivery.ack().await.expect("ack");
         }
         assert_eq!(consumer.health_report().await.cause, None);
+        let mut ready = consumer.readiness().await;
+        for _ in 0..100 {
+            if ready.passed {
+                break;
+            }
+            rt.sleep(Duration::from_millis(100)).await;
+            ready = consumer.readiness().await;
+        }
+        assert!(ready.passed, "ready once the broker answers: {ready}");
         within(&rt, consumer.close()).await.expect("close");
         assert_eq!(committed(&broker), Some(3));
     });
@@ -239,7 +245,7 @@ fn refused_certificate_is_permanent_and_said_at_once() {
     rt.block_on(async {
         let broker = broker(1);
         let tls = TransportError::Tls("invalid peer certificate: UnknownIssuer".to_owned());
-        let switch = Switch::new(&broker, &rt, tls.clone());
+        let switch = Switch::new(&broker, rt.clone(), tls.clone());
         switch.set_down(true);
         let start_at = rt.now();
         let consumer = start(&rt, default_config(3), switch.clone()).await;
@@ -279,7 +285,7 @@ fn fail_fast_build_checks_the_connection() {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(1);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         switch.set_down(true);
         let built = within(
             &rt,
@@ -402,6 +408,19 @@ fn a_failing_partition_is_reported_and_the_others_go_on() {
         let report = consumer.health_report().await;
         assert_eq!(report.health, Health::Degraded);
         assert_eq!(report.cause.as_ref(), Some(&stalls[0]));
+        // Since when, and why; not ready, alive.
+        let [HealthIssue::Stalled {
+            partition: 1,
+            offset: 0,
+            reason: StallReason::FetchFailing { .. },
+            elapsed,
+            ..
+        }] = report.issues.as_slice()
+        else {
+            panic!("the stall alone: {:?}", report.issues);
+        };
+        assert!(*elapsed >= Duration::from_secs(60), "{elapsed:?}");
+        assert!(!report.readiness().passed && report.liveness().passed);
         assert_eq!(consumer.metrics().await.breaker_transitions, 0);
         for p in [0, 2] {
             let tp = TopicPartition::new(TOPIC, p);
@@ -437,7 +456,7 @@ fn outage_recovery(seed: u64, outage: Duration) -> Duration {
     let rt = VirtualRuntime::new();
     rt.block_on(async {
         let broker = broker(BEFORE);
-        let switch = Switch::new(&broker, &rt, refused());
+        let switch = Switch::new(&broker, rt.clone(), refused());
         let config = default_config(seed);
         assert_eq!(config.recovery_timeout, Duration::from_secs(60));
         let consumer = start(&rt, config, switch.clone()).await;

@@ -14,6 +14,9 @@
 //! cargo run --example enhanced_consumer -- --broker 127.0.0.1:9092 --accept-any-certificate \
 //!     --topic orders --group billing --dead-letter-topic orders.dead
 //! cargo run --example enhanced_consumer -- --broker HOST:PORT --ca ca.pem --server-name NAME
+//! # Prometheus metrics and health probes while it runs
+//! cargo run --example enhanced_consumer -- --metrics-addr 127.0.0.1:9898
+//! curl 127.0.0.1:9898/metrics; curl 127.0.0.1:9898/ready; curl 127.0.0.1:9898/live
 //! ```
 //!
 //! Against a real broker it consumes until nothing arrives for `--idle-secs`, acking every
@@ -21,14 +24,17 @@
 //! status 2 and a message; a consumer failure with status 1.
 #![allow(clippy::print_stdout)]
 
-use std::io::Write;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, ValueEnum};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 // The embedded broker's server side runs on quinn directly; the consumer never does.
 use futures_lite::StreamExt;
 use rustmq_consumer_core::quic::quinn;
@@ -37,8 +43,8 @@ use rustmq_consumer_core::{
 };
 use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker, SimBroker, SimTransport};
 use rustmq_consumer_tokio::{
-    protocol::TopicPartition, Consumer, ConsumerConfig, ConsumerError, Health, Metrics, QuicConfig,
-    QuicError, QuicTransport, RootCerts, Runtime, TlsMode,
+    protocol::TopicPartition, Consumer, ConsumerConfig, ConsumerError, Health, Metrics, Probe,
+    QuicConfig, QuicError, QuicTransport, RootCerts, Runtime, TlsMode,
 };
 
 /// Consume a RustMQ topic with retries, a dead-letter topic and live progress: from a broker
@@ -84,6 +90,10 @@ struct Cli {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..),
           requires = "broker")]
     idle_secs: u64,
+    /// Serve Prometheus metrics (`/metrics`) and health probes (`/ready`, `/live`) over HTTP
+    /// on this address while the consumer runs.
+    #[arg(long, value_name = "HOST:PORT", value_parser = resolve)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -242,6 +252,9 @@ struct Summary {
     elapsed: Duration,
     metrics: Metrics,
     health: Health,
+    /// The probes' answers once closed.
+    readiness: Probe,
+    liveness: Probe,
 }
 
 impl Summary {
@@ -271,6 +284,10 @@ impl Summary {
             println!("  committed offset {committed:?} of {}", cli.messages);
         }
         println!("  final health     {:?}", self.health);
+        println!(
+            "  probes           ready: {}, live: {}",
+            self.readiness, self.liveness
+        );
     }
 }
 
@@ -308,6 +325,8 @@ async fn run<R: Runtime + Clone + Default>(
             (Some(config), None)
         }
     };
+    // The recorder goes in before `build()`: the consumer registers its series when it starts.
+    let metrics = cli.metrics_addr.map(|addr| (addr, prometheus()));
     // On one runtime this is `rustmq_consumer_tokio::ConsumerBuilder::new()` (or smol's).
     // Fail fast: `build()` fails with the cause when the broker cannot be reached.
     let builder = ConsumerBuilder::<R>::new()
@@ -329,6 +348,21 @@ async fn run<R: Runtime + Clone + Default>(
             });
             builder.client(client).build().await?
         }
+    };
+    // Stopped when dropped, after the run.
+    let _endpoint = match metrics {
+        Some((addr, handle)) => {
+            let endpoint = Endpoint::start(addr, handle, consumer.clone()).unwrap_or_else(|e| {
+                println!("cannot serve metrics on {addr}: {e}");
+                std::process::exit(1);
+            });
+            println!(
+                "metrics: http://{0}/metrics, probes: http://{0}/ready, http://{0}/live",
+                endpoint.addr
+            );
+            Some(endpoint)
+        }
+        None => None,
     };
     // What the consumer decides, as it happens (a reader that falls behind loses the oldest).
     let mut events = consumer.events();
@@ -375,6 +409,115 @@ impl RebalanceListener for PrintRebalances {
         println!("\nrevoked partitions {partitions:?}");
         Ok(())
     }
+}
+
+/// The process's Prometheus recorder, installed on first use.
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|error| {
+                    println!("cannot install the metrics recorder: {error}");
+                    std::process::exit(1);
+                })
+        })
+        .clone()
+}
+
+/// A minimal HTTP endpoint on its own thread: `GET /metrics` renders the recorder, `GET
+/// /ready` and `GET /live` answer the consumer's probes (200 `ok`, or 503 and why). Runs on any
+/// async runtime: it blocks only its own thread. Stops when dropped.
+struct Endpoint {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Endpoint {
+    fn start(
+        addr: SocketAddr,
+        metrics: PrometheusHandle,
+        consumer: Consumer,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    // A client that misbehaves only loses its own answer.
+                    let _ = answer(stream, &metrics, &consumer);
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept, which then sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers one request.
+fn answer(
+    mut stream: TcpStream,
+    metrics: &PrometheusHandle,
+    consumer: &Consumer,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(&stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // The headers are read (and ignored) so closing after the answer resets nothing.
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = match path {
+        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+        "/ready" | "/live" => {
+            let probe = smol::block_on(async {
+                if path == "/ready" {
+                    consumer.readiness().await
+                } else {
+                    consumer.liveness().await
+                }
+            });
+            (probe.status_code(), "text/plain", format!("{probe}\n"))
+        }
+        _ => (404, "text/plain", "not found\n".to_owned()),
+    };
+    let reason = match status {
+        200 => "OK",
+        503 => "Service Unavailable",
+        _ => "Not Found",
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 async fn consume<R: Runtime>(
@@ -447,21 +590,29 @@ async fn consume<R: Runtime>(
         elapsed: last_delivery.duration_since(start),
         metrics: consumer.metrics().await,
         health: consumer.health().await,
+        readiness: consumer.readiness().await,
+        liveness: consumer.liveness().await,
     })
 }
 
 async fn progress(consumer: &Consumer, start: Instant) -> Result<(), ConsumerError> {
     let m = consumer.metrics().await;
     let lag: u64 = consumer.get_lag().await?.values().sum();
-    let breaker = match consumer.health().await {
+    let report = consumer.health_report().await;
+    let breaker = match report.health {
         Health::Healthy => "closed",
         Health::Degraded => "half-open",
         Health::Unhealthy => "open",
         _ => "n/a",
     };
+    let ready = if report.readiness().passed {
+        "ready"
+    } else {
+        "not ready"
+    };
     let rate = m.acked as f64 / start.elapsed().as_secs_f64().max(1e-9);
     print!(
-        "\r{rate:>8.0} msg/s | acked {:>6} | retried {:>5} | dead-lettered {:>4} | lag {:>6} | breaker {breaker:<9}",
+        "\r{rate:>8.0} msg/s | acked {:>6} | retried {:>5} | dead-lettered {:>4} | lag {:>6} | breaker {breaker:<9} | {ready:<9}",
         m.acked, m.retried, m.dead_lettered, lag
     );
     let _ = std::io::stdout().flush();
@@ -556,6 +707,93 @@ mod tests {
         let config = cli.config();
         assert_eq!(config.max_retry_attempts, 5);
         assert_eq!(config.dead_letter_queue.as_deref(), Some("orders.dead"));
+    }
+
+    /// One HTTP GET over loopback: status and body.
+    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).expect("the endpoint accepts");
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("request");
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response).expect("response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// `--metrics-addr`: the endpoint serves the consumer's metrics and probes on a free
+    /// loopback port, and stops when dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_and_probes_are_served_over_loopback() {
+        let cli = parse(&[
+            "--in-memory",
+            "--messages",
+            "300",
+            "--group",
+            "scraped",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .expect("valid");
+        let handle = prometheus();
+        let consumer = ConsumerBuilder::<rustmq_consumer_tokio::TokioRuntime>::new()
+            .config(cli.config())
+            .client(SimTransport::new(
+                embedded_broker(&cli),
+                rustmq_consumer_tokio::TokioRuntime,
+            ))
+            .build()
+            .await
+            .expect("valid consumer");
+        let addr = cli.metrics_addr.expect("given");
+        let endpoint = Endpoint::start(addr, handle, consumer.clone()).expect("bind");
+        let addr = endpoint.addr;
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+        for _ in 0..100 {
+            let delivery = consumer.receive().await.expect("receive").expect("open");
+            delivery.ack().await.expect("ack");
+        }
+        consumer.commit().await.expect("commit");
+        let acked = consumer.metrics().await.acked;
+
+        let scrape = |path: &'static str| tokio::task::spawn_blocking(move || get(addr, path));
+        let (status, body) = scrape("/metrics").await.expect("scrape");
+        assert_eq!(status, 200);
+        let line = body
+            .lines()
+            .find(|l| {
+                l.starts_with("rustmq_consumer_acked_total{") && l.contains("group=\"scraped\"")
+            })
+            .unwrap_or_else(|| panic!("no acked counter in {body}"));
+        let value: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a value");
+        assert_eq!(value, acked);
+        assert!(body.contains("# TYPE rustmq_consumer_lag gauge"), "{body}");
+        assert!(
+            body.contains("rustmq_consumer_commit_latency_seconds"),
+            "{body}"
+        );
+        assert_eq!(scrape("/ready").await.expect("ready"), (200, "ok\n".into()));
+        assert_eq!(scrape("/live").await.expect("live"), (200, "ok\n".into()));
+        assert_eq!(scrape("/nope").await.expect("404").0, 404);
+
+        consumer.close().await.expect("close");
+        assert_eq!(
+            scrape("/ready").await.expect("ready"),
+            (503, "closed\n".into())
+        );
+        drop(endpoint);
+        assert!(TcpStream::connect(addr).is_err(), "stopped");
     }
 
     /// The embedded run, in memory: every message acked or dead-lettered, and committed.

@@ -4,6 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -14,7 +15,7 @@ use super::inbox::Inbox;
 use super::notices::Notices;
 use super::rebalance::{Hooks, RebalanceListener};
 use super::runtime::Runtime;
-use super::task::{Command, Driver, DriverChannels};
+use super::task::{Command, Driver, DriverChannels, DEFAULT_PROGRESS_TIMEOUT};
 use super::transport::Transport;
 use crate::config::{ConfigError, ConsumerConfig};
 use crate::machine::ConsumerMachine;
@@ -49,6 +50,7 @@ pub struct ConsumerBuilder<R> {
     transport: Option<Arc<dyn Transport>>,
     fail_fast: bool,
     listener: Option<Arc<dyn RebalanceListener>>,
+    progress_timeout: Duration,
 }
 
 impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
@@ -61,6 +63,7 @@ impl<R: fmt::Debug> fmt::Debug for ConsumerBuilder<R> {
             .field("transport", &self.transport.is_some())
             .field("fail_fast", &self.fail_fast)
             .field("rebalance_listener", &self.listener.is_some())
+            .field("progress_timeout", &self.progress_timeout)
             .finish()
     }
 }
@@ -89,6 +92,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
             transport: None,
             fail_fast: false,
             listener: None,
+            progress_timeout: DEFAULT_PROGRESS_TIMEOUT,
         }
     }
 
@@ -136,6 +140,16 @@ impl<R: Runtime> ConsumerBuilder<R> {
     /// out before the assign hook returned.
     pub fn rebalance_listener(mut self, listener: impl RebalanceListener) -> Self {
         self.listener = Some(Arc::new(listener));
+        self
+    }
+
+    /// How long a partition's settle watermark may stay put, while the broker answers and has
+    /// messages past it, before [`Consumer::health_report`] reports
+    /// [`HealthIssue::NoProgress`](super::HealthIssue::NoProgress) and
+    /// [`Consumer::liveness`] fails. Default 5 minutes (like Kafka's `max.poll.interval.ms`):
+    /// longer than the slowest handler is expected to take.
+    pub fn progress_timeout(mut self, timeout: Duration) -> Self {
+        self.progress_timeout = timeout;
         self
     }
 
@@ -226,6 +240,7 @@ impl<R: Runtime> ConsumerBuilder<R> {
                 hooks,
             },
         );
+        let driver = driver.progress_timeout(self.progress_timeout);
         runtime.spawn(Box::pin(driver.run().instrument(span)));
         if self.fail_fast {
             // The driver answers within `request_timeout` (a deadline is an outage too).

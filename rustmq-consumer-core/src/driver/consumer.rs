@@ -17,6 +17,7 @@ use async_broadcast::InactiveReceiver;
 
 use super::error::ConsumerError;
 use super::gate::AckGate;
+use super::health::{HealthReport, Probe};
 use super::inbox::{Inbox, Take};
 use super::notices::{self, EventStream};
 use super::runtime::{sleep, Runtime};
@@ -341,15 +342,27 @@ impl Consumer {
     }
 
     /// How the consumer is doing and why: the outage in progress, if any
-    /// ([`ConsumerError::Unreachable`] with its cause), else a stalled partition.
+    /// ([`ConsumerError::Unreachable`] with its cause), else a stalled partition; and every
+    /// issue with when it began ([`HealthReport::issues`]: no answer from the broker yet, an
+    /// outage, the circuit breaker not closed, a partition stalled, a partition without
+    /// progress for longer than [`ConsumerBuilder::progress_timeout`](super::ConsumerBuilder::progress_timeout)).
     pub async fn health_report(&self) -> HealthReport {
         self.shared
             .request(Command::Health)
             .await
-            .unwrap_or(HealthReport {
-                health: Health::Closed,
-                cause: None,
-            })
+            .unwrap_or_else(HealthReport::stopped)
+    }
+
+    /// The readiness probe for a health endpoint: passes when [`Consumer::health_report`]
+    /// finds no issue (see [`HealthReport::readiness`]).
+    pub async fn readiness(&self) -> Probe {
+        self.health_report().await.readiness()
+    }
+
+    /// The liveness probe for a health endpoint: fails only when a restart is the remedy, a
+    /// partition without progress or a stopped consumer (see [`HealthReport::liveness`]).
+    pub async fn liveness(&self) -> Probe {
+        self.health_report().await.liveness()
     }
 
     /// Closes gracefully: stop fetching, drain, flush acks and dead letters, final commit,
@@ -395,18 +408,6 @@ impl Consumer {
     fn final_state(&self) -> Option<FinalState> {
         self.shared.final_state.get().cloned()
     }
-}
-
-/// How the consumer is doing, and why (see [`Consumer::health_report`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HealthReport {
-    /// The state: from the circuit breaker and progress, and `Unhealthy` while the broker is
-    /// unreachable.
-    pub health: Health,
-    /// The outage in progress ([`ConsumerError::Unreachable`]), if any, else a partition
-    /// stalled now ([`ConsumerError::Stalled`]).
-    pub cause: Option<ConsumerError>,
 }
 
 /// A stream of deliveries (see [`Consumer::stream`]). Ends when the consumer is closed; an

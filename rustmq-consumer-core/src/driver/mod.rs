@@ -12,6 +12,7 @@ mod builder;
 mod consumer;
 mod error;
 mod gate;
+mod health;
 mod inbox;
 mod notices;
 mod process;
@@ -22,8 +23,9 @@ mod trace;
 mod transport;
 
 pub use builder::ConsumerBuilder;
-pub use consumer::{Consumer, Delivery, DeliveryStream, HealthReport};
+pub use consumer::{Consumer, Delivery, DeliveryStream};
 pub use error::ConsumerError;
+pub use health::{HealthIssue, HealthReport, Probe};
 pub use notices::{EventNotice, EventStream, EVENTS_CAPACITY};
 pub use process::{Outcome, ProcessOptions, ProcessSummary};
 pub use rebalance::{Hook, ListenerError, RebalanceListener};

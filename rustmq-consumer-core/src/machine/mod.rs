@@ -400,6 +400,11 @@ impl ConsumerMachine {
         Some(self.partitions.get(partition)?.window.base())
     }
 
+    /// Whether an assigned partition is paused (`None`: not assigned).
+    pub fn is_paused(&self, partition: u32) -> Option<bool> {
+        Some(self.partitions.get(partition)?.paused)
+    }
+
     /// The offset the broker last confirmed for a partition.
     pub fn committed_offset(&self, partition: u32) -> Option<u64> {
         self.partitions.get(partition)?.committed

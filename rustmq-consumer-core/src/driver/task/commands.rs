@@ -129,6 +129,8 @@ impl Driver {
         let now = self.runtime.now();
         // The run loop closed the gate under the lock after its last input; nothing is pending.
         self.channels.gate.lock().open = false;
+        self.observe(now, true);
+        self.telemetry.finish();
         let final_state = FinalState {
             metrics: self.machine.metrics(),
             lag: self.machine.lag(now),
@@ -184,10 +186,7 @@ impl Driver {
                     let _ = reply.try_send(Ok(Err(ConfigUpdateError::Closed)));
                 }
                 Command::Health(reply) => {
-                    let _ = reply.try_send(HealthReport {
-                        health: Health::Closed,
-                        cause: None,
-                    });
+                    let _ = reply.try_send(HealthReport::stopped());
                 }
                 Command::Close(reply) => self.close_waiters.push(reply),
                 Command::Abandon => {}

@@ -9,6 +9,7 @@ impl Driver {
     /// generation, so acks of deliveries stamped before them take the slow path.
     pub(super) fn event(&mut self, event: Event, state: &mut GateState) {
         self.channels.notices.publish(&event);
+        self.watch_event(&event);
         match event {
             Event::Deliver(delivery) => {
                 tracing::trace!(
@@ -161,6 +162,7 @@ impl Driver {
             let _ = reply.try_send(Err(error.clone()));
         }
         self.outage = Some(error);
+        self.watch_outage(true);
     }
 
     /// The broker answered: ends the outage in progress.
@@ -171,21 +173,7 @@ impl Driver {
         }
         if let Some(outage) = self.outage.take() {
             tracing::info!(after = %outage, "broker reachable again");
-        }
-    }
-
-    /// The health the application sees: the machine's, and `Unhealthy` during an outage.
-    pub(super) fn health_report(&self) -> HealthReport {
-        let health = match self.machine.health() {
-            Health::Healthy if self.outage.is_some() => Health::Unhealthy,
-            health => health,
-        };
-        HealthReport {
-            health,
-            cause: self
-                .outage
-                .clone()
-                .or_else(|| self.stalls.values().next().cloned()),
+            self.watch_outage(false);
         }
     }
 

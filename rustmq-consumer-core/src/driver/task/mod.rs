@@ -12,9 +12,9 @@ use event_listener::EventListener;
 use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
-use super::consumer::HealthReport;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
+use super::health::HealthReport;
 use super::inbox::Inbox;
 use super::notices::Notices;
 use super::rebalance::{Ended, Hook, Hooks};
@@ -30,6 +30,10 @@ use crate::protocol::Response;
 
 mod commands;
 mod events;
+mod health;
+mod telemetry;
+
+pub(crate) use health::DEFAULT_PROGRESS_TIMEOUT;
 
 /// A one-shot reply from the driver (a channel of capacity one).
 pub(crate) type Reply<T> = Sender<T>;
@@ -178,6 +182,10 @@ pub(crate) struct Driver {
     /// The member id of the current group assignment, stamped on its deliveries (empty
     /// before one, and in a manual assignment).
     member: Arc<str>,
+    /// Since when each health issue lasts (`health_report`).
+    watch: health::Watch,
+    /// The metrics export (feature `metrics`; nothing without it).
+    telemetry: telemetry::Telemetry,
 }
 
 impl Driver {
@@ -187,6 +195,8 @@ impl Driver {
         transport: Arc<dyn Transport>,
         channels: DriverChannels,
     ) -> Self {
+        let watch = health::Watch::new(runtime.now());
+        let telemetry = telemetry::Telemetry::new(&machine);
         Self {
             machine,
             runtime,
@@ -214,6 +224,8 @@ impl Driver {
             member_span: tracing::Span::none(),
             held_for_hook: Vec::new(),
             member: Arc::from(""),
+            watch,
+            telemetry,
         }
     }
 
@@ -261,6 +273,7 @@ impl Driver {
                 self.wake(now, wake, state);
             }
             self.drain_outputs(state);
+            self.observe(self.runtime.now(), false);
             self.timer_wake = false;
             self.joined = None;
             if self.machine.is_closed() || self.abandoned {
@@ -301,6 +314,7 @@ impl Driver {
                 self.machine.handle_timeout(now);
             }
             Wake::Response(id, result) => {
+                self.telemetry.answered(now, id, &result);
                 match &result {
                     Ok(response) => {
                         if let Response::JoinGroup(r) = response {
@@ -344,6 +358,10 @@ impl Driver {
                 progressed = true;
                 let transport = Arc::clone(&self.transport);
                 let id = transmit.id;
+                if self.telemetry.timed() {
+                    let now = self.runtime.now();
+                    self.telemetry.sent(now, id, transmit.request.kind());
+                }
                 tracing::trace!(request = id.0, kind = ?transmit.request.kind(), "send");
                 self.in_flight.push(Box::pin(async move {
                     let result = transport.request(transmit.request).await;
