@@ -398,11 +398,13 @@ impl ConsumerMachine {
             .or_else(|| self.cache.peek(now, (partition, offset)))
     }
 
-    /// The settle watermark (lowest unsettled offset) of a partition; `None` until it knows
-    /// where it starts (its committed offset, or the high watermark for `Latest`).
+    /// The settle watermark (lowest unsettled offset) of a partition; `None` while one given
+    /// back in a rebalance waits to learn whether it resumes there (its FetchOffset).
     pub fn settle_watermark(&self, partition: u32) -> Option<u64> {
-        let p = self.partitions.get(partition)?;
-        (p.phase == partition::Phase::Active).then(|| p.window.base())
+        if self.partitions.is_restoring(partition) {
+            return None;
+        }
+        Some(self.partitions.get(partition)?.window.base())
     }
 
     /// The offset the broker last confirmed for a partition.

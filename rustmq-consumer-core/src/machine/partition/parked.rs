@@ -300,6 +300,12 @@ impl Partitions {
         std::mem::take(&mut self.parked.restarted)
     }
 
+    /// True when partition `id` was given back and waits for its FetchOffset.
+    pub(crate) fn is_restoring(&self, id: u32) -> bool {
+        self.parked.restoring.contains(&id)
+            && self.get(id).is_some_and(|p| p.phase == Phase::Starting)
+    }
+
     /// True when deliveries of partition `id` are handed back to its parked state.
     pub(crate) fn is_parked(&self, id: u32) -> bool {
         self.parked.partitions.contains_key(&id)
