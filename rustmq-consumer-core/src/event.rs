@@ -22,15 +22,18 @@ pub struct Transmit {
 
 /// Names one delivery of one message. Acks, nacks and rejects take it back.
 ///
-/// A tag goes stale when its partition is revoked or sought, or when the message was
-/// redelivered since; a stale tag is refused and never moves a watermark.
+/// A tag goes stale when its partition is revoked (lost to another member, or let go at the
+/// close) or sought, or when the message was redelivered since; a stale tag is refused and
+/// never moves a watermark. A rebalance that gives a partition back to this member does not
+/// make its tags stale: they are accepted before, during and after the rejoin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeliveryTag {
     /// Partition of the consumed topic.
     pub partition: u32,
     /// Offset of the message.
     pub offset: u64,
-    /// Assignment epoch of the partition when it was delivered.
+    /// Assignment epoch of the partition when it was delivered (a partition given back in a
+    /// rebalance gets a new epoch, and its tags of earlier epochs stay valid).
     pub epoch: u64,
     /// Delivery attempt, from 1.
     pub attempt: u32,
@@ -236,9 +239,15 @@ pub enum Event {
     /// A rebalance started: no more deliveries of these partitions. The revoke commit follows
     /// once their outstanding deliveries settle and a rebalance listener (if the machine
     /// [holds revokes](crate::ConsumerMachine::hold_revokes)) returned, or at
-    /// `rebalance_drain_timeout`; then [`Event::Revoked`].
+    /// `rebalance_drain_timeout`; the partitions are then let go ([`Event::Revoked`] for those
+    /// the next assignment does not give back).
     Revoking(Vec<TopicPartition>),
-    /// Partitions no longer consumed.
+    /// Partitions no longer consumed: their outstanding deliveries are stale from here on.
+    /// A rebalance lets every partition go, but says `Revoked` only for those the next
+    /// assignment does not give back (or at the close); one given back keeps its position and
+    /// its outstanding deliveries. `Revoked` followed by `Assigned` of a partition: it was
+    /// given back, but another member committed past this one meanwhile, so it starts over at
+    /// that commit.
     Revoked(Vec<TopicPartition>),
     /// The coordinator assigned partitions of topics this consumer did not subscribe to.
     AssignmentIgnored(Vec<TopicPartition>),

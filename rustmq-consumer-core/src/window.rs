@@ -78,6 +78,18 @@ impl<S> Window<S> {
             .filter_map(move |(i, s)| s.as_ref().map(|s| (base + i as u64, s)))
     }
 
+    /// Drops unsettled offsets off the end while `drop` says so (the fetch position moves
+    /// back to the first one dropped); a settled offset stops it.
+    pub(crate) fn trim_back(&mut self, drop: impl Fn(&S) -> bool) {
+        while self
+            .slots
+            .back()
+            .is_some_and(|s| s.as_ref().is_some_and(&drop))
+        {
+            self.slots.pop_back();
+        }
+    }
+
     /// Forgets everything and restarts at `base` (seek, reassignment).
     pub(crate) fn reset(&mut self, base: u64) {
         self.base = base;
@@ -111,6 +123,20 @@ mod tests {
         w.push(());
         assert_eq!(w.settle(0), 1);
         assert_eq!(w.base(), 1, "commit offset is the next offset to read");
+    }
+
+    #[test]
+    fn trimming_the_back_stops_at_a_kept_or_settled_offset() {
+        let mut w = Window::new(10);
+        for s in [1, 2, 9, 9, 2, 9, 9] {
+            w.push(s);
+        }
+        w.trim_back(|&s| s == 9);
+        assert_eq!(w.end(), 15);
+        w.settle(14);
+        w.trim_back(|&s| s == 2);
+        assert_eq!(w.end(), 15, "a settled offset stops the trim");
+        assert_eq!(w.base(), 10);
     }
 
     #[test]

@@ -72,8 +72,10 @@ pub mod names {
     /// The LeaveGroup goes out only after the close's final commit was answered, or after its
     /// deadline passed (reported with `CommitFailed`): commit before leave.
     pub const COMMIT_BEFORE_LEAVE: &str = "commit-before-leave";
-    /// An ack, nack or reject of a delivery from a revoked assignment (or of a partition
-    /// sought since) is refused as `StaleDelivery` and moves no watermark.
+    /// An ack, nack or reject of a delivery of a partition revoked since (`Revoked`: lost to
+    /// another member or let go at the close, not merely given back in a rebalance) or sought
+    /// since is refused as `StaleDelivery` and moves no watermark. (Deliveries of a partition a
+    /// rebalance gives back stay valid: a refusal of them breaks `command-accepted`.)
     pub const STALE_ACK_REFUSED: &str = "stale-ack-refused";
     /// A commit names only partitions the consumer owns, under the generation and member id
     /// of the join that assigned them.
@@ -747,8 +749,9 @@ impl Checker {
                     for tp in tps {
                         self.owned.remove(&tp.partition);
                         if let Some(t) = self.partitions.get_mut(&tp.partition) {
-                            // Deliveries the application still holds are stale from here on;
-                            // side effects done so far stay done.
+                            // Deliveries the application still holds are stale from here on
+                            // (a rebalance that gives the partition back says no `Revoked`:
+                            // they stay valid); side effects done so far stay done.
                             t.generation += 1;
                             t.outstanding.clear();
                             t.paused = false;

@@ -373,22 +373,25 @@ impl Consumer {
     }
 
     /// Like [`Consumer::close`], but stops the consumer without finishing the close if it takes
-    /// longer than `limit` on the runtime's clock ([`ConsumerError::CloseTimedOut`]).
+    /// longer than `limit` on the runtime's clock ([`ConsumerError::CloseTimedOut`], naming the
+    /// offsets the broker did not store).
     pub async fn close_with_timeout(&self, limit: Duration) -> Result<(), ConsumerError> {
         let expiry = sleep(&*self.shared.runtime, limit);
-        let outcome = futures_lite::future::or(async { Some(self.close().await) }, async {
+        let close = self.close();
+        futures_lite::pin!(close);
+        let outcome = futures_lite::future::or(async { Some((&mut close).await) }, async {
             expiry.await;
             None
         })
         .await;
-        match outcome {
-            Some(result) => result,
-            None => {
-                // An error means the driver has already exited: nothing left to stop.
-                let _ = self.shared.commands.send(Command::Abandon).await;
-                Err(ConsumerError::CloseTimedOut)
-            }
+        if let Some(result) = outcome {
+            return result;
         }
+        // An error means the driver has already exited: nothing left to stop.
+        let _ = self.shared.commands.send(Command::Abandon).await;
+        // The driver stops at once and answers the close it abandoned with what it could not
+        // commit (a close that finished meanwhile answers with its own outcome).
+        close.await
     }
 
     /// The consumed topic.

@@ -38,8 +38,15 @@ pub enum ConsumerError {
         cause: CommitError,
     },
     /// `close_with_timeout` gave up; the consumer was stopped without finishing its close.
-    #[error("close timed out")]
-    CloseTimedOut,
+    /// `offsets` names what the broker did not confirm storing, as
+    /// [`Uncommitted`](Self::Uncommitted) does; they go to the partitions' next consumer.
+    #[error("close timed out{}", uncommitted(offsets))]
+    #[non_exhaustive]
+    CloseTimedOut {
+        /// Each partition whose settlements the broker has not confirmed, with its settle
+        /// watermark (the offset a commit would store). Empty when every settlement was stored.
+        offsets: Vec<(u32, u64)>,
+    },
     /// The broker cannot be reached or refused the handshake. Not fatal: the consumer keeps
     /// trying (under its circuit breaker) and goes on when the broker answers again. Reported
     /// once per outage by `receive()` and the delivery stream, and by `health_report()` while
@@ -74,6 +81,15 @@ pub enum ConsumerError {
         /// The hook's error, or the overrun.
         cause: String,
     },
+}
+
+/// `; offsets not committed (partition 0 at 6)`, or nothing when none is.
+fn uncommitted(offsets: &[(u32, u64)]) -> String {
+    if offsets.is_empty() {
+        String::new()
+    } else {
+        format!("; offsets not committed ({})", list(offsets))
+    }
 }
 
 /// `partition 0 at 6, partition 3 at 10`.

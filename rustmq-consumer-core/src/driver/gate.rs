@@ -3,7 +3,8 @@
 //! An ack used to be a command with a reply channel: two task switches and a fresh channel per
 //! message, which capped the whole consumer at a few hundred thousand messages a second. Yet
 //! the state machine refuses the ack of a delivery handle for only three reasons: the
-//! partition was sought or revoked since (its epoch changed), or the consumer is closed. The
+//! partition was sought or revoked since (lost to another member: a partition given back in a
+//! rebalance keeps accepting its acks), or the consumer is closed. The
 //! driver knows when any of those can have happened, so it keeps a *generation* here and bumps
 //! it whenever they might have (a seek, an `Assigned` or `Revoked` event, the close), and stamps
 //! every delivery with the generation current when the machine emitted it.

@@ -68,6 +68,7 @@ impl ConsumerMachine {
                     .partitions
                     .on_fetch_offset(now, answer, &self.config, jitter)?;
                 self.committer.moved(now, moved);
+                self.restarted();
             }
             Owner::ResolveLatest(fetch) => {
                 let resolved = self

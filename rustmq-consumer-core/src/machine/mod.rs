@@ -47,7 +47,7 @@ pub use dead_letter::dead_letter_headers;
 use dead_letter::{DeadLetterEntry, DeadLetters};
 use group::GroupSession;
 use manual::ManualGeneration;
-use partition::{Partitions, Slot};
+use partition::{Handback, Partitions, Slot};
 use requests::Requests;
 use timers::{Timer, TimerTable};
 
@@ -179,6 +179,11 @@ impl ConsumerMachine {
 
     /// Settles a delivery: it will be committed once every lower offset is settled too.
     pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
+        if self.partitions.is_parked(tag.partition) {
+            self.hand_back_parked(now, tag, Handback::Ack)?;
+            self.metrics.acked += 1;
+            return Ok(());
+        }
         let idx = self.outstanding(tag)?;
         self.partitions.delivery_ended();
         self.metrics.acked += 1;
@@ -196,6 +201,18 @@ impl ConsumerMachine {
         tag: DeliveryTag,
         delay: Option<Duration>,
     ) -> Result<(), UsageError> {
+        if self.partitions.is_parked(tag.partition) {
+            let how = if tag.attempt > self.config.max_retry_attempts {
+                self.poison_handback(DiscardReason::RetriesExhausted {
+                    attempts: tag.attempt,
+                })
+            } else {
+                Handback::Retry
+            };
+            self.hand_back_parked(now, tag, how)?;
+            self.metrics.nacked += 1;
+            return Ok(());
+        }
         let idx = self.outstanding(tag)?;
         self.partitions.delivery_ended();
         self.metrics.nacked += 1;
@@ -225,6 +242,12 @@ impl ConsumerMachine {
         tag: DeliveryTag,
         reason: &str,
     ) -> Result<(), UsageError> {
+        if self.partitions.is_parked(tag.partition) {
+            let how = self.poison_handback(DiscardReason::Rejected(reason.to_owned()));
+            self.hand_back_parked(now, tag, how)?;
+            self.metrics.rejected += 1;
+            return Ok(());
+        }
         let idx = self.outstanding(tag)?;
         self.partitions.delivery_ended();
         self.metrics.rejected += 1;
@@ -278,6 +301,10 @@ impl ConsumerMachine {
             return;
         }
         debug!(topic = %self.config.topic, "closing");
+        // Partitions given back in a rebalance will not come back now.
+        let mut lost = self.partitions.drop_parked(&[]);
+        lost.extend(self.partitions.drop_restoring());
+        self.revoked(lost);
         self.close = Some(Close::enter(
             ClosePhase::Draining,
             now,
@@ -395,8 +422,12 @@ impl ConsumerMachine {
             .or_else(|| self.cache.peek(now, (partition, offset)))
     }
 
-    /// The settle watermark (lowest unsettled offset) of a partition.
+    /// The settle watermark (lowest unsettled offset) of a partition; `None` while one given
+    /// back in a rebalance waits to learn whether it resumes there (its FetchOffset).
     pub fn settle_watermark(&self, partition: u32) -> Option<u64> {
+        if self.partitions.is_restoring(partition) {
+            return None;
+        }
         Some(self.partitions.get(partition)?.window.base())
     }
 
@@ -449,6 +480,46 @@ impl ConsumerMachine {
     ) -> Result<(), UsageError> {
         self.check_open()?;
         self.partitions.set_paused(partitions, paused)?;
+        self.poll_work(now);
+        Ok(())
+    }
+
+    /// What becomes of a poison delivery of a parked partition.
+    fn poison_handback(&self, reason: DiscardReason) -> Handback {
+        match self.config.dead_letter_queue {
+            Some(_) => Handback::DeadLetter(reason),
+            None => Handback::Discard(reason),
+        }
+    }
+
+    /// A delivery of a partition given back in a rebalance and not reassigned yet, handed
+    /// back: its parked state takes it (`partition/parked.rs`).
+    fn hand_back_parked(
+        &mut self,
+        now: Instant,
+        tag: DeliveryTag,
+        how: Handback,
+    ) -> Result<(), UsageError> {
+        if self.is_closed() {
+            return Err(UsageError::Closed);
+        }
+        let discarded = match &how {
+            Handback::Discard(reason) => Some(reason.clone()),
+            _ => None,
+        };
+        self.partitions
+            .hand_back_parked(tag, how, &mut self.cache)?;
+        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "handed back while its partition is parked");
+        if let Some(reason) = discarded {
+            warn!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %reason, "discarding poison message: no dead-letter topic");
+            self.metrics.discarded += 1;
+            self.events.push_back(Event::Discarded {
+                partition: tag.partition,
+                offset: tag.offset,
+                attempts: tag.attempt,
+                reason,
+            });
+        }
         self.poll_work(now);
         Ok(())
     }
@@ -543,11 +614,47 @@ impl ConsumerMachine {
         let mut ids: Vec<u32> = ours.iter().map(|tp| tp.partition).collect();
         ids.sort_unstable();
         ids.dedup();
+        // Parked partitions not given back are lost; those given back resume (`add`).
+        let lost = self.partitions.drop_parked(&ids);
+        self.revoked(lost);
         for &id in &ids {
             self.partitions.add(id);
         }
         let assigned = self.topic_partitions(ids);
         self.events.push_back(Event::Assigned(assigned));
+    }
+
+    /// The broker evicted this member: every partition is lost, none parked.
+    fn lose_assignment(&mut self) {
+        self.finish_revoke();
+        let lost = self.partitions.drop_parked(&[]);
+        self.revoked(lost);
+    }
+
+    /// Partitions this member lost: their cached messages and dead letters are forgotten, and
+    /// the application told (their outstanding deliveries are stale).
+    fn revoked(&mut self, ids: Vec<u32>) {
+        for &id in &ids {
+            self.dead_letters.forget_partition(id);
+            self.cache.remove_partition(id);
+        }
+        if !ids.is_empty() {
+            let revoked = self.topic_partitions(ids);
+            debug!(group = %self.config.consumer_group, ?revoked, "revoked");
+            self.events.push_back(Event::Revoked(revoked));
+        }
+    }
+
+    /// Partitions given back that started over at a commit another member made meanwhile:
+    /// their old deliveries are stale, which `Revoked` says; `Assigned` says they are still
+    /// this member's.
+    fn restarted(&mut self) {
+        for id in self.partitions.take_restarted() {
+            debug!(group = %self.config.consumer_group, partition = id, "given back, but another member committed past this one: starting over at its commit");
+            self.revoked(vec![id]);
+            let assigned = self.topic_partitions(vec![id]);
+            self.events.push_back(Event::Assigned(assigned));
+        }
     }
 
     /// Eager rebalance: stop fetching and delivering every partition, drain, commit, rejoin.
@@ -566,19 +673,17 @@ impl ConsumerMachine {
     }
 
     /// Lets every partition go (after the revoke commit, or fenced without one) and rejoins.
+    /// Partitions are parked until the next assignment says whether they come back; those
+    /// that cannot be (something on the dead-letter path), or any while closing, are revoked
+    /// now.
     fn finish_revoke(&mut self) {
         self.revoke_held = false;
-        let ids = self.partitions.revoke_all();
-        for &id in &ids {
-            self.dead_letters.forget_partition(id);
-            self.cache.remove_partition(id);
+        let mut ids = self.partitions.revoke_all();
+        if self.close.is_some() {
+            ids.extend(self.partitions.drop_parked(&[]));
         }
+        self.revoked(ids);
         self.committer.forget();
-        if !ids.is_empty() {
-            let revoked = self.topic_partitions(ids);
-            debug!(group = %self.config.consumer_group, ?revoked, "revoked");
-            self.events.push_back(Event::Revoked(revoked));
-        }
         if let Some(g) = &mut self.group {
             g.revoked();
         }

@@ -184,7 +184,7 @@ impl ConsumerMachine {
             Timer::SessionExpiry => {
                 // The broker has evicted us by now: the assignment is lost. Fence locally.
                 warn!(group = %self.config.consumer_group, "session expired without a heartbeat; assignment lost");
-                self.finish_revoke();
+                self.lose_assignment();
                 if let Some(g) = &mut self.group {
                     g.fence();
                 }

@@ -866,8 +866,10 @@ pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
     within(&rt, first.close()).await.expect("close");
 }
 
-/// A rebalance drops what a paused partition held (stale: the next owner reads it from the
-/// last commit) and its pause: nothing stale reaches the application afterwards.
+/// A rebalance that gives a paused partition back keeps its pause and the deliveries queued
+/// for the application (issue 12 item 5): nothing of it comes until the resume, then every
+/// offset once, in order, and every ack is accepted. (One that moves to another member loses
+/// both: `tests/group.rs` covers the stale side.)
 pub async fn paused_through_a_rebalance<R: Runtime + Clone>(rt: R) {
     let broker = broker(2, 40);
     let mut config = fast_config();
@@ -904,7 +906,20 @@ pub async fn paused_through_a_rebalance<R: Runtime + Clone>(rt: R) {
     })
     .await;
     within(&rt, second.close()).await.expect("close");
-    // Alone again, unpaused: offsets 1..40 come again (from the commit), none of them stale.
+    // Alone again, with both partitions.
+    within(&rt, async {
+        while broker.lock().members(GROUP).len() != 1 || first.assigned_partitions().await != [0, 1]
+        {
+            sleep(&rt, Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let early = maybe_next(&rt, &first, Duration::from_millis(200)).await;
+    assert!(
+        early.is_none(),
+        "still paused after the rebalance, yet delivered {early:?}"
+    );
+    first.resume_partitions([0]).await.expect("resume");
     let mut offsets = Vec::new();
     while committed(&broker, 0).unwrap_or(0) < 40 {
         match maybe_next(&rt, &first, Duration::from_millis(50)).await {
@@ -912,7 +927,7 @@ pub async fn paused_through_a_rebalance<R: Runtime + Clone>(rt: R) {
                 offsets.push(d.offset());
                 d.ack()
                     .await
-                    .expect("no stale delivery after the rebalance");
+                    .expect("a delivery held through the rebalance is accepted");
             }
             None => within(&rt, first.commit()).await.expect("commit"),
         }
@@ -1105,15 +1120,31 @@ pub async fn bad_input<R: Runtime + Clone>(rt: R) {
     );
 }
 
-/// `close_with_timeout` returns in time even when the close cannot finish.
+/// `close_with_timeout` returns in time even when the close cannot finish, naming the settled
+/// offsets the broker did not store.
 pub async fn close_with_timeout<R: Runtime + Clone>(rt: R) {
     let broker = broker(1, 10);
     let mut config = fast_config();
     config.drain_timeout = Duration::from_secs(3600);
     let consumer = start(&rt, &broker, config).await;
+    // The broker stores no commit: what is acked stays uncommitted.
+    broker.lock().fail_next_commits(1_000_000);
+    for _ in 0..3 {
+        next(&rt, &consumer).await.ack().await.expect("ack");
+    }
     let held = next(&rt, &consumer).await;
     let result = within(&rt, consumer.close_with_timeout(Duration::from_millis(50))).await;
-    assert_eq!(result, Err(ConsumerError::CloseTimedOut));
+    match &result {
+        Err(ConsumerError::CloseTimedOut { offsets, .. }) => {
+            assert_eq!(offsets, &[(0, 3)], "names what the broker did not store")
+        }
+        other => panic!("expected CloseTimedOut, got {other:?}"),
+    }
+    assert_eq!(
+        result.err().map(|e| e.to_string()).as_deref(),
+        Some("close timed out; offsets not committed (partition 0 at 3)")
+    );
+    assert_eq!(committed(&broker, 0), None, "nothing was committed");
     assert!(consumer.receive().await.expect("receive").is_none());
     assert_eq!(
         held.ack().await,

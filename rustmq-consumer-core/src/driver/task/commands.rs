@@ -138,7 +138,10 @@ impl Driver {
         let _ = self.channels.final_state.set(final_state.clone());
         // Closed is not enough: the broker must hold every settlement.
         let close_result = if !self.machine.is_closed() {
-            Err(ConsumerError::CloseTimedOut)
+            // Abandoned (`close_with_timeout`) before the close finished.
+            Err(ConsumerError::CloseTimedOut {
+                offsets: self.machine.uncommitted_offsets(),
+            })
         } else if self.machine.uncommitted_offsets().is_empty() {
             Ok(())
         } else {

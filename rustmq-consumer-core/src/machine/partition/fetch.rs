@@ -82,7 +82,8 @@ impl Partitions {
                 return Err(error);
             }
         };
-        let mut moved = 0;
+        // Partitions given back to this member first (`parked.rs`).
+        let mut moved = self.resume_restored(now, |tp| r.offsets.get(tp).copied(), &config.topic);
         self.all_dirty = true;
         for p in &mut self.list {
             if p.phase != Phase::Starting {

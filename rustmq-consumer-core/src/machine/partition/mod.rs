@@ -15,8 +15,11 @@ use crate::protocol::Record;
 use crate::window::Window;
 
 mod fetch;
+mod parked;
 mod sizing;
 
+pub(crate) use parked::Handback;
+use parked::Parked;
 use sizing::{FetchSizer, Planned};
 
 #[derive(Debug)]
@@ -253,6 +256,8 @@ pub(crate) struct Partitions {
     /// Where this member's revoked partitions stood, so a reassignment after the broker lost
     /// its commits (a restart) does not fall back to the start position.
     known_positions: BTreeMap<u32, u64>,
+    /// Partitions given back in a rebalance, until the next assignment (`parked.rs`).
+    parked: Parked,
 }
 
 impl Partitions {
@@ -400,6 +405,7 @@ impl Partitions {
             retries: BTreeSet::new(),
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
+            parked: Parked::default(),
         };
         let mut ids = config.partitions.clone();
         ids.sort_unstable();
@@ -416,9 +422,10 @@ impl Partitions {
         self.all_dirty = true;
     }
 
-    /// Starts consuming `id` (no-op if it is assigned already).
+    /// Starts consuming `id` (no-op if it is assigned already), where it stood if it is
+    /// parked.
     pub(crate) fn add(&mut self, id: u32) {
-        if self.index(id).is_none() {
+        if self.index(id).is_none() && !self.unpark(id) {
             let p = Partition::new(id, self.next_epoch);
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
@@ -543,7 +550,8 @@ impl Partitions {
             });
         };
         let p = &self.list[idx];
-        if tag.epoch != p.epoch {
+        // A restored partition's window spans several epochs (`parked.rs`).
+        if tag.epoch < self.parked.since(partition, p.epoch) || tag.epoch > p.epoch {
             return Err(UsageError::StaleDelivery { partition, offset });
         }
         if offset >= p.window.end() {
@@ -557,14 +565,20 @@ impl Partitions {
         }
     }
 
-    /// Sets `paused` on every listed partition, or on none if one is not assigned.
+    /// Sets `paused` on every listed partition (assigned or parked), or on none if one is
+    /// neither.
     pub(crate) fn set_paused(&mut self, ids: &[u32], paused: bool) -> Result<(), UsageError> {
-        let idxs = ids
+        if let Some(&id) = ids
             .iter()
-            .map(|&id| self.index(id).ok_or(UsageError::UnknownPartition(id)))
-            .collect::<Result<Vec<_>, _>>()?;
-        for idx in idxs {
-            self.at_mut(idx).paused = paused;
+            .find(|&&id| self.index(id).is_none() && !self.is_parked(id))
+        {
+            return Err(UsageError::UnknownPartition(id));
+        }
+        for &id in ids {
+            match self.index(id) {
+                Some(idx) => self.at_mut(idx).paused = paused,
+                None => self.set_parked_paused(id, paused),
+            }
         }
         Ok(())
     }
@@ -696,6 +710,7 @@ impl Partitions {
         p.fetch_failing = false;
         self.retries.retain(|&(_, pid, _)| pid != id);
         self.refetch_reasons.retain(|&(pid, _), _| pid != id);
+        self.parked.forget(id);
     }
 
     /// Closing: undelivered messages stay unsettled, so the next member reads them again.
@@ -728,16 +743,22 @@ impl Partitions {
         }
     }
 
-    /// Lets every partition go, remembering where each stood; returns their ids. The caller
-    /// forgets their cached messages and dead letters.
+    /// Lets every partition go: parks each one that can be (`parked.rs`), and forgets the
+    /// others, remembering where each stood; returns the ids of those. The caller forgets
+    /// their cached messages and dead letters.
     pub(crate) fn revoke_all(&mut self) -> Vec<u32> {
-        let ids = self.ids();
+        let (mut parked, mut ids) = (Vec::new(), Vec::new());
         for idx in 0..self.list.len() {
             let (id, base) = (self.list[idx].id, self.list[idx].window.base());
+            if self.park(idx) {
+                parked.push(id);
+                continue;
+            }
+            ids.push(id);
             self.known_positions.insert(id, base);
             self.restart(idx, base);
         }
-        self.list.clear();
+        self.take_parked(&parked);
         self.dirty.clear();
         self.all_dirty = false;
         self.deliverable.clear();
