@@ -110,7 +110,7 @@ async fn start_with<R: Runtime + Clone>(
 /// A group config that rebalances quickly and commits only when asked or at a revoke.
 fn group_config() -> ConsumerConfig {
     let mut config = fast_config();
-    config.session_timeout = Duration::from_millis(300);
+    config.session_timeout = Duration::from_secs(3);
     config.heartbeat_interval = Some(Duration::from_millis(5));
     config.rebalance_drain_timeout = Duration::from_secs(5);
     config.ack_batch_size = 1_000;
