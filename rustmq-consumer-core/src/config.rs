@@ -73,7 +73,9 @@ pub struct ConsumerConfig {
     /// delivered, and a full fetch (`fetch_max_bytes` of small records: about 2,900 at the
     /// real broker's 350-byte record overhead) still finds room. For records of more than a
     /// few hundred bytes `prefetch_bytes` binds first, so the buffer's memory stays bounded
-    /// by that budget, not by this count.
+    /// by that budget, not by this count. Until a partition's first fetch answers, it may
+    /// reserve only its share (`fetch_size` over the assigned partitions), so with many
+    /// partitions every first fetch goes out at once.
     pub fetch_size: usize,
     /// Most one fetch asks for (`max_bytes` on the wire, in the broker's unit, which is not
     /// wire bytes: the real broker charges each record about 350 bytes plus its payload).

@@ -24,9 +24,10 @@
 //! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
 //!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
 //!   derives everything from one seed (about a third of the seeds run a consumer-group
-//!   session instead of manual assignment); [`run_seeds`] and [`seeds_from_env`] run many and
-//!   [`replay_command`] says how to replay one; [`Mutation`] runs deliberately wrong
-//!   policies (the checker must catch them).
+//!   session instead of manual assignment); [`run_seeds`] and [`seeds_from_env`] run many; a
+//!   [`Failure`] (of this simulation or the group one, [`SimKind`]) names the invariant that
+//!   broke and the command that replays it; [`Mutation`] runs deliberately wrong policies
+//!   (the checker must catch them).
 //! - `group_sim`: [`GroupSimulation`], several machines in one consumer group on one broker
 //!   (members joining, leaving, crashing and pausing, from one seed: [`GroupScenario`]), with
 //!   group-wide invariants ([`group_names`]); [`run_group_seeds`] runs many, and
@@ -63,9 +64,8 @@ pub use broker::{
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use fixtures::{broker_with, fast_config};
 pub use group_sim::{
-    group_names, group_replay_command, run_group_seed, run_group_seeds, Burst, GroupFailure,
-    GroupMutation, GroupReport, GroupScenario, GroupSimulation, GroupSummary, MemberFate,
-    MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_PARTITIONS,
+    group_names, run_group_seed, run_group_seeds, Burst, GroupMutation, GroupReport, GroupScenario,
+    GroupSimulation, GroupSummary, MemberFate, MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_PARTITIONS,
 };
 pub use invariants::{names as invariant_names, Checker, Violation};
 #[cfg(feature = "quic")]
@@ -77,8 +77,8 @@ pub use pump::{
     Limits, Peer, Pump, Route, MAX_OUTPUTS,
 };
 pub use sim::{
-    check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour,
-    Decision, Failure, Handler, ModelApp, Mutation, ProcessModel, Scenario, SimReport, Simulation,
+    check_determinism, run_seed, run_seeds, seeds_from_env, Action, AppBehaviour, Decision,
+    Failure, Handler, ModelApp, Mutation, ProcessModel, Scenario, SimKind, SimReport, Simulation,
     Summary, DEAD_LETTER_TOPIC, GROUP, RUNS_ENV, SEED_ENV, TOPIC,
 };
 pub use transport::{SharedBroker, SimTransport, Switch};

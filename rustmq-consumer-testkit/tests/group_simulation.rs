@@ -74,7 +74,7 @@ fn a_group_seed_replays_to_the_same_report() {
 }
 
 /// Runs seeds with every member mutated; returns the failures.
-fn catch(mutation: GroupMutation) -> Vec<GroupFailure> {
+fn catch(mutation: GroupMutation) -> Vec<Failure> {
     (0..12)
         .filter_map(|seed| {
             GroupSimulation::new(GroupScenario::from_seed(seed))

@@ -1,16 +1,17 @@
 //! The default configuration at full speed against the simulated broker (which counts a
 //! fetch's `max_bytes` like the real one): fetches sized in the broker's unit, fetch-ahead
-//! with records delivered in offset order, commits bounded by time rather than by count.
+//! with records delivered in offset order, commits bounded by time rather than by count, many
+//! partitions fetched at once.
 //! In memory, on a virtual clock: no assertion depends on how long anything took.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
 use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, DeliveryTag, Event, TransportError};
-use rustmq_consumer_testkit::{SimBroker, GROUP, TOPIC};
+use rustmq_consumer_testkit::{Pump, Route, SimBroker, GROUP, TOPIC};
 
 /// One fetch as the broker saw it.
 #[derive(Debug, Clone, Copy)]
@@ -125,10 +126,16 @@ impl Rig {
     /// Steps until every partition's `records` are delivered and committed.
     fn run_until_committed(&mut self, partitions: u32, records: u64) {
         let limit = 4 * records as usize * partitions as usize + 10_000;
+        let committed =
+            |b: &SimBroker, p| b.committed(GROUP, &TopicPartition::new(TOPIC, p)) == Some(records);
+        // Partitions below `done` are committed (a commit never goes back): each step looks
+        // at the first one that was not, not at all of them.
+        let mut done = 0;
         for _ in 0..limit {
-            let done = (0..partitions)
-                .all(|p| self.b.committed(GROUP, &TopicPartition::new(TOPIC, p)) == Some(records));
-            if done || !self.step() {
+            while done < partitions && committed(&self.b, done) {
+                done += 1;
+            }
+            if done == partitions || !self.step() {
                 break;
             }
         }
@@ -232,4 +239,57 @@ fn fetch_ahead_keeps_each_partition_in_offset_order() {
             "partition {p}: {ahead} fetches ahead of delivery"
         );
     }
+}
+
+/// Partitions and records each of the many-partition tests: the `partitions` bench's 1,000.
+const MANY: u32 = 1_000;
+const EACH: usize = 200;
+
+#[test]
+fn every_partitions_first_fetch_goes_out_at_once() {
+    let b = Rig::broker(350, MANY, EACH, 32);
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.partitions = (0..MANY).collect();
+    let mut pump = Pump::new(b, config, Instant::now());
+    pump.route = Route::HoldIf(|r| matches!(r, Request::Fetch(_)));
+    pump.drive();
+    let first: BTreeSet<u32> = pump
+        .held
+        .iter()
+        .filter_map(|t| match &t.request {
+            Request::Fetch(f) => Some(f.partition_id),
+            _ => None,
+        })
+        .collect();
+    // Each reserving a full fetch (about 2,900 records) of the 10,000-record buffer, a few
+    // went at a time and the others waited for their answers.
+    assert_eq!(
+        first.len(),
+        MANY as usize,
+        "partitions with their first fetch in flight after the first work step"
+    );
+    assert_eq!(pump.held.len(), MANY as usize, "one fetch per partition");
+}
+
+#[test]
+fn many_partitions_drain_in_few_fetches_each() {
+    let b = Rig::broker(350, MANY, EACH, 32);
+    let mut rig = Rig::new(b, MANY, Duration::from_micros(1));
+    rig.run_until_committed(MANY, EACH as u64);
+    for p in 0..MANY {
+        let offsets = &rig.delivered[&p];
+        assert!(
+            offsets.iter().copied().eq(0..EACH as u64),
+            "partition {p}: every offset once, in order"
+        );
+    }
+    // Per partition: a first fetch sized by its share of the buffer and a guessed record
+    // cost (2 records here), then one that brings the rest, sized from what the answers
+    // taught; no small fetches in between (fetches in flight fill the buffer: nothing is
+    // idle while they are). Empty fetches at the end of the log come on top, as time passes.
+    let brought = rig.fetches.iter().filter(|f| f.returned > 0).count();
+    assert!(
+        brought <= 2 * MANY as usize,
+        "{brought} fetches brought records for {MANY} partitions of {EACH} records"
+    );
 }

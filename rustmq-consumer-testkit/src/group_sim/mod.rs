@@ -47,14 +47,13 @@ use crate::broker::SimBroker;
 use crate::faults::SimRng;
 use crate::invariants::Violation;
 use crate::pump::Pump;
+use crate::sim::{Failure, SimKind};
 use crate::transport::SharedBroker;
 use checker::{Found, GroupChecker};
 use tap::Tap;
 
 pub use checker::group_names;
-pub use runner::{
-    group_replay_command, run_group_seed, run_group_seeds, GroupFailure, GroupReport, GroupSummary,
-};
+pub use runner::{run_group_seed, run_group_seeds, GroupReport, GroupSummary};
 pub use scenario::{
     Burst, GroupScenario, MemberFate, MemberPlan, GROUP_ID, GROUP_TOPIC, MAX_PARTITIONS,
 };
@@ -209,7 +208,7 @@ impl GroupSimulation {
 
     /// Runs to the end: every message acked after heal and every member closed, or the first
     /// violation.
-    pub fn run(mut self) -> Result<GroupReport, GroupFailure> {
+    pub fn run(mut self) -> Result<GroupReport, Failure> {
         match self.run_inner() {
             Ok(()) => {
                 self.report.simulated = self.now - self.start;
@@ -219,7 +218,8 @@ impl GroupSimulation {
                 self.report.generation = self.broker.lock().generation(GROUP_ID).unwrap_or(0);
                 Ok(self.report)
             }
-            Err((invariant, detail)) => Err(GroupFailure {
+            Err((invariant, detail)) => Err(Failure {
+                kind: SimKind::Group,
                 seed: self.scenario.seed,
                 violation: Violation {
                     invariant,

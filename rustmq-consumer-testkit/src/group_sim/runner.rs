@@ -1,18 +1,13 @@
-//! Running group seeds: one ([`run_group_seed`]), many on threads ([`run_group_seeds`]), what
-//! a run reports and how a failure says to replay it.
+//! Running group seeds: one ([`run_group_seed`]), many on threads ([`run_group_seeds`], on
+//! the simulation's runner) and what a run reports. A run fails with the simulation's
+//! [`Failure`], which names its replay command.
 
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use super::{group_names, GroupScenario, GroupSimulation};
 use crate::invariants::Violation;
-use crate::sim::SEED_ENV;
-
-/// The command that replays group seed `seed`.
-pub fn group_replay_command(seed: u64) -> String {
-    format!("{SEED_ENV}={seed} cargo test -p rustmq-consumer-testkit --test group_simulation")
-}
+use crate::sim::{run_seeds_with, Failure, SimKind, Totals};
 
 /// What a finished group run reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,7 +91,9 @@ pub struct GroupSummary {
     pub simulated: Duration,
 }
 
-impl GroupSummary {
+impl Totals for GroupSummary {
+    type Report = GroupReport;
+
     fn add(&mut self, r: &GroupReport) {
         self.runs += 1;
         self.members += r.members;
@@ -136,45 +133,17 @@ impl GroupSummary {
     }
 }
 
-/// A failed group run: the violation and how to replay it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupFailure {
-    /// The seed.
-    pub seed: u64,
-    /// What broke.
-    pub violation: Violation,
-    /// The last trace lines before it broke (empty unless the run kept its trace).
-    pub trace_tail: Vec<String>,
-}
-
-impl fmt::Display for GroupFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "group seed {}: {}\nreplay: {}",
-            self.seed,
-            self.violation,
-            group_replay_command(self.seed)
-        )?;
-        if !self.trace_tail.is_empty() {
-            write!(f, "\nlast trace lines:\n{}", self.trace_tail.join("\n"))?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for GroupFailure {}
-
 /// Runs `sim`, turning a panic (a pump bound ran out, a machine refused its config) into a
 /// failure of [`group_names::BOUNDED`].
-fn guarded(seed: u64, sim: GroupSimulation) -> Result<GroupReport, GroupFailure> {
+fn guarded(seed: u64, sim: GroupSimulation) -> Result<GroupReport, Failure> {
     catch_unwind(AssertUnwindSafe(|| sim.run())).unwrap_or_else(|panic| {
         let detail = panic
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
             .unwrap_or_else(|| "panicked".to_owned());
-        Err(GroupFailure {
+        Err(Failure {
+            kind: SimKind::Group,
             seed,
             violation: Violation {
                 invariant: group_names::BOUNDED,
@@ -189,7 +158,7 @@ fn guarded(seed: u64, sim: GroupSimulation) -> Result<GroupReport, GroupFailure>
 
 /// Runs group seed `seed`; on failure, runs it again keeping the last `trace_lines` trace
 /// lines for the report.
-pub fn run_group_seed(seed: u64, trace_lines: usize) -> Result<GroupReport, GroupFailure> {
+pub fn run_group_seed(seed: u64, trace_lines: usize) -> Result<GroupReport, Failure> {
     guarded(seed, GroupSimulation::new(GroupScenario::from_seed(seed))).map_err(|first| {
         if trace_lines == 0 {
             return first;
@@ -198,7 +167,8 @@ pub fn run_group_seed(seed: u64, trace_lines: usize) -> Result<GroupReport, Grou
         match guarded(seed, sim) {
             Err(again) if again.violation.invariant == first.violation.invariant => again,
             // A run that differs from the first is a determinism failure of its own.
-            other => GroupFailure {
+            other => Failure {
+                kind: SimKind::Group,
                 seed,
                 violation: Violation {
                     invariant: group_names::DETERMINISM,
@@ -220,39 +190,6 @@ pub fn run_group_seeds(
     seeds: &[u64],
     threads: usize,
     trace_lines: usize,
-) -> Result<GroupSummary, GroupFailure> {
-    let threads = threads.max(1);
-    let results: Vec<Result<GroupSummary, GroupFailure>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut sum = GroupSummary::default();
-                    for &seed in seeds.iter().skip(t).step_by(threads) {
-                        sum.add(&run_group_seed(seed, trace_lines)?);
-                    }
-                    Ok(sum)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let mut total = GroupSummary::default();
-    let mut first: Option<GroupFailure> = None;
-    for r in results {
-        match r {
-            Ok(s) => total.merge(&s),
-            Err(f) => {
-                if first.as_ref().is_none_or(|g| f.seed < g.seed) {
-                    first = Some(f);
-                }
-            }
-        }
-    }
-    match first {
-        Some(f) => Err(f),
-        None => Ok(total),
-    }
+) -> Result<GroupSummary, Failure> {
+    run_seeds_with(seeds, threads, |seed| run_group_seed(seed, trace_lines))
 }

@@ -13,8 +13,8 @@ use rustmq_consumer_core::{BreakerState, ClosePhase, ConsumerMachine, Event, Tra
 
 use super::phantom::PhantomState;
 use super::{
-    Failure, Handler, Item, ModelApp, Mutation, Phase, Scenario, SimReport, Simulation, GROUP,
-    MAX_STEPS, MAX_STEPS_AT_ONE_INSTANT, TOPIC,
+    Failure, Handler, Item, ModelApp, Mutation, Phase, Scenario, SimKind, SimReport, Simulation,
+    GROUP, MAX_STEPS, MAX_STEPS_AT_ONE_INSTANT, TOPIC,
 };
 use crate::broker::{GroupState, SimBroker};
 use crate::faults::{FaultPlan, SimRng};
@@ -153,6 +153,7 @@ impl<H: Handler> Simulation<H> {
     pub fn run(mut self) -> Result<SimReport, Failure> {
         let seed = self.scenario.seed;
         self.run_inner().map_err(|violation| Failure {
+            kind: SimKind::Single,
             seed,
             violation,
             trace_tail: self.tail.iter().cloned().collect(),

@@ -45,9 +45,10 @@ use rustmq_consumer_core::{ClosePhase, ConsumerMachine, DeliveryTag, RequestId, 
 
 pub use app::{Action, AppBehaviour, Decision, Handler, ModelApp, ProcessModel};
 pub use runner::{
-    check_determinism, replay_command, run_seed, run_seeds, seeds_from_env, Failure, SimReport,
-    Summary, RUNS_ENV, SEED_ENV,
+    check_determinism, run_seed, run_seeds, seeds_from_env, Failure, SimKind, SimReport, Summary,
+    RUNS_ENV, SEED_ENV,
 };
+pub(crate) use runner::{run_seeds_with, Totals};
 pub use scenario::{Mutation, Scenario, DEAD_LETTER_TOPIC, GROUP, TOPIC};
 
 use crate::broker::SimBroker;

@@ -1,6 +1,7 @@
 //! Running seeds: one ([`run_seed`]), twice to compare ([`check_determinism`]), many on
 //! threads ([`run_seeds`]) with their [`Summary`]; what a run reports ([`SimReport`]) or how
-//! it failed ([`Failure`]), and how to replay it.
+//! it failed ([`Failure`]), and how to replay it. The group simulation's runs fail with the
+//! same [`Failure`] and run on the same threads ([`run_seeds_with`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -13,9 +14,25 @@ pub const SEED_ENV: &str = "RUSTMQ_SIM_SEED";
 /// Environment variable setting how many seeds run.
 pub const RUNS_ENV: &str = "RUSTMQ_SIM_RUNS";
 
-/// The command that replays `seed`.
-pub fn replay_command(seed: u64) -> String {
-    format!("{SEED_ENV}={seed} cargo test -p rustmq-consumer-testkit --test simulation")
+/// Which simulation a seed ran in: its test target replays it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimKind {
+    /// One consumer, the broker and its faults ([`Simulation`]; `--test simulation`).
+    Single,
+    /// Several consumers in one group ([`GroupSimulation`](crate::GroupSimulation);
+    /// `--test group_simulation`).
+    Group,
+}
+
+impl SimKind {
+    /// The command that replays `seed` of this simulation.
+    pub fn replay_command(self, seed: u64) -> String {
+        let test = match self {
+            Self::Single => "simulation",
+            Self::Group => "group_simulation",
+        };
+        format!("{SEED_ENV}={seed} cargo test -p rustmq-consumer-testkit --test {test}")
+    }
 }
 
 /// The seeds to run: the one in `RUSTMQ_SIM_SEED` if set, else `RUSTMQ_SIM_RUNS` (or
@@ -80,9 +97,11 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-/// A failed run: the violation and how to replay it.
+/// A failed run of either simulation: the violation and how to replay it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    /// The simulation that ran.
+    pub kind: SimKind,
     /// The seed.
     pub seed: u64,
     /// What broke.
@@ -91,14 +110,25 @@ pub struct Failure {
     pub trace_tail: Vec<String>,
 }
 
+impl Failure {
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        self.kind.replay_command(self.seed)
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seed = match self.kind {
+            SimKind::Single => "seed",
+            SimKind::Group => "group seed",
+        };
         write!(
             f,
-            "seed {}: {}\nreplay: {}",
+            "{seed} {}: {}\nreplay: {}",
             self.seed,
             self.violation,
-            replay_command(self.seed)
+            self.replay_command()
         )?;
         if !self.trace_tail.is_empty() {
             write!(f, "\nlast trace lines:\n{}", self.trace_tail.join("\n"))?;
@@ -129,6 +159,7 @@ pub fn check_determinism(seed: u64) -> Result<SimReport, Failure> {
     let second = run_seed(seed)?;
     if first != second {
         return Err(Failure {
+            kind: SimKind::Single,
             seed,
             violation: Violation {
                 invariant: names::DETERMINISM,
@@ -181,26 +212,18 @@ pub struct Summary {
     pub config_updates: u64,
 }
 
-impl Summary {
-    fn merge(&mut self, s: &Summary) {
-        self.runs += s.runs;
-        self.steps += s.steps;
-        self.produced += s.produced;
-        self.delivered += s.delivered;
-        self.dead_lettered += s.dead_lettered;
-        self.discarded += s.discarded;
-        self.faults += s.faults;
-        self.crashes += s.crashes;
-        self.simulated += s.simulated;
-        self.group_runs += s.group_runs;
-        self.assignments += s.assignments;
-        self.phantom_joins += s.phantom_joins;
-        self.stale_refused += s.stale_refused;
-        self.group_duplicates += s.group_duplicates;
-        self.hooks_returned += s.hooks_returned;
-        self.update_runs += s.update_runs;
-        self.config_updates += s.config_updates;
-    }
+/// Totals of many runs of one simulation, summed from their reports.
+pub(crate) trait Totals: Default + Send {
+    /// What one run reports.
+    type Report;
+    /// Adds one run.
+    fn add(&mut self, report: &Self::Report);
+    /// Adds another thread's totals.
+    fn merge(&mut self, other: &Self);
+}
+
+impl Totals for Summary {
+    type Report = SimReport;
 
     fn add(&mut self, r: &SimReport) {
         self.group_runs += u64::from(r.group);
@@ -223,25 +246,59 @@ impl Summary {
         self.crashes += r.crashes;
         self.simulated += r.simulated;
     }
+
+    fn merge(&mut self, s: &Summary) {
+        self.runs += s.runs;
+        self.steps += s.steps;
+        self.produced += s.produced;
+        self.delivered += s.delivered;
+        self.dead_lettered += s.dead_lettered;
+        self.discarded += s.discarded;
+        self.faults += s.faults;
+        self.crashes += s.crashes;
+        self.simulated += s.simulated;
+        self.group_runs += s.group_runs;
+        self.assignments += s.assignments;
+        self.phantom_joins += s.phantom_joins;
+        self.stale_refused += s.stale_refused;
+        self.group_duplicates += s.group_duplicates;
+        self.hooks_returned += s.hooks_returned;
+        self.update_runs += s.update_runs;
+        self.config_updates += s.config_updates;
+    }
 }
 
-/// Runs every seed on `threads` threads; the first failure (lowest seed) wins.
+/// Runs every seed on `threads` threads; the first failure (lowest seed) wins, replayed with
+/// its trace.
 pub fn run_seeds(seeds: &[u64], threads: usize) -> Result<Summary, Failure> {
+    run_seeds_with(seeds, threads, |seed| {
+        run_seed(seed).map_err(|_| {
+            // Replay the failure keeping its trace for the report.
+            Simulation::new(Scenario::from_seed(seed))
+                .keep_trace(trace_lines())
+                .run()
+                .expect_err("a failing seed fails again: runs are deterministic")
+        })
+    })
+}
+
+/// Runs every seed through `run` on `threads` threads, each thread taking every `threads`-th
+/// seed and stopping at its first failure, and sums the reports; the failure of the lowest
+/// seed wins.
+pub(crate) fn run_seeds_with<T, F>(seeds: &[u64], threads: usize, run: F) -> Result<T, Failure>
+where
+    T: Totals,
+    F: Fn(u64) -> Result<T::Report, Failure> + Sync,
+{
     let threads = threads.max(1);
-    let results: Vec<Result<Summary, Failure>> = std::thread::scope(|s| {
+    let run = &run;
+    let results: Vec<Result<T, Failure>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
-                    let mut sum = Summary::default();
-                    for seed in seeds.iter().skip(t).step_by(threads) {
-                        let r = run_seed(*seed).map_err(|_| {
-                            // Replay the failure keeping its trace for the report.
-                            Simulation::new(Scenario::from_seed(*seed))
-                                .keep_trace(trace_lines())
-                                .run()
-                                .expect_err("a failing seed fails again: runs are deterministic")
-                        })?;
-                        sum.add(&r);
+                    let mut sum = T::default();
+                    for &seed in seeds.iter().skip(t).step_by(threads) {
+                        sum.add(&run(seed)?);
                     }
                     Ok(sum)
                 })
@@ -252,7 +309,7 @@ pub fn run_seeds(seeds: &[u64], threads: usize) -> Result<Summary, Failure> {
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    let mut total = Summary::default();
+    let mut total = T::default();
     let mut first: Option<Failure> = None;
     for r in results {
         match r {

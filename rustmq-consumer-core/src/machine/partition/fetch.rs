@@ -251,6 +251,8 @@ impl Partitions {
         requests: &mut Requests,
         metrics: &mut Metrics,
     ) -> Visit {
+        // A first fetch's share of the buffer (see `Room::first_share`).
+        let first_share = config.fetch_size / self.list.len().max(1);
         let p = &mut self.list[idx];
         if p.fetch_not_before.is_some() {
             return Visit::Waits;
@@ -310,6 +312,7 @@ impl Partitions {
             reserved: self.fetch_reserved,
             buffered: self.buffered,
             available: p.high_watermark.map(|hw| hw.saturating_sub(p.window.end())),
+            first_share: p.high_watermark.is_none().then_some(first_share),
         };
         // Not worth a round trip yet: wait for deliveries to free room.
         let Some(planned) = self.sizer.plan(room, config) else {

@@ -55,6 +55,12 @@ pub(crate) struct Room {
     /// see new ones), so many small partitions do not hold the buffer for records that are
     /// not there.
     pub(crate) available: Option<u64>,
+    /// Before the partition's first answer (`available` unknown): the records its first fetch
+    /// may reserve, the buffer shared among the assigned partitions. Reserving a full fetch
+    /// each, a few partitions would hold the whole buffer for records they may not have, and
+    /// the others' first fetches would wait for their answers; shared, every partition's
+    /// first fetch goes out at once, and the next ones are sized from what the answers teach.
+    pub(crate) first_share: Option<usize>,
 }
 
 /// One fetch, sized.
@@ -92,7 +98,9 @@ impl FetchSizer {
     /// Sizes the next fetch of a partition: `None` when the room left is not worth a fetch.
     /// A full fetch (what one fetch can bring with the buffer drained) always is; so is half
     /// of one while fewer records than a full fetch are buffered (the application may run dry
-    /// before a smaller fetch's round trip ends), and any room once nothing is buffered.
+    /// before a smaller fetch's round trip ends), and any room once nothing is buffered or on
+    /// its way (while fetches in flight hold reservations, their answers fill the buffer and
+    /// free room for a fetch worth its round trip).
     pub(crate) fn plan(&self, room: Room, config: &ConsumerConfig) -> Option<Planned> {
         let cost = self.cost();
         let wire = self.wire.max(1);
@@ -102,13 +110,17 @@ impl FetchSizer {
             .unwrap_or(usize::MAX)
             .max(1);
         let by_bytes = (room.bytes / wire).saturating_sub(room.reserved);
-        let idle = room.buffered == 0;
+        let idle = room.buffered == 0 && room.reserved == 0;
         let available = room.available.map_or(usize::MAX, |n| {
             usize::try_from(n).unwrap_or(usize::MAX).max(1)
         });
+        // What this fetch may reserve at most: what the partition holds, or its share of a
+        // first round.
+        let limit = available.min(room.first_share.map_or(usize::MAX, |s| s.max(1)));
         let mut records = room.records.min(span).min(by_bytes).min(full);
         if records == 0 && idle && room.records > 0 && span > 0 {
-            // Nothing buffered: one record, whatever its size (the broker sends at least one).
+            // Nothing buffered or coming: one record, whatever its size (the broker sends at
+            // least one).
             records = 1;
         }
         if records == 0 {
@@ -122,12 +134,13 @@ impl FetchSizer {
             .min(config.prefetch_bytes / wire)
             .min(full)
             .max(1);
-        // Everything the partition has is worth a round trip: waiting would not grow it.
-        let all_there_is = records >= available;
-        records = records.min(available);
+        // Everything the partition has (or its whole first share) is worth a round trip:
+        // waiting would not grow it.
+        let up_to_limit = records >= limit;
+        records = records.min(limit);
         let worthwhile = records >= capacity
             || (records >= capacity.div_ceil(2) && room.buffered < capacity)
-            || all_there_is
+            || up_to_limit
             || idle;
         if !worthwhile {
             return None; // wait for deliveries to free room for a fetch worth its round trip
@@ -205,6 +218,7 @@ mod tests {
             reserved: 0,
             buffered: 0,
             available: None,
+            first_share: None,
         }
     }
 
@@ -306,20 +320,60 @@ mod tests {
     }
 
     #[test]
-    fn reserved_records_count_against_the_byte_budget() {
+    fn a_first_fetch_reserves_its_share_and_goes_while_others_are_buffered() {
         let c = config();
+        let sizer = FetchSizer::new(&c);
+        let first = |records| Room {
+            first_share: Some(10),
+            buffered: 500,
+            reserved: 100,
+            ..room(records)
+        };
+        let plan = sizer
+            .plan(first(5_000), &c)
+            .expect("its whole share is worth a round trip");
+        assert_eq!(plan.records, 10, "its share, not a full fetch");
+        assert_eq!(sizer.plan(first(4), &c), None, "less than its share: wait");
+    }
+
+    #[test]
+    fn nothing_buffered_is_not_idle_while_fetches_in_flight_hold_reservations() {
+        let c = config();
+        let mut sizer = FetchSizer::new(&c);
+        sizer.taken(1, 50);
+        sizer.learn(10_000, 100, true);
+        let drained = |reserved| Room {
+            reserved,
+            available: Some(198),
+            ..room(13)
+        };
+        assert_eq!(
+            sizer.plan(drained(5_000), &c),
+            None,
+            "the answers in flight free room for more than 13"
+        );
+        let plan = sizer
+            .plan(drained(0), &c)
+            .expect("nothing buffered or coming: any room will do");
+        assert_eq!(plan.records, 13);
+    }
+
+    #[test]
+    fn reserved_records_count_against_the_byte_budget() {
+        let mut c = config();
+        c.prefetch_bytes = 10_000; // 100 records of 100 bytes: a fetch of 50 is worthwhile
         let mut sizer = FetchSizer::new(&c);
         sizer.taken(1, 100);
         let plan = sizer
             .plan(
                 Room {
                     bytes: 10_000,
-                    reserved: 60,
+                    reserved: 40,
                     ..room(1_000)
                 },
                 &c,
             )
-            .expect("room for 40 records");
-        assert_eq!(plan.records, 40);
+            .expect("room for 60 records");
+        assert_eq!(plan.records, 60);
     }
 }
