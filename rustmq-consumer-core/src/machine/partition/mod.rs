@@ -16,6 +16,8 @@ use crate::window::Window;
 
 mod fetch;
 mod sizing;
+#[cfg(test)]
+mod tests;
 
 use sizing::{FetchSizer, Planned};
 
@@ -65,6 +67,46 @@ pub(crate) struct Partition {
     indexed_backoff: Option<Instant>,
     /// Whether `Partitions::fetches_in_flight` counts this partition.
     counted_in_flight: bool,
+    /// Whether it is in `Partitions::fetch_candidates`, or out of it until its fetch state
+    /// differs from the one its last visit found it waiting on.
+    fetch_turn: FetchTurn,
+    /// Which of the membership indexes hold it (what `refresh` last put there).
+    indexed: Indexed,
+}
+
+/// A partition's place among the fetch candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchTurn {
+    /// In `Partitions::fetch_candidates`: visited by the next fetch pass.
+    Candidate,
+    /// Out of it: its last visit found it waiting on its own state, this one. Only a change
+    /// of this state puts it back (an ack, for one, changes none of it unless it frees the
+    /// settle span of a full window).
+    Parked(FetchState),
+}
+
+/// What a fetch visit of a partition reads from the partition itself (beside the buffer room
+/// all partitions share) to decide that it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FetchState {
+    backoff: bool,
+    refetch_due: bool,
+    in_flight: bool,
+    paused: bool,
+    revoking: bool,
+    phase: Phase,
+    /// The unsettled span is at `max_unsettled_per_partition`.
+    span_full: bool,
+    byte_blocked: bool,
+}
+
+/// Which membership indexes of `Partitions` hold a partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Indexed {
+    deliverable: bool,
+    starting: bool,
+    starting_due: bool,
+    uncommitted: bool,
 }
 
 /// How far a partition got in finding where to start.
@@ -147,6 +189,22 @@ impl Partition {
             dirty: false,
             indexed_backoff: None,
             counted_in_flight: false,
+            fetch_turn: FetchTurn::Candidate,
+            indexed: Indexed::default(),
+        }
+    }
+
+    /// Its own state as a fetch visit reads it.
+    fn fetch_state(&self, max_unsettled: u64) -> FetchState {
+        FetchState {
+            backoff: self.fetch_not_before.is_some(),
+            refetch_due: !self.refetch_in_flight && !self.refetch.is_empty(),
+            in_flight: self.fetch_in_flight,
+            paused: self.paused,
+            revoking: self.revoking,
+            phase: self.phase,
+            span_full: self.window.span() >= max_unsettled,
+            byte_blocked: self.byte_blocked.is_some(),
         }
     }
 
@@ -222,6 +280,8 @@ pub(crate) struct Partitions {
     fetch_reserved: usize,
     /// Sizes fetches in the broker's unit, learned from its answers.
     sizer: FetchSizer,
+    /// `max_unsettled_per_partition` of the config.
+    max_unsettled: u64,
     /// Partitions changed since the indexes below were brought up to date (`refresh`); every
     /// mutable access marks its partition. `all_dirty`: every partition.
     dirty: Vec<u32>,
@@ -229,8 +289,8 @@ pub(crate) struct Partitions {
     /// Partitions with something to deliver (exact after `refresh`).
     deliverable: BTreeSet<u32>,
     /// Partitions that may have a fetch, refetch or Latest lookup to send. Only a visit that
-    /// finds a partition waiting on its own state (in flight, backoff, paused...) removes it;
-    /// any change to the partition puts it back.
+    /// finds a partition waiting on its own state (in flight, backoff, paused...) removes it
+    /// (parks it, see [`FetchTurn`]); a change of that state puts it back.
     fetch_candidates: BTreeSet<u32>,
     /// Partitions that may have a refetch or Latest lookup to send: the only ones visited once
     /// the prefetch buffer is full.
@@ -355,21 +415,32 @@ impl Partitions {
             }
             p.indexed_backoff = p.fetch_not_before;
         }
-        let set = |set: &mut BTreeSet<u32>, member: bool| {
-            if member {
+        let starting = p.phase == Phase::Starting;
+        let now = Indexed {
+            deliverable: p.deliverable(),
+            starting,
+            starting_due: starting && !p.fetch_in_flight && p.fetch_not_before.is_none(),
+            uncommitted: p.commit_target().is_some(),
+        };
+        let was = std::mem::replace(&mut p.indexed, now);
+        // Only the memberships that changed touch their set.
+        let set = |set: &mut BTreeSet<u32>, was: bool, member: bool| {
+            if member && !was {
                 set.insert(id);
-            } else {
+            } else if was && !member {
                 set.remove(&id);
             }
         };
-        set(&mut self.deliverable, p.deliverable());
-        set(&mut self.starting, p.phase == Phase::Starting);
-        set(
-            &mut self.starting_due,
-            p.phase == Phase::Starting && !p.fetch_in_flight && p.fetch_not_before.is_none(),
-        );
-        set(&mut self.uncommitted, p.commit_target().is_some());
-        self.fetch_candidates.insert(id);
+        set(&mut self.deliverable, was.deliverable, now.deliverable);
+        set(&mut self.starting, was.starting, now.starting);
+        set(&mut self.starting_due, was.starting_due, now.starting_due);
+        set(&mut self.uncommitted, was.uncommitted, now.uncommitted);
+        if let FetchTurn::Parked(parked) = p.fetch_turn {
+            if parked != p.fetch_state(self.max_unsettled) {
+                p.fetch_turn = FetchTurn::Candidate;
+                self.fetch_candidates.insert(id);
+            }
+        }
         if p.has_lookup() {
             self.lookups.insert(id);
         }
@@ -397,6 +468,7 @@ impl Partitions {
             fetches_in_flight: 0,
             fetch_reserved: 0,
             sizer: FetchSizer::new(config),
+            max_unsettled: config.max_unsettled_per_partition,
             retries: BTreeSet::new(),
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
@@ -417,6 +489,7 @@ impl Partitions {
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
             self.list.insert(at, p);
+            self.fetch_candidates.insert(id);
             self.mark(at);
         }
     }
@@ -761,7 +834,7 @@ impl Partitions {
         self.refresh();
         // Partitions take turns in id order from `delivery_turn`, among those that have
         // something to deliver.
-        while self.unacked < max_unacked {
+        while self.unacked < max_unacked && !self.deliverable.is_empty() {
             let Some(&id) = self
                 .deliverable
                 .range(self.delivery_turn..)
@@ -792,6 +865,7 @@ impl Partitions {
                 None
             };
             if !p.deliverable() {
+                p.indexed.deliverable = false;
                 self.deliverable.remove(&id);
             }
             let Some((offset, record, attempt)) = next else {
