@@ -9,15 +9,22 @@
 //! Limits: a request frame is at most [`MAX_REQUEST_FRAME`] bytes (the broker reads it with one
 //! read into an 8 KiB buffer), a response frame at most [`MAX_RESPONSE_FRAME`] bytes. Decoding
 //! never panics, and a length prefix can never make it allocate more than the frame's own size.
+//!
+//! Zero copy: a Fetch answer's keys, values and header values are [`Bytes`] slices of the
+//! frame ([`decode_response_bytes`]), so decoding allocates per answer (its record list), not
+//! per record. A record kept alive keeps its whole frame alive; copy it out
+//! (`Bytes::copy_from_slice`) to keep it apart from the answer for long.
 
 use bincode::Options;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::error::TransportError;
-use crate::protocol::{Request, RequestKind, Response, MAX_REQUEST_FRAME};
+use crate::protocol::{
+    FetchResponse, Header, Record, Request, RequestKind, Response, MAX_REQUEST_FRAME,
+};
 
 /// Largest response frame accepted from the broker, type byte included (16 MiB).
 pub const MAX_RESPONSE_FRAME: usize = 16 * 1024 * 1024;
@@ -117,11 +124,77 @@ fn write_frame<T: Serialize>(type_byte: u8, body: &T, size: usize) -> Result<Byt
 /// Decodes a bincode body with the broker's options, never reading (or allocating for) more
 /// than `body.len()` bytes. Trailing bytes are ignored, as the broker ignores them.
 fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {
+    decode_borrowed(body)
+}
+
+/// [`decode_body`] for a message that borrows its byte strings from `body`.
+fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, bincode::Error> {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .allow_trailing_bytes()
         .with_limit(body.len() as u64)
         .deserialize(body)
+}
+
+/// A [`FetchResponse`] body as bincode lays it out (the same fields in the same order), its
+/// byte strings borrowed from the frame.
+#[derive(Deserialize)]
+struct FetchResponseRef<'a> {
+    #[serde(borrow)]
+    records: Vec<RecordRef<'a>>,
+    high_watermark: u64,
+    error_code: u32,
+    error_message: Option<String>,
+}
+
+/// A [`Record`] borrowed from the frame.
+#[derive(Deserialize)]
+struct RecordRef<'a> {
+    #[serde(borrow)]
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    #[serde(borrow)]
+    headers: Vec<HeaderRef<'a>>,
+    timestamp: i64,
+}
+
+/// A [`Header`] borrowed from the frame.
+#[derive(Deserialize)]
+struct HeaderRef<'a> {
+    key: String,
+    value: &'a [u8],
+}
+
+/// Decodes a Fetch answer's body, a part of `frame`, into records whose byte strings are
+/// slices of `frame`.
+fn decode_fetch(frame: &Bytes, body: &[u8]) -> Result<FetchResponse, bincode::Error> {
+    let r: FetchResponseRef<'_> = decode_borrowed(body)?;
+    // Every borrowed slice lies inside `body`, which lies inside `frame`: `slice_ref` takes
+    // them as they are.
+    let slice = |bytes: &[u8]| frame.slice_ref(bytes);
+    let records = r
+        .records
+        .into_iter()
+        .map(|r| Record {
+            key: r.key.map(slice),
+            value: slice(r.value),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    key: h.key,
+                    value: slice(h.value),
+                })
+                .collect(),
+            timestamp: r.timestamp,
+        })
+        .collect();
+    Ok(FetchResponse {
+        records,
+        high_watermark: r.high_watermark,
+        error_code: r.error_code,
+        error_message: r.error_message,
+    })
 }
 
 /// Encodes a request frame: its type byte, then its bincode body.
@@ -157,7 +230,29 @@ pub fn request_frame_len(request: &Request) -> usize {
 /// [`TransportError::Broker`] with the broker's text (without its `Error: ` prefix), a frame
 /// over [`MAX_RESPONSE_FRAME`] is [`TransportError::ResponseTooLarge`], and a wrong type byte or
 /// an undecodable body is [`TransportError::Malformed`].
+///
+/// A Fetch answer's records are copied out of `frame` once, together; with the frame as
+/// [`Bytes`], [`decode_response_bytes`] copies nothing.
 pub fn decode_response(kind: RequestKind, frame: &[u8]) -> Result<Response, TransportError> {
+    if kind == RequestKind::Fetch && frame.len() <= MAX_RESPONSE_FRAME {
+        return decode_response_bytes(kind, Bytes::copy_from_slice(frame));
+    }
+    decode_frame(kind, frame, None)
+}
+
+/// [`decode_response`] of a frame held as [`Bytes`]: a Fetch answer's keys, values and header
+/// values are slices of `frame` (no copy, no allocation per record). They keep `frame` alive
+/// as long as any of them lives.
+pub fn decode_response_bytes(kind: RequestKind, frame: Bytes) -> Result<Response, TransportError> {
+    decode_frame(kind, &frame, Some(&frame))
+}
+
+/// Decodes `frame`; `shared` is the same frame as [`Bytes`], for the zero-copy Fetch decoding.
+fn decode_frame(
+    kind: RequestKind,
+    frame: &[u8],
+    shared: Option<&Bytes>,
+) -> Result<Response, TransportError> {
     if frame.len() > MAX_RESPONSE_FRAME {
         return Err(TransportError::ResponseTooLarge(frame.len()));
     }
@@ -175,7 +270,11 @@ pub fn decode_response(kind: RequestKind, frame: &[u8]) -> Result<Response, Tran
             kind as u8
         )));
     }
-    decode_response_body(kind, body).map_err(|e| TransportError::Malformed(e.to_string()))
+    let decoded = match (kind, shared) {
+        (RequestKind::Fetch, Some(shared)) => decode_fetch(shared, body).map(Response::Fetch),
+        _ => decode_response_body(kind, body),
+    };
+    decoded.map_err(|e| TransportError::Malformed(e.to_string()))
 }
 
 fn decode_response_body(kind: RequestKind, body: &[u8]) -> Result<Response, bincode::Error> {

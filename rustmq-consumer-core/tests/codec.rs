@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use proptest::prelude::*;
 use rustmq_consumer_core::codec::{
-    decode_request, decode_response, encode_error_frame, encode_request, encode_response,
-    request_frame_len, CodecError, MAX_RESPONSE_FRAME,
+    decode_request, decode_response, decode_response_bytes, encode_error_frame, encode_request,
+    encode_response, request_frame_len, CodecError, MAX_RESPONSE_FRAME,
 };
 use rustmq_consumer_core::protocol::*;
 use rustmq_consumer_core::TransportError;
@@ -182,6 +182,44 @@ fn golden_fetch_response_decodes() {
         expected
     );
     assert_eq!(&encode_response(&expected)[..], &wire[..]);
+}
+
+#[test]
+fn a_fetch_answer_decodes_to_slices_of_its_frame() {
+    let record = |i: u8| Record {
+        key: Some(Bytes::from(vec![i; 3])),
+        value: Bytes::from(vec![i; 40]),
+        headers: vec![Header::new("h", vec![i; 2])],
+        timestamp: i64::from(i),
+    };
+    let expected = Response::Fetch(FetchResponse {
+        records: (0..5).map(record).collect(),
+        high_watermark: 5,
+        error_code: 0,
+        error_message: None,
+    });
+    let frame = encode_response(&expected);
+    let decoded = decode_response_bytes(RequestKind::Fetch, frame.clone()).unwrap();
+    assert_eq!(decoded, expected);
+    let Response::Fetch(fetch) = decoded else {
+        unreachable!("decoded as a fetch answer above");
+    };
+    let inside = |b: &Bytes| {
+        let (start, end) = (
+            frame.as_ptr() as usize,
+            frame.as_ptr() as usize + frame.len(),
+        );
+        let at = b.as_ptr() as usize;
+        start <= at && at + b.len() <= end
+    };
+    for r in &fetch.records {
+        assert!(
+            inside(&r.value),
+            "the value is a slice of the frame, not a copy"
+        );
+        assert!(inside(r.key.as_ref().unwrap()), "so is the key");
+        assert!(inside(&r.headers[0].value), "and the header value");
+    }
 }
 
 #[test]
@@ -701,7 +739,8 @@ proptest! {
     fn response_round_trips(response in response()) {
         let encoded = encode_response(&response);
         prop_assert_eq!(encoded[0], response.kind() as u8);
-        prop_assert_eq!(decode_response(response.kind(), &encoded).unwrap(), response);
+        prop_assert_eq!(decode_response(response.kind(), &encoded).unwrap(), response.clone());
+        prop_assert_eq!(decode_response_bytes(response.kind(), encoded).unwrap(), response);
     }
 
     #[test]

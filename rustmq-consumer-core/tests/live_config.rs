@@ -289,3 +289,32 @@ fn refused_updates_name_the_setting_and_change_nothing() {
         Err(ConfigUpdateError::Closed)
     );
 }
+
+/// Regression (the lean ack path met live updates): a partition set aside at a full settle
+/// span must fetch again when the span bound is raised, with nothing settled in between.
+#[test]
+fn a_raised_settle_span_bound_fetches_again_at_once() {
+    let mut c = config("t");
+    c.max_unsettled_per_partition = 2;
+    c.fetch_size = 2;
+    let mut h = started(c, 10);
+    let first = h.deliveries();
+    assert_eq!(first.len(), 2, "the span bound holds the partition at 2");
+    let fetches = h.fetches_sent().len();
+    h.advance(Duration::from_millis(200));
+    assert_eq!(
+        h.fetches_sent().len(),
+        fetches,
+        "no fetch while the span is full"
+    );
+    update(&mut h, |c| {
+        c.max_unsettled_per_partition = 100;
+        c.fetch_size = 100;
+    });
+    h.advance(Duration::from_millis(200));
+    assert!(
+        h.fetches_sent().len() > fetches,
+        "a raised bound lets the partition fetch again"
+    );
+    assert_eq!(h.deliveries().len(), 8, "the rest is delivered");
+}

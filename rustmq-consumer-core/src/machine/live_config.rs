@@ -62,7 +62,7 @@ impl ConsumerMachine {
         self.cache
             .set_bounds(now, c.cache_entries(), c.cache_max_bytes, c.cache_ttl);
         self.requests.set_timeout(c.request_timeout);
-        self.partitions.bounds_changed();
+        self.partitions.bounds_changed(&self.config);
         self.committer.reconfigured(now, &self.config);
         self.poll_work(now);
         Ok(())

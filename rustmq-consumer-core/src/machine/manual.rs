@@ -64,12 +64,13 @@ impl ManualGeneration {
         if self.in_flight {
             return true;
         }
-        let group_id = config.consumer_group.clone();
+        // Built only when there is something to send: this runs after every input.
+        let group_id = || config.consumer_group.clone();
         let (owner, request): (Owner, Request) = match &self.leaving {
             Some((member, _)) => (
                 Owner::Leave,
                 LeaveGroupRequest {
-                    group_id,
+                    group_id: group_id(),
                     member_id: member.clone(),
                 }
                 .into(),
@@ -77,7 +78,7 @@ impl ManualGeneration {
             None if wanted && self.generation.is_none() && self.retry_at.is_none() => (
                 Owner::Join,
                 JoinGroupRequest {
-                    group_id,
+                    group_id: group_id(),
                     member_id: String::new(),
                     session_timeout_ms: u32::try_from(config.session_timeout.as_millis())
                         .unwrap_or(u32::MAX),

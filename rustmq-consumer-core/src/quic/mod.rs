@@ -4,7 +4,7 @@
 //! request gets its own bidirectional stream (the stream is the correlation, as PROTOCOL.md
 //! says), so any number of requests are in flight at once. The frame is
 //! [`codec::encode_request`]'s, the send side is finished after it, and the response is read to
-//! its end under the [`MAX_RESPONSE_FRAME`] cap and decoded with [`codec::decode_response`].
+//! its end under the [`MAX_RESPONSE_FRAME`] cap and decoded with [`codec::decode_response_bytes`].
 //!
 //! The transport is runtime-agnostic: it takes quinn's runtime as a value
 //! (`Arc<dyn quinn::Runtime>`: `quinn::TokioRuntime` with feature `quic-tokio`,
@@ -273,7 +273,8 @@ impl Transport for QuicTransport {
             .map_err(|e| TransportError::ConnectionLost(format!("cannot finish stream: {e}")))?;
         let response = read_capped(&mut recv, MAX_RESPONSE_FRAME).await?;
         trace!(kind = ?kind, bytes = response.len(), "response received");
-        codec::decode_response(kind, &response)
+        // Zero copy: the records' bytes are slices of this buffer.
+        codec::decode_response_bytes(kind, response.into())
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::{trace, warn};
 
 use super::sizing::Room;
-use super::{AfterRefetch, Partitions, Phase, Refetched, Slot};
+use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot};
 use crate::backoff::{self, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConsumerConfig, StartPosition};
@@ -186,7 +186,15 @@ impl Partitions {
                 break;
             }
             self.byte_waiting.pop_first();
-            self.fetch_candidates.insert(id);
+            if let Some(idx) = self.index(id) {
+                self.list[idx].fetch_turn = FetchTurn::Candidate;
+                self.fetch_candidates.insert(id);
+            }
+        }
+        // Nothing to visit (the lookups below are visited only after a candidate found the
+        // buffer full): the common case after an ack.
+        if self.fetch_candidates.is_empty() {
+            return true;
         }
         // Partitions take turns in id order from `fetch_turn`, once each; once the buffer is
         // full, only refetches and Latest lookups can go.
@@ -226,16 +234,21 @@ impl Partitions {
             }
             match visit {
                 Visit::Refused => return false,
-                Visit::Waits => {
-                    self.fetch_candidates.remove(&id);
-                }
+                Visit::Waits => self.set_aside(idx),
                 Visit::ByteBlocked(need) => {
-                    self.fetch_candidates.remove(&id);
+                    self.set_aside(idx);
                     self.byte_waiting.insert((need, id));
                 }
                 Visit::Full => full = true,
             }
         }
+    }
+
+    /// Takes the partition at `idx` out of the fetch candidates until its own state changes.
+    fn set_aside(&mut self, idx: usize) {
+        let p = &mut self.list[idx];
+        p.fetch_turn = FetchTurn::SetAside(p.fetch_state(self.max_unsettled));
+        self.fetch_candidates.remove(&p.id);
     }
 
     /// Sends one partition's refetch or fetch if due, and says what the partition waits for

@@ -15,9 +15,13 @@ use crate::protocol::Record;
 use crate::window::Window;
 
 mod fetch;
+mod index;
 mod parked;
 mod sizing;
+#[cfg(test)]
+mod tests;
 
+use index::{FetchTurn, Indexed};
 pub(crate) use parked::Handback;
 use parked::Parked;
 use sizing::{FetchSizer, Planned};
@@ -68,6 +72,11 @@ pub(crate) struct Partition {
     indexed_backoff: Option<Instant>,
     /// Whether `Partitions::fetches_in_flight` counts this partition.
     counted_in_flight: bool,
+    /// Whether it is in `Partitions::fetch_candidates`, or out of it until its fetch state
+    /// differs from the one its last visit found it waiting on.
+    fetch_turn: FetchTurn,
+    /// Which of the membership indexes hold it (what `refresh` last put there).
+    indexed: Indexed,
 }
 
 /// How far a partition got in finding where to start.
@@ -150,6 +159,8 @@ impl Partition {
             dirty: false,
             indexed_backoff: None,
             counted_in_flight: false,
+            fetch_turn: FetchTurn::Candidate,
+            indexed: Indexed::default(),
         }
     }
 
@@ -225,6 +236,8 @@ pub(crate) struct Partitions {
     fetch_reserved: usize,
     /// Sizes fetches in the broker's unit, learned from its answers.
     sizer: FetchSizer,
+    /// `max_unsettled_per_partition` of the config.
+    max_unsettled: u64,
     /// Partitions changed since the indexes below were brought up to date (`refresh`); every
     /// mutable access marks its partition. `all_dirty`: every partition.
     dirty: Vec<u32>,
@@ -232,8 +245,8 @@ pub(crate) struct Partitions {
     /// Partitions with something to deliver (exact after `refresh`).
     deliverable: BTreeSet<u32>,
     /// Partitions that may have a fetch, refetch or Latest lookup to send. Only a visit that
-    /// finds a partition waiting on its own state (in flight, backoff, paused...) removes it;
-    /// any change to the partition puts it back.
+    /// finds a partition waiting on its own state (in flight, backoff, paused...) removes it
+    /// (parks it, see [`FetchTurn`]); a change of that state puts it back.
     fetch_candidates: BTreeSet<u32>,
     /// Partitions that may have a refetch or Latest lookup to send: the only ones visited once
     /// the prefetch buffer is full.
@@ -261,125 +274,6 @@ pub(crate) struct Partitions {
 }
 
 impl Partitions {
-    /// The breaker closed an outage's open interval: partitions backing off after failed
-    /// fetches may fetch again at once.
-    pub(crate) fn end_failure_backoff(&mut self) {
-        self.refresh();
-        let backoffs: Vec<(Instant, u32)> = self.backoffs.iter().copied().collect();
-        for (_, id) in backoffs {
-            if let Some(p) = self.get_mut(id).filter(|p| p.fetch_failures > 0) {
-                p.fetch_not_before = None;
-            }
-        }
-    }
-
-    /// The earliest fetch backoff of a partition that would fetch once it passes.
-    pub(crate) fn next_fetch_backoff(&self) -> Option<Instant> {
-        let waits = |p: &Partition| !p.fetch_in_flight && !p.paused && !p.revoking;
-        if self.all_dirty {
-            return self
-                .list
-                .iter()
-                .filter(|p| waits(p))
-                .filter_map(|p| p.fetch_not_before)
-                .min();
-        }
-        // The index holds every partition not changed since; the changed ones are looked at.
-        let indexed = self.backoffs.iter().find_map(|&(at, id)| {
-            let p = self.get(id)?;
-            (p.fetch_not_before == Some(at) && waits(p)).then_some(at)
-        });
-        let changed = self
-            .dirty
-            .iter()
-            .filter_map(|&id| self.get(id))
-            .filter(|p| waits(p))
-            .filter_map(|p| p.fetch_not_before)
-            .min();
-        indexed.into_iter().chain(changed).min()
-    }
-
-    /// Ends every fetch backoff that passed by `now`.
-    pub(crate) fn fetch_backoffs_due(&mut self, now: Instant) {
-        self.refresh();
-        while let Some(&(at, id)) = self.backoffs.first() {
-            if at > now {
-                break;
-            }
-            self.backoffs.pop_first();
-            if let Some(p) = self.get_mut(id) {
-                p.fetch_not_before = None;
-                p.indexed_backoff = None;
-            }
-        }
-    }
-
-    /// Queues the partition at `idx` for `refresh`.
-    fn mark(&mut self, idx: usize) {
-        let p = &mut self.list[idx];
-        if !p.dirty {
-            p.dirty = true;
-            self.dirty.push(p.id);
-        }
-    }
-
-    /// Brings the indexes up to date with the partitions changed since the last refresh.
-    pub(crate) fn refresh(&mut self) {
-        if std::mem::take(&mut self.all_dirty) {
-            self.dirty.clear();
-            for idx in 0..self.list.len() {
-                self.reindex(idx);
-            }
-            return;
-        }
-        while let Some(id) = self.dirty.pop() {
-            if let Some(idx) = self.index(id) {
-                self.reindex(idx);
-            }
-        }
-    }
-
-    fn reindex(&mut self, idx: usize) {
-        let p = &mut self.list[idx];
-        let id = p.id;
-        p.dirty = false;
-        if p.counted_in_flight != p.fetch_in_flight {
-            p.counted_in_flight = p.fetch_in_flight;
-            if p.fetch_in_flight {
-                self.fetches_in_flight += 1;
-            } else {
-                self.fetches_in_flight -= 1;
-            }
-        }
-        if p.indexed_backoff != p.fetch_not_before {
-            if let Some(at) = p.indexed_backoff {
-                self.backoffs.remove(&(at, id));
-            }
-            if let Some(at) = p.fetch_not_before {
-                self.backoffs.insert((at, id));
-            }
-            p.indexed_backoff = p.fetch_not_before;
-        }
-        let set = |set: &mut BTreeSet<u32>, member: bool| {
-            if member {
-                set.insert(id);
-            } else {
-                set.remove(&id);
-            }
-        };
-        set(&mut self.deliverable, p.deliverable());
-        set(&mut self.starting, p.phase == Phase::Starting);
-        set(
-            &mut self.starting_due,
-            p.phase == Phase::Starting && !p.fetch_in_flight && p.fetch_not_before.is_none(),
-        );
-        set(&mut self.uncommitted, p.commit_target().is_some());
-        self.fetch_candidates.insert(id);
-        if p.has_lookup() {
-            self.lookups.insert(id);
-        }
-    }
-
     pub(crate) fn new(config: &ConsumerConfig) -> Self {
         let mut set = Self {
             list: Vec::new(),
@@ -402,6 +296,7 @@ impl Partitions {
             fetches_in_flight: 0,
             fetch_reserved: 0,
             sizer: FetchSizer::new(config),
+            max_unsettled: config.max_unsettled_per_partition,
             retries: BTreeSet::new(),
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
@@ -416,9 +311,15 @@ impl Partitions {
         set
     }
 
-    /// The fetch bounds changed (a live configuration update): every partition is looked at
-    /// again, since one that waited for room may have it now.
-    pub(crate) fn bounds_changed(&mut self) {
+    /// The fetch bounds changed (a live configuration update): every partition is a fetch
+    /// candidate again, since one set aside under the old bounds (a full settle span, a
+    /// fetch not worth its round trip) may fetch under the new ones.
+    pub(crate) fn bounds_changed(&mut self, config: &ConsumerConfig) {
+        self.max_unsettled = config.max_unsettled_per_partition;
+        for p in &mut self.list {
+            p.fetch_turn = FetchTurn::Candidate;
+            self.fetch_candidates.insert(p.id);
+        }
         self.all_dirty = true;
     }
 
@@ -430,6 +331,7 @@ impl Partitions {
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
             self.list.insert(at, p);
+            self.fetch_candidates.insert(id);
             self.mark(at);
         }
     }
@@ -490,35 +392,6 @@ impl Partitions {
             p.committed = None;
             p.start = None;
         }
-    }
-
-    /// Whether any partition's watermark moved past what was committed or is in flight.
-    pub(crate) fn has_uncommitted(&self) -> bool {
-        if self.all_dirty {
-            return self.list.iter().any(|p| p.commit_target().is_some());
-        }
-        // The index holds every partition not changed since; the changed ones are looked at.
-        self.uncommitted
-            .iter()
-            .chain(&self.dirty)
-            .any(|&id| self.get(id).is_some_and(|p| p.commit_target().is_some()))
-    }
-
-    /// Every partition's offset to commit, by partition id.
-    pub(crate) fn commit_targets(&self) -> Vec<(u32, u64)> {
-        let target = |p: &Partition| p.commit_target().map(|o| (p.id, o));
-        if self.all_dirty {
-            return self.list.iter().filter_map(target).collect();
-        }
-        let ids: BTreeSet<u32> = self
-            .uncommitted
-            .iter()
-            .chain(&self.dirty)
-            .copied()
-            .collect();
-        ids.into_iter()
-            .filter_map(|id| self.get(id).and_then(target))
-            .collect()
     }
 
     pub(crate) fn any_stalled(&self) -> bool {
@@ -788,7 +661,7 @@ impl Partitions {
         self.refresh();
         // Partitions take turns in id order from `delivery_turn`, among those that have
         // something to deliver.
-        while self.unacked < max_unacked {
+        while self.unacked < max_unacked && !self.deliverable.is_empty() {
             let Some(&id) = self
                 .deliverable
                 .range(self.delivery_turn..)
@@ -819,6 +692,7 @@ impl Partitions {
                 None
             };
             if !p.deliverable() {
+                p.indexed.deliverable = false;
                 self.deliverable.remove(&id);
             }
             let Some((offset, record, attempt)) = next else {

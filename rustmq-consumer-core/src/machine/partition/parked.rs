@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use super::index::{FetchTurn, Indexed};
 use super::{AfterRefetch, Partition, Partitions, Phase, Slot};
 use crate::cache::MessageCache;
 use crate::error::UsageError;
@@ -102,9 +103,13 @@ impl Partition {
         self.empty_fetches = 0;
         self.fetch_failures = 0;
         self.commit_in_flight = None;
+        // Out of every index of the list (`revoke_all` clears them): its own record of where
+        // it was indexed starts afresh too, so `unpark` indexes it like a new partition.
         self.dirty = false;
         self.indexed_backoff = None;
         self.counted_in_flight = false;
+        self.indexed = Indexed::default();
+        self.fetch_turn = FetchTurn::Candidate;
     }
 
     fn delivered(&self) -> usize {
@@ -239,6 +244,7 @@ impl Partitions {
         self.parked.restoring.insert(id);
         let at = self.list.partition_point(|q| q.id < id);
         self.list.insert(at, p);
+        self.fetch_candidates.insert(id);
         self.mark(at);
         true
     }

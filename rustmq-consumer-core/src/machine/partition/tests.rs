@@ -1,0 +1,116 @@
+//! The fetch candidates follow what an input changed: an ack leaves a waiting partition out of
+//! the fetch pass, and the change it waits for puts it back.
+
+use std::time::{Duration, Instant};
+
+use super::{Partitions, Phase, Slot};
+use crate::breaker::Breaker;
+use crate::cache::MessageCache;
+use crate::config::ConsumerConfig;
+use crate::event::Metrics;
+use crate::machine::requests::Requests;
+
+struct Setup {
+    now: Instant,
+    config: ConsumerConfig,
+    partitions: Partitions,
+    breaker: Breaker,
+    requests: Requests,
+    cache: MessageCache,
+    metrics: Metrics,
+}
+
+/// Partition 0, active at offset 0, with `delivered` offsets out with the application.
+#[allow(clippy::disallowed_methods)] // a test's clock: any instant does
+fn setup(max_unsettled: u64, delivered: u64) -> Setup {
+    let now = Instant::now();
+    let mut config = ConsumerConfig::new("t", "g");
+    config.partitions = vec![0];
+    config.max_unsettled_per_partition = max_unsettled;
+    let mut partitions = Partitions::new(&config);
+    let p = partitions.at_mut(0);
+    p.phase = Phase::Active;
+    for _ in 0..delivered {
+        p.window.push(Slot::Delivered {
+            attempt: 1,
+            since: now,
+        });
+    }
+    partitions.unacked = usize::try_from(delivered).unwrap_or(usize::MAX);
+    partitions.refresh();
+    Setup {
+        now,
+        breaker: Breaker::new(
+            config.failure_threshold,
+            config.recovery_timeout,
+            config.half_open_max_probes,
+            config.half_open_max_wait,
+        ),
+        requests: Requests::new(config.request_timeout),
+        cache: MessageCache::new(16, 1 << 20, Duration::from_secs(60)),
+        metrics: Metrics::default(),
+        config,
+        partitions,
+    }
+}
+
+impl Setup {
+    /// One fetch pass.
+    fn send_fetches(&mut self) {
+        assert!(self.partitions.send_fetches(
+            self.now,
+            &self.config,
+            &mut self.breaker,
+            &mut self.requests,
+            &mut self.metrics,
+        ));
+        self.partitions.refresh();
+    }
+
+    fn ack(&mut self, offset: u64) {
+        self.partitions.delivery_ended();
+        self.partitions.settle(0, offset, &mut self.cache);
+        self.partitions.refresh();
+    }
+
+    fn candidate(&self) -> bool {
+        self.partitions.fetch_candidates.contains(&0)
+    }
+}
+
+#[test]
+fn an_ack_leaves_a_partition_with_a_fetch_in_flight_out_of_the_fetch_pass() {
+    let mut s = setup(100, 3);
+    s.send_fetches();
+    assert!(s.partitions.at(0).fetch_in_flight, "the pass sends a fetch");
+    assert!(!s.candidate(), "in flight: parked");
+    s.ack(0);
+    s.ack(2);
+    assert!(!s.candidate(), "an ack frees no buffer room: still parked");
+    s.partitions.at_mut(0).fetch_in_flight = false; // the answer
+    s.partitions.refresh();
+    assert!(s.candidate(), "the answer puts it back");
+}
+
+#[test]
+fn only_an_ack_that_moves_a_full_window_makes_the_partition_a_candidate_again() {
+    let mut s = setup(3, 3);
+    s.send_fetches();
+    assert!(
+        !s.partitions.at(0).fetch_in_flight,
+        "the window is full: no fetch"
+    );
+    assert!(!s.candidate(), "a full window sets it aside");
+    s.ack(1);
+    assert!(
+        !s.candidate(),
+        "the watermark did not move: the window is still full"
+    );
+    s.ack(0);
+    assert!(s.candidate(), "the watermark moved: room in the window");
+    s.send_fetches();
+    assert!(
+        s.partitions.at(0).fetch_in_flight,
+        "and the next pass fetches"
+    );
+}
