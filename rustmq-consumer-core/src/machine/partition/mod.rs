@@ -175,6 +175,18 @@ impl Partition {
     }
 
     /// Updates an unsettled slot; the caller checked it exists.
+    /// Fetches `offset` again (its record is not cached), then dead-letters it.
+    pub(crate) fn refetch_to_dead_letter(&mut self, offset: u64, attempt: u32) {
+        self.set(
+            offset,
+            Slot::Refetching {
+                attempt,
+                then: AfterRefetch::DeadLetter,
+            },
+        );
+        self.refetch.push_back(offset);
+    }
+
     pub(crate) fn set(&mut self, offset: u64, slot: Slot) {
         if let Some(s) = self.window.get_mut(offset) {
             *s = slot;
@@ -535,14 +547,7 @@ impl Partitions {
     ) {
         self.mark(idx);
         let p = &mut self.list[idx];
-        p.set(
-            offset,
-            Slot::Refetching {
-                attempt,
-                then: AfterRefetch::DeadLetter,
-            },
-        );
-        p.refetch.push_back(offset);
+        p.refetch_to_dead_letter(offset, attempt);
         self.refetch_reasons.insert((p.id, offset), reason);
     }
 

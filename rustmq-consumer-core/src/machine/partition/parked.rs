@@ -365,14 +365,7 @@ impl Partitions {
             }
             Handback::Retry => p.set(offset, Slot::Waiting { attempt }),
             Handback::DeadLetter(reason) => {
-                p.set(
-                    offset,
-                    Slot::Refetching {
-                        attempt,
-                        then: AfterRefetch::DeadLetter,
-                    },
-                );
-                p.refetch.push_back(offset);
+                p.refetch_to_dead_letter(offset, attempt);
                 self.refetch_reasons.insert((partition, offset), reason);
             }
         }
