@@ -816,7 +816,9 @@ pub async fn batches<R: Runtime + Clone>(rt: R) {
 }
 
 /// A delivery held across a rebalance that revoked its partition is stale: its ack is refused
-/// (never a silent `Ok`), and acks of deliveries made after the rebalance are accepted.
+/// (never a silent `Ok`), and acks of deliveries made after the rebalance are accepted. If the
+/// rebalance gave the partition back instead (which member gets it depends on the join order,
+/// and real clocks race), the held delivery is still this member's and its ack is accepted.
 pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
     let broker = broker(2, 40);
     let mut config = fast_config();
@@ -827,6 +829,7 @@ pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
     let first = start(&rt, &broker, config.clone()).await;
     let held = next(&rt, &first).await;
     assert_eq!((held.partition(), held.offset()), (0, 0));
+    let mut events = first.events();
     let mut second_config = config;
     second_config.consumer_id = Some("second".to_owned());
     second_config.seed ^= 1;
@@ -844,13 +847,20 @@ pub async fn stale_after_rebalance<R: Runtime + Clone>(rt: R) {
     })
     .await;
     sleep(&rt, Duration::from_millis(50)).await;
-    assert_eq!(
-        held.ack().await,
+    let mut moved = false;
+    while let Some(Some(notice)) = future::poll_once(events.next()).await {
+        moved |=
+            matches!(&notice.event, Event::Revoked(tps) if tps.iter().any(|tp| tp.partition == 0));
+    }
+    let expected = if moved {
         Err(ConsumerError::Usage(UsageError::StaleDelivery {
             partition: 0,
-            offset: 0
+            offset: 0,
         }))
-    );
+    } else {
+        Ok(())
+    };
+    assert_eq!(held.ack().await, expected, "partition 0 moved: {moved}");
     within(&rt, second.close()).await.expect("close");
     // Alone again: everything left is delivered to the first consumer and acked.
     let mut acked = 0;
