@@ -175,6 +175,26 @@ impl Partition {
     }
 
     /// Updates an unsettled slot; the caller checked it exists.
+    /// Deliveries of this partition the application holds.
+    pub(crate) fn delivered(&self) -> usize {
+        self.window
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Delivered { .. }))
+            .count()
+    }
+
+    /// Forgets what it was about to redeliver, refetch or fetch, and its fetch backoff (the
+    /// requests in flight are answered stale).
+    fn stop_fetching(&mut self) {
+        self.redeliver.clear();
+        self.refetch.clear();
+        self.fetch_in_flight = false;
+        self.refetch_in_flight = false;
+        self.fetch_not_before = None;
+        self.byte_blocked = None;
+        self.empty_fetches = 0;
+    }
+
     /// Fetches `offset` again (its record is not cached), then dead-letters it.
     pub(crate) fn refetch_to_dead_letter(&mut self, offset: u64, attempt: u32) {
         self.set(
@@ -553,37 +573,33 @@ impl Partitions {
 
     /// Forgets everything about a partition's position and restarts it at `offset` under a
     /// new epoch. The caller forgets the partition's cached messages and dead letters.
-    pub(crate) fn restart(&mut self, idx: usize, offset: u64) {
-        let epoch = self.next_epoch;
-        self.next_epoch += 1;
-        self.mark(idx);
+    /// Gives the shared buffer back what the partition at `idx` holds in it: its fetched,
+    /// undelivered records and the reservation of its fetch in flight.
+    fn release_buffer(&mut self, idx: usize) {
         let p = &mut self.list[idx];
-        let id = p.id;
-        let outstanding = p
-            .window
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Delivered { .. }))
-            .count();
-        self.unacked -= outstanding;
         self.buffered -= p.buffered.len();
         self.buffered_bytes -= p
             .buffered
             .iter()
             .map(|(_, r)| r.encoded_len())
             .sum::<usize>();
+        p.buffered.clear();
         if let Some(planned) = p.fetch_planned.take() {
             self.fetch_reserved -= planned.records;
         }
+    }
+
+    pub(crate) fn restart(&mut self, idx: usize, offset: u64) {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.mark(idx);
+        self.unacked -= self.list[idx].delivered();
+        self.release_buffer(idx);
+        let p = &mut self.list[idx];
+        let id = p.id;
         p.epoch = epoch;
         p.window.reset(offset);
-        p.buffered.clear();
-        p.redeliver.clear();
-        p.refetch.clear();
-        p.fetch_in_flight = false;
-        p.refetch_in_flight = false;
-        p.fetch_not_before = None;
-        p.byte_blocked = None;
-        p.empty_fetches = 0;
+        p.stop_fetching();
         p.stalled = false;
         p.fetch_failing = false;
         self.retries.retain(|&(_, pid, _)| pid != id);

@@ -93,14 +93,8 @@ impl Partition {
             };
         }
         self.buffered.clear();
-        self.redeliver.clear();
-        self.refetch.clear();
-        self.fetch_in_flight = false;
-        self.refetch_in_flight = false;
+        self.stop_fetching();
         self.released_from_byte_wait = false;
-        self.fetch_not_before = None;
-        self.byte_blocked = None;
-        self.empty_fetches = 0;
         self.fetch_failures = 0;
         self.commit_in_flight = None;
         // Out of every index of the list (`revoke_all` clears them): its own record of where
@@ -110,13 +104,6 @@ impl Partition {
         self.counted_in_flight = false;
         self.indexed = Indexed::default();
         self.fetch_turn = FetchTurn::Candidate;
-    }
-
-    fn delivered(&self) -> usize {
-        self.window
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Delivered { .. }))
-            .count()
     }
 }
 
@@ -142,16 +129,9 @@ impl Partitions {
         if !p.parkable() {
             return false;
         }
-        if let Some(planned) = p.fetch_planned.take() {
-            self.fetch_reserved -= planned.records;
-        }
         // Fetched during the drain (a fetch in flight when it began).
-        self.buffered -= p.buffered.len();
-        self.buffered_bytes -= p
-            .buffered
-            .iter()
-            .map(|(_, r)| r.encoded_len())
-            .sum::<usize>();
+        self.release_buffer(idx);
+        let p = &mut self.list[idx];
         p.park();
         self.parked.restoring.remove(&p.id);
         true
