@@ -116,6 +116,49 @@ fn out_of_order_acks_never_pass_a_gap() {
     assert_eq!(h.m.settle_watermark(0), Some(3));
 }
 
+/// A burst of acks as one input settles each as `ack` would, refuses the bad ones with the
+/// reason (and loses nothing else), and runs the work step once: the freed credit delivers
+/// in one pass and the full batch commits.
+#[test]
+fn ack_many_settles_a_burst_as_one_input_and_refuses_what_ack_would() {
+    let mut c = config("t");
+    c.max_unacked = 5;
+    c.ack_batch_size = 5;
+    c.ack_batch_min_interval = Duration::ZERO;
+    let mut h = started(c, 12);
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 5, "credit bounds the deliveries");
+    let unknown = DeliveryTag {
+        offset: 999,
+        ..ds[0].tag
+    };
+    let mut burst: Vec<DeliveryTag> = ds.iter().map(|d| d.tag).collect();
+    burst.insert(2, unknown);
+    burst.push(ds[0].tag);
+    let refused = h.m.ack_many(h.now, burst);
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused[0].0, unknown);
+    assert_eq!(refused[1].0, ds[0].tag, "acked twice");
+    assert_eq!(h.m.settle_watermark(0), Some(5));
+    assert_eq!(h.m.metrics().acked, 5);
+    h.drive();
+    let next = h.deliveries();
+    assert_eq!(
+        next.iter().map(|d| d.tag.offset).collect::<Vec<_>>(),
+        [5, 6, 7, 8, 9],
+        "the freed credit delivers the next five"
+    );
+    assert_eq!(
+        h.broker.committed.get(&0),
+        Some(&5),
+        "the full batch committed"
+    );
+    assert!(
+        h.m.ack_many(h.now, []).is_empty(),
+        "an empty burst is no input"
+    );
+}
+
 #[test]
 fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     let mut c = config("t");

@@ -116,6 +116,16 @@ impl Consumer {
 
     /// The next delivery (`None` once closed), or the next error for the application first.
     async fn next_stamped(&self) -> Result<Option<Stamped>, ConsumerError> {
+        // The common case, without building the two futures below: an error or a delivery
+        // is already waiting.
+        if let Ok(error) = self.errors.try_recv() {
+            return Err(error);
+        }
+        match self.shared.inbox.try_take() {
+            Take::Delivery(stamped) => return Ok(Some(stamped)),
+            Take::Closed => return Ok(None),
+            Take::Empty => {}
+        }
         let error = async {
             match self.errors.recv().await {
                 Ok(error) => Err(error),

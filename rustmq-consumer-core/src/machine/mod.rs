@@ -161,7 +161,14 @@ impl ConsumerMachine {
             );
             return;
         };
+        let fetched = matches!(result, Ok(Response::Fetch(_)));
         self.finish_request(now, id, flight, result.map_err(RequestError::from));
+        if fetched {
+            // The next fetch goes out before this answer is delivered, so the broker works
+            // on it while the application takes the deliveries (the work step below sends
+            // again what the delivery's freed room allows).
+            self.send_work(now);
+        }
         self.poll_work(now);
     }
 
@@ -179,18 +186,49 @@ impl ConsumerMachine {
 
     /// Settles a delivery: it will be committed once every lower offset is settled too.
     pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
+        if self.settle_acked(now, tag)? {
+            self.poll_work(now);
+        }
+        Ok(())
+    }
+
+    /// Acks every delivery of `tags`, in order, as one input: each is settled (or refused)
+    /// exactly as [`ack`](Self::ack) would, and the work step that ends an input (deliveries,
+    /// fetches, commits) runs once, after the last. Returns the refused tags with the reason;
+    /// the others are settled. This is how a driver applies a burst of acks.
+    pub fn ack_many(
+        &mut self,
+        now: Instant,
+        tags: impl IntoIterator<Item = DeliveryTag>,
+    ) -> Vec<(DeliveryTag, UsageError)> {
+        let mut refused = Vec::new();
+        let mut work = false;
+        for tag in tags {
+            match self.settle_acked(now, tag) {
+                Ok(pending) => work |= pending,
+                Err(error) => refused.push((tag, error)),
+            }
+        }
+        if work {
+            self.poll_work(now);
+        }
+        refused
+    }
+
+    /// Settles an acked delivery; true when the work step is still to run (a delivery of a
+    /// parked partition is handed back, which runs it).
+    fn settle_acked(&mut self, now: Instant, tag: DeliveryTag) -> Result<bool, UsageError> {
         if self.partitions.is_parked(tag.partition) {
             self.hand_back_parked(now, tag, Handback::Ack)?;
             self.metrics.acked += 1;
-            return Ok(());
+            return Ok(false);
         }
         let idx = self.outstanding(tag)?;
         self.partitions.delivery_ended();
         self.metrics.acked += 1;
         trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
         self.settle(now, idx, tag.offset);
-        self.poll_work(now);
-        Ok(())
+        Ok(true)
     }
 
     /// Hands a delivery back for a retry after `delay` (or the backoff policy when `None`).

@@ -145,6 +145,8 @@ pub(crate) struct Driver {
     transport: Arc<dyn Transport>,
     channels: DriverChannels,
     in_flight: FuturesUnordered<ResponseFuture>,
+    /// Requests answered as they were sent (a transport that answers at once).
+    answered: VecDeque<(RequestId, Result<Response, TransportError>)>,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     armed: Option<Instant>,
     /// Deliveries the inbox had no room for. A safety net: the inbox holds only deliveries the
@@ -203,6 +205,7 @@ impl Driver {
             transport,
             channels,
             in_flight: FuturesUnordered::new(),
+            answered: VecDeque::new(),
             timer: None,
             armed: None,
             backlog: VecDeque::new(),
@@ -296,13 +299,17 @@ impl Driver {
     /// Feeds the machine every ack the gate accepted. Each was checked against a generation
     /// the machine has not moved past, so a refusal is a bug in the gate's bookkeeping.
     fn apply_pending(&mut self, now: Instant, state: &mut GateState) {
-        for tag in state.pending.drain(..) {
-            let result = self.machine.ack(now, tag);
-            if let Err(error) = &result {
-                tracing::error!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "an ack the gate accepted was refused");
-            }
-            debug_assert!(result.is_ok(), "gate accepted a refused ack: {result:?}");
+        if state.pending.is_empty() {
+            return;
         }
+        let refused = self.machine.ack_many(now, state.pending.drain(..));
+        for (tag, error) in &refused {
+            tracing::error!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "an ack the gate accepted was refused");
+        }
+        debug_assert!(
+            refused.is_empty(),
+            "gate accepted refused acks: {refused:?}"
+        );
     }
 
     fn wake(&mut self, now: Instant, wake: Wake, state: &mut GateState) {
@@ -363,10 +370,21 @@ impl Driver {
                     self.telemetry.sent(now, id, transmit.request.kind());
                 }
                 tracing::trace!(request = id.0, kind = ?transmit.request.kind(), "send");
-                self.in_flight.push(Box::pin(async move {
+                let mut request: ResponseFuture = Box::pin(async move {
                     let result = transport.request(transmit.request).await;
                     (id, result)
-                }));
+                });
+                // Started here, not at the next wait: the request is on the wire while the
+                // deliveries below are handed over, so the broker works on it meanwhile (the
+                // next fetch overlaps the delivery of the last answer). `in_flight` polls it
+                // again with the real waker before the task sleeps.
+                match request
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                {
+                    Poll::Ready(answer) => self.answered.push_back(answer),
+                    Poll::Pending => self.in_flight.push(request),
+                }
             }
             while let Some(event) = self.machine.poll_event() {
                 progressed = true;
@@ -406,6 +424,9 @@ impl Driver {
                     return Poll::Ready(Wake::Timer);
                 }
             }
+        }
+        if let Some((id, result)) = self.answered.pop_front() {
+            return Poll::Ready(Wake::Response(id, result));
         }
         if !self.in_flight.is_empty() {
             if let Poll::Ready(Some((id, result))) = Pin::new(&mut self.in_flight).poll_next(cx) {
