@@ -3,7 +3,8 @@
 //! Each group sets our consumer beside its baseline, measured in the same run; the targets
 //! are ratios between the two. Benchmarks report, they never assert timings. Groups:
 //!
-//! - `core_ack_path`: settle + watermark through `ConsumerMachine::ack`, in and out of order;
+//! - `core_ack_path`: settle + watermark through `ConsumerMachine::ack`, in and out of order, and
+//!   in bursts through `ConsumerMachine::ack_many` (the driver's path);
 //! - `core_cycle`: fetch ingest, delivery, ack and the batched commit, beside a `VecDeque`;
 //! - `core_subsystems`: nack + redelivery from the cache, cache-miss refetch, breaker cycles;
 //! - `end_to_end`: the public `Consumer` on tokio and smol over a zero-latency `SimTransport`,
@@ -56,6 +57,9 @@ const PARTITIONS_N: usize = 200_000;
 const STALL: Duration = Duration::from_secs(30);
 /// Partition counts of the `partitions` group.
 const PARTITION_COUNTS: [u32; 4] = [1, 10, 100, 1_000];
+/// Acks per `ConsumerMachine::ack_many` call in `core_ack_path/ack_many_in_order`.
+const ACK_BURST: usize = 64;
+
 /// Messages consumed per `quic_loopback` iteration.
 const QUIC_N: usize = 20_000;
 /// Messages acked per iteration by our consumer in `ack_throughput_vs_old_design`.
@@ -92,6 +96,21 @@ fn core_ack_path(c: &mut Criterion) {
             |(mut m, tags)| {
                 for tag in tags {
                     m.ack(now, tag).unwrap();
+                }
+                debug_assert_eq!(m.settle_watermark(0), Some(ACK_N as u64));
+                m
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // The driver's path: the acks queued in its gate since its last wake-up, as one input.
+    g.bench_function("ack_many_in_order", |b| {
+        b.iter_batched(
+            setup,
+            |(mut m, tags)| {
+                for burst in tags.chunks(ACK_BURST) {
+                    let refused = m.ack_many(now, burst.iter().copied());
+                    debug_assert!(refused.is_empty());
                 }
                 debug_assert_eq!(m.settle_watermark(0), Some(ACK_N as u64));
                 m
