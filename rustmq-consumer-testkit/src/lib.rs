@@ -20,7 +20,8 @@
 //!   going silent ([`PhantomPlan`]); all stop at a heal time) and [`SimRng`], the seeded PRNG
 //!   every choice comes from.
 //! - `invariants`: [`Checker`], the consumer's invariants checked from what is observable,
-//!   and [`Violation`] naming the one that broke ([`invariant_names`]).
+//!   and [`Violation`] naming the one that broke ([`invariant_names`]); one file per family:
+//!   `delivery`, `requests`, `group`, `close` (the end-of-run checks).
 //! - `sim`: [`Simulation`], the discrete-event loop driving one `ConsumerMachine`, the
 //!   broker, the fault layer and an application ([`Handler`], [`ModelApp`]); [`Scenario`]
 //!   derives everything from one seed (about a third of the seeds run a consumer-group
