@@ -7,7 +7,8 @@
 //!
 //! - `broker`: [`SimBroker`], a model of the RustMQ broker with the semantics of
 //!   `PROTOCOL.md` (storage, group coordinator, session reaper, crash and restart), plus the
-//!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read.
+//!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read; one file per
+//!   concern: `storage`, `group` (the coordinator), `request_log`.
 //! - `transport`: [`SimTransport`], an in-memory transport from a consumer's driver to a
 //!   [`SharedBroker`], with optional latency on the runtime's clock.
 //! - `loopback` (feature `quic`, on by default): [`LoopbackBroker`], a [`SharedBroker`] served

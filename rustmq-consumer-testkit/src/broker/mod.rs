@@ -1,0 +1,257 @@
+//! A sans-IO model of the RustMQ broker: partition storage, the group coordinator and its
+//! session reaper, with exactly the semantics of `PROTOCOL.md`.
+//!
+//! Nothing here reads a clock, sleeps or touches a socket: time enters as `now` on
+//! [`SimBroker::handle`] and [`SimBroker::handle_timeout`], member ids come from a seeded PRNG,
+//! and every map is a `BTreeMap`, so the same inputs always give the same outputs.
+//!
+//! # Codemap
+//!
+//! - `mod.rs`: [`SimBroker`] itself, its clock and reaper constants, [`BrokerError`], and
+//!   [`SimBroker::handle`], which routes each request to its handler and logs it.
+//! - `storage`: topics and their append-only logs, produce, fetch with the real broker's
+//!   `max_bytes` accounting ([`DEFAULT_RECORD_OVERHEAD`]), injected storage failures of fetches.
+//! - `group`: the group coordinator: [`GroupState`], JoinGroup, heartbeats, commits and their
+//!   injected failures, FetchOffset, LeaveGroup, the session reaper and the group queries.
+//! - `request_log`: what the broker handled and accepted, for invariant checks
+//!   ([`RequestLogEntry`], [`CommitRecord`]).
+
+mod group;
+mod request_log;
+mod storage;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rustmq_consumer_core::protocol::{
+    error_code, BrokerInfo, FindCoordinatorResponse, MetadataResponse, Record, Request, Response,
+    TopicPartition,
+};
+use tracing::debug;
+
+use group::Group;
+pub use group::GroupState;
+pub use request_log::{CommitRecord, Outcome, RequestLogEntry};
+pub use storage::DEFAULT_RECORD_OVERHEAD;
+
+/// How often the session reaper runs (the real broker's reaper interval).
+pub const REAPER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The broker clock's reading, in milliseconds since the Unix epoch, at the first instant the
+/// broker sees. Produced records are stamped with this plus the simulated time elapsed since.
+pub const CLOCK_BASE_MS: i64 = 1_700_000_000_000;
+
+/// A request the broker refused with its error frame (`0xFF`, then `Error: <message>`).
+/// The string is the text after `Error: `, e.g. `Partition not found: t:0`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokerError(pub String);
+
+/// A deterministic, single-node RustMQ broker.
+///
+/// Feed it requests with [`handle`](Self::handle) and drive its session reaper with
+/// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout). Between
+/// inputs, inspect it with the query methods; [`commit_log`](Self::commit_log) and
+/// [`request_log`](Self::request_log) record what it accepted, for invariant checks.
+///
+/// Modelled on the real broker (PROTOCOL.md):
+/// - storage: one append-only log per partition; offsets start at 0 and are contiguous;
+/// - fetch: `max_bytes` is counted in the real broker's units, not wire bytes: each record
+///   costs [`fetch_cost`](Self::fetch_cost) (a fixed overhead, [`DEFAULT_RECORD_OVERHEAD`]
+///   unless [`with_record_overhead`](Self::with_record_overhead) sets it, plus value, key and
+///   header key and value bytes); records are taken while the running total stays within
+///   `max_bytes`, and the first record is always taken;
+/// - coordinator: a group exists only once a JoinGroup created it (CommitOffset, FetchOffset,
+///   ConsumerHeartbeat and LeaveGroup answer 16 before that) and is never deleted; groups are
+///   Empty, Stable or PreparingRebalance; every JoinGroup recomputes a round-robin assignment
+///   and makes the group Stable; a leave or an eviction bumps the generation while members
+///   remain; the last member leaving makes the group Empty and keeps its generation and its
+///   commits; CommitOffset checks the generation, never membership;
+/// - [`restart`](Self::restart) keeps topics and records and loses every group and commit.
+#[derive(Debug, Clone)]
+pub struct SimBroker {
+    broker: BrokerInfo,
+    topics: BTreeMap<String, Vec<Vec<Record>>>,
+    partition_counts: BTreeMap<String, u32>,
+    groups: BTreeMap<String, Group>,
+    rng: u64,
+    epoch: Option<Instant>,
+    last_now: Option<Instant>,
+    next_reap: Option<Instant>,
+    failing_commits: u32,
+    failing_fetches: u32,
+    failing_partitions: BTreeSet<TopicPartition>,
+    record_overhead: u32,
+    commit_log: Vec<CommitRecord>,
+    request_log: Vec<RequestLogEntry>,
+}
+
+impl Default for SimBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimBroker {
+    /// A broker with no topics and no groups; member ids from seed 0.
+    pub fn new() -> Self {
+        Self::with_seed(0)
+    }
+
+    /// A broker whose generated member ids derive from `seed`.
+    pub fn with_seed(seed: u64) -> Self {
+        Self {
+            broker: BrokerInfo {
+                id: "broker-1".to_owned(),
+                host: "127.0.0.1".to_owned(),
+                port_quic: 9092,
+                port_rpc: 9093,
+                rack_id: "default".to_owned(),
+            },
+            topics: BTreeMap::new(),
+            partition_counts: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            rng: seed,
+            epoch: None,
+            last_now: None,
+            next_reap: None,
+            failing_commits: 0,
+            failing_fetches: 0,
+            failing_partitions: BTreeSet::new(),
+            record_overhead: DEFAULT_RECORD_OVERHEAD,
+            commit_log: Vec::new(),
+            request_log: Vec::new(),
+        }
+    }
+
+    /// The broker Metadata and FindCoordinator describe.
+    pub fn broker_info(&self) -> &BrokerInfo {
+        &self.broker
+    }
+
+    /// Replaces the broker Metadata and FindCoordinator describe (e.g. a loopback address).
+    pub fn set_broker_info(&mut self, info: BrokerInfo) {
+        self.broker = info;
+    }
+
+    /// Handles one request like the real broker: a typed response, or the error frame's text.
+    pub fn handle(&mut self, now: Instant, request: Request) -> Result<Response, BrokerError> {
+        self.observe(now);
+        let mut entry = RequestLogEntry {
+            at: now,
+            kind: request.kind(),
+            group: None,
+            member: None,
+            generation: None,
+            partition: None,
+            outcome: Outcome::Response { error_code: None },
+        };
+        let result = match request {
+            Request::Produce(req) => {
+                entry.partition = Some(TopicPartition::new(req.topic.clone(), req.partition_id));
+                self.handle_produce(req).map(Response::from)
+            }
+            Request::Fetch(req) => {
+                entry.partition = Some(TopicPartition::new(req.topic.clone(), req.partition_id));
+                Ok(self.handle_fetch(req).into())
+            }
+            Request::Metadata(_) => Ok(MetadataResponse {
+                brokers: vec![self.broker.clone()],
+                topics_metadata: Vec::new(),
+            }
+            .into()),
+            Request::FindCoordinator(req) => {
+                entry.group = Some(req.group_id);
+                Ok(FindCoordinatorResponse {
+                    coordinator_broker_id: self.broker.id.clone(),
+                    coordinator_host: self.broker.host.clone(),
+                    coordinator_port: self.broker.port_quic,
+                    error_code: error_code::NONE,
+                }
+                .into())
+            }
+            Request::JoinGroup(req) => {
+                entry.group = Some(req.group_id.clone());
+                let resp = self.handle_join(now, req);
+                entry.member = Some(resp.member_id.clone());
+                entry.generation = Some(resp.generation_id);
+                Ok(resp.into())
+            }
+            Request::ConsumerHeartbeat(req) => {
+                entry.group = Some(req.group_id.clone());
+                entry.member = Some(req.member_id.clone());
+                entry.generation = Some(req.generation_id);
+                Ok(self.handle_heartbeat(now, &req).into())
+            }
+            Request::CommitOffset(req) => {
+                entry.group = Some(req.group_id.clone());
+                entry.member = Some(req.member_id.clone());
+                entry.generation = Some(req.generation_id);
+                Ok(self.handle_commit(now, req).into())
+            }
+            Request::FetchOffset(req) => {
+                entry.group = Some(req.group_id.clone());
+                Ok(self.handle_fetch_offset(req).into())
+            }
+            Request::LeaveGroup(req) => {
+                entry.group = Some(req.group_id.clone());
+                entry.member = Some(req.member_id.clone());
+                Ok(self.handle_leave(&req).into())
+            }
+            other => Err(BrokerError(format!(
+                "Unsupported request type: {:?}",
+                other.kind()
+            ))),
+        };
+        entry.outcome = match &result {
+            Ok(resp) => Outcome::Response {
+                error_code: response_error_code(resp),
+            },
+            Err(err) => Outcome::ErrorFrame {
+                message: err.0.clone(),
+            },
+        };
+        self.request_log.push(entry);
+        self.reschedule(now);
+        result
+    }
+
+    /// Crash and restart: topics and records survive; every group, member and committed offset
+    /// is lost (observed on the real broker). The logs and fault settings are kept: they belong
+    /// to the test, not to the broker.
+    pub fn restart(&mut self) {
+        self.groups.clear();
+        self.next_reap = None;
+        debug!("broker restarted");
+    }
+
+    /// Records the latest instant seen; the first one fixes the clock base and reaper phase.
+    fn observe(&mut self, now: Instant) {
+        if self.epoch.is_none() {
+            self.epoch = Some(now);
+        }
+        self.last_now = Some(self.last_now.map_or(now, |last| last.max(now)));
+    }
+
+    fn clock_ms(&self) -> i64 {
+        let elapsed = match (self.epoch, self.last_now) {
+            (Some(epoch), Some(last)) => last.saturating_duration_since(epoch),
+            _ => Duration::ZERO,
+        };
+        CLOCK_BASE_MS.saturating_add(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+fn response_error_code(response: &Response) -> Option<u32> {
+    match response {
+        Response::Produce(r) => Some(r.error_code),
+        Response::Fetch(r) => Some(r.error_code),
+        Response::FindCoordinator(r) => Some(r.error_code),
+        Response::JoinGroup(r) => Some(r.error_code),
+        Response::ConsumerHeartbeat(r) => Some(r.error_code),
+        Response::CommitOffset(r) => Some(r.error_code),
+        Response::FetchOffset(r) => Some(r.error_code),
+        Response::LeaveGroup(r) => Some(r.error_code),
+        _ => None,
+    }
+}
