@@ -161,13 +161,19 @@ impl ConsumerMachine {
         let Some((deadline, false)) = self.group.as_ref().and_then(|g| g.revoking()) else {
             return true;
         };
+        let generation = self.group.as_ref().map(|g| g.generation);
+        let fenced = self.committer.fenced(generation);
         let drained =
             self.partitions.unacked == 0 && self.dead_letters.is_flushed() && !self.revoke_held;
-        if !(drained || now >= deadline) || self.committer.in_flight {
+        // Fenced, the revoke commit cannot go: draining would only have the application
+        // process deliveries the next owner reads again from the last commit (on a broker that
+        // moves the generation at every join, it always is). Let go at once; the partitions
+        // are parked, so deliveries of one given back stay valid.
+        let let_go = fenced && !self.revoke_held;
+        if !(drained || let_go || now >= deadline) || self.committer.in_flight {
             return true;
         }
-        let generation = self.group.as_ref().map(|g| g.generation);
-        if !self.partitions.has_uncommitted() || self.committer.fenced(generation) {
+        if !self.partitions.has_uncommitted() || fenced {
             // Fenced: the coordinator refuses this generation's commits; the next owner
             // starts from the last commit (at-least-once).
             self.finish_revoke();
