@@ -78,6 +78,11 @@ impl<S> Window<S> {
             .filter_map(move |(i, s)| s.as_ref().map(|s| (base + i as u64, s)))
     }
 
+    /// The states of the unsettled offsets, lowest first.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.slots.iter_mut().flatten()
+    }
+
     /// Drops unsettled offsets off the end while `drop` says so (the fetch position moves
     /// back to the first one dropped); a settled offset stops it.
     pub(crate) fn trim_back(&mut self, drop: impl Fn(&S) -> bool) {

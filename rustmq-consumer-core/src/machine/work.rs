@@ -21,7 +21,6 @@ impl ConsumerMachine {
             self.partitions.deliver(
                 now,
                 self.config.max_unacked,
-                &mut self.cache,
                 &mut self.metrics,
                 &mut self.events,
             );

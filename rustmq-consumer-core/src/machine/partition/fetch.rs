@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::{trace, warn};
 
 use super::sizing::Room;
-use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot};
+use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot, Unsettled};
 use crate::backoff::{self, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConsumerConfig, StartPosition};
@@ -97,7 +97,7 @@ impl Partitions {
                 // its commit was rejected in a rebalance: never go back behind it.
                 let position = known.map_or(committed, |k| k.max(committed));
                 p.committed = Some(committed);
-                p.window.reset(position);
+                p.reset_window(position, &mut self.cache);
                 p.phase = Phase::Active;
                 if position != committed {
                     moved += 1;
@@ -107,19 +107,19 @@ impl Partitions {
             // The broker lost its commits (a restart) but this member was here: keep its place.
             if let Some(known) = known {
                 // No `start` baseline: the position is committed again with the next batch.
-                p.window.reset(known);
+                p.reset_window(known, &mut self.cache);
                 p.phase = Phase::Active;
                 moved += 1;
                 continue;
             }
             match config.start_position {
                 StartPosition::Earliest => {
-                    p.window.reset(0);
+                    p.reset_window(0, &mut self.cache);
                     p.start = Some(0);
                     p.phase = Phase::Active;
                 }
                 StartPosition::Offset(o) => {
-                    p.window.reset(o);
+                    p.reset_window(o, &mut self.cache);
                     p.start = Some(o);
                     p.phase = Phase::Active;
                 }
@@ -127,6 +127,7 @@ impl Partitions {
                 _ => p.phase = Phase::Latest,
             }
         }
+        self.tidy_cache();
         Ok(moved)
     }
 
@@ -155,14 +156,17 @@ impl Partitions {
                 return Err(error);
             }
         };
-        if let Some(p) = self.get_mut(owner.partition) {
+        if let Some(idx) = self.index(owner.partition) {
+            self.mark(idx);
+            let p = &mut self.list[idx];
             if p.epoch == owner.epoch && p.phase == Phase::Latest {
                 p.high_watermark = Some(r.high_watermark);
-                p.window.reset(r.high_watermark);
+                p.reset_window(r.high_watermark, &mut self.cache);
                 p.start = Some(r.high_watermark);
                 p.phase = Phase::Active;
                 p.fetch_in_flight = false;
             }
+            self.tidy_cache();
         }
         Ok(())
     }
@@ -438,7 +442,7 @@ impl Partitions {
             let Some(next) = owner.offset.checked_add(taken) else {
                 break;
             };
-            p.window.push(Slot::Buffered);
+            p.window.push(Unsettled::new(Slot::Buffered));
             p.buffered.push_back((next, record));
             self.buffered += 1;
             self.buffered_bytes += bytes;
@@ -500,7 +504,7 @@ impl Partitions {
         let r = match answer {
             Ok(r) => r,
             Err(error) => {
-                if matches!(p.window.get(offset), Some(Slot::Refetching { .. })) {
+                if matches!(p.slot(offset), Some(Slot::Refetching { .. })) {
                     p.refetch.push_front(offset);
                 }
                 p.fetch_failures = p.fetch_failures.saturating_add(1);
@@ -508,7 +512,7 @@ impl Partitions {
                 return Err(error);
             }
         };
-        let Some(&Slot::Refetching { attempt, then }) = p.window.get(offset) else {
+        let Some(Slot::Refetching { attempt, then }) = p.slot(offset) else {
             return Ok(Refetched::Done);
         };
         let Some(record) = r.records.into_iter().next() else {

@@ -1,11 +1,10 @@
 //! The fetch candidates follow what an input changed: an ack leaves a waiting partition out of
 //! the fetch pass, and the change it waits for puts it back.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{Partitions, Phase, Slot};
+use super::{Partitions, Phase, Slot, Unsettled};
 use crate::breaker::Breaker;
-use crate::cache::MessageCache;
 use crate::config::ConsumerConfig;
 use crate::event::Metrics;
 use crate::machine::requests::Requests;
@@ -16,7 +15,6 @@ struct Setup {
     partitions: Partitions,
     breaker: Breaker,
     requests: Requests,
-    cache: MessageCache,
     metrics: Metrics,
 }
 
@@ -31,10 +29,10 @@ fn setup(max_unsettled: u64, delivered: u64) -> Setup {
     let p = partitions.at_mut(0);
     p.phase = Phase::Active;
     for _ in 0..delivered {
-        p.window.push(Slot::Delivered {
+        p.window.push(Unsettled::new(Slot::Delivered {
             attempt: 1,
             since: now,
-        });
+        }));
     }
     partitions.unacked = usize::try_from(delivered).unwrap_or(usize::MAX);
     partitions.refresh();
@@ -47,7 +45,6 @@ fn setup(max_unsettled: u64, delivered: u64) -> Setup {
             config.half_open_max_wait,
         ),
         requests: Requests::new(config.request_timeout),
-        cache: MessageCache::new(16, 1 << 20, Duration::from_secs(60)),
         metrics: Metrics::default(),
         config,
         partitions,
@@ -69,7 +66,7 @@ impl Setup {
 
     fn ack(&mut self, offset: u64) {
         self.partitions.delivery_ended();
-        self.partitions.settle(0, offset, &mut self.cache);
+        self.partitions.settle(0, offset);
         self.partitions.refresh();
     }
 
