@@ -132,6 +132,7 @@ impl MessageCache {
     /// bounds hold, each counted. A record that cannot fit alone (or any record when
     /// `max_entries` is 0) is not stored and counts as one eviction. Returns the number
     /// evicted. Without a slot for `key` nothing is stored (and 0 returned).
+    #[inline]
     pub(crate) fn insert(
         &mut self,
         now: Instant,
@@ -257,24 +258,20 @@ impl MessageCache {
     /// in order), its queue items are popped without a lookup; any others are left stale, so
     /// call [`tidy`](Self::tidy) once the slots are updated and before the next
     /// [`poll_timeout`](Self::poll_timeout).
+    #[inline]
     pub(crate) fn release(&mut self, cell: &mut CacheCell) -> bool {
-        let Some(entry) = cell.0.take() else {
+        let Some(entry) = &cell.0 else {
             return false;
         };
+        let (seq, used, cost) = (entry.seq, entry.used, entry.cost);
+        // Dropped in place, not moved out.
+        cell.0 = None;
         self.len -= 1;
-        self.bytes -= entry.cost;
-        if self
-            .expiry
-            .front()
-            .is_some_and(|&(_, seq, _)| seq == entry.seq)
-        {
+        self.bytes -= cost;
+        if self.expiry.front().is_some_and(|&(_, s, _)| s == seq) {
             self.expiry.pop_front();
         }
-        if self
-            .lru
-            .front()
-            .is_some_and(|&(used, _)| used == entry.used)
-        {
+        if self.lru.front().is_some_and(|&(u, _)| u == used) {
             self.lru.pop_front();
         }
         true
@@ -312,8 +309,17 @@ impl MessageCache {
     /// Restores the queue invariants after [`release`](Self::release): a live front of the
     /// expiry queue, and at most twice the live entry count in each queue. Nothing is looked
     /// up when no item is stale.
+    #[inline]
     pub(crate) fn tidy(&mut self, slots: &mut impl CacheSlots) {
         // Every entry has exactly one live item per queue, so equal lengths mean no stale item.
+        if self.expiry.len() != self.len || self.lru.len() != self.len {
+            self.drop_stale(slots);
+        }
+    }
+
+    /// [`tidy`](Self::tidy) when some item is stale.
+    #[cold]
+    fn drop_stale(&mut self, slots: &mut impl CacheSlots) {
         if self.expiry.len() != self.len {
             while let Some(&(_, seq, key)) = self.expiry.front() {
                 if inserted_as(slots, key, seq) {
@@ -347,7 +353,20 @@ impl MessageCache {
     }
 
     /// Drops every expired entry from the front of the expiry queue.
+    #[inline]
     fn expire(&mut self, now: Instant, slots: &mut impl CacheSlots) {
+        if self
+            .expiry
+            .front()
+            .is_some_and(|&(inserted, _, _)| self.is_expired(inserted, now))
+        {
+            self.expire_due(now, slots);
+        }
+    }
+
+    /// [`expire`](Self::expire) when the front item is due.
+    #[cold]
+    fn expire_due(&mut self, now: Instant, slots: &mut impl CacheSlots) {
         while let Some(&(inserted, seq, key)) = self.expiry.front() {
             if !self.is_expired(inserted, now) {
                 break;
@@ -368,7 +387,18 @@ impl MessageCache {
     }
 
     /// Evicts least recently used entries until both bounds hold; counts and returns them.
+    #[inline]
     fn evict(&mut self, slots: &mut impl CacheSlots, why: &'static str) -> usize {
+        if self.len > self.max_entries || self.bytes > self.max_bytes {
+            self.evict_over(slots, why)
+        } else {
+            0
+        }
+    }
+
+    /// [`evict`](Self::evict) when a bound is exceeded.
+    #[cold]
+    fn evict_over(&mut self, slots: &mut impl CacheSlots, why: &'static str) -> usize {
         let mut evicted = 0;
         while self.len > self.max_entries || self.bytes > self.max_bytes {
             let Some((used, key)) = self.lru.pop_front() else {

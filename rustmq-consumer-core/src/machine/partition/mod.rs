@@ -202,6 +202,7 @@ impl Partition {
     }
 
     /// The state of an unsettled offset; `None` if settled or outside the window.
+    #[inline]
     pub(crate) fn slot(&self, offset: u64) -> Option<Slot> {
         self.window.get(offset).map(|u| u.state)
     }
@@ -353,6 +354,7 @@ struct Windows<'a> {
 }
 
 impl CacheSlots for Windows<'_> {
+    #[inline]
     fn cell(&mut self, (id, offset): CacheKey) -> Option<&mut CacheCell> {
         let p = match self.list.binary_search_by_key(&id, |p| p.id) {
             Ok(idx) => &mut self.list[idx],
@@ -566,6 +568,7 @@ impl Partitions {
     // ---------------------------------------------------------------- the message cache
 
     /// The cache and the windows it indexes, borrowed apart.
+    #[inline]
     fn cache_windows(&mut self) -> (&mut MessageCache, Windows<'_>) {
         let windows = Windows {
             list: &mut self.list,
@@ -575,6 +578,7 @@ impl Partitions {
     }
 
     /// Restores the cache's invariants after records were released with their slots.
+    #[inline]
     fn tidy_cache(&mut self) {
         let (cache, mut windows) = self.cache_windows();
         cache.tidy(&mut windows);
