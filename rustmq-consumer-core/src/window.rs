@@ -94,9 +94,19 @@ impl<S> Window<S> {
     /// Settles `offset`; returns how far the watermark advanced (0 when a gap remains below).
     /// Settling an offset outside the window or already settled does nothing.
     pub(crate) fn settle(&mut self, offset: u64) -> u64 {
+        self.settle_with(offset, |_| {})
+    }
+
+    /// [`settle`](Self::settle), handing the slot to `last` before it is dropped (when it is
+    /// unsettled).
+    #[inline]
+    pub(crate) fn settle_with(&mut self, offset: u64, last: impl FnOnce(&mut S)) -> u64 {
         let Some(at) = self.position(offset) else {
             return 0;
         };
+        if let Some(slot) = &mut self.ring[at] {
+            last(slot);
+        }
         // Dropped in place; the front then moves past settled slots without moving them.
         self.ring[at] = None;
         let before = self.base;

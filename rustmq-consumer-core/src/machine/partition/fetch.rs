@@ -21,6 +21,7 @@ use crate::protocol::{
 impl Partitions {
     /// Sends the FetchOffset of every starting partition, if one is due. False when the
     /// breaker said no.
+    #[inline]
     pub(crate) fn send_fetch_offset(
         &mut self,
         now: Instant,
@@ -32,6 +33,17 @@ impl Partitions {
         if self.starting_due.is_empty() {
             return true;
         }
+        self.send_fetch_offset_due(now, config, breaker, requests)
+    }
+
+    /// [`send_fetch_offset`](Self::send_fetch_offset) when a partition is due one.
+    fn send_fetch_offset_due(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+    ) -> bool {
         let Some(permit) = breaker.try_acquire() else {
             return false;
         };
@@ -175,6 +187,7 @@ impl Partitions {
     /// flight reserves the buffer slots of the records it may bring back, so concurrent
     /// fetches of several partitions never bring back more than the buffer takes (which would
     /// be dropped and fetched again). False when the breaker said no.
+    #[inline]
     pub(crate) fn send_fetches(
         &mut self,
         now: Instant,
@@ -184,6 +197,22 @@ impl Partitions {
         metrics: &mut Metrics,
     ) -> bool {
         self.refresh();
+        // Nothing to visit: the common case after an ack.
+        if self.byte_waiting.is_empty() && self.fetch_candidates.is_empty() {
+            return true;
+        }
+        self.send_fetch_pass(now, config, breaker, requests, metrics)
+    }
+
+    /// [`send_fetches`](Self::send_fetches) when a partition may have a fetch to send.
+    fn send_fetch_pass(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+        metrics: &mut Metrics,
+    ) -> bool {
         // Partitions that waited for buffer room for their first record and now fit.
         while let Some(&(need, id)) = self.byte_waiting.first() {
             if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {

@@ -556,11 +556,10 @@ impl Partitions {
     /// watermark advanced.
     pub(crate) fn settle(&mut self, idx: usize, offset: u64) -> u64 {
         self.mark(idx);
-        let p = &mut self.list[idx];
-        if let Some(u) = p.window.get_mut(offset) {
-            self.cache.release(&mut u.cached);
-        }
-        let advanced = p.window.settle(offset);
+        let cache = &mut self.cache;
+        let advanced = self.list[idx]
+            .window
+            .settle_with(offset, |u| _ = cache.release(&mut u.cached));
         self.tidy_cache();
         advanced
     }
