@@ -1,20 +1,30 @@
-//! The message cache: a sans-IO LRU bounded by entries and bytes, with one time to live.
+//! The message cache: a sans-IO LRU bounded by entries and bytes, with one time to live, kept
+//! as an index over the settle windows' slots.
 //!
 //! Redeliveries are served from here; a message the cache lost is re-fetched by the caller.
-//! The LRU order lives in a [`LinkedHashMap`] (front = least recently used). Expiry order is
-//! insertion order (every entry shares one TTL, measured from insertion), kept in a side deque
-//! with lazy deletion: an item whose sequence number no longer matches its key's entry is stale
-//! and skipped. The deque's front is always live, and it is compacted when it exceeds twice the
-//! live entry count, so its length stays at most `2 * len()` whatever the pattern of inserts
-//! and removals. Every operation is O(1) amortised except [`MessageCache::remove_partition`].
+//! A cached record lives in its offset's unsettled slot, in that slot's [`CacheCell`]: settling
+//! the offset drops the record with the slot, and no map per message is kept. [`MessageCache`]
+//! holds the bounds, the counters and two queues of `(sequence number, key)` items:
 //!
-//! Time enters as `now`; it must not go backwards between calls.
+//! - the expiry queue, in insertion order (every entry shares one TTL, measured from
+//!   insertion), whose front is the next entry to expire;
+//! - the LRU queue, in order of use (an insertion or a [`get`](MessageCache::get) pushes the
+//!   entry again at the back), whose front is the next entry to evict.
+//!
+//! Both use lazy deletion: an item is live while the slot of its key exists and its cell holds
+//! the entry with the item's sequence number; any other item is stale and skipped. Every entry
+//! has exactly one live item in each queue, so a queue as long as the entry count has no stale
+//! item. The expiry queue's front is always live; each queue is compacted when it exceeds
+//! twice the live entry count, so both stay within `2 * len()` whatever the pattern of
+//! inserts, uses and removals. Settling the oldest entry (in-order acks) pops both fronts
+//! without looking a slot up. Every operation is O(1) amortised plus the caller's slot lookup.
+//!
+//! The cache reaches the slots through [`CacheSlots`]; time enters as `now`, which must not go
+//! backwards between calls.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use hashlink::LinkedHashMap;
-use rustc_hash::FxBuildHasher;
 use tracing::trace;
 
 use crate::protocol::Record;
@@ -38,20 +48,41 @@ pub(crate) struct CacheStats {
     pub expirations: u64,
 }
 
+/// What one unsettled slot holds of the cache: its record, if cached. Only the cache fills or
+/// empties it, so its accounting stays exact; a slot dropped with a record still cached must
+/// give the cell to [`MessageCache::release`] first.
+#[derive(Debug, Default)]
+pub(crate) struct CacheCell(Option<Cached>);
+
 /// One cached message.
-#[derive(Debug, Clone)]
-struct Entry {
+#[derive(Debug)]
+struct Cached {
     /// The message.
     record: Record,
     /// When it was inserted; it expires at `inserted + ttl`.
     inserted: Instant,
-    /// Matches exactly one item of the expiry deque.
+    /// Matches exactly one item of the expiry queue.
     seq: u64,
+    /// Matches exactly one item of the LRU queue (its last use).
+    used: u64,
     /// Bytes charged against `max_bytes`.
     cost: usize,
 }
 
-/// An LRU + TTL cache of fetched messages, keyed by `(partition, offset)`.
+impl CacheCell {
+    /// Whether a record is cached here (expired or not).
+    pub(crate) fn is_cached(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// Where the cache finds the slot of a key.
+pub(crate) trait CacheSlots {
+    /// The cache cell of the unsettled slot `key`; `None` when there is no such slot.
+    fn cell(&mut self, key: CacheKey) -> Option<&mut CacheCell>;
+}
+
+/// An LRU + TTL index of fetched messages kept in their slots, keyed by `(partition, offset)`.
 #[derive(Debug)]
 pub(crate) struct MessageCache {
     /// Most entries held at once.
@@ -60,17 +91,20 @@ pub(crate) struct MessageCache {
     max_bytes: usize,
     /// Time to live from insertion.
     ttl: Duration,
-    /// The entries, least recently used first.
-    /// Keys are `(partition, offset)` pairs the consumer assigns itself, so a fast
-    /// non-keyed hasher is safe.
-    map: LinkedHashMap<CacheKey, Entry, FxBuildHasher>,
-    /// `(inserted, seq, key)` in insertion order; items whose `seq` differs from the entry's
-    /// are stale. Invariant after every call: the front is live, and `len <= 2 * map.len()`.
-    expiry: VecDeque<(Instant, u64, CacheKey)>,
-    /// Next entry sequence number.
-    next_seq: u64,
+    /// Entries held: cells holding a record.
+    len: usize,
     /// Sum of the entries' costs.
     bytes: usize,
+    /// `(inserted, seq, key)` in insertion order; an item is live when `key`'s cell holds the
+    /// entry of `seq`. Invariant after every call but [`release`](Self::release): the front is
+    /// live, and `len <= 2 * self.len`.
+    expiry: VecDeque<(Instant, u64, CacheKey)>,
+    /// `(used, key)` in order of use, least recently used first; an item is live when `key`'s
+    /// cell holds an entry last used as `used`. Invariant after every call but `release`:
+    /// `len <= 2 * self.len`.
+    lru: VecDeque<(u64, CacheKey)>,
+    /// Next sequence number (insertions and uses share it).
+    next_seq: u64,
     /// Counters.
     stats: CacheStats,
 }
@@ -83,22 +117,40 @@ impl MessageCache {
             max_entries,
             max_bytes,
             ttl,
-            map: LinkedHashMap::with_hasher(FxBuildHasher),
-            expiry: VecDeque::new(),
-            next_seq: 0,
+            len: 0,
             bytes: 0,
+            expiry: VecDeque::new(),
+            lru: VecDeque::new(),
+            next_seq: 0,
             stats: CacheStats::default(),
         }
     }
 
-    /// Inserts `record` as the most recently used entry, replacing any entry of `key` (its
-    /// time to live restarts). Expired entries are dropped first (counted as expirations),
-    /// then least recently used entries are evicted until both bounds hold, each counted.
-    /// A record that cannot fit alone (or any record when `max_entries` is 0) is not stored
-    /// and counts as one eviction. Returns the number evicted.
-    pub(crate) fn insert(&mut self, now: Instant, key: CacheKey, record: Record) -> usize {
-        self.expire(now);
-        if let Some(old) = self.map.remove(&key) {
+    /// Caches `record` in the slot of `key` as the most recently used entry, replacing what
+    /// that slot had cached (its time to live restarts). Expired entries are dropped first
+    /// (counted as expirations), then least recently used entries are evicted until both
+    /// bounds hold, each counted. A record that cannot fit alone (or any record when
+    /// `max_entries` is 0) is not stored and counts as one eviction. Returns the number
+    /// evicted. Without a slot for `key` nothing is stored (and 0 returned).
+    #[inline]
+    pub(crate) fn insert(
+        &mut self,
+        now: Instant,
+        key: CacheKey,
+        record: Record,
+        slots: &mut impl CacheSlots,
+    ) -> usize {
+        self.expire(now, slots);
+        let Some(cell) = slots.cell(key) else {
+            trace!(
+                partition = key.0,
+                offset = key.1,
+                "no slot to cache the record in"
+            );
+            return 0;
+        };
+        if let Some(old) = cell.0.take() {
+            self.len -= 1;
             self.bytes -= old.cost;
         }
         let cost = record.encoded_len().saturating_add(ENTRY_OVERHEAD);
@@ -111,34 +163,26 @@ impl MessageCache {
                 "record too large to cache"
             );
             self.stats.evictions += 1;
-            self.tidy();
+            self.tidy(slots);
             return 1;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.map.insert(
-            key,
-            Entry {
-                record,
-                inserted: now,
-                seq,
-                cost,
-            },
-        );
+        cell.0 = Some(Cached {
+            record,
+            inserted: now,
+            seq,
+            used: seq,
+            cost,
+        });
+        self.len += 1;
         self.bytes += cost;
         self.expiry.push_back((now, seq, key));
-        let mut evicted = 0;
-        while self.map.len() > self.max_entries || self.bytes > self.max_bytes {
-            // The new entry is at the back and fits alone, so the loop stops before it.
-            let Some((old_key, old)) = self.map.pop_front() else {
-                break;
-            };
-            self.bytes -= old.cost;
-            evicted += 1;
-            trace!(partition = old_key.0, offset = old_key.1, "cache eviction");
-        }
-        self.stats.evictions += evicted as u64;
-        self.tidy();
+        self.lru.push_back((seq, key));
+        // The new entry is at the back of the LRU queue and fits alone, so eviction stops
+        // before it.
+        let evicted = self.evict(slots, "cache eviction");
+        self.tidy(slots);
         evicted
     }
 
@@ -151,104 +195,92 @@ impl MessageCache {
         max_entries: usize,
         max_bytes: usize,
         ttl: Duration,
+        slots: &mut impl CacheSlots,
     ) -> usize {
         self.max_entries = max_entries;
         self.max_bytes = max_bytes;
         self.ttl = ttl;
-        self.expire(now);
-        let mut evicted = 0;
-        while self.map.len() > self.max_entries || self.bytes > self.max_bytes {
-            let Some((key, old)) = self.map.pop_front() else {
-                break;
-            };
-            self.bytes -= old.cost;
-            evicted += 1;
-            trace!(
-                partition = key.0,
-                offset = key.1,
-                "cache eviction: bounds lowered"
-            );
-        }
-        self.stats.evictions += evicted as u64;
-        self.tidy();
+        self.expire(now, slots);
+        let evicted = self.evict(slots, "cache eviction: bounds lowered");
+        self.tidy(slots);
         evicted
     }
 
     /// A hit marks the entry most recently used and returns a clone of its record. An
-    /// expired entry is removed (counted in `expirations`) and misses.
-    pub(crate) fn get(&mut self, now: Instant, key: CacheKey) -> Option<Record> {
-        let expired = match self.map.get(&key) {
-            None => {
-                self.stats.misses += 1;
-                return None;
-            }
-            Some(entry) => self.is_expired(entry.inserted, now),
+    /// expired entry is dropped (counted in `expirations`) and misses.
+    pub(crate) fn get(
+        &mut self,
+        now: Instant,
+        key: CacheKey,
+        slots: &mut impl CacheSlots,
+    ) -> Option<Record> {
+        let Some(cell) = slots.cell(key).filter(|cell| cell.is_cached()) else {
+            self.stats.misses += 1;
+            return None;
         };
+        let expired = cell
+            .0
+            .as_ref()
+            .is_some_and(|entry| self.is_expired(entry.inserted, now));
         if expired {
-            self.drop_entry(key);
+            if let Some(entry) = cell.0.take() {
+                self.len -= 1;
+                self.bytes -= entry.cost;
+            }
             self.stats.expirations += 1;
             self.stats.misses += 1;
-            self.tidy();
+            self.tidy(slots);
             return None;
         }
-        match self.map.to_back(&key) {
-            Some(entry) => {
-                self.stats.hits += 1;
-                Some(entry.record.clone())
-            }
-            None => {
-                self.stats.misses += 1;
-                None
-            }
-        }
+        let used = self.next_seq;
+        let record = cell.0.as_mut().map(|entry| {
+            entry.used = used;
+            entry.record.clone()
+        });
+        self.next_seq += 1;
+        self.lru.push_back((used, key));
+        self.stats.hits += 1;
+        self.tidy(slots);
+        record
     }
 
-    /// Read-only lookup: no LRU touch, no stats. `None` when missing or expired.
-    pub(crate) fn peek(&self, now: Instant, key: CacheKey) -> Option<&Record> {
-        self.map
-            .get(&key)
+    /// Read-only lookup of the record a slot's cell holds: no LRU touch, no stats. `None`
+    /// when nothing is cached there or it expired.
+    pub(crate) fn peek<'a>(&self, now: Instant, cell: &'a CacheCell) -> Option<&'a Record> {
+        cell.0
+            .as_ref()
             .filter(|entry| !self.is_expired(entry.inserted, now))
             .map(|entry| &entry.record)
     }
 
-    /// Removes a settled message (not an eviction). Returns whether it was cached.
-    pub(crate) fn remove(&mut self, key: CacheKey) -> bool {
-        let Some(entry) = self.map.remove(&key) else {
+    /// The slot holding `cell` is settled or dropped: its record leaves the cache (not an
+    /// eviction). Returns whether one was cached. When the entry is the oldest one (settling
+    /// in order), its queue items are popped without a lookup; any others are left stale, so
+    /// call [`tidy`](Self::tidy) once the slots are updated and before the next
+    /// [`poll_timeout`](Self::poll_timeout).
+    #[inline]
+    pub(crate) fn release(&mut self, cell: &mut CacheCell) -> bool {
+        let Some(entry) = &cell.0 else {
             return false;
         };
-        self.bytes -= entry.cost;
-        // Settling in order removes the oldest entry: its expiry item is the front, known
-        // stale without a lookup.
-        if self
-            .expiry
-            .front()
-            .is_some_and(|&(_, seq, _)| seq == entry.seq)
-        {
+        let (seq, used, cost) = (entry.seq, entry.used, entry.cost);
+        // Dropped in place, not moved out.
+        cell.0 = None;
+        self.len -= 1;
+        self.bytes -= cost;
+        if self.expiry.front().is_some_and(|&(_, s, _)| s == seq) {
             self.expiry.pop_front();
         }
-        self.tidy();
+        if self.lru.front().is_some_and(|&(u, _)| u == used) {
+            self.lru.pop_front();
+        }
         true
     }
 
-    /// Removes every entry of `partition` (revoke, seek); not counted as evictions. O(n).
-    pub(crate) fn remove_partition(&mut self, partition: u32) {
-        let mut freed = 0;
-        self.map.retain(|key, entry| {
-            let keep = key.0 != partition;
-            if !keep {
-                freed += entry.cost;
-            }
-            keep
-        });
-        self.bytes -= freed;
-        self.expiry.retain(|&(_, _, key)| key.0 != partition);
-        self.tidy();
-    }
-
     /// Drops expired entries (counted in `expirations`). Spurious calls are no-ops.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        self.expire(now);
-        self.tidy();
+    pub(crate) fn handle_timeout(&mut self, now: Instant, slots: &mut impl CacheSlots) {
+        self.expire(now, slots);
+        self.tidy(slots);
     }
 
     /// When the oldest entry expires (the time to live of the earliest insertion still
@@ -261,13 +293,7 @@ impl MessageCache {
 
     /// Entries held (expired ones not yet dropped included).
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether nothing is held.
-    #[cfg(test)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len
     }
 
     /// Bytes held: the sum of `record.encoded_len() + 16` over the entries.
@@ -280,6 +306,45 @@ impl MessageCache {
         self.stats
     }
 
+    /// Restores the queue invariants after [`release`](Self::release): a live front of the
+    /// expiry queue, and at most twice the live entry count in each queue. Nothing is looked
+    /// up when no item is stale.
+    #[inline]
+    pub(crate) fn tidy(&mut self, slots: &mut impl CacheSlots) {
+        // Every entry has exactly one live item per queue, so equal lengths mean no stale item.
+        if self.expiry.len() != self.len || self.lru.len() != self.len {
+            self.drop_stale(slots);
+        }
+    }
+
+    /// [`tidy`](Self::tidy) when some item is stale.
+    #[cold]
+    fn drop_stale(&mut self, slots: &mut impl CacheSlots) {
+        if self.expiry.len() != self.len {
+            while let Some(&(_, seq, key)) = self.expiry.front() {
+                if inserted_as(slots, key, seq) {
+                    break;
+                }
+                self.expiry.pop_front();
+            }
+            if self.expiry.len() > 2 * self.len {
+                self.expiry
+                    .retain(|&(_, seq, key)| inserted_as(slots, key, seq));
+            }
+        }
+        if self.lru.len() != self.len {
+            while let Some(&(used, key)) = self.lru.front() {
+                if used_as(slots, key, used) {
+                    break;
+                }
+                self.lru.pop_front();
+            }
+            if self.lru.len() > 2 * self.len {
+                self.lru.retain(|&(used, key)| used_as(slots, key, used));
+            }
+        }
+    }
+
     /// Whether an entry inserted at `inserted` has expired at `now`.
     fn is_expired(&self, inserted: Instant, now: Instant) -> bool {
         inserted
@@ -287,67 +352,111 @@ impl MessageCache {
             .is_some_and(|deadline| now >= deadline)
     }
 
-    /// Removes `key`'s entry, leaving its expiry item stale. Returns whether it existed.
-    fn drop_entry(&mut self, key: CacheKey) -> bool {
-        match self.map.remove(&key) {
-            Some(entry) => {
-                self.bytes -= entry.cost;
-                true
-            }
-            None => false,
+    /// Drops every expired entry from the front of the expiry queue.
+    #[inline]
+    fn expire(&mut self, now: Instant, slots: &mut impl CacheSlots) {
+        if self
+            .expiry
+            .front()
+            .is_some_and(|&(inserted, _, _)| self.is_expired(inserted, now))
+        {
+            self.expire_due(now, slots);
         }
     }
 
-    /// Drops every expired entry from the front of the expiry deque.
-    fn expire(&mut self, now: Instant) {
+    /// [`expire`](Self::expire) when the front item is due.
+    #[cold]
+    fn expire_due(&mut self, now: Instant, slots: &mut impl CacheSlots) {
         while let Some(&(inserted, seq, key)) = self.expiry.front() {
             if !self.is_expired(inserted, now) {
                 break;
             }
             self.expiry.pop_front();
-            if self.is_live(seq, key) {
-                self.drop_entry(key);
-                self.stats.expirations += 1;
-                trace!(partition = key.0, offset = key.1, "cache expiration");
-            }
+            // A stale item (the slot is gone, or holds a later entry) expires nothing.
+            let Some(entry) = slots
+                .cell(key)
+                .and_then(|cell| cell.0.take_if(|entry| entry.seq == seq))
+            else {
+                continue;
+            };
+            self.len -= 1;
+            self.bytes -= entry.cost;
+            self.stats.expirations += 1;
+            trace!(partition = key.0, offset = key.1, "cache expiration");
         }
     }
 
-    /// Whether the expiry item `(seq, key)` belongs to a cached entry.
-    fn is_live(&self, seq: u64, key: CacheKey) -> bool {
-        self.map.get(&key).is_some_and(|entry| entry.seq == seq)
+    /// Evicts least recently used entries until both bounds hold; counts and returns them.
+    #[inline]
+    fn evict(&mut self, slots: &mut impl CacheSlots, why: &'static str) -> usize {
+        if self.len > self.max_entries || self.bytes > self.max_bytes {
+            self.evict_over(slots, why)
+        } else {
+            0
+        }
     }
 
-    /// Restores the deque invariants: a live front, and at most twice the live entry count.
-    fn tidy(&mut self) {
-        // Every entry has exactly one live item, so equal lengths mean no stale item at all.
-        if self.expiry.len() == self.map.len() {
-            return;
-        }
-        while let Some(&(_, seq, key)) = self.expiry.front() {
-            if self.is_live(seq, key) {
+    /// [`evict`](Self::evict) when a bound is exceeded.
+    #[cold]
+    fn evict_over(&mut self, slots: &mut impl CacheSlots, why: &'static str) -> usize {
+        let mut evicted = 0;
+        while self.len > self.max_entries || self.bytes > self.max_bytes {
+            let Some((used, key)) = self.lru.pop_front() else {
                 break;
-            }
-            self.expiry.pop_front();
+            };
+            // A stale item (the slot is gone, or its entry was used since) evicts nothing.
+            let Some(entry) = slots
+                .cell(key)
+                .and_then(|cell| cell.0.take_if(|entry| entry.used == used))
+            else {
+                continue;
+            };
+            self.len -= 1;
+            self.bytes -= entry.cost;
+            evicted += 1;
+            trace!(partition = key.0, offset = key.1, "{why}");
         }
-        if self.expiry.len() > 2 * self.map.len() {
-            let map = &self.map;
-            self.expiry
-                .retain(|&(_, seq, key)| map.get(&key).is_some_and(|entry| entry.seq == seq));
-        }
+        self.stats.evictions += evicted as u64;
+        evicted
     }
 
-    /// Length of the expiry deque, stale items included.
+    /// Length of the expiry queue, stale items included.
     #[cfg(test)]
     fn expiry_len(&self) -> usize {
         self.expiry.len()
     }
 
-    /// Keys, least recently used first.
+    /// Length of the LRU queue, stale items included.
     #[cfg(test)]
-    fn lru_keys(&self) -> Vec<CacheKey> {
-        self.map.keys().copied().collect()
+    fn lru_len(&self) -> usize {
+        self.lru.len()
     }
+
+    /// Keys of the live entries, least recently used first.
+    #[cfg(test)]
+    fn lru_keys(&self, slots: &mut impl CacheSlots) -> Vec<CacheKey> {
+        self.lru
+            .iter()
+            .filter(|&&(used, key)| used_as(slots, key, used))
+            .map(|&(_, key)| key)
+            .collect()
+    }
+}
+
+/// Whether `key`'s slot holds the entry inserted as `seq` (its expiry item is live).
+fn inserted_as(slots: &mut impl CacheSlots, key: CacheKey, seq: u64) -> bool {
+    slots
+        .cell(key)
+        .and_then(|cell| cell.0.as_ref())
+        .is_some_and(|entry| entry.seq == seq)
+}
+
+/// Whether `key`'s slot holds an entry last used as `used` (its LRU item is live).
+fn used_as(slots: &mut impl CacheSlots, key: CacheKey, used: u64) -> bool {
+    slots
+        .cell(key)
+        .and_then(|cell| cell.0.as_ref())
+        .is_some_and(|entry| entry.used == used)
 }
 
 #[cfg(test)]

@@ -72,7 +72,8 @@
 //!   - `machine/live_config.rs`: a configuration update while running (`update_config`).
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
-//! - `cache`: the LRU + TTL message cache that redeliveries come from.
+//! - `cache`: the LRU + TTL message cache that redeliveries come from, an index over the records
+//!   the settle windows' slots hold.
 //! - `backoff`: the seeded PRNG and exponential backoff with full jitter.
 //! - `frame`: exact request sizes, so commits and dead-letter batches fit the broker's 8 KiB.
 //! - [`protocol`]: typed RustMQ requests and responses; [`codec`]: their bytes on the wire.

@@ -1,6 +1,135 @@
 //! Tests of the message cache.
+use std::collections::BTreeMap;
+
 use super::*;
 use proptest::prelude::*;
+
+/// The test's settle windows: one slot per key, created when a record is inserted there and
+/// dropped when it is settled; counts the cache's lookups.
+#[derive(Default)]
+struct Slots {
+    cells: BTreeMap<CacheKey, CacheCell>,
+    lookups: usize,
+}
+
+impl CacheSlots for Slots {
+    fn cell(&mut self, key: CacheKey) -> Option<&mut CacheCell> {
+        self.lookups += 1;
+        self.cells.get_mut(&key)
+    }
+}
+
+/// The cache over its slots, driven the way the partitions drive it.
+struct Harness {
+    cache: MessageCache,
+    slots: Slots,
+}
+
+impl Harness {
+    fn new(max_entries: usize, max_bytes: usize, ttl: Duration) -> Self {
+        Self {
+            cache: MessageCache::new(max_entries, max_bytes, ttl),
+            slots: Slots::default(),
+        }
+    }
+
+    /// Delivers `record` at `key`: its slot exists from then on.
+    fn insert(&mut self, now: Instant, key: CacheKey, record: Record) -> usize {
+        self.slots.cells.entry(key).or_default();
+        self.cache.insert(now, key, record, &mut self.slots)
+    }
+
+    fn get(&mut self, now: Instant, key: CacheKey) -> Option<Record> {
+        self.cache.get(now, key, &mut self.slots)
+    }
+
+    fn peek(&self, now: Instant, key: CacheKey) -> Option<&Record> {
+        self.cache.peek(now, self.slots.cells.get(&key)?)
+    }
+
+    /// Settles `key`: its slot goes, with its record. Returns whether one was cached.
+    fn remove(&mut self, key: CacheKey) -> bool {
+        let Some(mut cell) = self.slots.cells.remove(&key) else {
+            return false;
+        };
+        let cached = self.cache.release(&mut cell);
+        self.cache.tidy(&mut self.slots);
+        cached
+    }
+
+    /// Drops every slot of `partition` (a revoke or a restart).
+    fn remove_partition(&mut self, partition: u32) {
+        let keys: Vec<CacheKey> = self
+            .slots
+            .cells
+            .keys()
+            .copied()
+            .filter(|k| k.0 == partition)
+            .collect();
+        for key in keys {
+            if let Some(mut cell) = self.slots.cells.remove(&key) {
+                self.cache.release(&mut cell);
+            }
+        }
+        self.cache.tidy(&mut self.slots);
+    }
+
+    fn set_bounds(
+        &mut self,
+        now: Instant,
+        max_entries: usize,
+        max_bytes: usize,
+        ttl: Duration,
+    ) -> usize {
+        self.cache
+            .set_bounds(now, max_entries, max_bytes, ttl, &mut self.slots)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.cache.handle_timeout(now, &mut self.slots);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.cache.poll_timeout()
+    }
+
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cache.len() == 0
+    }
+
+    fn bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    fn expiry_len(&self) -> usize {
+        self.cache.expiry_len()
+    }
+
+    fn lru_len(&self) -> usize {
+        self.cache.lru_len()
+    }
+
+    fn lru_keys(&mut self) -> Vec<CacheKey> {
+        self.cache.lru_keys(&mut self.slots)
+    }
+
+    /// Keys whose slot holds a record.
+    fn cached_keys(&self) -> Vec<CacheKey> {
+        let cells = self.slots.cells.iter();
+        cells
+            .filter(|(_, c)| c.is_cached())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
 
 const TTL: Duration = Duration::from_secs(30);
 
@@ -18,8 +147,8 @@ fn cost(len: usize) -> usize {
     rec(len, 0).encoded_len() + ENTRY_OVERHEAD
 }
 
-fn roomy() -> MessageCache {
-    MessageCache::new(100, 1 << 20, TTL)
+fn roomy() -> Harness {
+    Harness::new(100, 1 << 20, TTL)
 }
 
 #[test]
@@ -58,7 +187,7 @@ fn get_hits_and_misses() {
 #[test]
 fn lru_order_follows_touches() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(3, 1 << 20, TTL);
+    let mut c = Harness::new(3, 1 << 20, TTL);
     for o in 0..3 {
         c.insert(t0, (0, o), rec(1, o as u8));
     }
@@ -76,7 +205,7 @@ fn lru_order_follows_touches() {
 #[test]
 fn replacing_moves_to_most_recent_and_updates_bytes() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    let mut c = Harness::new(2, 1 << 20, TTL);
     c.insert(t0, (0, 0), rec(10, 0));
     c.insert(t0, (0, 1), rec(10, 1));
     assert_eq!(
@@ -94,7 +223,7 @@ fn replacing_moves_to_most_recent_and_updates_bytes() {
 #[test]
 fn entry_bound_evicts_least_recently_used() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    let mut c = Harness::new(2, 1 << 20, TTL);
     assert_eq!(c.insert(t0, (0, 0), rec(1, 0)), 0);
     assert_eq!(c.insert(t0, (1, 0), rec(1, 0)), 0);
     assert_eq!(c.insert(t0, (2, 0), rec(1, 0)), 1);
@@ -107,7 +236,7 @@ fn entry_bound_evicts_least_recently_used() {
 #[test]
 fn byte_bound_evicts_until_it_fits() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(100, 3 * cost(10), TTL);
+    let mut c = Harness::new(100, 3 * cost(10), TTL);
     for o in 0..3 {
         assert_eq!(c.insert(t0, (0, o), rec(10, 0)), 0);
     }
@@ -125,7 +254,7 @@ fn byte_bound_evicts_until_it_fits() {
 #[test]
 fn oversized_record_is_not_stored_but_counted() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(10, cost(100), TTL);
+    let mut c = Harness::new(10, cost(100), TTL);
     assert_eq!(
         c.insert(t0, (0, 1), rec(100, 0)),
         0,
@@ -145,7 +274,7 @@ fn oversized_record_is_not_stored_but_counted() {
 #[test]
 fn oversized_replacement_drops_the_old_entry() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(10, cost(100), TTL);
+    let mut c = Harness::new(10, cost(100), TTL);
     c.insert(t0, (0, 0), rec(5, 0));
     assert_eq!(c.insert(t0, (0, 0), rec(200, 0)), 1);
     assert_eq!(c.peek(t0, (0, 0)), None, "never serve a superseded record");
@@ -156,7 +285,7 @@ fn oversized_replacement_drops_the_old_entry() {
 #[test]
 fn zero_entries_stores_nothing() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(0, 1 << 20, TTL);
+    let mut c = Harness::new(0, 1 << 20, TTL);
     assert_eq!(c.insert(t0, (0, 0), rec(1, 0)), 1);
     assert!(c.is_empty());
     assert_eq!(c.get(t0, (0, 0)), None);
@@ -261,7 +390,7 @@ fn poll_timeout_tracks_the_oldest_live_insertion() {
 #[test]
 fn insert_drops_expired_entries_before_evicting_live_ones() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(2, 1 << 20, TTL);
+    let mut c = Harness::new(2, 1 << 20, TTL);
     c.insert(t0, (0, 0), rec(1, 0));
     c.insert(t0 + ms(100), (0, 1), rec(1, 1));
     assert_eq!(c.insert(t0 + TTL, (0, 2), rec(1, 2)), 0);
@@ -331,11 +460,117 @@ fn expiry_deque_stays_bounded_under_churn_at_one_instant() {
 #[test]
 fn huge_ttl_never_expires() {
     let t0 = Instant::now();
-    let mut c = MessageCache::new(4, 1 << 20, Duration::MAX);
+    let mut c = Harness::new(4, 1 << 20, Duration::MAX);
     c.insert(t0, (0, 0), rec(1, 0));
     assert_eq!(c.poll_timeout(), None);
     c.handle_timeout(t0 + Duration::from_secs(1_000_000));
     assert!(c.get(t0 + Duration::from_secs(1_000_000), (0, 0)).is_some());
+}
+
+#[test]
+fn settling_in_order_looks_no_slot_up() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    for o in 0..50 {
+        c.insert(t0 + ms(o), (0, o), rec(1, 0));
+    }
+    c.slots.lookups = 0;
+    for o in 0..50 {
+        assert!(c.remove((0, o)));
+        assert_eq!(c.poll_timeout(), (o < 49).then(|| t0 + ms(o + 1) + TTL));
+    }
+    assert_eq!(
+        c.slots.lookups, 0,
+        "each settled entry was both queues' front"
+    );
+    assert_eq!(
+        (c.len(), c.bytes(), c.expiry_len(), c.lru_len()),
+        (0, 0, 0, 0)
+    );
+}
+
+#[test]
+fn a_new_slot_at_a_settled_key_leaves_the_old_items_stale() {
+    let t0 = Instant::now();
+    let mut c = Harness::new(2, 1 << 20, TTL);
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0 + ms(1), (0, 1), rec(1, 1));
+    // Settled out of order, then the partition restarts and (0, 0) is delivered anew.
+    assert!(c.remove((0, 1)));
+    assert!(c.remove((0, 0)));
+    c.insert(t0 + ms(2), (0, 1), rec(1, 2));
+    c.insert(t0 + ms(3), (0, 0), rec(1, 3));
+    assert_eq!(c.lru_keys(), vec![(0, 1), (0, 0)]);
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(2) + TTL));
+    assert_eq!(c.insert(t0 + ms(4), (1, 0), rec(1, 4)), 1);
+    assert_eq!(
+        c.cached_keys(),
+        vec![(0, 0), (1, 0)],
+        "(0, 1) was least recently used"
+    );
+    c.handle_timeout(t0 + ms(3) + TTL);
+    assert_eq!(c.cached_keys(), vec![(1, 0)]);
+    assert_eq!(c.stats().expirations, 1);
+    assert_eq!(c.stats().evictions, 1);
+}
+
+#[test]
+fn eviction_and_expiry_empty_the_slot_and_keep_it() {
+    let t0 = Instant::now();
+    let mut c = Harness::new(1, 1 << 20, TTL);
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0, (0, 1), rec(1, 1));
+    assert!(!c.slots.cells[&(0, 0)].is_cached(), "evicted");
+    c.handle_timeout(t0 + TTL);
+    assert!(!c.slots.cells[&(0, 1)].is_cached(), "expired");
+    assert_eq!(
+        c.slots.cells.len(),
+        2,
+        "the slots stay: the offsets are unsettled"
+    );
+    assert_eq!(c.get(t0 + TTL, (0, 0)), None);
+    assert_eq!(c.stats().misses, 1);
+    assert!(!c.remove((0, 0)), "nothing cached to release");
+    assert!(c.is_empty());
+}
+
+#[test]
+fn lru_queue_stays_bounded_under_uses() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    c.insert(t0, (0, 0), rec(1, 0));
+    c.insert(t0, (0, 1), rec(1, 1));
+    for i in 0..1000 {
+        assert!(c.get(t0, (0, i % 2)).is_some());
+        assert!(c.lru_len() <= 2 * c.len(), "after {i}: {}", c.lru_len());
+        assert!(c.expiry_len() <= 2 * c.len());
+    }
+    assert_eq!(c.lru_keys(), vec![(0, 0), (0, 1)]);
+    assert_eq!(c.stats().hits, 1000);
+}
+
+#[test]
+fn lowered_bounds_expire_then_evict_the_least_recently_used() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    for o in 0..4 {
+        c.insert(t0 + ms(o), (0, o), rec(10, 0));
+    }
+    assert!(c.get(t0 + ms(5), (0, 1)).is_some());
+    let ttl = ms(4);
+    // Under the new time to live (0, 0) and (0, 1) expired; of (0, 2) and (0, 3), one fits.
+    assert_eq!(c.set_bounds(t0 + ms(5), 1, 1 << 20, ttl), 1);
+    assert_eq!(c.cached_keys(), vec![(0, 3)]);
+    assert_eq!(c.stats().expirations, 2);
+    assert_eq!(c.stats().evictions, 1);
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(3) + ttl));
+    assert_eq!(
+        c.set_bounds(t0 + ms(5), 5, cost(10) - 1, ttl),
+        1,
+        "bytes too"
+    );
+    assert!(c.is_empty());
+    assert_eq!((c.expiry_len(), c.lru_len()), (0, 0));
 }
 
 /// A reference model: entries in LRU order (front = least recently used).
@@ -456,7 +691,7 @@ proptest! {
     ) {
         let ttl = ms(ttl_ms);
         let mut now = Instant::now();
-        let mut cache = MessageCache::new(max_entries, max_bytes, ttl);
+        let mut cache = Harness::new(max_entries, max_bytes, ttl);
         let mut model = Model {
             max_entries,
             max_bytes,
@@ -483,7 +718,7 @@ proptest! {
                 }
             }
             let model_keys: Vec<CacheKey> = model.entries.iter().map(|(k, _, _)| *k).collect();
-            prop_assert_eq!(cache.lru_keys(), model_keys);
+            prop_assert_eq!(cache.lru_keys(), model_keys.clone());
             prop_assert_eq!(cache.len(), model.entries.len());
             prop_assert_eq!(cache.bytes(), model.bytes());
             prop_assert_eq!(cache.stats(), model.stats);
@@ -491,6 +726,10 @@ proptest! {
             prop_assert!(cache.len() <= max_entries);
             prop_assert!(cache.bytes() <= max_bytes);
             prop_assert!(cache.expiry_len() <= 2 * cache.len());
+            prop_assert!(cache.lru_len() <= 2 * cache.len());
+            let mut cached = model_keys.clone();
+            cached.sort_unstable();
+            prop_assert_eq!(cache.cached_keys(), cached, "records live in their slots");
         }
     }
 }

@@ -73,6 +73,13 @@ impl DeadLetters {
         self.queue.retain(|e| e.partition != partition);
     }
 
+    /// Whether [`send`](Self::send) may send or report anything: entries queued, none in
+    /// flight, no retry backoff. Otherwise it returns at once, so `send_work` skips it.
+    #[inline]
+    pub(crate) fn has_work(&self) -> bool {
+        !self.in_flight && self.retry_at.is_none() && !self.queue.is_empty()
+    }
+
     /// Nothing queued and nothing in flight.
     pub(crate) fn is_flushed(&self) -> bool {
         self.queue.is_empty() && !self.in_flight
@@ -89,7 +96,7 @@ impl DeadLetters {
         requests: &mut Requests,
     ) -> (Vec<TooLarge>, bool) {
         let mut too_large = Vec::new();
-        if self.in_flight || self.retry_at.is_some() || self.queue.is_empty() {
+        if !self.has_work() {
             return (too_large, true);
         }
         let Some(topic) = config.dead_letter_queue.clone() else {

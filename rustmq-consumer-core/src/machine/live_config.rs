@@ -59,8 +59,7 @@ impl ConsumerMachine {
             c.half_open_max_probes,
             c.half_open_max_wait,
         );
-        self.cache
-            .set_bounds(now, c.cache_entries(), c.cache_max_bytes, c.cache_ttl);
+        self.partitions.set_cache_bounds(now, &self.config);
         self.requests.set_timeout(c.request_timeout);
         self.partitions.bounds_changed(&self.config);
         self.committer.reconfigured(now, &self.config);

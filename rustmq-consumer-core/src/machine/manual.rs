@@ -53,6 +53,16 @@ impl ManualGeneration {
 
     /// Sends the leave that follows a join, or, when `wanted` (a commit is due) and the
     /// generation is unknown, the join that learns it. False when the breaker said no.
+    /// Whether [`send`](Self::send) has a request to build (a leave, or a join when a commit
+    /// is `wanted` and no generation is known); otherwise it returns at once, so the work step
+    /// skips it.
+    #[inline]
+    pub(crate) fn has_work(&self, wanted: bool) -> bool {
+        !self.in_flight
+            && (self.leaving.is_some()
+                || (wanted && self.generation.is_none() && self.retry_at.is_none()))
+    }
+
     pub(crate) fn send(
         &mut self,
         now: Instant,

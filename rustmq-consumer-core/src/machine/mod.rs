@@ -23,7 +23,6 @@ use tracing::{debug, trace, warn};
 
 use crate::backoff::Jitter;
 use crate::breaker::Breaker;
-use crate::cache::MessageCache;
 use crate::config::{ConfigError, ConsumerConfig};
 use crate::error::{TransportError, UsageError};
 use crate::event::*;
@@ -79,7 +78,6 @@ pub struct ConsumerMachine {
     requests: Requests,
     events: VecDeque<Event>,
     breaker: Breaker,
-    cache: MessageCache,
     committer: Committer,
     dead_letters: DeadLetters,
     /// The group session; `None` for a manual assignment.
@@ -110,11 +108,6 @@ impl ConsumerMachine {
                 config.recovery_timeout,
                 config.half_open_max_probes,
                 config.half_open_max_wait,
-            ),
-            cache: MessageCache::new(
-                config.cache_entries(),
-                config.cache_max_bytes,
-                config.cache_ttl,
             ),
             partitions: Partitions::new(&config),
             requests: Requests::new(config.request_timeout),
@@ -404,7 +397,7 @@ impl ConsumerMachine {
 
     /// A snapshot of every counter and gauge.
     pub fn metrics(&self) -> Metrics {
-        let cache = self.cache.stats();
+        let cache = self.partitions.cache().stats();
         Metrics {
             cache_hits: cache.hits,
             cache_misses: cache.misses,
@@ -413,8 +406,8 @@ impl ConsumerMachine {
             in_flight_requests: self.requests.len() as u64,
             in_flight_deliveries: self.partitions.unacked as u64,
             buffered: self.partitions.buffered as u64,
-            cached: self.cache.len() as u64,
-            cached_bytes: self.cache.bytes() as u64,
+            cached: self.partitions.cache().len() as u64,
+            cached_bytes: self.partitions.cache().bytes() as u64,
             ..self.metrics
         }
     }
@@ -457,7 +450,7 @@ impl ConsumerMachine {
         self.partitions.index(partition)?;
         self.partitions
             .held(partition, offset)
-            .or_else(|| self.cache.peek(now, (partition, offset)))
+            .or_else(|| self.partitions.cached_peek(now, partition, offset))
     }
 
     /// The settle watermark (lowest unsettled offset) of a partition; `None` while one given
@@ -545,8 +538,7 @@ impl ConsumerMachine {
             Handback::Discard(reason) => Some(reason.clone()),
             _ => None,
         };
-        self.partitions
-            .hand_back_parked(tag, how, &mut self.cache)?;
+        self.partitions.hand_back_parked(tag, how)?;
         trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "handed back while its partition is parked");
         if let Some(reason) = discarded {
             warn!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %reason, "discarding poison message: no dead-letter topic");
@@ -564,7 +556,7 @@ impl ConsumerMachine {
 
     /// Marks an offset settled; the committer follows the watermark.
     fn settle(&mut self, now: Instant, idx: usize, offset: u64) {
-        let advanced = self.partitions.settle(idx, offset, &mut self.cache);
+        let advanced = self.partitions.settle(idx, offset);
         self.committer.settled(now, advanced, &self.config);
     }
 
@@ -577,13 +569,13 @@ impl ConsumerMachine {
         attempt: u32,
         reason: DiscardReason,
     ) {
-        let id = self.partitions.at(idx).id;
         if self.config.dead_letter_queue.is_none() {
+            let id = self.partitions.at(idx).id;
             warn!(topic = %self.config.topic, partition = id, offset, attempt, %reason, "discarding poison message: no dead-letter topic");
             self.discard(now, idx, offset, attempt, reason);
             return;
         }
-        match self.cache.get(now, (id, offset)) {
+        match self.partitions.cached_get(now, idx, offset) {
             Some(record) => self.enqueue_dead_letter(idx, offset, attempt, reason, record),
             // The cache lost it: fetch it again, then dead-letter it.
             None => self
@@ -637,7 +629,6 @@ impl ConsumerMachine {
         let id = self.partitions.at(idx).id;
         self.partitions.restart(idx, offset);
         self.dead_letters.forget_partition(id);
-        self.cache.remove_partition(id);
     }
 
     /// The coordinator assigned partitions: consume those of our topic.
@@ -669,12 +660,12 @@ impl ConsumerMachine {
         self.revoked(lost);
     }
 
-    /// Partitions this member lost: their cached messages and dead letters are forgotten, and
-    /// the application told (their outstanding deliveries are stale).
+    /// Partitions this member lost (the partitions forgot their cached messages): their dead
+    /// letters are forgotten, and the application told (their outstanding deliveries are
+    /// stale).
     fn revoked(&mut self, ids: Vec<u32>) {
         for &id in &ids {
             self.dead_letters.forget_partition(id);
-            self.cache.remove_partition(id);
         }
         if !ids.is_empty() {
             let revoked = self.topic_partitions(ids);

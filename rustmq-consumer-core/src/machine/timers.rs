@@ -123,7 +123,7 @@ impl ConsumerMachine {
         let group = self.group.as_ref();
         match timer {
             Timer::Breaker => self.breaker.poll_timeout(),
-            Timer::CacheTtl => self.cache.poll_timeout(),
+            Timer::CacheTtl => self.partitions.cache_deadline(),
             Timer::RequestDeadline => self.requests.deadline(),
             Timer::Retry => self.partitions.next_retry().filter(|_| !closing),
             Timer::FetchBackoff => self.partitions.next_fetch_backoff().filter(|_| !closing),
@@ -160,7 +160,7 @@ impl ConsumerMachine {
                     self.partitions.end_failure_backoff();
                 }
             }
-            Timer::CacheTtl => self.cache.handle_timeout(now),
+            Timer::CacheTtl => self.partitions.cache_timeout(now),
             Timer::RequestDeadline => {
                 while let Some((id, flight)) = self.requests.expired(now) {
                     debug!(request = id.0, "request deadline passed");
@@ -168,7 +168,7 @@ impl ConsumerMachine {
                     self.finish_request(now, id, flight, timed_out);
                 }
             }
-            Timer::Retry => self.partitions.retries_due(now, &mut self.cache),
+            Timer::Retry => self.partitions.retries_due(now),
             Timer::FetchBackoff => self.partitions.fetch_backoffs_due(now),
             Timer::AckFlush => self.committer.flush(),
             Timer::CommitRetry => self.committer.retry_at = None,

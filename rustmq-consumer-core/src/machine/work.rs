@@ -21,7 +21,6 @@ impl ConsumerMachine {
             self.partitions.deliver(
                 now,
                 self.config.max_unacked,
-                &mut self.cache,
                 &mut self.metrics,
                 &mut self.events,
             );
@@ -62,6 +61,26 @@ impl ConsumerMachine {
         if self.committer.due(generation) && !past_final_commit && known && !self.send_commit(now) {
             return;
         }
+        // Skipped when it would return at once (the common case after an ack).
+        if self.dead_letters.has_work() && !self.send_dead_letters(now) {
+            return;
+        }
+        if self.close.is_some() {
+            return;
+        }
+        let (config, breaker, requests) = (&self.config, &mut self.breaker, &mut self.requests);
+        if self
+            .partitions
+            .send_fetch_offset(now, config, breaker, requests)
+        {
+            self.partitions
+                .send_fetches(now, config, breaker, requests, &mut self.metrics);
+        }
+    }
+
+    /// Sends what the dead-letter outbox has queued, and stalls the partitions of records too
+    /// large for any request. False when the breaker said no.
+    fn send_dead_letters(&mut self, now: Instant) -> bool {
         let (too_large, sent) =
             self.dead_letters
                 .send(now, &self.config, &mut self.breaker, &mut self.requests);
@@ -76,17 +95,7 @@ impl ConsumerMachine {
                 reason: StallReason::DeadLetterTooLarge { size: t.size },
             });
         }
-        if !sent || self.close.is_some() {
-            return;
-        }
-        let (config, breaker, requests) = (&self.config, &mut self.breaker, &mut self.requests);
-        if self
-            .partitions
-            .send_fetch_offset(now, config, breaker, requests)
-        {
-            self.partitions
-                .send_fetches(now, config, breaker, requests, &mut self.metrics);
-        }
+        sent
     }
 
     /// Sends one commit of every moved watermark. False when the breaker said no.
@@ -128,13 +137,14 @@ impl ConsumerMachine {
         let Some(g) = &mut self.group else {
             let commit_due = may_commit && self.committer.due(None);
             return self.manual.as_mut().is_none_or(|m| {
-                m.send(
-                    now,
-                    commit_due,
-                    &self.config,
-                    &mut self.breaker,
-                    &mut self.requests,
-                )
+                !m.has_work(commit_due)
+                    || m.send(
+                        now,
+                        commit_due,
+                        &self.config,
+                        &mut self.breaker,
+                        &mut self.requests,
+                    )
             });
         };
         if !closing && !g.send_heartbeat(now, &self.config, &mut self.breaker, &mut self.requests) {

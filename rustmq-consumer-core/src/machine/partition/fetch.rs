@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::{trace, warn};
 
 use super::sizing::Room;
-use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot};
+use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot, Unsettled};
 use crate::backoff::{self, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConsumerConfig, StartPosition};
@@ -21,6 +21,7 @@ use crate::protocol::{
 impl Partitions {
     /// Sends the FetchOffset of every starting partition, if one is due. False when the
     /// breaker said no.
+    #[inline]
     pub(crate) fn send_fetch_offset(
         &mut self,
         now: Instant,
@@ -32,6 +33,17 @@ impl Partitions {
         if self.starting_due.is_empty() {
             return true;
         }
+        self.send_fetch_offset_due(now, config, breaker, requests)
+    }
+
+    /// [`send_fetch_offset`](Self::send_fetch_offset) when a partition is due one.
+    fn send_fetch_offset_due(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+    ) -> bool {
         let Some(permit) = breaker.try_acquire() else {
             return false;
         };
@@ -97,7 +109,7 @@ impl Partitions {
                 // its commit was rejected in a rebalance: never go back behind it.
                 let position = known.map_or(committed, |k| k.max(committed));
                 p.committed = Some(committed);
-                p.window.reset(position);
+                p.reset_window(position, &mut self.cache);
                 p.phase = Phase::Active;
                 if position != committed {
                     moved += 1;
@@ -107,19 +119,19 @@ impl Partitions {
             // The broker lost its commits (a restart) but this member was here: keep its place.
             if let Some(known) = known {
                 // No `start` baseline: the position is committed again with the next batch.
-                p.window.reset(known);
+                p.reset_window(known, &mut self.cache);
                 p.phase = Phase::Active;
                 moved += 1;
                 continue;
             }
             match config.start_position {
                 StartPosition::Earliest => {
-                    p.window.reset(0);
+                    p.reset_window(0, &mut self.cache);
                     p.start = Some(0);
                     p.phase = Phase::Active;
                 }
                 StartPosition::Offset(o) => {
-                    p.window.reset(o);
+                    p.reset_window(o, &mut self.cache);
                     p.start = Some(o);
                     p.phase = Phase::Active;
                 }
@@ -127,6 +139,7 @@ impl Partitions {
                 _ => p.phase = Phase::Latest,
             }
         }
+        self.tidy_cache();
         Ok(moved)
     }
 
@@ -155,14 +168,17 @@ impl Partitions {
                 return Err(error);
             }
         };
-        if let Some(p) = self.get_mut(owner.partition) {
+        if let Some(idx) = self.index(owner.partition) {
+            self.mark(idx);
+            let p = &mut self.list[idx];
             if p.epoch == owner.epoch && p.phase == Phase::Latest {
                 p.high_watermark = Some(r.high_watermark);
-                p.window.reset(r.high_watermark);
+                p.reset_window(r.high_watermark, &mut self.cache);
                 p.start = Some(r.high_watermark);
                 p.phase = Phase::Active;
                 p.fetch_in_flight = false;
             }
+            self.tidy_cache();
         }
         Ok(())
     }
@@ -171,6 +187,7 @@ impl Partitions {
     /// flight reserves the buffer slots of the records it may bring back, so concurrent
     /// fetches of several partitions never bring back more than the buffer takes (which would
     /// be dropped and fetched again). False when the breaker said no.
+    #[inline]
     pub(crate) fn send_fetches(
         &mut self,
         now: Instant,
@@ -180,6 +197,22 @@ impl Partitions {
         metrics: &mut Metrics,
     ) -> bool {
         self.refresh();
+        // Nothing to visit: the common case after an ack.
+        if self.byte_waiting.is_empty() && self.fetch_candidates.is_empty() {
+            return true;
+        }
+        self.send_fetch_pass(now, config, breaker, requests, metrics)
+    }
+
+    /// [`send_fetches`](Self::send_fetches) when a partition may have a fetch to send.
+    fn send_fetch_pass(
+        &mut self,
+        now: Instant,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+        metrics: &mut Metrics,
+    ) -> bool {
         // Partitions that waited for buffer room for their first record and now fit.
         while let Some(&(need, id)) = self.byte_waiting.first() {
             if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {
@@ -438,7 +471,7 @@ impl Partitions {
             let Some(next) = owner.offset.checked_add(taken) else {
                 break;
             };
-            p.window.push(Slot::Buffered);
+            p.window.push(Unsettled::new(Slot::Buffered));
             p.buffered.push_back((next, record));
             self.buffered += 1;
             self.buffered_bytes += bytes;
@@ -500,7 +533,7 @@ impl Partitions {
         let r = match answer {
             Ok(r) => r,
             Err(error) => {
-                if matches!(p.window.get(offset), Some(Slot::Refetching { .. })) {
+                if matches!(p.slot(offset), Some(Slot::Refetching { .. })) {
                     p.refetch.push_front(offset);
                 }
                 p.fetch_failures = p.fetch_failures.saturating_add(1);
@@ -508,7 +541,7 @@ impl Partitions {
                 return Err(error);
             }
         };
-        let Some(&Slot::Refetching { attempt, then }) = p.window.get(offset) else {
+        let Some(Slot::Refetching { attempt, then }) = p.slot(offset) else {
             return Ok(Refetched::Done);
         };
         let Some(record) = r.records.into_iter().next() else {

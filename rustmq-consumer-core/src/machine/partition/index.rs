@@ -124,7 +124,15 @@ impl Partitions {
     }
 
     /// Brings the indexes up to date with the partitions changed since the last refresh.
+    #[inline]
     pub(crate) fn refresh(&mut self) {
+        if self.all_dirty || !self.dirty.is_empty() {
+            self.reindex_dirty();
+        }
+    }
+
+    /// [`refresh`](Self::refresh) when some partition changed.
+    fn reindex_dirty(&mut self) {
         if std::mem::take(&mut self.all_dirty) {
             self.dirty.clear();
             for idx in 0..self.list.len() {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::trace;
 
 use crate::backoff::Jitter;
-use crate::cache::MessageCache;
+use crate::cache::{CacheCell, CacheKey, CacheSlots, MessageCache};
 use crate::config::ConsumerConfig;
 use crate::error::UsageError;
 use crate::event::{DeliveryTag, DiscardReason, Event, Message, Metrics, PartitionLag};
@@ -35,7 +35,7 @@ pub(crate) struct Partition {
     /// Being given back in a rebalance: no fetches, no deliveries.
     pub(crate) revoking: bool,
     /// Settle window: base = lowest unsettled offset, end = next offset to fetch.
-    pub(crate) window: Window<Slot>,
+    pub(crate) window: Window<Unsettled>,
     /// Fetched, not yet delivered.
     buffered: VecDeque<(u64, Record)>,
     /// Due retries with their record, waiting for delivery credit.
@@ -87,6 +87,25 @@ pub(crate) enum Phase {
     /// No commit and the start position is Latest: waiting for the high watermark.
     Latest,
     Active,
+}
+
+/// One unsettled offset of a settle window: its state, and its record while the message cache
+/// holds it (from its delivery until it is settled, evicted or expired; `Partitions::cache`
+/// is the index over these cells).
+#[derive(Debug)]
+pub(crate) struct Unsettled {
+    pub(crate) state: Slot,
+    pub(crate) cached: CacheCell,
+}
+
+impl Unsettled {
+    /// An offset in `state`, its record not cached.
+    pub(crate) fn new(state: Slot) -> Self {
+        Self {
+            state,
+            cached: CacheCell::default(),
+        }
+    }
 }
 
 /// The state of one unsettled offset.
@@ -174,13 +193,32 @@ impl Partition {
         !self.refetch.is_empty() || self.phase == Phase::Latest
     }
 
-    /// Updates an unsettled slot; the caller checked it exists.
     /// Deliveries of this partition the application holds.
     pub(crate) fn delivered(&self) -> usize {
         self.window
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Delivered { .. }))
+            .filter(|(_, u)| matches!(u.state, Slot::Delivered { .. }))
             .count()
+    }
+
+    /// The state of an unsettled offset; `None` if settled or outside the window.
+    #[inline]
+    pub(crate) fn slot(&self, offset: u64) -> Option<Slot> {
+        self.window.get(offset).map(|u| u.state)
+    }
+
+    /// Gives the cache back every record this partition's window holds, before the window is
+    /// dropped or reset (the caller tidies the cache afterwards).
+    fn release_cached(&mut self, cache: &mut MessageCache) {
+        for u in self.window.iter_mut() {
+            cache.release(&mut u.cached);
+        }
+    }
+
+    /// Forgets the window and restarts it at `base`, its cached records released.
+    fn reset_window(&mut self, base: u64, cache: &mut MessageCache) {
+        self.release_cached(cache);
+        self.window.reset(base);
     }
 
     /// Forgets what it was about to redeliver, refetch or fetch, and its fetch backoff (the
@@ -207,9 +245,10 @@ impl Partition {
         self.refetch.push_back(offset);
     }
 
+    /// Updates an unsettled offset's state; nothing if it is settled or outside the window.
     pub(crate) fn set(&mut self, offset: u64, slot: Slot) {
-        if let Some(s) = self.window.get_mut(offset) {
-            *s = slot;
+        if let Some(u) = self.window.get_mut(offset) {
+            u.state = slot;
         }
     }
 
@@ -241,8 +280,8 @@ impl Partition {
             position,
             lag: hw.map_or(0, |h| h.saturating_sub(from)),
             position_lag: hw.map_or(0, |h| h.saturating_sub(position)),
-            oldest_unsettled_age: self.window.iter().find_map(|(_, s)| match s {
-                Slot::Delivered { since, .. } => Some(now.saturating_duration_since(*since)),
+            oldest_unsettled_age: self.window.iter().find_map(|(_, u)| match u.state {
+                Slot::Delivered { since, .. } => Some(now.saturating_duration_since(since)),
                 _ => None,
             }),
         }
@@ -303,6 +342,26 @@ pub(crate) struct Partitions {
     known_positions: BTreeMap<u32, u64>,
     /// Partitions given back in a rebalance, until the next assignment (`parked.rs`).
     parked: Parked,
+    /// The message cache: an index over the records the windows' slots hold (assigned and
+    /// parked partitions alike), which redeliveries come from.
+    cache: MessageCache,
+}
+
+/// Every partition's window, assigned or parked, as the message cache reaches them.
+struct Windows<'a> {
+    list: &'a mut [Partition],
+    parked: &'a mut BTreeMap<u32, Partition>,
+}
+
+impl CacheSlots for Windows<'_> {
+    #[inline]
+    fn cell(&mut self, (id, offset): CacheKey) -> Option<&mut CacheCell> {
+        let p = match self.list.binary_search_by_key(&id, |p| p.id) {
+            Ok(idx) => &mut self.list[idx],
+            Err(_) => self.parked.get_mut(&id)?,
+        };
+        p.window.get_mut(offset).map(|u| &mut u.cached)
+    }
 }
 
 impl Partitions {
@@ -333,6 +392,11 @@ impl Partitions {
             refetch_reasons: BTreeMap::new(),
             known_positions: BTreeMap::new(),
             parked: Parked::default(),
+            cache: MessageCache::new(
+                config.cache_entries(),
+                config.cache_max_bytes,
+                config.cache_ttl,
+            ),
         };
         let mut ids = config.partitions.clone();
         ids.sort_unstable();
@@ -462,8 +526,8 @@ impl Partitions {
         if offset >= p.window.end() {
             return Err(UsageError::UnknownDelivery { partition, offset });
         }
-        match p.window.get(offset) {
-            Some(Slot::Delivered { attempt, .. }) if *attempt == tag.attempt => Ok(idx),
+        match p.slot(offset) {
+            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => Ok(idx),
             Some(Slot::Delivered { .. }) => Err(UsageError::StaleDelivery { partition, offset }),
             Some(Slot::Buffered) => Err(UsageError::UnknownDelivery { partition, offset }),
             _ => Err(UsageError::NotOutstanding { partition, offset }),
@@ -488,11 +552,77 @@ impl Partitions {
         Ok(())
     }
 
-    /// Marks an offset settled; returns how far the watermark advanced.
-    pub(crate) fn settle(&mut self, idx: usize, offset: u64, cache: &mut MessageCache) -> u64 {
-        let p = self.at_mut(idx);
-        cache.remove((p.id, offset));
-        p.window.settle(offset)
+    /// Marks an offset settled, its cached record dropped with its slot; returns how far the
+    /// watermark advanced.
+    pub(crate) fn settle(&mut self, idx: usize, offset: u64) -> u64 {
+        self.mark(idx);
+        let cache = &mut self.cache;
+        let advanced = self.list[idx]
+            .window
+            .settle_with(offset, |u| _ = cache.release(&mut u.cached));
+        self.tidy_cache();
+        advanced
+    }
+
+    // ---------------------------------------------------------------- the message cache
+
+    /// The cache and the windows it indexes, borrowed apart.
+    #[inline]
+    fn cache_windows(&mut self) -> (&mut MessageCache, Windows<'_>) {
+        let windows = Windows {
+            list: &mut self.list,
+            parked: &mut self.parked.partitions,
+        };
+        (&mut self.cache, windows)
+    }
+
+    /// Restores the cache's invariants after records were released with their slots.
+    #[inline]
+    fn tidy_cache(&mut self) {
+        let (cache, mut windows) = self.cache_windows();
+        cache.tidy(&mut windows);
+    }
+
+    /// The message cache (its counters and gauges).
+    pub(crate) fn cache(&self) -> &MessageCache {
+        &self.cache
+    }
+
+    /// The record of a delivery of the partition at `idx`, from the cache (a use: it becomes
+    /// the most recently used entry); `None` when the cache lost it.
+    pub(crate) fn cached_get(&mut self, now: Instant, idx: usize, offset: u64) -> Option<Record> {
+        let key = (self.list[idx].id, offset);
+        let (cache, mut windows) = self.cache_windows();
+        cache.get(now, key, &mut windows)
+    }
+
+    /// The cached record of an offset of an assigned partition, without touching the cache.
+    pub(crate) fn cached_peek(&self, now: Instant, id: u32, offset: u64) -> Option<&Record> {
+        let u = self.get(id)?.window.get(offset)?;
+        self.cache.peek(now, &u.cached)
+    }
+
+    /// When the oldest cached record expires.
+    pub(crate) fn cache_deadline(&self) -> Option<Instant> {
+        self.cache.poll_timeout()
+    }
+
+    /// Drops the cached records whose time to live passed.
+    pub(crate) fn cache_timeout(&mut self, now: Instant) {
+        let (cache, mut windows) = self.cache_windows();
+        cache.handle_timeout(now, &mut windows);
+    }
+
+    /// New cache bounds (a live configuration update); returns how many records were evicted.
+    pub(crate) fn set_cache_bounds(&mut self, now: Instant, config: &ConsumerConfig) -> usize {
+        let (cache, mut windows) = self.cache_windows();
+        cache.set_bounds(
+            now,
+            config.cache_entries(),
+            config.cache_max_bytes,
+            config.cache_ttl,
+            &mut windows,
+        )
     }
 
     /// The application acked, nacked or rejected a delivery: one less outstanding.
@@ -520,20 +650,23 @@ impl Partitions {
     }
 
     /// Makes every retry due by `now` ready: redelivered from the cache, or fetched again.
-    pub(crate) fn retries_due(&mut self, now: Instant, cache: &mut MessageCache) {
+    pub(crate) fn retries_due(&mut self, now: Instant) {
         while let Some(&(at, partition, offset)) = self.retries.first() {
             if at > now {
                 break;
             }
             self.retries.pop_first();
-            let Some(p) = self.get_mut(partition) else {
+            let Some(idx) = self.index(partition) else {
                 continue;
             };
-            let Some(&Slot::Waiting { attempt }) = p.window.get(offset) else {
+            self.mark(idx);
+            let Some(Slot::Waiting { attempt }) = self.list[idx].slot(offset) else {
                 continue;
             };
             let attempt = attempt + 1;
-            match cache.get(now, (partition, offset)) {
+            let cached = self.cached_get(now, idx, offset);
+            let p = &mut self.list[idx];
+            match cached {
                 Some(record) => {
                     p.set(offset, Slot::Ready { attempt });
                     p.redeliver.push_back((offset, record));
@@ -571,8 +704,6 @@ impl Partitions {
         self.refetch_reasons.insert((p.id, offset), reason);
     }
 
-    /// Forgets everything about a partition's position and restarts it at `offset` under a
-    /// new epoch. The caller forgets the partition's cached messages and dead letters.
     /// Gives the shared buffer back what the partition at `idx` holds in it: its fetched,
     /// undelivered records and the reservation of its fetch in flight.
     fn release_buffer(&mut self, idx: usize) {
@@ -589,6 +720,8 @@ impl Partitions {
         }
     }
 
+    /// Forgets everything about a partition's position (its cached records too) and restarts
+    /// it at `offset` under a new epoch. The caller forgets the partition's dead letters.
     pub(crate) fn restart(&mut self, idx: usize, offset: u64) {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -598,13 +731,14 @@ impl Partitions {
         let p = &mut self.list[idx];
         let id = p.id;
         p.epoch = epoch;
-        p.window.reset(offset);
+        p.reset_window(offset, &mut self.cache);
         p.stop_fetching();
         p.stalled = false;
         p.fetch_failing = false;
         self.retries.retain(|&(_, pid, _)| pid != id);
         self.refetch_reasons.retain(|&(pid, _), _| pid != id);
         self.parked.forget(id);
+        self.tidy_cache();
     }
 
     /// Closing: undelivered messages stay unsettled, so the next member reads them again.
@@ -638,8 +772,8 @@ impl Partitions {
     }
 
     /// Lets every partition go: parks each one that can be (`parked.rs`), and forgets the
-    /// others, remembering where each stood; returns the ids of those. The caller forgets
-    /// their cached messages and dead letters.
+    /// others (their cached messages too), remembering where each stood; returns the ids of
+    /// those. The caller forgets their dead letters.
     pub(crate) fn revoke_all(&mut self) -> Vec<u32> {
         let (mut parked, mut ids) = (Vec::new(), Vec::new());
         for idx in 0..self.list.len() {
@@ -675,7 +809,6 @@ impl Partitions {
         &mut self,
         now: Instant,
         max_unacked: usize,
-        cache: &mut MessageCache,
         metrics: &mut Metrics,
         events: &mut VecDeque<Event>,
     ) {
@@ -698,7 +831,7 @@ impl Partitions {
             };
             let p = &mut self.list[idx];
             let next = if let Some((offset, record)) = p.redeliver.pop_front() {
-                match p.window.get(offset).copied() {
+                match p.slot(offset) {
                     Some(Slot::Ready { attempt }) => {
                         metrics.retried += 1;
                         Some((offset, record, attempt))
@@ -732,7 +865,10 @@ impl Partitions {
                 epoch: p.epoch,
                 attempt,
             };
-            cache.insert(now, (p.id, offset), record.clone());
+            // The record stays in its slot, in the cache, for a redelivery or the dead-letter
+            // path.
+            let (cache, mut windows) = self.cache_windows();
+            cache.insert(now, (tag.partition, offset), record.clone(), &mut windows);
             self.unacked += 1;
             metrics.delivered += 1;
             trace!(partition = tag.partition, offset, attempt, "deliver");

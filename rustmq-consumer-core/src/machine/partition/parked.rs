@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use super::index::{FetchTurn, Indexed};
 use super::{AfterRefetch, Partition, Partitions, Phase, Slot};
-use crate::cache::MessageCache;
 use crate::error::UsageError;
 use crate::event::{DeliveryTag, DiscardReason};
 use crate::protocol::TopicPartition;
@@ -43,8 +42,9 @@ pub(crate) enum Handback {
 /// The parked partitions and what restoring one leaves to do.
 #[derive(Debug, Default)]
 pub(crate) struct Parked {
-    /// Partitions let go in a rebalance, by id, each under the epoch it had.
-    partitions: BTreeMap<u32, Partition>,
+    /// Partitions let go in a rebalance, by id, each under the epoch it had (their cached
+    /// records stay in the cache).
+    pub(super) partitions: BTreeMap<u32, Partition>,
     /// Restored partitions whose FetchOffset has not answered yet.
     restoring: BTreeSet<u32>,
     /// Per restored partition, the first epoch of its window: deliveries made under any epoch
@@ -58,9 +58,9 @@ pub(crate) struct Parked {
 impl Partition {
     /// True when nothing of it is on the dead-letter path, which a revoke forgets.
     fn parkable(&self) -> bool {
-        self.window.iter().all(|(_, s)| {
+        self.window.iter().all(|(_, u)| {
             !matches!(
-                s,
+                u.state,
                 Slot::DeadLetter { .. }
                     | Slot::Stuck
                     | Slot::Refetching {
@@ -74,12 +74,10 @@ impl Partition {
     /// Keeps what the application holds and what it handed back; fetched records not yet
     /// delivered are fetched again, and retries wait for the partition to come back.
     fn park(&mut self) {
-        self.window.trim_back(|s| matches!(s, Slot::Buffered));
-        for offset in self.window.base()..self.window.end() {
-            let Some(slot) = self.window.get_mut(offset) else {
-                continue;
-            };
-            *slot = match *slot {
+        // Buffered offsets were never delivered, so the cache holds nothing of theirs.
+        self.window.trim_back(|u| matches!(u.state, Slot::Buffered));
+        for u in self.window.iter_mut() {
+            u.state = match u.state {
                 // Not delivered yet; its record is gone with the buffer: read it again.
                 Slot::Buffered => Slot::Waiting { attempt: 0 },
                 Slot::Ready { attempt }
@@ -147,9 +145,9 @@ impl Partitions {
         }
     }
 
-    /// Drops every parked partition the assignment `keep` does not give back, remembering
-    /// where each stood; returns their ids. Their outstanding deliveries are stale from here
-    /// on; the caller forgets their cached messages.
+    /// Drops every parked partition the assignment `keep` does not give back (their cached
+    /// messages too), remembering where each stood; returns their ids. Their outstanding
+    /// deliveries are stale from here on.
     pub(crate) fn drop_parked(&mut self, keep: &[u32]) -> Vec<u32> {
         let gone: Vec<u32> = self
             .parked
@@ -159,15 +157,17 @@ impl Partitions {
             .filter(|id| !keep.contains(id))
             .collect();
         for &id in &gone {
-            let Some(p) = self.parked.partitions.remove(&id) else {
+            let Some(mut p) = self.parked.partitions.remove(&id) else {
                 continue;
             };
+            p.release_cached(&mut self.cache);
             self.unacked -= p.delivered();
             self.known_positions.insert(id, p.window.base());
             self.parked.forget(id);
             self.retries.retain(|&(_, pid, _)| pid != id);
             self.refetch_reasons.retain(|&(pid, _), _| pid != id);
         }
+        self.tidy_cache();
         gone
     }
 
@@ -272,8 +272,8 @@ impl Partitions {
             if commit != Some(base) {
                 moved += 1;
             }
-            for (offset, slot) in p.window.iter() {
-                if matches!(slot, Slot::Waiting { .. }) {
+            for (offset, u) in p.window.iter() {
+                if matches!(u.state, Slot::Waiting { .. }) {
                     self.retries.insert((now, id, offset));
                 }
             }
@@ -311,7 +311,6 @@ impl Partitions {
         &mut self,
         tag: DeliveryTag,
         how: Handback,
-        cache: &mut MessageCache,
     ) -> Result<(), UsageError> {
         let (partition, offset) = (tag.partition, tag.offset);
         let Some(p) = self.parked.partitions.get_mut(&partition) else {
@@ -326,8 +325,8 @@ impl Partitions {
         if tag.epoch < since || tag.epoch > p.epoch {
             return Err(UsageError::StaleDelivery { partition, offset });
         }
-        match p.window.get(offset) {
-            Some(Slot::Delivered { attempt, .. }) if *attempt == tag.attempt => {}
+        match p.slot(offset) {
+            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => {}
             Some(Slot::Delivered { .. }) => {
                 return Err(UsageError::StaleDelivery { partition, offset })
             }
@@ -340,8 +339,11 @@ impl Partitions {
         let attempt = tag.attempt;
         match how {
             Handback::Ack | Handback::Discard(_) => {
-                cache.remove((partition, offset));
+                if let Some(u) = p.window.get_mut(offset) {
+                    self.cache.release(&mut u.cached);
+                }
                 p.window.settle(offset);
+                self.tidy_cache();
             }
             Handback::Retry => p.set(offset, Slot::Waiting { attempt }),
             Handback::DeadLetter(reason) => {

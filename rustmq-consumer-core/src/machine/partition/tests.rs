@@ -1,14 +1,15 @@
 //! The fetch candidates follow what an input changed: an ack leaves a waiting partition out of
 //! the fetch pass, and the change it waits for puts it back.
 
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::time::Instant;
 
-use super::{Partitions, Phase, Slot};
+use super::{Partitions, Phase, Slot, Unsettled};
 use crate::breaker::Breaker;
-use crate::cache::MessageCache;
 use crate::config::ConsumerConfig;
 use crate::event::Metrics;
 use crate::machine::requests::Requests;
+use crate::protocol::Record;
 
 struct Setup {
     now: Instant,
@@ -16,7 +17,6 @@ struct Setup {
     partitions: Partitions,
     breaker: Breaker,
     requests: Requests,
-    cache: MessageCache,
     metrics: Metrics,
 }
 
@@ -31,10 +31,10 @@ fn setup(max_unsettled: u64, delivered: u64) -> Setup {
     let p = partitions.at_mut(0);
     p.phase = Phase::Active;
     for _ in 0..delivered {
-        p.window.push(Slot::Delivered {
+        p.window.push(Unsettled::new(Slot::Delivered {
             attempt: 1,
             since: now,
-        });
+        }));
     }
     partitions.unacked = usize::try_from(delivered).unwrap_or(usize::MAX);
     partitions.refresh();
@@ -47,7 +47,6 @@ fn setup(max_unsettled: u64, delivered: u64) -> Setup {
             config.half_open_max_wait,
         ),
         requests: Requests::new(config.request_timeout),
-        cache: MessageCache::new(16, 1 << 20, Duration::from_secs(60)),
         metrics: Metrics::default(),
         config,
         partitions,
@@ -69,7 +68,7 @@ impl Setup {
 
     fn ack(&mut self, offset: u64) {
         self.partitions.delivery_ended();
-        self.partitions.settle(0, offset, &mut self.cache);
+        self.partitions.settle(0, offset);
         self.partitions.refresh();
     }
 
@@ -113,4 +112,46 @@ fn only_an_ack_that_moves_a_full_window_makes_the_partition_a_candidate_again() 
         s.partitions.at(0).fetch_in_flight,
         "and the next pass fetches"
     );
+}
+
+/// The cache is an index over the windows' slots: a delivery caches its record in its slot, a
+/// settle or a restart gives the records back with the slots.
+#[test]
+fn delivered_records_live_in_their_slots_until_settled_or_restarted() {
+    let mut s = setup(100, 0);
+    let record = Record::from_value(vec![7u8; 10]);
+    let p = s.partitions.at_mut(0);
+    for offset in 0..3 {
+        p.window.push(Unsettled::new(Slot::Buffered));
+        p.buffered.push_back((offset, record.clone()));
+    }
+    s.partitions.buffered += 3;
+    s.partitions.buffered_bytes += 3 * record.encoded_len();
+    let mut events = VecDeque::new();
+    s.partitions.deliver(s.now, 10, &mut s.metrics, &mut events);
+    assert_eq!(events.len(), 3);
+    let cost = record.encoded_len() + 16;
+    assert_eq!(s.partitions.cache().len(), 3);
+    assert_eq!(s.partitions.cache().bytes(), 3 * cost);
+    assert!((0..3).all(|o| s
+        .partitions
+        .at(0)
+        .window
+        .get(o)
+        .is_some_and(|u| u.cached.is_cached())));
+
+    s.partitions.settle(0, 1);
+    assert_eq!(s.partitions.cache().len(), 2, "settled out of order");
+    assert_eq!(s.partitions.cached_peek(s.now, 0, 1), None);
+    assert_eq!(s.partitions.cached_peek(s.now, 0, 2), Some(&record));
+    assert_eq!(s.partitions.cached_get(s.now, 0, 0), Some(record.clone()));
+
+    s.partitions.restart(0, 3);
+    assert_eq!(
+        (s.partitions.cache().len(), s.partitions.cache().bytes()),
+        (0, 0),
+        "the restart gave every record back"
+    );
+    assert_eq!(s.partitions.cache_deadline(), None, "no stale expiry left");
+    assert_eq!(s.partitions.cache().stats().evictions, 0);
 }
