@@ -62,9 +62,10 @@
 //!   - `machine/timers.rs`: the one table of named deadlines that `poll_timeout` offers and
 //!     `handle_timeout` fires;
 //!   - `machine/requests.rs`: requests in flight, their deadlines and owners;
-//!   - `machine/partition/`: the assigned partitions (settle windows, buffers, deliveries,
-//!     the retry schedule); `fetch.rs`: start positions, fetch sizing, the intake of a fetch
-//!     answer, refetches, fetch backoff;
+//!   - `machine/partition/`: the assigned partitions (settle windows, buffers, deliveries);
+//!     `cached.rs`: the message cache over the records the slots hold; `retry.rs`: the retry
+//!     schedule; `fetch.rs`: start positions, fetch sizing, the intake of a fetch answer,
+//!     refetches, fetch backoff; `parked.rs`: partitions let go in a rebalance;
 //!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
 //!   - `machine/dead_letter.rs`: the dead-letter outbox (records, headers, answers);
 //!   - `machine/group.rs`: the group session (coordinator, join, heartbeats, revoke, fencing);

@@ -7,16 +7,18 @@ use std::time::Instant;
 use tracing::trace;
 
 use crate::backoff::Jitter;
-use crate::cache::{CacheCell, CacheKey, CacheSlots, MessageCache};
+use crate::cache::{CacheCell, MessageCache};
 use crate::config::ConsumerConfig;
 use crate::error::UsageError;
 use crate::event::{DeliveryTag, DiscardReason, Event, Message, Metrics, PartitionLag};
 use crate::protocol::Record;
 use crate::window::Window;
 
+mod cached;
 mod fetch;
 mod index;
 mod parked;
+mod retry;
 mod sizing;
 #[cfg(test)]
 mod tests;
@@ -347,23 +349,6 @@ pub(crate) struct Partitions {
     cache: MessageCache,
 }
 
-/// Every partition's window, assigned or parked, as the message cache reaches them.
-struct Windows<'a> {
-    list: &'a mut [Partition],
-    parked: &'a mut BTreeMap<u32, Partition>,
-}
-
-impl CacheSlots for Windows<'_> {
-    #[inline]
-    fn cell(&mut self, (id, offset): CacheKey) -> Option<&mut CacheCell> {
-        let p = match self.list.binary_search_by_key(&id, |p| p.id) {
-            Ok(idx) => &mut self.list[idx],
-            Err(_) => self.parked.get_mut(&id)?,
-        };
-        p.window.get_mut(offset).map(|u| &mut u.cached)
-    }
-}
-
 impl Partitions {
     pub(crate) fn new(config: &ConsumerConfig) -> Self {
         let mut set = Self {
@@ -564,144 +549,9 @@ impl Partitions {
         advanced
     }
 
-    // ---------------------------------------------------------------- the message cache
-
-    /// The cache and the windows it indexes, borrowed apart.
-    #[inline]
-    fn cache_windows(&mut self) -> (&mut MessageCache, Windows<'_>) {
-        let windows = Windows {
-            list: &mut self.list,
-            parked: &mut self.parked.partitions,
-        };
-        (&mut self.cache, windows)
-    }
-
-    /// Restores the cache's invariants after records were released with their slots.
-    #[inline]
-    fn tidy_cache(&mut self) {
-        let (cache, mut windows) = self.cache_windows();
-        cache.tidy(&mut windows);
-    }
-
-    /// The message cache (its counters and gauges).
-    pub(crate) fn cache(&self) -> &MessageCache {
-        &self.cache
-    }
-
-    /// The record of a delivery of the partition at `idx`, from the cache (a use: it becomes
-    /// the most recently used entry); `None` when the cache lost it.
-    pub(crate) fn cached_get(&mut self, now: Instant, idx: usize, offset: u64) -> Option<Record> {
-        let key = (self.list[idx].id, offset);
-        let (cache, mut windows) = self.cache_windows();
-        cache.get(now, key, &mut windows)
-    }
-
-    /// The cached record of an offset of an assigned partition, without touching the cache.
-    pub(crate) fn cached_peek(&self, now: Instant, id: u32, offset: u64) -> Option<&Record> {
-        let u = self.get(id)?.window.get(offset)?;
-        self.cache.peek(now, &u.cached)
-    }
-
-    /// When the oldest cached record expires.
-    pub(crate) fn cache_deadline(&self) -> Option<Instant> {
-        self.cache.poll_timeout()
-    }
-
-    /// Drops the cached records whose time to live passed.
-    pub(crate) fn cache_timeout(&mut self, now: Instant) {
-        let (cache, mut windows) = self.cache_windows();
-        cache.handle_timeout(now, &mut windows);
-    }
-
-    /// New cache bounds (a live configuration update); returns how many records were evicted.
-    pub(crate) fn set_cache_bounds(&mut self, now: Instant, config: &ConsumerConfig) -> usize {
-        let (cache, mut windows) = self.cache_windows();
-        cache.set_bounds(
-            now,
-            config.cache_entries(),
-            config.cache_max_bytes,
-            config.cache_ttl,
-            &mut windows,
-        )
-    }
-
     /// The application acked, nacked or rejected a delivery: one less outstanding.
     pub(crate) fn delivery_ended(&mut self) {
         self.unacked -= 1;
-    }
-
-    /// A nacked delivery waits for its retry at `due` (`None`: closing, it stays unsettled
-    /// and the next consumer reads it again).
-    pub(crate) fn schedule_retry(&mut self, tag: DeliveryTag, idx: usize, due: Option<Instant>) {
-        self.at_mut(idx).set(
-            tag.offset,
-            Slot::Waiting {
-                attempt: tag.attempt,
-            },
-        );
-        if let Some(due) = due {
-            self.retries.insert((due, tag.partition, tag.offset));
-        }
-    }
-
-    /// The earliest retry due.
-    pub(crate) fn next_retry(&self) -> Option<Instant> {
-        self.retries.first().map(|r| r.0)
-    }
-
-    /// Makes every retry due by `now` ready: redelivered from the cache, or fetched again.
-    pub(crate) fn retries_due(&mut self, now: Instant) {
-        while let Some(&(at, partition, offset)) = self.retries.first() {
-            if at > now {
-                break;
-            }
-            self.retries.pop_first();
-            let Some(idx) = self.index(partition) else {
-                continue;
-            };
-            self.mark(idx);
-            let Some(Slot::Waiting { attempt }) = self.list[idx].slot(offset) else {
-                continue;
-            };
-            let attempt = attempt + 1;
-            let cached = self.cached_get(now, idx, offset);
-            let p = &mut self.list[idx];
-            match cached {
-                Some(record) => {
-                    p.set(offset, Slot::Ready { attempt });
-                    p.redeliver.push_back((offset, record));
-                }
-                None => {
-                    trace!(
-                        partition,
-                        offset,
-                        "retry: cache lost the message, fetching it again"
-                    );
-                    p.set(
-                        offset,
-                        Slot::Refetching {
-                            attempt,
-                            then: AfterRefetch::Redeliver,
-                        },
-                    );
-                    p.refetch.push_back(offset);
-                }
-            }
-        }
-    }
-
-    /// A poison message the cache lost: fetch it again, then dead-letter it.
-    pub(crate) fn refetch_for_dead_letter(
-        &mut self,
-        idx: usize,
-        offset: u64,
-        attempt: u32,
-        reason: DiscardReason,
-    ) {
-        self.mark(idx);
-        let p = &mut self.list[idx];
-        p.refetch_to_dead_letter(offset, attempt);
-        self.refetch_reasons.insert((p.id, offset), reason);
     }
 
     /// Gives the shared buffer back what the partition at `idx` holds in it: its fetched,
