@@ -691,8 +691,21 @@ impl ConsumerMachine {
         if self.close.is_some() {
             return;
         }
+        // Fenced (the generation already moved), no revoke commit can go: a long drain would
+        // only have the application process deliveries the next owner reads again from the
+        // last commit. It drains for one ack batch timeout at most (a revoke hook still gets
+        // the whole drain timeout); the partitions are parked, so deliveries of one given
+        // back stay valid.
+        let generation = self.group.as_ref().map(|g| g.generation);
+        let drain = if self.committer.fenced(generation) && !self.hold_revokes {
+            self.config
+                .rebalance_drain_timeout
+                .min(self.config.ack_batch_timeout)
+        } else {
+            self.config.rebalance_drain_timeout
+        };
         let Some(g) = &mut self.group else { return };
-        let deadline = now + self.config.rebalance_drain_timeout;
+        let deadline = now + drain;
         if g.start_revoke(deadline, forget_member) {
             self.partitions.start_revoke();
             self.revoke_held = self.hold_revokes;

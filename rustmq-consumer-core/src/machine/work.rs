@@ -175,12 +175,7 @@ impl ConsumerMachine {
         let fenced = self.committer.fenced(generation);
         let drained =
             self.partitions.unacked == 0 && self.dead_letters.is_flushed() && !self.revoke_held;
-        // Fenced, the revoke commit cannot go: draining would only have the application
-        // process deliveries the next owner reads again from the last commit (on a broker that
-        // moves the generation at every join, it always is). Let go at once; the partitions
-        // are parked, so deliveries of one given back stay valid.
-        let let_go = fenced && !self.revoke_held;
-        if !(drained || let_go || now >= deadline) || self.committer.in_flight {
+        if !(drained || now >= deadline) || self.committer.in_flight {
             return true;
         }
         if !self.partitions.has_uncommitted() || fenced {
