@@ -73,9 +73,9 @@ fn a_group_seed_replays_to_the_same_report() {
     }
 }
 
-/// Runs 24 seeds with every member mutated; returns the failures.
+/// Runs seeds with every member mutated; returns the failures.
 fn catch(mutation: GroupMutation) -> Vec<Failure> {
-    (0..24)
+    (0..12)
         .filter_map(|seed| {
             GroupSimulation::new(GroupScenario::from_seed(seed))
                 .with_mutation(mutation)
@@ -88,10 +88,7 @@ fn catch(mutation: GroupMutation) -> Vec<Failure> {
 #[test]
 fn group_checker_catches_commits_past_what_was_settled() {
     let caught = catch(GroupMutation::CommitPastSettled);
-    // A seed catches it only if one of its accepted commits went while offsets below the high
-    // watermark were unsettled; 16 of 24 do since a fenced revoke lets go without draining
-    // (fewer commits go mid-stream).
-    assert!(caught.len() >= 14, "caught only {} of 24", caught.len());
+    assert!(caught.len() >= 10, "caught only {} of 12", caught.len());
     for f in &caught {
         assert_eq!(
             f.violation.invariant,
@@ -113,7 +110,7 @@ fn group_checker_catches_commits_past_what_was_settled() {
 #[test]
 fn group_checker_catches_members_taking_partitions_they_were_not_given() {
     let caught = catch(GroupMutation::TakeEveryPartition);
-    assert!(caught.len() >= 20, "caught only {} of 24", caught.len());
+    assert!(caught.len() >= 10, "caught only {} of 12", caught.len());
     let ownership = [
         group_names::DELIVERY_IN_ASSIGNMENT,
         group_names::EXCLUSIVE_PARTITION,
