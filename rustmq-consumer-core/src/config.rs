@@ -61,7 +61,8 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Time between heartbeats (`None`: a third of `session_timeout`).
     pub heartbeat_interval: Option<Duration>,
-    /// Rebalance: longest wait for outstanding deliveries of revoked partitions.
+    /// Rebalance: longest wait for outstanding deliveries of revoked partitions (a member
+    /// already fenced, 22, waits `ack_batch_timeout` at most unless a revoke hook holds it).
     pub rebalance_drain_timeout: Duration,
     /// Where to start where no offset was committed.
     pub start_position: StartPosition,
