@@ -123,6 +123,20 @@ impl Partitions {
         }
     }
 
+    /// A settle moved the watermark of the partition at `idx` by `advanced` (`was_full`: its
+    /// settle span was full before). Only a moved watermark changes what the indexes hold of a
+    /// partition: it joins the uncommitted set (a member stays one: the watermark only moves
+    /// further past the last commit), and a full span may open up for a set-aside fetch. Most
+    /// acks change neither and leave the partition out of the next refresh.
+    pub(super) fn mark_settled(&mut self, idx: usize, advanced: u64, was_full: bool) {
+        let p = &self.list[idx];
+        if advanced > 0
+            && (!p.indexed.uncommitted || (was_full && p.window.span() < self.max_unsettled))
+        {
+            self.mark(idx);
+        }
+    }
+
     /// Brings the indexes up to date with the partitions changed since the last refresh.
     #[inline]
     pub(crate) fn refresh(&mut self) {

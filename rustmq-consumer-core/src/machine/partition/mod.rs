@@ -540,11 +540,13 @@ impl Partitions {
     /// Marks an offset settled, its cached record dropped with its slot; returns how far the
     /// watermark advanced.
     pub(crate) fn settle(&mut self, idx: usize, offset: u64) -> u64 {
-        self.mark(idx);
         let cache = &mut self.cache;
-        let advanced = self.list[idx]
+        let p = &mut self.list[idx];
+        let was_full = p.window.span() >= self.max_unsettled;
+        let advanced = p
             .window
             .settle_with(offset, |u| _ = cache.release(&mut u.cached));
+        self.mark_settled(idx, advanced, was_full);
         self.tidy_cache();
         advanced
     }
