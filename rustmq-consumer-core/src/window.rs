@@ -91,14 +91,15 @@ impl<S> Window<S> {
         self.ring[at].as_mut()
     }
 
-    /// Settles `offset`; returns how far the watermark advanced (0 when a gap remains below).
-    /// Settling an offset outside the window or already settled does nothing.
+    /// `settle_with` with nothing to do with the slot (the tests' shorthand).
+    #[cfg(test)]
     pub(crate) fn settle(&mut self, offset: u64) -> u64 {
         self.settle_with(offset, |_| {})
     }
 
-    /// [`settle`](Self::settle), handing the slot to `last` before it is dropped (when it is
-    /// unsettled).
+    /// Settles `offset`, handing its slot to `last` before it is dropped (when it is
+    /// unsettled); returns how far the watermark advanced (0 when a gap remains below).
+    /// Settling an offset outside the window or already settled does nothing.
     #[inline]
     pub(crate) fn settle_with(&mut self, offset: u64, last: impl FnOnce(&mut S)) -> u64 {
         let Some(at) = self.position(offset) else {

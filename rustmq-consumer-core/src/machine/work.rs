@@ -171,14 +171,13 @@ impl ConsumerMachine {
         let Some((deadline, false)) = self.group.as_ref().and_then(|g| g.revoking()) else {
             return true;
         };
-        let generation = self.group.as_ref().map(|g| g.generation);
-        let fenced = self.committer.fenced(generation);
         let drained =
             self.partitions.unacked == 0 && self.dead_letters.is_flushed() && !self.revoke_held;
         if !(drained || now >= deadline) || self.committer.in_flight {
             return true;
         }
-        if !self.partitions.has_uncommitted() || fenced {
+        let generation = self.group.as_ref().map(|g| g.generation);
+        if !self.partitions.has_uncommitted() || self.committer.fenced(generation) {
             // Fenced: the coordinator refuses this generation's commits; the next owner
             // starts from the last commit (at-least-once).
             self.finish_revoke();

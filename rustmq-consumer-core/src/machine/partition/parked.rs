@@ -339,10 +339,9 @@ impl Partitions {
         let attempt = tag.attempt;
         match how {
             Handback::Ack | Handback::Discard(_) => {
-                if let Some(u) = p.window.get_mut(offset) {
-                    self.cache.release(&mut u.cached);
-                }
-                p.window.settle(offset);
+                let cache = &mut self.cache;
+                p.window
+                    .settle_with(offset, |u| _ = cache.release(&mut u.cached));
                 self.tidy_cache();
             }
             Handback::Retry => p.set(offset, Slot::Waiting { attempt }),
