@@ -4,20 +4,22 @@
 //! Redeliveries are served from here; a message the cache lost is re-fetched by the caller.
 //! A cached record lives in its offset's unsettled slot, in that slot's [`CacheCell`]: settling
 //! the offset drops the record with the slot, and no map per message is kept. [`MessageCache`]
-//! holds the bounds, the counters and two queues of `(sequence number, key)` items:
+//! holds the bounds, the counters and two queues of items naming a key:
 //!
 //! - the expiry queue, in insertion order (every entry shares one TTL, measured from
 //!   insertion), whose front is the next entry to expire;
 //! - the LRU queue, in order of use (an insertion or a [`get`](MessageCache::get) pushes the
 //!   entry again at the back), whose front is the next entry to evict.
 //!
-//! Both use lazy deletion: an item is live while the slot of its key exists and its cell holds
-//! the entry with the item's sequence number; any other item is stale and skipped. Every entry
-//! has exactly one live item in each queue, so a queue as long as the entry count has no stale
-//! item. The expiry queue's front is always live; each queue is compacted when it exceeds
-//! twice the live entry count, so both stay within `2 * len()` whatever the pattern of
-//! inserts, uses and removals. Settling the oldest entry (in-order acks) pops both fronts
-//! without looking a slot up. Every operation is O(1) amortised plus the caller's slot lookup.
+//! Every entry has exactly one live item in each queue and knows where: its cell keeps the
+//! items' positions (counted from the first item a queue ever held, so popping the front
+//! moves nothing). An entry that leaves (settled, replaced, expired, evicted) or is used
+//! again empties its item in place, so no item is ever looked up to learn whether it is still
+//! live. Empty items at a queue's front are popped; a queue is compacted when it exceeds twice
+//! the live entry count, and only then are the live items' slots looked up (to store their new
+//! positions). Both queues so stay within `2 * len()` whatever the pattern of inserts, uses
+//! and removals. Settling the oldest entry (in-order acks) pops both fronts. Every operation
+//! is O(1) amortised plus the caller's slot lookup.
 //!
 //! The cache reaches the slots through [`CacheSlots`]; time enters as `now`, which must not go
 //! backwards between calls.
@@ -61,10 +63,10 @@ struct Cached {
     record: Record,
     /// When it was inserted; it expires at `inserted + ttl`.
     inserted: Instant,
-    /// Matches exactly one item of the expiry queue.
-    seq: u64,
-    /// Matches exactly one item of the LRU queue (its last use).
-    used: u64,
+    /// Position of its item in the expiry queue.
+    expiry_at: u64,
+    /// Position of its item in the LRU queue (its last use).
+    lru_at: u64,
     /// Bytes charged against `max_bytes`.
     cost: usize,
 }
@@ -95,16 +97,14 @@ pub(crate) struct MessageCache {
     len: usize,
     /// Sum of the entries' costs.
     bytes: usize,
-    /// `(inserted, seq, key)` in insertion order; an item is live when `key`'s cell holds the
-    /// entry of `seq`. Invariant after every call but [`release`](Self::release): the front is
-    /// live, and `len <= 2 * self.len`.
-    expiry: VecDeque<(Instant, u64, CacheKey)>,
-    /// `(used, key)` in order of use, least recently used first; an item is live when `key`'s
-    /// cell holds an entry last used as `used`. Invariant after every call but `release`:
+    /// `(inserted, key)` of each entry in insertion order, `None` where the entry left.
+    /// Invariant after every call but [`release`](Self::release): the front is live, and
     /// `len <= 2 * self.len`.
-    lru: VecDeque<(u64, CacheKey)>,
-    /// Next sequence number (insertions and uses share it).
-    next_seq: u64,
+    expiry: Queue<(Instant, CacheKey)>,
+    /// The key of each entry in order of use, least recently used first, `None` where the
+    /// entry left or was used again. Invariant after every call but `release`: the front is
+    /// live, and `len <= 2 * self.len`.
+    lru: Queue<CacheKey>,
     /// Counters.
     stats: CacheStats,
 }
@@ -119,9 +119,8 @@ impl MessageCache {
             ttl,
             len: 0,
             bytes: 0,
-            expiry: VecDeque::new(),
-            lru: VecDeque::new(),
-            next_seq: 0,
+            expiry: Queue::default(),
+            lru: Queue::default(),
             stats: CacheStats::default(),
         }
     }
@@ -149,9 +148,10 @@ impl MessageCache {
             );
             return 0;
         };
-        if let Some(old) = cell.0.take() {
-            self.len -= 1;
-            self.bytes -= old.cost;
+        if let Some(old) = &cell.0 {
+            let (expiry_at, lru_at, cost) = (old.expiry_at, old.lru_at, old.cost);
+            cell.0 = None;
+            self.forget(expiry_at, lru_at, cost);
         }
         let cost = record.encoded_len().saturating_add(ENTRY_OVERHEAD);
         if self.max_entries == 0 || cost > self.max_bytes {
@@ -166,19 +166,15 @@ impl MessageCache {
             self.tidy(slots);
             return 1;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         cell.0 = Some(Cached {
             record,
             inserted: now,
-            seq,
-            used: seq,
+            expiry_at: self.expiry.push_back((now, key)),
+            lru_at: self.lru.push_back(key),
             cost,
         });
         self.len += 1;
         self.bytes += cost;
-        self.expiry.push_back((now, seq, key));
-        self.lru.push_back((seq, key));
         // The new entry is at the back of the LRU queue and fits alone, so eviction stops
         // before it.
         let evicted = self.evict(slots, "cache eviction");
@@ -224,21 +220,19 @@ impl MessageCache {
             .is_some_and(|entry| self.is_expired(entry.inserted, now));
         if expired {
             if let Some(entry) = cell.0.take() {
-                self.len -= 1;
-                self.bytes -= entry.cost;
+                self.forget(entry.expiry_at, entry.lru_at, entry.cost);
             }
             self.stats.expirations += 1;
             self.stats.misses += 1;
             self.tidy(slots);
             return None;
         }
-        let used = self.next_seq;
+        let lru = &mut self.lru;
         let record = cell.0.as_mut().map(|entry| {
-            entry.used = used;
+            lru.vacate(entry.lru_at);
+            entry.lru_at = lru.push_back(key);
             entry.record.clone()
         });
-        self.next_seq += 1;
-        self.lru.push_back((used, key));
         self.stats.hits += 1;
         self.tidy(slots);
         record
@@ -254,27 +248,29 @@ impl MessageCache {
     }
 
     /// The slot holding `cell` is settled or dropped: its record leaves the cache (not an
-    /// eviction). Returns whether one was cached. When the entry is the oldest one (settling
-    /// in order), its queue items are popped without a lookup; any others are left stale, so
-    /// call [`tidy`](Self::tidy) once the slots are updated and before the next
-    /// [`poll_timeout`](Self::poll_timeout).
-    #[inline]
+    /// eviction). Returns whether one was cached. Its queue items are emptied in place (popped
+    /// when they are the fronts, as when settling in order), so call [`tidy`](Self::tidy)
+    /// once the slots are updated and before the next [`poll_timeout`](Self::poll_timeout).
+    #[inline(always)]
     pub(crate) fn release(&mut self, cell: &mut CacheCell) -> bool {
         let Some(entry) = &cell.0 else {
             return false;
         };
-        let (seq, used, cost) = (entry.seq, entry.used, entry.cost);
+        let (expiry_at, lru_at, cost) = (entry.expiry_at, entry.lru_at, entry.cost);
         // Dropped in place, not moved out.
         cell.0 = None;
+        self.forget(expiry_at, lru_at, cost);
+        true
+    }
+
+    /// Accounts for an entry that left its cell: empties its queue items, takes it off the
+    /// counts.
+    #[inline]
+    fn forget(&mut self, expiry_at: u64, lru_at: u64, cost: usize) {
         self.len -= 1;
         self.bytes -= cost;
-        if self.expiry.front().is_some_and(|&(_, s, _)| s == seq) {
-            self.expiry.pop_front();
-        }
-        if self.lru.front().is_some_and(|&(u, _)| u == used) {
-            self.lru.pop_front();
-        }
-        true
+        self.expiry.vacate(expiry_at);
+        self.lru.vacate(lru_at);
     }
 
     /// Drops expired entries (counted in `expirations`). Spurious calls are no-ops.
@@ -288,7 +284,7 @@ impl MessageCache {
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.expiry
             .front()
-            .and_then(|&(inserted, _, _)| inserted.checked_add(self.ttl))
+            .and_then(|&(inserted, _)| inserted.checked_add(self.ttl))
     }
 
     /// Entries held (expired ones not yet dropped included).
@@ -306,42 +302,35 @@ impl MessageCache {
         self.stats
     }
 
-    /// Restores the queue invariants after [`release`](Self::release): a live front of the
-    /// expiry queue, and at most twice the live entry count in each queue. Nothing is looked
-    /// up when no item is stale.
+    /// Restores the queue invariants after [`release`](Self::release): live fronts, and at
+    /// most twice the live entry count in each queue. Slots are looked up only to compact a
+    /// queue.
     #[inline]
     pub(crate) fn tidy(&mut self, slots: &mut impl CacheSlots) {
-        // Every entry has exactly one live item per queue, so equal lengths mean no stale item.
+        // Every entry has exactly one live item per queue, so equal lengths mean no empty item.
         if self.expiry.len() != self.len || self.lru.len() != self.len {
-            self.drop_stale(slots);
+            self.drop_vacant(slots);
         }
     }
 
-    /// [`tidy`](Self::tidy) when some item is stale.
+    /// [`tidy`](Self::tidy) when some item is empty.
     #[cold]
-    fn drop_stale(&mut self, slots: &mut impl CacheSlots) {
-        if self.expiry.len() != self.len {
-            while let Some(&(_, seq, key)) = self.expiry.front() {
-                if inserted_as(slots, key, seq) {
-                    break;
+    fn drop_vacant(&mut self, slots: &mut impl CacheSlots) {
+        self.expiry.pop_vacant();
+        if self.expiry.len() > 2 * self.len {
+            self.expiry.compact(|at, &(_, key)| {
+                if let Some(entry) = cached_at(slots, key) {
+                    entry.expiry_at = at;
                 }
-                self.expiry.pop_front();
-            }
-            if self.expiry.len() > 2 * self.len {
-                self.expiry
-                    .retain(|&(_, seq, key)| inserted_as(slots, key, seq));
-            }
+            });
         }
-        if self.lru.len() != self.len {
-            while let Some(&(used, key)) = self.lru.front() {
-                if used_as(slots, key, used) {
-                    break;
+        self.lru.pop_vacant();
+        if self.lru.len() > 2 * self.len {
+            self.lru.compact(|at, &key| {
+                if let Some(entry) = cached_at(slots, key) {
+                    entry.lru_at = at;
                 }
-                self.lru.pop_front();
-            }
-            if self.lru.len() > 2 * self.len {
-                self.lru.retain(|&(used, key)| used_as(slots, key, used));
-            }
+            });
         }
     }
 
@@ -358,7 +347,7 @@ impl MessageCache {
         if self
             .expiry
             .front()
-            .is_some_and(|&(inserted, _, _)| self.is_expired(inserted, now))
+            .is_some_and(|&(inserted, _)| self.is_expired(inserted, now))
         {
             self.expire_due(now, slots);
         }
@@ -367,20 +356,18 @@ impl MessageCache {
     /// [`expire`](Self::expire) when the front item is due.
     #[cold]
     fn expire_due(&mut self, now: Instant, slots: &mut impl CacheSlots) {
-        while let Some(&(inserted, seq, key)) = self.expiry.front() {
+        while let Some(&(inserted, key)) = self.expiry.front() {
             if !self.is_expired(inserted, now) {
                 break;
             }
-            self.expiry.pop_front();
-            // A stale item (the slot is gone, or holds a later entry) expires nothing.
-            let Some(entry) = slots
-                .cell(key)
-                .and_then(|cell| cell.0.take_if(|entry| entry.seq == seq))
-            else {
+            // A live item: its slot holds its entry.
+            let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
+                self.expiry.pop_front();
                 continue;
             };
-            self.len -= 1;
-            self.bytes -= entry.cost;
+            debug_assert_eq!(entry.expiry_at, self.expiry.head, "the front's entry");
+            self.forget(entry.expiry_at, entry.lru_at, entry.cost);
+            self.expiry.pop_vacant();
             self.stats.expirations += 1;
             trace!(partition = key.0, offset = key.1, "cache expiration");
         }
@@ -401,18 +388,17 @@ impl MessageCache {
     fn evict_over(&mut self, slots: &mut impl CacheSlots, why: &'static str) -> usize {
         let mut evicted = 0;
         while self.len > self.max_entries || self.bytes > self.max_bytes {
-            let Some((used, key)) = self.lru.pop_front() else {
+            self.lru.pop_vacant();
+            let Some(&key) = self.lru.front() else {
                 break;
             };
-            // A stale item (the slot is gone, or its entry was used since) evicts nothing.
-            let Some(entry) = slots
-                .cell(key)
-                .and_then(|cell| cell.0.take_if(|entry| entry.used == used))
-            else {
+            // A live item: its slot holds its entry.
+            let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
+                self.lru.pop_front();
                 continue;
             };
-            self.len -= 1;
-            self.bytes -= entry.cost;
+            debug_assert_eq!(entry.lru_at, self.lru.head, "the front's entry");
+            self.forget(entry.expiry_at, entry.lru_at, entry.cost);
             evicted += 1;
             trace!(partition = key.0, offset = key.1, "{why}");
         }
@@ -420,13 +406,13 @@ impl MessageCache {
         evicted
     }
 
-    /// Length of the expiry queue, stale items included.
+    /// Length of the expiry queue, empty items included.
     #[cfg(test)]
     fn expiry_len(&self) -> usize {
         self.expiry.len()
     }
 
-    /// Length of the LRU queue, stale items included.
+    /// Length of the LRU queue, empty items included.
     #[cfg(test)]
     fn lru_len(&self) -> usize {
         self.lru.len()
@@ -434,29 +420,100 @@ impl MessageCache {
 
     /// Keys of the live entries, least recently used first.
     #[cfg(test)]
-    fn lru_keys(&self, slots: &mut impl CacheSlots) -> Vec<CacheKey> {
-        self.lru
-            .iter()
-            .filter(|&&(used, key)| used_as(slots, key, used))
-            .map(|&(_, key)| key)
-            .collect()
+    fn lru_keys(&self) -> Vec<CacheKey> {
+        self.lru.items.iter().flatten().copied().collect()
     }
 }
 
-/// Whether `key`'s slot holds the entry inserted as `seq` (its expiry item is live).
-fn inserted_as(slots: &mut impl CacheSlots, key: CacheKey, seq: u64) -> bool {
-    slots
-        .cell(key)
-        .and_then(|cell| cell.0.as_ref())
-        .is_some_and(|entry| entry.seq == seq)
+/// The entry cached in `key`'s slot.
+fn cached_at(slots: &mut impl CacheSlots, key: CacheKey) -> Option<&mut Cached> {
+    slots.cell(key).and_then(|cell| cell.0.as_mut())
 }
 
-/// Whether `key`'s slot holds an entry last used as `used` (its LRU item is live).
-fn used_as(slots: &mut impl CacheSlots, key: CacheKey, used: u64) -> bool {
-    slots
-        .cell(key)
-        .and_then(|cell| cell.0.as_ref())
-        .is_some_and(|entry| entry.used == used)
+/// A FIFO of items that can be emptied in place, addressed by position: the number of items
+/// pushed before it, less those compacted away. Positions stay put when the front is popped.
+#[derive(Debug)]
+struct Queue<T> {
+    /// `None` where the item was emptied.
+    items: VecDeque<Option<T>>,
+    /// Position of `items[0]`.
+    head: u64,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            items: VecDeque::new(),
+            head: 0,
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    /// Items held, empty ones included.
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The front item, `None` when the front is empty or the queue is.
+    fn front(&self) -> Option<&T> {
+        self.items.front().and_then(Option::as_ref)
+    }
+
+    /// Appends `item`; returns its position.
+    fn push_back(&mut self, item: T) -> u64 {
+        self.items.push_back(Some(item));
+        self.head + self.items.len() as u64 - 1
+    }
+
+    /// Drops the front item.
+    #[inline]
+    fn pop_front(&mut self) {
+        if self.items.pop_front().is_some() {
+            self.head += 1;
+        }
+    }
+
+    /// Empties the item at `at`; pops it when it is the front.
+    #[inline]
+    fn vacate(&mut self, at: u64) {
+        if at == self.head {
+            self.pop_front();
+        } else {
+            self.vacate_inside(at);
+        }
+    }
+
+    /// [`vacate`](Self::vacate) behind the front.
+    fn vacate_inside(&mut self, at: u64) {
+        let idx = at
+            .checked_sub(self.head)
+            .and_then(|i| usize::try_from(i).ok());
+        if let Some(item) = idx.and_then(|i| self.items.get_mut(i)) {
+            *item = None;
+        }
+    }
+
+    /// Pops the empty items at the front.
+    fn pop_vacant(&mut self) {
+        while self.items.front().is_some_and(Option::is_none) {
+            self.pop_front();
+        }
+    }
+
+    /// Drops every empty item; `moved(position, item)` is told each live item's new position.
+    fn compact(&mut self, mut moved: impl FnMut(u64, &T)) {
+        let items = self.items.make_contiguous();
+        let mut kept = 0;
+        for i in 0..items.len() {
+            if let Some(item) = &items[i] {
+                moved(self.head + kept as u64, item);
+                items.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.items.truncate(kept);
+    }
 }
 
 #[cfg(test)]
