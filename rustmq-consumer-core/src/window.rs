@@ -65,10 +65,26 @@ impl<S> Window<S> {
         self.len += 1;
     }
 
-    /// Doubles the ring (at least 8 slots), the slots moved to its front in order.
+    /// Room for `additional` more slots without growing on the way: one reallocation where
+    /// pushing them one at a time would double the ring repeatedly, moving every slot each time.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        let need = self.len.saturating_add(additional);
+        if need > self.ring.len() {
+            self.grow_to(need.next_power_of_two());
+        }
+    }
+
+    /// Doubles the ring (at least 8 slots).
     #[cold]
     fn grow(&mut self) {
-        let cap = (self.ring.len() * 2).max(8);
+        self.grow_to(self.ring.len() * 2);
+    }
+
+    /// Grows the ring to `cap` slots (a power of two; at least 8), the slots moved to its
+    /// front in order.
+    #[cold]
+    fn grow_to(&mut self, cap: usize) {
+        let cap = cap.max(8);
         let mut ring: Vec<Option<S>> = Vec::with_capacity(cap);
         for i in 0..self.len {
             let at = self.at(i);
@@ -174,6 +190,29 @@ mod tests {
         assert_eq!(w.settle(0), 3);
         assert_eq!(w.base(), 3);
         assert_eq!(w.end(), 5);
+    }
+
+    #[test]
+    fn reserved_room_takes_the_pushes_without_growing_and_keeps_the_order() {
+        let mut w = Window::new(0);
+        for i in 0..5 {
+            w.push(i);
+        }
+        // Wrap the ring: its head is no longer at the front.
+        assert_eq!(w.settle(0), 1);
+        assert_eq!(w.settle(1), 1);
+        w.reserve(1_000);
+        let ring = w.ring.len();
+        assert_eq!(ring, 1_024, "the next power of two of 3 + 1,000");
+        for i in 5..1_003 {
+            w.push(i);
+        }
+        assert_eq!(w.ring.len(), ring, "no growth on the way");
+        let kept: Vec<_> = w.iter().map(|(offset, &s)| (offset, s)).collect();
+        let expected: Vec<_> = (2..1_003).map(|i| (i, i)).collect();
+        assert_eq!(kept, expected);
+        w.reserve(0);
+        assert_eq!(w.ring.len(), ring, "enough room: nothing moves");
     }
 
     #[test]

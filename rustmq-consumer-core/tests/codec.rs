@@ -825,3 +825,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cloned_record_keeps_every_field() {
+    let record = Record {
+        key: Some(Bytes::from_static(b"k")),
+        value: Bytes::from_static(b"v"),
+        headers: vec![Header {
+            key: "trace".into(),
+            value: Bytes::from_static(b"1"),
+        }],
+        timestamp: 7,
+    };
+    assert_eq!(record.clone(), record);
+    let bare = Record::from_value(Bytes::from_static(b"v"));
+    assert_eq!(bare.clone(), bare);
+}

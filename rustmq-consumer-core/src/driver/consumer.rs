@@ -118,8 +118,10 @@ impl Consumer {
     async fn next_stamped(&self) -> Result<Option<Stamped>, ConsumerError> {
         // The common case, without building the two futures below: an error or a delivery
         // is already waiting.
-        if let Ok(error) = self.errors.try_recv() {
-            return Err(error);
+        if !self.errors.is_empty() {
+            if let Ok(error) = self.errors.try_recv() {
+                return Err(error);
+            }
         }
         match self.shared.inbox.try_take() {
             Take::Delivery(stamped) => return Ok(Some(stamped)),

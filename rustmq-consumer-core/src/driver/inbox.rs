@@ -101,6 +101,16 @@ impl Inbox {
             return true;
         }
         let mut takeable = false;
+        if state.ready.is_empty()
+            && state.held.is_empty()
+            && backlog.len() <= self.capacity - state.len
+        {
+            // The common case (the application keeps up, nothing paused): the whole backlog
+            // becomes the takeable queue, without moving each delivery.
+            std::mem::swap(&mut state.ready, backlog);
+            state.len += state.ready.len();
+            takeable = !state.ready.is_empty();
+        }
         while state.len < self.capacity {
             let Some(stamped) = backlog.pop_front() else {
                 break;
@@ -286,5 +296,69 @@ impl Inbox {
     /// A listener for takeable deliveries (the stream's wait).
     pub(crate) fn listen(&self) -> EventListener {
         self.readable.listen()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::event::Message;
+    use crate::protocol::Record;
+    use crate::DeliveryTag;
+
+    fn stamped(partition: u32, offset: u64) -> Stamped {
+        Stamped {
+            delivery: Message {
+                tag: DeliveryTag {
+                    partition,
+                    offset,
+                    epoch: 0,
+                    attempt: 1,
+                },
+                record: Record::from_value(&b"v"[..]),
+            },
+            generation: 0,
+            member: Arc::from(""),
+        }
+    }
+
+    fn backlog(items: &[(u32, u64)]) -> VecDeque<Stamped> {
+        items.iter().map(|&(p, o)| stamped(p, o)).collect()
+    }
+
+    fn take_all_ready(inbox: &Inbox) -> Vec<(u32, u64)> {
+        let mut taken = Vec::new();
+        while let Take::Delivery(s) = inbox.try_take() {
+            taken.push((s.delivery.tag.partition, s.delivery.tag.offset));
+        }
+        taken
+    }
+
+    #[test]
+    fn a_backlog_that_fits_an_empty_inbox_goes_in_whole_and_in_order() {
+        let inbox = Inbox::new(4);
+        let mut b = backlog(&[(0, 0), (1, 0), (0, 1)]);
+        assert!(inbox.push(&mut b).is_none());
+        assert!(b.is_empty());
+        let mut more = backlog(&[(1, 1), (0, 2)]);
+        assert!(inbox.push(&mut more).is_some(), "one over capacity waits");
+        assert_eq!(more.len(), 1);
+        assert_eq!(take_all_ready(&inbox), vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+        assert!(inbox.push(&mut more).is_none());
+        assert_eq!(take_all_ready(&inbox), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn a_paused_partition_holds_what_is_pushed_whole_or_not() {
+        let inbox = Inbox::new(8);
+        inbox.pause(&[1]);
+        let mut b = backlog(&[(0, 0), (1, 0), (0, 1)]);
+        assert!(inbox.push(&mut b).is_none());
+        assert_eq!(take_all_ready(&inbox), vec![(0, 0), (0, 1)]);
+        inbox.resume(&[1]);
+        assert_eq!(take_all_ready(&inbox), vec![(1, 0)]);
     }
 }

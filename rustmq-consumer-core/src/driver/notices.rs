@@ -79,7 +79,7 @@ impl Notices {
 
     /// Sends `event` to every open stream (nothing when none is open).
     pub(crate) fn publish(&self, event: &Event) {
-        // Deliveries first: they are most events, and counting receivers takes a lock.
+        // Streams get no deliveries; counting receivers takes a lock.
         if !matches!(event, Event::Deliver(_)) && self.sender.receiver_count() > 0 {
             // Full: the oldest goes (overflow mode). Inactive or closed: nobody reads.
             let _ = self.sender.try_broadcast(event.clone());

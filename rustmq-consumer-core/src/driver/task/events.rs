@@ -8,9 +8,9 @@ impl Driver {
     /// partition revoked or given a new epoch, or the consumer closed) bump the gate's
     /// generation, so acks of deliveries stamped before them take the slow path.
     pub(super) fn event(&mut self, event: Event, state: &mut GateState) {
-        self.channels.notices.publish(&event);
-        self.watch_event(&event);
-        match event {
+        // Deliveries, most of the events, mean nothing to the notices (streams get no
+        // deliveries), health or telemetry: straight to the backlog.
+        let event = match event {
             Event::Deliver(delivery) => {
                 tracing::trace!(
                     partition = delivery.tag.partition,
@@ -23,7 +23,14 @@ impl Driver {
                     generation: state.generation,
                     member: Arc::clone(&self.member),
                 });
+                return;
             }
+            other => other,
+        };
+        self.channels.notices.publish(&event);
+        self.watch_event(&event);
+        match event {
+            Event::Deliver(_) => {}
             Event::Committed { ticket, offsets } => {
                 tracing::debug!(ticket, ?offsets, "committed");
                 self.resolve_commits(ticket, Ok(()));

@@ -452,6 +452,13 @@ impl Partitions {
         let span_room = config
             .max_unsettled_per_partition
             .saturating_sub(p.window.span());
+        // At most this many are taken (the byte budget may stop sooner): room for them at once.
+        let most = usize::try_from(span_room)
+            .unwrap_or(usize::MAX)
+            .min(config.fetch_size.saturating_sub(self.buffered))
+            .min(r.records.len());
+        p.window.reserve(most);
+        p.buffered.reserve(most);
         let mut taken = 0u64;
         let (mut first_bytes, mut taken_bytes) = (0, 0);
         for record in r.records {
