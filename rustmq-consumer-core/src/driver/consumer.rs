@@ -110,14 +110,20 @@ impl Consumer {
     /// certificate that will never be accepted. [`ConsumerError::Stalled`] says a partition
     /// stopped making progress (once per stall) while the others go on.
     pub async fn receive(&self) -> Result<Option<Delivery>, ConsumerError> {
+        // The common case, without building the futures of `next_stamped`: no error, and a
+        // delivery waiting.
+        if self.errors.is_empty() {
+            if let Some(stamped) = self.shared.inbox.try_pop() {
+                return Ok(Some(Delivery::new(stamped, Arc::clone(&self.shared))));
+            }
+        }
         let stamped = self.next_stamped().await?;
         Ok(stamped.map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))))
     }
 
     /// The next delivery (`None` once closed), or the next error for the application first.
     async fn next_stamped(&self) -> Result<Option<Stamped>, ConsumerError> {
-        // The common case, without building the two futures below: an error or a delivery
-        // is already waiting.
+        // Without building the two futures below when an error or a delivery is waiting.
         if !self.errors.is_empty() {
             if let Ok(error) = self.errors.try_recv() {
                 return Err(error);

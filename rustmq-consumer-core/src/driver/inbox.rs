@@ -245,19 +245,30 @@ impl Inbox {
     /// The next takeable delivery, without waiting.
     pub(crate) fn try_take(&self) -> Take {
         let mut state = self.lock();
-        match state.ready.pop_front() {
-            Some(stamped) => {
-                let was_full = state.len >= self.capacity;
-                state.len -= 1;
-                drop(state);
-                if was_full {
-                    self.writable.notify(1);
-                }
-                Take::Delivery(stamped)
-            }
+        match self.pop(&mut state) {
+            Some(stamped) => Take::Delivery(stamped),
             None if state.closed => Take::Closed,
             None => Take::Empty,
         }
+    }
+
+    /// The next takeable delivery, without waiting: [`try_take`](Self::try_take) when only a
+    /// delivery matters (the receive fast path).
+    #[inline]
+    pub(crate) fn try_pop(&self) -> Option<Stamped> {
+        self.pop(&mut self.lock())
+    }
+
+    /// Pops the next takeable delivery, waking the driver when that made room.
+    #[inline]
+    fn pop(&self, state: &mut State) -> Option<Stamped> {
+        let stamped = state.ready.pop_front()?;
+        let was_full = state.len >= self.capacity;
+        state.len -= 1;
+        if was_full {
+            self.writable.notify(1);
+        }
+        Some(stamped)
     }
 
     /// Up to `max` takeable deliveries appended to `out`, without waiting, under one lock.
