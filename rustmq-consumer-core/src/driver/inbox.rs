@@ -103,7 +103,7 @@ impl Inbox {
         let mut takeable = false;
         if state.ready.is_empty()
             && state.held.is_empty()
-            && backlog.len() <= self.capacity - state.len
+            && backlog.len() <= self.capacity.saturating_sub(state.len)
         {
             // The common case (the application keeps up, nothing paused): the whole backlog
             // becomes the takeable queue, without moving each delivery.
@@ -244,11 +244,14 @@ impl Inbox {
 
     /// The next takeable delivery, without waiting.
     pub(crate) fn try_take(&self) -> Take {
-        let mut state = self.lock();
-        match self.pop(&mut state) {
-            Some(stamped) => Take::Delivery(stamped),
-            None if state.closed => Take::Closed,
-            None => Take::Empty,
+        if let Some(stamped) = self.try_pop() {
+            return Take::Delivery(stamped);
+        }
+        // A push in between is seen by the caller's next look (after it listens).
+        if self.lock().closed {
+            Take::Closed
+        } else {
+            Take::Empty
         }
     }
 
@@ -256,15 +259,11 @@ impl Inbox {
     /// delivery matters (the receive fast path).
     #[inline]
     pub(crate) fn try_pop(&self) -> Option<Stamped> {
-        self.pop(&mut self.lock())
-    }
-
-    /// Pops the next takeable delivery, waking the driver when that made room.
-    #[inline]
-    fn pop(&self, state: &mut State) -> Option<Stamped> {
+        let mut state = self.lock();
         let stamped = state.ready.pop_front()?;
         let was_full = state.len >= self.capacity;
         state.len -= 1;
+        drop(state);
         if was_full {
             self.writable.notify(1);
         }
