@@ -356,18 +356,21 @@ impl MessageCache {
     /// [`expire`](Self::expire) when the front item is due.
     #[cold]
     fn expire_due(&mut self, now: Instant, slots: &mut impl CacheSlots) {
-        while let Some(&(inserted, key)) = self.expiry.front() {
+        loop {
+            self.expiry.pop_vacant();
+            let Some(&(inserted, key)) = self.expiry.front() else {
+                break;
+            };
             if !self.is_expired(inserted, now) {
                 break;
             }
-            // A live item: its slot holds its entry.
+            // A live item: its slot holds its entry (unless a slot was dropped unreleased).
             let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
                 self.expiry.pop_front();
                 continue;
             };
             debug_assert_eq!(entry.expiry_at, self.expiry.head, "the front's entry");
             self.forget(entry.expiry_at, entry.lru_at, entry.cost);
-            self.expiry.pop_vacant();
             self.stats.expirations += 1;
             trace!(partition = key.0, offset = key.1, "cache expiration");
         }
@@ -392,7 +395,7 @@ impl MessageCache {
             let Some(&key) = self.lru.front() else {
                 break;
             };
-            // A live item: its slot holds its entry.
+            // A live item: its slot holds its entry (unless a slot was dropped unreleased).
             let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
                 self.lru.pop_front();
                 continue;

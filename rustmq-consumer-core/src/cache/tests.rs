@@ -761,3 +761,24 @@ fn settling_out_of_order_looks_slots_up_only_to_compact() {
         "{lookups} lookups to settle {n} entries"
     );
 }
+
+#[test]
+fn a_slot_dropped_unreleased_does_not_stop_expiry_behind_it() {
+    let t0 = Instant::now();
+    let mut c = roomy();
+    for o in 0..4 {
+        c.insert(t0, (0, o), rec(1, o as u8));
+    }
+    // Out of contract: a slot goes without giving its cell back first; the next one is
+    // settled properly, leaving an empty item right behind the orphaned one.
+    c.slots.cells.remove(&(0, 1));
+    assert!(c.remove((0, 2)));
+    c.handle_timeout(t0 + TTL);
+    assert_eq!(
+        c.cached_keys(),
+        Vec::<CacheKey>::new(),
+        "(0, 0) and (0, 3) expired"
+    );
+    assert_eq!(c.stats().expirations, 2);
+    assert_eq!(c.poll_timeout(), None, "no expiry item is left behind");
+}
