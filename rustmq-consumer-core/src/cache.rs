@@ -316,22 +316,16 @@ impl MessageCache {
     /// [`tidy`](Self::tidy) when some item is empty.
     #[cold]
     fn drop_vacant(&mut self, slots: &mut impl CacheSlots) {
-        self.expiry.pop_vacant();
-        if self.expiry.len() > 2 * self.len {
-            self.expiry.compact(|at, &(_, key)| {
-                if let Some(entry) = cached_at(slots, key) {
-                    entry.expiry_at = at;
-                }
-            });
-        }
-        self.lru.pop_vacant();
-        if self.lru.len() > 2 * self.len {
-            self.lru.compact(|at, &key| {
-                if let Some(entry) = cached_at(slots, key) {
-                    entry.lru_at = at;
-                }
-            });
-        }
+        self.expiry.tidy(self.len, |at, &(_, key)| {
+            if let Some(entry) = cached_at(slots, key) {
+                entry.expiry_at = at;
+            }
+        });
+        self.lru.tidy(self.len, |at, &key| {
+            if let Some(entry) = cached_at(slots, key) {
+                entry.lru_at = at;
+            }
+        });
     }
 
     /// Whether an entry inserted at `inserted` has expired at `now`.
@@ -504,8 +498,14 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Drops every empty item; `moved(position, item)` is told each live item's new position.
-    fn compact(&mut self, mut moved: impl FnMut(u64, &T)) {
+    /// Pops the empty items at the front, and drops every empty item once the queue holds
+    /// over twice `live` items; `moved(position, item)` is then told each live item's new
+    /// position.
+    fn tidy(&mut self, live: usize, mut moved: impl FnMut(u64, &T)) {
+        self.pop_vacant();
+        if self.items.len() <= 2 * live {
+            return;
+        }
         let items = self.items.make_contiguous();
         let mut kept = 0;
         for i in 0..items.len() {

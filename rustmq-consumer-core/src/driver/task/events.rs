@@ -30,7 +30,7 @@ impl Driver {
         self.channels.notices.publish(&event);
         self.watch_event(&event);
         match event {
-            Event::Deliver(_) => {}
+            Event::Deliver(_) => {} // to the backlog above
             Event::Committed { ticket, offsets } => {
                 tracing::debug!(ticket, ?offsets, "committed");
                 self.resolve_commits(ticket, Ok(()));
