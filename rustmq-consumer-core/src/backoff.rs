@@ -1,6 +1,19 @@
-//! Seeded randomness and exponential backoff with full jitter.
+//! Seeded randomness, exponential backoff with full jitter, and deadlines that cannot overflow.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// What a wait too long for an `Instant` (a `Duration::MAX` timeout or delay) is cut to: a
+/// century, which stands for never.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `at + after`; a sum `Instant` cannot hold is cut to `at` plus a century. Every deadline
+/// the consumer derives from a configured duration or a requested delay goes through here:
+/// `Instant + Duration` panics on overflow.
+pub(crate) fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .or_else(|| at.checked_add(NEVER))
+        .unwrap_or(at)
+}
 
 /// A small, fast, seedable PRNG (SplitMix64). Deterministic for a seed: simulation replays it.
 #[derive(Debug, Clone)]
@@ -84,6 +97,15 @@ impl Jitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a base instant for the test
+    fn later_is_exact_when_it_fits_and_a_century_when_not() {
+        let t0 = Instant::now();
+        let d = Duration::from_secs(5);
+        assert_eq!(later(t0, d), t0 + d);
+        assert_eq!(later(t0, Duration::MAX), t0 + NEVER);
+    }
 
     #[test]
     fn ceiling_doubles_then_caps() {

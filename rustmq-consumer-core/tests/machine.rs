@@ -714,6 +714,41 @@ fn usage_errors_are_clear_and_change_nothing() {
 }
 
 #[test]
+fn durations_too_long_for_an_instant_mean_never_not_a_panic() {
+    // `Instant + Duration::MAX` panics; the machine cuts such a deadline to a century.
+    let mut c = config("t");
+    c.ack_batch_size = 10;
+    c.ack_batch_timeout = Duration::MAX;
+    c.ack_batch_min_interval = Duration::MAX;
+    c.request_timeout = Duration::MAX;
+    c.drain_timeout = Duration::MAX;
+    c.retry_backoff_max = Duration::MAX;
+    c.empty_fetch_backoff_max = Duration::MAX;
+    c.recovery_timeout = Duration::MAX;
+    c.half_open_max_wait = Duration::MAX;
+    c.cache_ttl = Duration::MAX;
+    let mut h = started(c, 30);
+    let ds = h.deliveries();
+    assert_eq!(ds.len(), 30);
+    h.nack(ds[0].tag, Some(Duration::MAX));
+    for d in &ds[1..] {
+        h.ack(d.tag);
+    }
+    h.advance(Duration::from_secs(3600));
+    assert!(
+        h.deliveries().is_empty(),
+        "a Duration::MAX retry delay is never"
+    );
+    assert_eq!(h.m.metrics().acked, 29);
+    assert!(h.commits_sent().is_empty(), "offset 0 waits for its retry");
+    // Closing does not wait a century for the retry, and leaves offset 0 uncommitted.
+    h.m.close(h.now);
+    h.drive();
+    assert!(h.m.is_closed());
+    assert_eq!(h.broker.committed.get(&0).copied().unwrap_or(0), 0);
+}
+
+#[test]
 fn empty_fetches_back_off() {
     let mut c = config("t");
     c.empty_fetch_backoff_min = Duration::from_millis(10);

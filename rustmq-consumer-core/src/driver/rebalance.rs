@@ -182,7 +182,7 @@ impl Hooks {
                 partitions,
                 future,
                 limit,
-                overrun: runtime.new_timer(runtime.now() + limit),
+                overrun: runtime.new_timer(crate::backoff::later(runtime.now(), limit)),
             });
         }
         let Some(running) = &mut self.running else {

@@ -52,7 +52,7 @@ pub fn sleep_until(runtime: &dyn Runtime, deadline: Instant) -> Sleep {
 
 /// Completes after `duration` on `runtime`'s clock.
 pub fn sleep(runtime: &dyn Runtime, duration: Duration) -> Sleep {
-    sleep_until(runtime, runtime.now() + duration)
+    sleep_until(runtime, crate::backoff::later(runtime.now(), duration))
 }
 
 /// Runs `future` until it completes or `duration` passes on `runtime`'s clock (`None`).

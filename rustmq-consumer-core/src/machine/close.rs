@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backoff::later;
 use crate::event::{ClosePhase, CommitError};
 
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +48,7 @@ impl Close {
     pub(crate) fn enter(phase: ClosePhase, now: Instant, timeout: Duration) -> Self {
         Self {
             phase,
-            deadline: now + timeout,
+            deadline: later(now, timeout),
         }
     }
 

@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use super::partition::Partitions;
 use super::requests::{expect, CommitEntry, Owner, Requests};
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
 use crate::event::{CommitError, Event, Metrics, RequestError};
@@ -52,6 +52,9 @@ pub(crate) struct Committer {
     advanced_in_flight: u64,
     /// When the last commit was sent (`ack_batch_min_interval` runs from it).
     last_sent: Option<Instant>,
+    /// `ack_batch_min_interval` after `last_sent`: from then on a full batch commits (kept,
+    /// not summed on every settlement).
+    full_batch_at: Option<Instant>,
     /// The commit in flight carries every offset that was due (not split for the frame).
     complete_in_flight: bool,
     /// A commit was answered for good during the close's final-commit phase.
@@ -102,10 +105,7 @@ impl Committer {
     /// Wants a commit if a full batch waits and `ack_batch_min_interval` passed since the last
     /// one; otherwise [`ack_flush_at`](Self::ack_flush_at) names when it will have.
     fn want_full_batch(&mut self, now: Instant, config: &ConsumerConfig) {
-        if self.batch_full(config)
-            && self
-                .last_sent
-                .is_none_or(|last| now >= last + config.ack_batch_min_interval)
+        if !self.wanted && self.batch_full(config) && self.full_batch_at.is_none_or(|at| now >= at)
         {
             self.wanted = true;
         }
@@ -114,6 +114,9 @@ impl Committer {
     /// The batch settings changed (a live configuration update): a batch that is full under
     /// the new ones commits as it would have after a settlement.
     pub(crate) fn reconfigured(&mut self, now: Instant, config: &ConsumerConfig) {
+        self.full_batch_at = self
+            .last_sent
+            .map(|last| later(last, config.ack_batch_min_interval));
         self.want_full_batch(now, config);
     }
 
@@ -127,11 +130,8 @@ impl Committer {
         let timeout = self
             .dirty_since
             .filter(|_| !self.in_flight && !self.wanted)
-            .map(|t| t + config.ack_batch_timeout)?;
-        let interval = self
-            .last_sent
-            .filter(|_| self.batch_full(config))
-            .map(|last| last + config.ack_batch_min_interval);
+            .map(|t| later(t, config.ack_batch_timeout))?;
+        let interval = self.full_batch_at.filter(|_| self.batch_full(config));
         Some(interval.map_or(timeout, |at| at.min(timeout)))
     }
 
@@ -214,6 +214,7 @@ impl Committer {
         }
         self.in_flight = true;
         self.last_sent = Some(now);
+        self.full_batch_at = Some(later(now, config.ack_batch_min_interval));
         self.wanted = partitions.has_uncommitted();
         self.dirty_since = None;
         self.advanced_in_flight = std::mem::take(&mut self.advanced);
@@ -382,7 +383,7 @@ impl Committer {
         self.advanced += std::mem::take(&mut self.advanced_in_flight);
         self.wanted = partitions.has_uncommitted() || self.requested > ticket;
         if self.wanted {
-            self.retry_at = Some(now + jitter.after_failures(self.failures));
+            self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
         }
         Answered::Failed
     }

@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::partition::Partitions;
 use super::requests::{expect, Owner, Requests};
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
 use crate::event::{DiscardReason, RequestError};
@@ -179,7 +179,7 @@ impl DeadLetters {
             }
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
-                self.retry_at = Some(now + jitter.after_failures(self.failures));
+                self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
                 for e in batch.into_iter().rev() {
                     if partitions.live(e.partition, e.epoch) {
                         self.queue.push_front(e);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::requests::{check, expect, Owner, Requests};
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
 use crate::event::RequestError;
@@ -93,12 +93,12 @@ impl GroupSession {
     /// The broker confirmed membership (a heartbeat answered 0).
     pub(crate) fn confirmed(&mut self, now: Instant) {
         self.last_confirmed = now;
-        self.next_heartbeat = Some(now + self.interval);
+        self.next_heartbeat = Some(later(now, self.interval));
     }
 
     /// A heartbeat got no answer: try again at the normal interval.
     pub(crate) fn heartbeat_failed(&mut self, now: Instant) {
-        self.next_heartbeat = Some(now + self.interval);
+        self.next_heartbeat = Some(later(now, self.interval));
     }
 
     /// True while this member holds (or is giving back) an assignment.
@@ -109,7 +109,7 @@ impl GroupSession {
     /// When the broker will have evicted us if no heartbeat gets through.
     pub(crate) fn expires_at(&self) -> Option<Instant> {
         self.is_member()
-            .then(|| self.last_confirmed + self.session_timeout)
+            .then(|| later(self.last_confirmed, self.session_timeout))
     }
 
     /// Forget the membership (the broker evicted us or lost the group).
@@ -132,7 +132,7 @@ impl GroupSession {
     fn request_failed(&mut self, now: Instant, jitter: &mut Jitter) {
         self.request_in_flight = false;
         self.failures = self.failures.saturating_add(1);
-        self.retry_at = Some(now + jitter.after_failures(self.failures));
+        self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
     }
 
     /// Sends the heartbeat if it is due. False when the breaker said no.

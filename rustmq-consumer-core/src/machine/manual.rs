@@ -19,7 +19,7 @@ use std::time::Instant;
 use tracing::debug;
 
 use super::requests::{check, expect, Owner, Requests};
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
 use crate::event::RequestError;
@@ -123,7 +123,7 @@ impl ManualGeneration {
             Ok(r) => r,
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
-                self.retry_at = Some(now + jitter.after_failures(self.failures));
+                self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
                 return Err(error);
             }
         };
@@ -182,7 +182,7 @@ impl ManualGeneration {
             return false;
         }
         self.refusals = self.refusals.saturating_add(1);
-        self.retry_at = Some(now + jitter.after_failures(self.refusals));
+        self.retry_at = Some(later(now, jitter.after_failures(self.refusals)));
         true
     }
 }

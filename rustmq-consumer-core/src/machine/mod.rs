@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, trace, warn};
 
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConfigError, ConsumerConfig};
 use crate::error::{TransportError, UsageError};
@@ -259,7 +259,8 @@ impl ConsumerMachine {
         } else {
             let delay = delay.unwrap_or_else(|| self.jitter.retry(tag.attempt));
             trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, ?delay, "nack: retry scheduled");
-            self.partitions.schedule_retry(tag, idx, Some(now + delay));
+            self.partitions
+                .schedule_retry(tag, idx, Some(later(now, delay)));
         }
         self.poll_work(now);
         Ok(())
@@ -705,7 +706,7 @@ impl ConsumerMachine {
             self.config.rebalance_drain_timeout
         };
         let Some(g) = &mut self.group else { return };
-        let deadline = now + drain;
+        let deadline = later(now, drain);
         if g.start_revoke(deadline, forget_member) {
             self.partitions.start_revoke();
             self.revoke_held = self.hold_revokes;

@@ -8,6 +8,7 @@ use rustc_hash::FxBuildHasher;
 use tracing::trace;
 
 use super::dead_letter::DeadLetterEntry;
+use crate::backoff::later;
 use crate::breaker::Permit;
 use crate::event::{RequestError, RequestId, Transmit};
 use crate::protocol::{Request, RequestKind, Response};
@@ -103,7 +104,7 @@ impl Requests {
     pub(crate) fn send(&mut self, now: Instant, permit: Permit, owner: Owner, request: Request) {
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        let deadline = now + self.timeout;
+        let deadline = later(now, self.timeout);
         trace!(request = id.0, kind = ?request.kind(), "transmit");
         self.deadlines.insert((deadline, id));
         self.in_flight.insert(

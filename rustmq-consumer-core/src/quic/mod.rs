@@ -373,7 +373,7 @@ impl Inner {
                 );
                 Link::Idle {
                     failures,
-                    retry_at: Some(self.runtime.now() + delay),
+                    retry_at: Some(crate::backoff::later(self.runtime.now(), delay)),
                     last_error: Some(error.clone()),
                 }
             }
@@ -416,7 +416,8 @@ impl Inner {
                 let timeout = self.connect_timeout;
                 let server = self.server_addr;
                 async move {
-                    let mut timer = runtime.new_timer(runtime.now() + timeout);
+                    let mut timer =
+                        runtime.new_timer(crate::backoff::later(runtime.now(), timeout));
                     let expired = std::future::poll_fn(move |cx| timer.as_mut().poll(cx));
                     let handshake =
                         async { connecting.await.map_err(|e| handshake_error(server, e)) };

@@ -242,6 +242,32 @@ pub async fn nack_and_retry<R: Runtime + Clone>(rt: R) {
     assert_eq!((metrics.nacked, metrics.retried, metrics.acked), (2, 2, 3));
 }
 
+/// A `Duration::MAX` retry delay, or a configured timeout too long for an `Instant`, means
+/// never: the consumer goes on (it used to panic in its driver on `Instant + Duration`).
+pub async fn durations_too_long_for_an_instant<R: Runtime + Clone>(rt: R) {
+    let broker = broker(1, 2);
+    let mut config = fast_config();
+    config.ack_batch_timeout = Duration::MAX;
+    config.request_timeout = Duration::MAX;
+    config.drain_timeout = Duration::MAX;
+    let consumer = start(&rt, &broker, config).await;
+    let first = next(&rt, &consumer).await;
+    assert_eq!(first.offset(), 0);
+    first.nack_with_delay(Duration::MAX).await.expect("nack");
+    let second = next(&rt, &consumer).await;
+    assert_eq!((second.offset(), second.attempt()), (1, 1));
+    second.ack().await.expect("ack");
+    assert!(
+        maybe_next(&rt, &consumer, Duration::from_millis(50))
+            .await
+            .is_none(),
+        "no redelivery of offset 0"
+    );
+    assert_eq!(timeout(&rt, Duration::MAX, async { 7 }).await, Some(7));
+    within(&rt, consumer.close()).await.expect("close");
+    assert_eq!(committed(&broker, 0), None, "offset 0 never settled");
+}
+
 /// A rejected message and a message out of retries both land in the dead-letter topic, and
 /// their offsets settle.
 pub async fn reject_to_dead_letter<R: Runtime + Clone>(rt: R) {

@@ -8,7 +8,7 @@ use tracing::{trace, warn};
 
 use super::sizing::Room;
 use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot, Unsettled};
-use crate::backoff::{self, Jitter};
+use crate::backoff::{self, later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConsumerConfig, StartPosition};
 use crate::event::{DiscardReason, Metrics, RequestError};
@@ -421,7 +421,7 @@ impl Partitions {
                 if live {
                     p.fetch_in_flight = false;
                     p.fetch_failures = failures;
-                    p.fetch_not_before = Some(now + delay);
+                    p.fetch_not_before = Some(later(now, delay));
                 }
                 return Err(error);
             }
@@ -438,13 +438,14 @@ impl Partitions {
         }
         if r.records.is_empty() {
             // No long-poll on the broker: back off before asking again.
-            p.fetch_not_before = Some(
-                now + backoff::ceiling(
+            p.fetch_not_before = Some(later(
+                now,
+                backoff::ceiling(
                     config.empty_fetch_backoff_min,
                     config.empty_fetch_backoff_max,
                     p.empty_fetches + 1,
                 ),
-            );
+            ));
             p.empty_fetches = p.empty_fetches.saturating_add(1);
             return Ok(());
         }
@@ -544,7 +545,7 @@ impl Partitions {
                     p.refetch.push_front(offset);
                 }
                 p.fetch_failures = p.fetch_failures.saturating_add(1);
-                p.fetch_not_before = Some(now + jitter.after_failures(p.fetch_failures));
+                p.fetch_not_before = Some(later(now, jitter.after_failures(p.fetch_failures)));
                 return Err(error);
             }
         };

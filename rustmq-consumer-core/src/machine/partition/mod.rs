@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tracing::trace;
 
-use crate::backoff::Jitter;
+use crate::backoff::{later, Jitter};
 use crate::cache::{CacheCell, MessageCache};
 use crate::config::ConsumerConfig;
 use crate::error::UsageError;
@@ -268,7 +268,7 @@ impl Partition {
     fn fetch_failed(&mut self, now: Instant, jitter: &mut Jitter) {
         self.fetch_failures = self.fetch_failures.saturating_add(1);
         self.fetch_in_flight = false;
-        self.fetch_not_before = Some(now + jitter.after_failures(self.fetch_failures));
+        self.fetch_not_before = Some(later(now, jitter.after_failures(self.fetch_failures)));
     }
 
     fn lag(&self, now: Instant) -> PartitionLag {
