@@ -131,7 +131,11 @@ impl MessageCache {
     /// bounds hold, each counted. A record that cannot fit alone (or any record when
     /// `max_entries` is 0) is not stored and counts as one eviction. Returns the number
     /// evicted. Without a slot for `key` nothing is stored (and 0 returned).
-    #[inline]
+    ///
+    /// The deliveries take the three steps apart ([`expire`](Self::expire),
+    /// [`fill`](Self::fill), [`after_fill`](Self::after_fill)) to look their slot up once,
+    /// for its state and its cell; the tests drive them together, as here.
+    #[cfg(test)]
     pub(crate) fn insert(
         &mut self,
         now: Instant,
@@ -148,6 +152,22 @@ impl MessageCache {
             );
             return 0;
         };
+        let stored = self.fill(now, key, record, cell);
+        self.after_fill(stored, slots)
+    }
+
+    /// The middle of [`insert`](Self::insert), for a caller that holds the slot's cell: after
+    /// [`expire`](Self::expire), before [`after_fill`](Self::after_fill). Caches `record` in
+    /// `cell` (the slot of `key`) as the most recently used entry, replacing what it held;
+    /// returns whether it was stored (false: too large to cache).
+    #[inline]
+    pub(crate) fn fill(
+        &mut self,
+        now: Instant,
+        key: CacheKey,
+        record: Record,
+        cell: &mut CacheCell,
+    ) -> bool {
         if let Some(old) = &cell.0 {
             let (expiry_at, lru_at, cost) = (old.expiry_at, old.lru_at, old.cost);
             cell.0 = None;
@@ -163,8 +183,7 @@ impl MessageCache {
                 "record too large to cache"
             );
             self.stats.evictions += 1;
-            self.tidy(slots);
-            return 1;
+            return false;
         }
         cell.0 = Some(Cached {
             record,
@@ -175,9 +194,19 @@ impl MessageCache {
         });
         self.len += 1;
         self.bytes += cost;
-        // The new entry is at the back of the LRU queue and fits alone, so eviction stops
-        // before it.
-        let evicted = self.evict(slots, "cache eviction");
+        true
+    }
+
+    /// The end of [`insert`](Self::insert), once the cell is let go: evicts what the bounds
+    /// no longer hold (a stored entry is the most recently used and fits alone, so eviction
+    /// stops before it) and tidies. Returns the number evicted, 1 for a record not `stored`.
+    #[inline]
+    pub(crate) fn after_fill(&mut self, stored: bool, slots: &mut impl CacheSlots) -> usize {
+        let evicted = if stored {
+            self.evict(slots, "cache eviction")
+        } else {
+            1
+        };
         self.tidy(slots);
         evicted
     }
@@ -335,9 +364,10 @@ impl MessageCache {
             .is_some_and(|deadline| now >= deadline)
     }
 
-    /// Drops every expired entry from the front of the expiry queue.
+    /// Drops every expired entry from the front of the expiry queue (the start of
+    /// [`insert`](Self::insert)).
     #[inline]
-    fn expire(&mut self, now: Instant, slots: &mut impl CacheSlots) {
+    pub(crate) fn expire(&mut self, now: Instant, slots: &mut impl CacheSlots) {
         if self
             .expiry
             .front()

@@ -665,17 +665,20 @@ impl Partitions {
         events: &mut VecDeque<Event>,
     ) {
         self.refresh();
-        // Partitions take turns in id order from `delivery_turn`, among those that have
-        // something to deliver.
+        // Partitions take turns in id order from `delivery_turn`, one message a turn, among
+        // those that have something to deliver.
         while self.unacked < max_unacked && !self.deliverable.is_empty() {
-            // One partition to deliver from (the common case) takes every turn: no search.
-            let turn = if self.deliverable.len() == 1 {
-                self.deliverable.first()
+            // One partition to deliver from (the common case) takes every turn: no search,
+            // and its turns run on in one go.
+            let (turn, turns) = if self.deliverable.len() == 1 {
+                (self.deliverable.first(), max_unacked - self.unacked)
             } else {
-                self.deliverable
+                let turn = self
+                    .deliverable
                     .range(self.delivery_turn..)
                     .next()
-                    .or_else(|| self.deliverable.first())
+                    .or_else(|| self.deliverable.first());
+                (turn, 1)
             };
             let Some(&id) = turn else {
                 break;
@@ -685,36 +688,43 @@ impl Partitions {
                 self.deliverable.remove(&id);
                 continue;
             };
+            self.deliver_from(idx, now, turns, metrics, events);
             let p = &mut self.list[idx];
-            let next = if let Some((offset, record)) = p.redeliver.pop_front() {
-                match p.slot(offset) {
-                    Some(Slot::Ready { attempt }) => {
-                        metrics.retried += 1;
-                        Some((offset, record, attempt))
-                    }
-                    _ => None,
-                }
-            } else if let Some((offset, record)) = p.buffered.pop_front() {
-                self.buffered -= 1;
-                self.buffered_bytes -= record.encoded_len();
-                Some((offset, record, 1))
-            } else {
-                None
-            };
             if !p.deliverable() {
                 p.indexed.deliverable = false;
                 self.deliverable.remove(&id);
             }
-            let Some((offset, record, attempt)) = next else {
-                continue;
+        }
+    }
+
+    /// Takes `turns` delivery turns of the partition at `idx`: each delivers its next due
+    /// retry, or else its next buffered message (a retry no longer due uses the turn up).
+    fn deliver_from(
+        &mut self,
+        idx: usize,
+        now: Instant,
+        turns: usize,
+        metrics: &mut Metrics,
+        events: &mut VecDeque<Event>,
+    ) {
+        for _ in 0..turns {
+            let p = &mut self.list[idx];
+            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
+            {
+                match p.slot(offset) {
+                    Some(Slot::Ready { attempt }) => {
+                        metrics.retried += 1;
+                        (offset, record, attempt)
+                    }
+                    _ => continue,
+                }
+            } else if let Some((offset, record)) = p.buffered.pop_front() {
+                self.buffered -= 1;
+                self.buffered_bytes -= record.encoded_len();
+                (offset, record, 1)
+            } else {
+                break;
             };
-            p.set(
-                offset,
-                Slot::Delivered {
-                    attempt,
-                    since: now,
-                },
-            );
             let tag = DeliveryTag {
                 partition: p.id,
                 offset,
@@ -722,9 +732,19 @@ impl Partitions {
                 attempt,
             };
             // The record stays in its slot, in the cache, for a redelivery or the dead-letter
-            // path.
+            // path: the slot is looked up once, for its state and its cache cell.
             let (cache, mut windows) = self.cache_windows();
-            cache.insert(now, (tag.partition, offset), record.clone(), &mut windows);
+            cache.expire(now, &mut windows);
+            if let Some(u) = self.list[idx].window.get_mut(offset) {
+                u.state = Slot::Delivered {
+                    attempt,
+                    since: now,
+                };
+                let key = (tag.partition, offset);
+                let stored = self.cache.fill(now, key, record.clone(), &mut u.cached);
+                let (cache, mut windows) = self.cache_windows();
+                cache.after_fill(stored, &mut windows);
+            }
             self.unacked += 1;
             metrics.delivered += 1;
             trace!(partition = tag.partition, offset, attempt, "deliver");
