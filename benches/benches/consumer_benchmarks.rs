@@ -32,11 +32,12 @@ use rustmq_consumer_benches::core::{
     commit_ok, delivered, failure, fetch_response, group_answer, next_fetch, shuffled, start,
     wide_config,
 };
-use rustmq_consumer_benches::transport::{broker_spread, broker_with, DelayedTransport};
+use rustmq_consumer_benches::transport::{
+    broker_spread, broker_with, raw_fetch_loop, DelayedTransport, RAW_FETCH_MAX_BYTES,
+};
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::process::OrderBy;
 use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartition};
-use rustmq_consumer_core::protocol::{FetchRequest, Response};
 use rustmq_consumer_core::{
     BreakerState, Consumer, ConsumerConfig, Event, Outcome, ProcessOptions, Runtime, Transport,
 };
@@ -636,38 +637,6 @@ fn ack_throughput_vs_old_design(c: &mut Criterion) {
 }
 
 // ------------------------------------------------------------------------ quic
-
-/// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask for.
-/// The broker counts it in its own units (about 380 per record of [`PAYLOAD`]), so each
-/// answer carries about 2,700 records.
-///
-/// [`PAYLOAD`]: rustmq_consumer_benches::PAYLOAD
-const RAW_FETCH_MAX_BYTES: u32 = 1 << 20;
-
-/// The raw loop: Fetch requests one after another at advancing offsets, counting records
-/// until `n` arrived.
-async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
-    let mut offset = 0u64;
-    let mut received = 0usize;
-    while received < n {
-        let request = FetchRequest {
-            topic: TOPIC.to_owned(),
-            partition_id: 0,
-            fetch_offset: offset,
-            max_bytes,
-            timeout_ms: 1_000,
-        };
-        let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
-            panic!("fetch at {offset} failed");
-        };
-        assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
-        for record in &fetched.records {
-            black_box(record);
-        }
-        received += fetched.records.len();
-        offset += fetched.records.len() as u64;
-    }
-}
 
 /// Every timed iteration of one `quic_loopback` function (warm-up included), for the ratio
 /// printed after the group: criterion reports each function alone.

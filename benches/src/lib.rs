@@ -198,11 +198,45 @@ pub mod transport {
     use std::time::{Duration, Instant};
 
     use async_trait::async_trait;
-    use rustmq_consumer_core::protocol::{Request, Response};
+    use rustmq_consumer_core::protocol::{FetchRequest, Request, Response};
     use rustmq_consumer_core::{Transport, TransportError};
     use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
 
     use super::{PAYLOAD, TOPIC};
+
+    /// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask
+    /// for. The broker counts it in its own units (about 380 per record of [`PAYLOAD`]), so
+    /// each answer carries about 2,700 records.
+    pub const RAW_FETCH_MAX_BYTES: u32 = 1 << 20;
+
+    /// The raw loop, the `quic_loopback` baseline: Fetch requests one after another at
+    /// advancing offsets of partition 0 of [`TOPIC`], counting records until `n` arrived.
+    ///
+    /// # Panics
+    ///
+    /// On a failed or empty fetch.
+    pub async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
+        let mut offset = 0u64;
+        let mut received = 0usize;
+        while received < n {
+            let request = FetchRequest {
+                topic: TOPIC.to_owned(),
+                partition_id: 0,
+                fetch_offset: offset,
+                max_bytes,
+                timeout_ms: 1_000,
+            };
+            let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
+                panic!("fetch at {offset} failed");
+            };
+            assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
+            for record in &fetched.records {
+                std::hint::black_box(record);
+            }
+            received += fetched.records.len();
+            offset += fetched.records.len() as u64;
+        }
+    }
 
     type Job = (
         Instant,

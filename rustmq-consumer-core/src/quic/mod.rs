@@ -466,24 +466,32 @@ impl Inner {
     }
 }
 
-/// Reads a stream to its end, refusing more than `cap` bytes.
+/// Reads a response to the end of its stream, refusing more than `cap` bytes. The chunks are
+/// kept as quinn hands them over and joined once at the end, into a buffer of the frame's
+/// size: a buffer grown as they came would copy a large answer about twice.
 async fn read_capped(recv: &mut quinn::RecvStream, cap: usize) -> Result<Vec<u8>, TransportError> {
-    let mut frame = Vec::new();
+    let mut chunks = Vec::new();
+    let mut total = 0usize;
     loop {
         match recv.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => {
-                let total = frame.len().saturating_add(chunk.bytes.len());
+                total = total.saturating_add(chunk.bytes.len());
                 if total > cap {
                     // Tell the broker to stop sending; the stream is abandoned either way.
                     let _ = recv.stop(VarInt::from_u32(STOP_TOO_LARGE));
                     return Err(TransportError::ResponseTooLarge(total));
                 }
-                frame.extend_from_slice(&chunk.bytes);
+                chunks.push(chunk.bytes);
             }
-            Ok(None) => return Ok(frame),
+            Ok(None) => break,
             Err(error) => return Err(read_error(error)),
         }
     }
+    let mut frame = Vec::with_capacity(total);
+    for chunk in &chunks {
+        frame.extend_from_slice(chunk);
+    }
+    Ok(frame)
 }
 
 /// A failed handshake: a TLS failure on either side (a crypto error code: our verifier refused
