@@ -36,6 +36,9 @@ pub enum StartPosition {
 /// The default has no topic and no group: give them here or with the builder's `topic(..)` and
 /// `consumer_group(..)` (`build()` refuses a consumer without them, and refuses two different
 /// values for either). `validate()` rejects nonsense before the state machine ever sees it.
+///
+/// A duration too long for an `Instant` (`Duration::MAX`) is valid and means never: every
+/// deadline derived from one is cut to a century from now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerConfig {
     /// The subscribed topic (required: here or with the builder's `topic(..)`).

@@ -569,7 +569,8 @@ impl Delivery {
         self.nack_redelivers(None).await.map(drop)
     }
 
-    /// Failed: redeliver after `delay`.
+    /// Failed: redeliver after `delay` (`Duration::MAX`: a century, that is never; the offset
+    /// then holds back its partition's commits until a seek or a rebalance moves it on).
     pub async fn nack_with_delay(self, delay: Duration) -> Result<(), ConsumerError> {
         self.nack_redelivers(Some(delay)).await.map(drop)
     }
