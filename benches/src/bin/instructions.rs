@@ -15,22 +15,21 @@
 //!   messages received and acked one by one, twice; count the whole program (the broker and
 //!   its records are built in it too);
 //! - `channel`: `end_to_end`'s baseline, 20,000 records over a bounded channel between two
-//!   tasks, twice; count the whole program;
-//! - `quic`, `quic-raw`: `quic_loopback`'s consumer (**default** config, a group of its own per
-//!   run) and its raw loop of 1 MiB fetches, 20,000 messages twice, over QUIC on 127.0.0.1
-//!   against the embedded `LoopbackBroker`, on a current-thread runtime (callgrind runs one
-//!   thread at a time anyway); count the whole program. The broker, QUIC and the decoding
-//!   are in both: the difference is the consumer's own work.
+//!   tasks, twice; count the whole program.
+//!
+//! The QUIC workloads are in `bin/instructions_quic`: a second caller of `receive` and `ack`
+//! in this program would change what the compiler inlines into `end-to-end`, and with it the
+//! counts this program has reported since it was written.
 #![allow(clippy::print_stdout)]
 
 use std::error::Error;
 use std::time::Instant;
 
 use rustmq_consumer_benches::core::{delivered, shuffled, wide_config};
-use rustmq_consumer_benches::transport::{broker_with, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
+use rustmq_consumer_benches::transport::broker_with;
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::{ConsumerMachine, DeliveryTag};
-use rustmq_consumer_testkit::{LoopbackBroker, SimTransport};
+use rustmq_consumer_testkit::SimTransport;
 use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
 
 /// Acks per round of the ack workloads, as in `core_ack_path`.
@@ -51,12 +50,9 @@ fn main() -> Result<()> {
         "acks-shuffled" => acks(true)?,
         "end-to-end" => end_to_end()?,
         "channel" => channel()?,
-        "quic" => quic(false)?,
-        "quic-raw" => quic(true)?,
         other => {
             return Err(format!(
-                "unknown workload {other:?}: acks-in-order, acks-shuffled, end-to-end, channel, \
-                 quic or quic-raw"
+                "unknown workload {other:?}: acks-in-order, acks-shuffled, end-to-end or channel"
             )
             .into())
         }
@@ -144,38 +140,5 @@ fn channel() -> Result<usize> {
             Ok::<_, Box<dyn Error>>(())
         })?;
     }
-    Ok(MESSAGES * RUNS)
-}
-
-fn quic(raw: bool) -> Result<usize> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let quic: std::sync::Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
-        std::sync::Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
-    let loopback = rt.block_on(async { LoopbackBroker::start(broker_with(MESSAGES), quic) })?;
-    for run in 0..RUNS {
-        rt.block_on(async {
-            let transport = rustmq_consumer_tokio::quic_transport(loopback.client_config())?;
-            transport.connect().await?;
-            if raw {
-                raw_fetch_loop(&transport, MESSAGES, RAW_FETCH_MAX_BYTES).await;
-                return Ok::<_, Box<dyn Error>>(());
-            }
-            let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-quic-{run}"));
-            let consumer = ConsumerBuilder::with_runtime(TokioRuntime)
-                .config(config)
-                .client(transport)
-                .build()
-                .await?;
-            for _ in 0..MESSAGES {
-                let delivery = consumer.receive().await?.ok_or("closed early")?;
-                delivery.ack().await?;
-            }
-            consumer.close().await?;
-            Ok(())
-        })?;
-    }
-    rt.block_on(loopback.stop());
     Ok(MESSAGES * RUNS)
 }
