@@ -510,7 +510,7 @@ impl fmt::Debug for Delivery {
 
 impl Delivery {
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
-        let member = match &*stamped.member {
+        let member = match &*stamped.stamp.member {
             "" => shared.consumer_id.as_str(),
             member => member,
         };
@@ -519,7 +519,7 @@ impl Delivery {
         Self {
             span,
             inner: stamped.delivery,
-            generation: stamped.generation,
+            generation: stamped.stamp.generation,
             shared,
             settled: false,
         }

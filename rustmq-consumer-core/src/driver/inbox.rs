@@ -330,8 +330,10 @@ mod tests {
                 },
                 record: Record::from_value(&b"v"[..]),
             },
-            generation: 0,
-            member: Arc::from(""),
+            stamp: Arc::new(super::super::task::Stamp {
+                generation: 0,
+                member: Box::from(""),
+            }),
         }
     }
 

@@ -18,10 +18,12 @@ impl Driver {
                     attempt = delivery.tag.attempt,
                     "deliver"
                 );
+                if self.stamp.generation != state.generation {
+                    self.restamp(state.generation, self.stamp.member.clone());
+                }
                 self.backlog.push_back(Stamped {
                     delivery,
-                    generation: state.generation,
-                    member: Arc::clone(&self.member),
+                    stamp: Arc::clone(&self.stamp),
                 });
                 return;
             }
@@ -58,7 +60,7 @@ impl Driver {
             Event::Assigned(partitions) => {
                 state.generation += 1;
                 if let Some((member_id, generation)) = self.joined.take() {
-                    self.member = Arc::from(member_id.as_str());
+                    self.restamp(state.generation, Box::from(member_id.as_str()));
                     self.member_span = tracing::info_span!(
                         parent: &self.span,
                         "member",
@@ -281,5 +283,10 @@ impl Driver {
                 true
             }
         });
+    }
+
+    /// The stamp of the deliveries from now on.
+    fn restamp(&mut self, generation: u64, member: Box<str>) {
+        self.stamp = Arc::new(Stamp { generation, member });
     }
 }
