@@ -707,6 +707,10 @@ impl Partitions {
         metrics: &mut Metrics,
         events: &mut VecDeque<Event>,
     ) {
+        // Entries expire at `now` once for the run: the ones it inserts at `now` live on (the
+        // time to live is never zero), so expiring again before each insert finds nothing.
+        let (cache, mut windows) = self.cache_windows();
+        cache.expire(now, &mut windows);
         for _ in 0..turns {
             let p = &mut self.list[idx];
             let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
@@ -733,8 +737,6 @@ impl Partitions {
             };
             // The record stays in its slot, in the cache, for a redelivery or the dead-letter
             // path: the slot is looked up once, for its state and its cache cell.
-            let (cache, mut windows) = self.cache_windows();
-            cache.expire(now, &mut windows);
             if let Some(u) = self.list[idx].window.get_mut(offset) {
                 u.state = Slot::Delivered {
                     attempt,
