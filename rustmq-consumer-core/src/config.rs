@@ -96,7 +96,8 @@ pub struct ConsumerConfig {
     pub empty_fetch_backoff_min: Duration,
     /// Largest pause after repeated empty fetches.
     pub empty_fetch_backoff_max: Duration,
-    /// Deliveries outstanding with the application (delivered, not yet settled).
+    /// Deliveries outstanding with the application (delivered, not yet settled); at most
+    /// [`ConsumerConfig::MAX_UNACKED`] (the driver sizes its delivery and ack queues by it).
     pub max_unacked: usize,
     /// Cap on a partition's unsettled span: next fetch offset minus the settle watermark.
     pub max_unsettled_per_partition: u64,
@@ -154,6 +155,10 @@ pub struct ConsumerConfig {
 impl ConsumerConfig {
     /// The seed the default sets: the driver draws a fresh one from OS entropy in its place.
     pub const DEFAULT_SEED: u64 = 0x5eed_0f2b_17c0_de00;
+
+    /// The largest `max_unacked` (2^20): the driver allocates its queue of dropped deliveries
+    /// and its ack queue for that many up front (about 56 bytes each at this bound).
+    pub const MAX_UNACKED: usize = 1 << 20;
 }
 
 impl Default for ConsumerConfig {
@@ -250,6 +255,9 @@ impl ConsumerConfig {
         nonzero("fetch_max_bytes", self.fetch_max_bytes > 0)?;
         nonzero("prefetch_bytes", self.prefetch_bytes > 0)?;
         nonzero("max_unacked", self.max_unacked > 0)?;
+        if self.max_unacked > Self::MAX_UNACKED {
+            return Err(TooLarge("max_unacked"));
+        }
         nonzero(
             "max_unsettled_per_partition",
             self.max_unsettled_per_partition > 0,
@@ -402,7 +410,7 @@ pub enum ConfigError {
     /// A size, count or duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
-    /// A duration the wire cannot carry.
+    /// A duration the wire cannot carry, or a bound above its documented maximum.
     #[error("{0} is too large")]
     TooLarge(&'static str),
     /// A lower bound above its upper bound.

@@ -969,6 +969,18 @@ fn bad_configs_are_rejected() {
     let mut c = config("t");
     c.partitions = vec![1, 1];
     assert_eq!(c.validate(), Err(ConfigError::DuplicatePartition(1)));
+    // The driver sizes queues by `max_unacked`: usize::MAX used to panic in `build()`
+    // (capacity overflow), and a large value to abort on the allocation.
+    let mut c = config("t");
+    c.max_unacked = ConsumerConfig::MAX_UNACKED;
+    assert_eq!(c.validate(), Ok(()));
+    c.max_unacked = ConsumerConfig::MAX_UNACKED + 1;
+    assert_eq!(
+        c.validate().unwrap_err().to_string(),
+        "max_unacked is too large"
+    );
+    c.max_unacked = usize::MAX;
+    assert_eq!(c.validate(), Err(ConfigError::TooLarge("max_unacked")));
 }
 
 #[test]

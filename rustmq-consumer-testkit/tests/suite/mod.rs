@@ -1167,6 +1167,18 @@ pub async fn bad_input<R: Runtime + Clone>(rt: R) {
         error.map(|e| e.to_string()).as_deref(),
         Some("invalid configuration: max_unacked must be greater than zero")
     );
+    // Queues are sized by it: `usize::MAX` used to panic in `build()` (capacity overflow).
+    let mut huge = fast_config();
+    huge.max_unacked = usize::MAX;
+    let huge = ConsumerBuilder::with_runtime(rt.clone())
+        .config(huge)
+        .transport(transport())
+        .build()
+        .await;
+    assert_eq!(
+        huge.err(),
+        Some(ConsumerError::Config(ConfigError::TooLarge("max_unacked")))
+    );
 }
 
 /// `close_with_timeout` returns in time even when the close cannot finish, naming the settled
