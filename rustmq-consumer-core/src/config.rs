@@ -97,7 +97,7 @@ pub struct ConsumerConfig {
     /// Largest pause after repeated empty fetches.
     pub empty_fetch_backoff_max: Duration,
     /// Deliveries outstanding with the application (delivered, not yet settled); at most
-    /// [`ConsumerConfig::MAX_UNACKED`] (the driver sizes its delivery and ack queues by it).
+    /// `ConsumerConfig::MAX_UNACKED`, 1,048,576 (the driver sizes its queues by it).
     pub max_unacked: usize,
     /// Cap on a partition's unsettled span: next fetch offset minus the settle watermark.
     pub max_unsettled_per_partition: u64,
