@@ -33,7 +33,7 @@ use rustmq_consumer_benches::core::{
     wide_config,
 };
 use rustmq_consumer_benches::transport::{
-    broker_spread, broker_with, raw_fetch_loop, DelayedTransport, RAW_FETCH_MAX_BYTES,
+    broker_spread, broker_with, loopback, raw_fetch_loop, DelayedTransport, RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::process::OrderBy;
@@ -41,7 +41,7 @@ use rustmq_consumer_core::protocol::{CommitOffsetRequest, Request, TopicPartitio
 use rustmq_consumer_core::{
     BreakerState, Consumer, ConsumerConfig, Event, Outcome, ProcessOptions, Runtime, Transport,
 };
-use rustmq_consumer_testkit::{take_deliveries, LoopbackBroker, SimTransport};
+use rustmq_consumer_testkit::{take_deliveries, SimTransport};
 use rustmq_consumer_tokio::TokioRuntime;
 
 /// Deliveries acked per `core_ack_path` iteration.
@@ -673,10 +673,7 @@ fn quic_loopback(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let quic: Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
-        Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
-    let loopback = rt
-        .block_on(async { LoopbackBroker::start(broker_with(QUIC_N), Arc::clone(&quic)).unwrap() });
+    let loopback = loopback(&rt, QUIC_N).unwrap();
     let connect = || {
         rt.block_on(async {
             let transport =

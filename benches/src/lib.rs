@@ -200,9 +200,26 @@ pub mod transport {
     use async_trait::async_trait;
     use rustmq_consumer_core::protocol::{FetchRequest, Request, Response};
     use rustmq_consumer_core::{Transport, TransportError};
-    use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport};
+    use rustmq_consumer_testkit::{
+        LoopbackBroker, LoopbackError, SharedBroker, SimBroker, SimTransport,
+    };
 
     use super::{PAYLOAD, TOPIC};
+
+    /// `quic_loopback`'s broker: [`broker_with`]`(messages)` served over QUIC on 127.0.0.1
+    /// by the embedded [`LoopbackBroker`], started on `rt`.
+    ///
+    /// # Errors
+    ///
+    /// When the loopback server cannot start.
+    pub fn loopback(
+        rt: &tokio::runtime::Runtime,
+        messages: usize,
+    ) -> Result<LoopbackBroker, LoopbackError> {
+        let quic: std::sync::Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
+            std::sync::Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
+        rt.block_on(async { LoopbackBroker::start(broker_with(messages), quic) })
+    }
 
     /// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask
     /// for. The broker counts it in its own units (about 380 per record of [`PAYLOAD`]), so

@@ -14,11 +14,9 @@
 #![allow(clippy::print_stdout)]
 
 use std::error::Error;
-use std::sync::Arc;
 
-use rustmq_consumer_benches::transport::{broker_with, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
+use rustmq_consumer_benches::transport::{loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
 use rustmq_consumer_benches::{GROUP, TOPIC};
-use rustmq_consumer_testkit::LoopbackBroker;
 use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
 
 /// Messages per run, as in `quic_loopback`.
@@ -38,9 +36,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let quic: Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
-        Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
-    let loopback = rt.block_on(async { LoopbackBroker::start(broker_with(MESSAGES), quic) })?;
+    let loopback = loopback(&rt, MESSAGES)?;
     for run in 0..RUNS {
         rt.block_on(async {
             let transport = rustmq_consumer_tokio::quic_transport(loopback.client_config())?;

@@ -15,11 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use rustmq_consumer_benches::transport::broker_with;
+use rustmq_consumer_benches::transport::loopback;
 use rustmq_consumer_benches::{GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{Request, Response};
 use rustmq_consumer_core::{Transport, TransportError};
-use rustmq_consumer_testkit::LoopbackBroker;
 use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
 
 /// Messages per run, as in `quic_loopback`.
@@ -86,9 +85,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let quic: Arc<dyn rustmq_consumer_core::quic::quinn::Runtime> =
-        Arc::new(rustmq_consumer_core::quic::quinn::TokioRuntime);
-    let loopback = rt.block_on(async { LoopbackBroker::start(broker_with(MESSAGES), quic) })?;
+    let loopback = loopback(&rt, MESSAGES)?;
     for run in 0..runs {
         let log = Arc::new(Mutex::new(Vec::new()));
         let delivered = rt.block_on(async {
