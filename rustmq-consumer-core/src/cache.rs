@@ -168,11 +168,8 @@ impl MessageCache {
         record: Record,
         cell: &mut CacheCell,
     ) -> bool {
-        if let Some(old) = &cell.0 {
-            let (expiry_at, lru_at, cost) = (old.expiry_at, old.lru_at, old.cost);
-            cell.0 = None;
-            self.forget(expiry_at, lru_at, cost);
-        }
+        // What the cell held before leaves the cache.
+        self.release(cell);
         let cost = record.encoded_len().saturating_add(ENTRY_OVERHEAD);
         if self.max_entries == 0 || cost > self.max_bytes {
             trace!(
@@ -248,9 +245,7 @@ impl MessageCache {
             .as_ref()
             .is_some_and(|entry| self.is_expired(entry.inserted, now));
         if expired {
-            if let Some(entry) = cell.0.take() {
-                self.forget(entry.expiry_at, entry.lru_at, entry.cost);
-            }
+            self.release(cell);
             self.stats.expirations += 1;
             self.stats.misses += 1;
             self.tidy(slots);
