@@ -17,7 +17,10 @@
 
 use bincode::Options;
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -127,74 +130,174 @@ fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {
     decode_borrowed(body)
 }
 
-/// [`decode_body`] for a message that borrows its byte strings from `body`.
-fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, bincode::Error> {
+/// The broker's bincode options, never reading (or allocating for) more than `len` bytes.
+fn options(len: usize) -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .allow_trailing_bytes()
-        .with_limit(body.len() as u64)
-        .deserialize(body)
+        .with_limit(len as u64)
 }
 
-/// A [`FetchResponse`] body as bincode lays it out (the same fields in the same order), its
-/// byte strings borrowed from the frame.
-#[derive(Deserialize)]
-struct FetchResponseRef<'a> {
-    #[serde(borrow)]
-    records: Vec<RecordRef<'a>>,
-    high_watermark: u64,
-    error_code: u32,
-    error_message: Option<String>,
-}
-
-/// A [`Record`] borrowed from the frame.
-#[derive(Deserialize)]
-struct RecordRef<'a> {
-    #[serde(borrow)]
-    key: Option<&'a [u8]>,
-    value: &'a [u8],
-    #[serde(borrow)]
-    headers: Vec<HeaderRef<'a>>,
-    timestamp: i64,
-}
-
-/// A [`Header`] borrowed from the frame.
-#[derive(Deserialize)]
-struct HeaderRef<'a> {
-    key: String,
-    value: &'a [u8],
+/// [`decode_body`] for a message that borrows its byte strings from `body`.
+fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, bincode::Error> {
+    options(body.len()).deserialize(body)
 }
 
 /// Decodes a Fetch answer's body, a part of `frame`, into records whose byte strings are
-/// slices of `frame`.
+/// slices of `frame`: straight into the answer's record list, with no borrowed copy of it
+/// first.
 fn decode_fetch(frame: &Bytes, body: &[u8]) -> Result<FetchResponse, bincode::Error> {
-    let r: FetchResponseRef<'_> = decode_borrowed(body)?;
-    // Every borrowed slice lies inside `body`, which lies inside `frame`: `slice_ref` takes
-    // them as they are.
-    let slice = |bytes: &[u8]| frame.slice_ref(bytes);
-    let records = r
-        .records
-        .into_iter()
-        .map(|r| Record {
-            key: r.key.map(slice),
-            value: slice(r.value),
-            headers: r
-                .headers
-                .into_iter()
-                .map(|h| Header {
-                    key: h.key,
-                    value: slice(h.value),
-                })
-                .collect(),
-            timestamp: r.timestamp,
+    options(body.len()).deserialize_seed(InFrame::<FetchResponse>::new(frame), body)
+}
+
+/// Smallest encoding of a record: the key's `None` tag, the value's and the header list's
+/// lengths, the timestamp. Caps the capacity a record count may reserve.
+const MIN_RECORD_LEN: usize = 1 + 8 + 8 + 8;
+
+/// A seed that deserializes a `T` whose byte strings are borrowed from the decoded body and
+/// kept as slices of `frame`, which holds the body.
+struct InFrame<'f, T> {
+    frame: &'f Bytes,
+    target: PhantomData<fn() -> T>,
+}
+
+impl<'f, T> InFrame<'f, T> {
+    fn new(frame: &'f Bytes) -> Self {
+        Self {
+            frame,
+            target: PhantomData,
+        }
+    }
+
+    /// A slice of the frame; `bytes` lies inside it (bincode borrows from the body).
+    fn slice(&self, bytes: &[u8]) -> Bytes {
+        self.frame.slice_ref(bytes)
+    }
+}
+
+/// The next element of `seq` or, at its end, an `invalid_length` error naming `expected`.
+fn next<'de, A, S>(seq: &mut A, seed: S, index: usize, expected: &str) -> Result<S::Value, A::Error>
+where
+    A: SeqAccess<'de>,
+    S: DeserializeSeed<'de>,
+{
+    seq.next_element_seed(seed)?
+        .ok_or_else(|| de::Error::invalid_length(index, &expected))
+}
+
+/// Deserializes a plain `T` at the seeded position.
+fn plain<'de, T: Deserialize<'de>>() -> PhantomData<T> {
+    PhantomData
+}
+
+impl<'de> DeserializeSeed<'de> for InFrame<'_, FetchResponse> {
+    type Value = FetchResponse;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<FetchResponse, D::Error> {
+        const FIELDS: &[&str] = &["records", "high_watermark", "error_code", "error_message"];
+        d.deserialize_struct("FetchResponse", FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for InFrame<'_, FetchResponse> {
+    type Value = FetchResponse;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a fetch response")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FetchResponse, A::Error> {
+        const WHAT: &str = "a fetch response of 4 fields";
+        Ok(FetchResponse {
+            records: next(&mut seq, InFrame::<Vec<Record>>::new(self.frame), 0, WHAT)?,
+            high_watermark: next(&mut seq, plain(), 1, WHAT)?,
+            error_code: next(&mut seq, plain(), 2, WHAT)?,
+            error_message: next(&mut seq, plain(), 3, WHAT)?,
         })
-        .collect();
-    Ok(FetchResponse {
-        records,
-        high_watermark: r.high_watermark,
-        error_code: r.error_code,
-        error_message: r.error_message,
-    })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for InFrame<'_, Vec<Record>> {
+    type Value = Vec<Record>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Record>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for InFrame<'_, Vec<Record>> {
+    type Value = Vec<Record>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a record list")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Record>, A::Error> {
+        // The count is the broker's word: reserve no more than the frame can hold.
+        let most = self.frame.len() / MIN_RECORD_LEN;
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(most));
+        while let Some(record) = seq.next_element_seed(InFrame::<Record>::new(self.frame))? {
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for InFrame<'_, Record> {
+    type Value = Record;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Record, D::Error> {
+        const FIELDS: &[&str] = &["key", "value", "headers", "timestamp"];
+        d.deserialize_struct("Record", FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for InFrame<'_, Record> {
+    type Value = Record;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a record")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Record, A::Error> {
+        const WHAT: &str = "a record of 4 fields";
+        let key: Option<&[u8]> = next(&mut seq, plain(), 0, WHAT)?;
+        let value: &[u8] = next(&mut seq, plain(), 1, WHAT)?;
+        Ok(Record {
+            key: key.map(|key| self.slice(key)),
+            value: self.slice(value),
+            headers: next(&mut seq, InFrame::<Vec<Header>>::new(self.frame), 2, WHAT)?,
+            timestamp: next(&mut seq, plain(), 3, WHAT)?,
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for InFrame<'_, Vec<Header>> {
+    type Value = Vec<Header>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Header>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for InFrame<'_, Vec<Header>> {
+    type Value = Vec<Header>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a header list")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Header>, A::Error> {
+        let mut headers = Vec::new();
+        // Bincode lays a struct out as its fields in order: a header is a (key, value) pair.
+        while let Some((key, value)) = seq.next_element::<(String, &[u8])>()? {
+            headers.push(Header {
+                key,
+                value: self.slice(value),
+            });
+        }
+        Ok(headers)
+    }
 }
 
 /// Encodes a request frame: its type byte, then its bincode body.
