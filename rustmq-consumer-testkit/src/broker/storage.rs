@@ -169,20 +169,21 @@ impl SimBroker {
         }
         let log = self.log(&req.topic, req.partition_id);
         let high_watermark = log.map_or(0, |log| log.len() as u64);
-        let mut records = Vec::new();
-        let start = usize::try_from(req.fetch_offset).ok();
-        if let (Some(log), Some(start)) = (log, start) {
-            let budget = usize::try_from(req.max_bytes).unwrap_or(usize::MAX);
-            let mut used = 0usize;
-            for record in log.iter().skip(start) {
-                let cost = self.fetch_cost(record);
-                if !records.is_empty() && used.saturating_add(cost) > budget {
-                    break;
-                }
-                used = used.saturating_add(cost);
-                records.push(record.clone());
+        let from = usize::try_from(req.fetch_offset).ok();
+        let tail = log.zip(from).and_then(|(log, from)| log.get(from..));
+        let tail = tail.unwrap_or_default();
+        // Counted first, then copied out at once.
+        let budget = usize::try_from(req.max_bytes).unwrap_or(usize::MAX);
+        let (mut count, mut used) = (0, 0usize);
+        for record in tail {
+            let cost = self.fetch_cost(record);
+            if count > 0 && used.saturating_add(cost) > budget {
+                break;
             }
+            used = used.saturating_add(cost);
+            count += 1;
         }
+        let records = tail[..count].to_vec();
         trace!(
             topic = %req.topic,
             partition = req.partition_id,
