@@ -33,7 +33,8 @@ use rustmq_consumer_benches::core::{
     wide_config,
 };
 use rustmq_consumer_benches::transport::{
-    broker_spread, broker_with, loopback, raw_fetch_loop, DelayedTransport, RAW_FETCH_MAX_BYTES,
+    broker_spread, broker_with, channel_floor, loopback, raw_fetch_loop, DelayedTransport,
+    RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{fetch_bytes_for, records, GROUP, TOPIC};
 use rustmq_consumer_core::process::OrderBy;
@@ -699,6 +700,23 @@ fn quic_loopback(c: &mut Criterion) {
         })
     });
 
+    let mut floor = Tally::default();
+    let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
+    g.bench_function("channel_floor", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let transport = connect();
+                total += rt.block_on(async {
+                    let start = Instant::now();
+                    channel_floor(transport, QUIC_N, RAW_FETCH_MAX_BYTES, capacity).await;
+                    floor.add(start.elapsed(), QUIC_N)
+                });
+            }
+            total
+        })
+    });
+
     let mut run = 0u64;
     let mut tallies = Vec::new();
     for batched in [false, true] {
@@ -740,11 +758,17 @@ fn quic_loopback(c: &mut Criterion) {
         "quic_loopback: raw_fetch_loop (1 MiB fetches) {:.0} msg/s",
         raw.rate()
     );
+    eprintln!(
+        "quic_loopback: channel_floor {:.0} msg/s = {:.3}x raw_fetch_loop",
+        floor.rate(),
+        floor.rate() / raw.rate()
+    );
     for (name, tally) in &tallies {
         eprintln!(
-            "quic_loopback: {name} (default config) {:.0} msg/s = {:.3}x raw_fetch_loop",
+            "quic_loopback: {name} (default config) {:.0} msg/s = {:.3}x raw_fetch_loop, {:.3}x channel_floor",
             tally.rate(),
-            tally.rate() / raw.rate()
+            tally.rate() / raw.rate(),
+            tally.rate() / floor.rate()
         );
     }
 }

@@ -198,7 +198,7 @@ pub mod transport {
     use std::time::{Duration, Instant};
 
     use async_trait::async_trait;
-    use rustmq_consumer_core::protocol::{FetchRequest, Request, Response};
+    use rustmq_consumer_core::protocol::{FetchRequest, Record, Request, Response};
     use rustmq_consumer_core::{Transport, TransportError};
     use rustmq_consumer_testkit::{
         LoopbackBroker, LoopbackError, SharedBroker, SimBroker, SimTransport,
@@ -233,26 +233,64 @@ pub mod transport {
     ///
     /// On a failed or empty fetch.
     pub async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
-        let mut offset = 0u64;
         let mut received = 0usize;
         while received < n {
-            let request = FetchRequest {
-                topic: TOPIC.to_owned(),
-                partition_id: 0,
-                fetch_offset: offset,
-                max_bytes,
-                timeout_ms: 1_000,
-            };
-            let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
-                panic!("fetch at {offset} failed");
-            };
-            assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
-            for record in &fetched.records {
+            let records = fetch_at(transport, received as u64, max_bytes).await;
+            for record in &records {
                 std::hint::black_box(record);
             }
-            received += fetched.records.len();
-            offset += fetched.records.len() as u64;
+            received += records.len();
         }
+    }
+
+    /// The least a consumer can do beyond the raw loop: the same fetches, each record handed
+    /// to the application (this future) through a bounded channel of `capacity` (the
+    /// default `max_unacked`), the fetching on a task of its own that asks for the next
+    /// answer once the last one is in the channel. The second `quic_loopback` baseline: what
+    /// handing every message to another task costs, whatever the consumer does besides.
+    ///
+    /// # Panics
+    ///
+    /// On a failed or empty fetch.
+    pub async fn channel_floor<T: Transport + 'static>(
+        transport: T,
+        n: usize,
+        max_bytes: u32,
+        capacity: usize,
+    ) {
+        let (tx, rx) = async_channel::bounded(capacity);
+        let fetcher = tokio::spawn(async move {
+            let mut fetched = 0usize;
+            while fetched < n {
+                let records = fetch_at(&transport, fetched as u64, max_bytes).await;
+                fetched += records.len();
+                for record in records {
+                    if tx.send(record).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        for _ in 0..n {
+            std::hint::black_box(rx.recv().await.expect("the fetcher stopped early"));
+        }
+        fetcher.await.expect("the fetcher panicked");
+    }
+
+    /// One Fetch of partition 0 of [`TOPIC`] at `offset`: its records (never none).
+    async fn fetch_at(transport: &dyn Transport, offset: u64, max_bytes: u32) -> Vec<Record> {
+        let request = FetchRequest {
+            topic: TOPIC.to_owned(),
+            partition_id: 0,
+            fetch_offset: offset,
+            max_bytes,
+            timeout_ms: 1_000,
+        };
+        let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
+            panic!("fetch at {offset} failed");
+        };
+        assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
+        fetched.records
     }
 
     type Job = (
