@@ -152,25 +152,28 @@ impl MessageCache {
             );
             return 0;
         };
-        let stored = self.fill(now, key, record, cell);
+        let encoded_len = record.encoded_len();
+        let stored = self.fill(now, key, (record, encoded_len), cell);
         self.after_fill(stored, slots)
     }
 
     /// The middle of [`insert`](Self::insert), for a caller that holds the slot's cell: after
     /// [`expire`](Self::expire), before [`after_fill`](Self::after_fill). Caches `record` in
     /// `cell` (the slot of `key`) as the most recently used entry, replacing what it held;
-    /// returns whether it was stored (false: too large to cache).
+    /// returns whether it was stored (false: too large to cache). `encoded_len` is the
+    /// record's [`Record::encoded_len`], which the caller has at hand.
     #[inline]
     pub(crate) fn fill(
         &mut self,
         now: Instant,
         key: CacheKey,
-        record: Record,
+        (record, encoded_len): (Record, usize),
         cell: &mut CacheCell,
     ) -> bool {
+        debug_assert_eq!(encoded_len, record.encoded_len());
         // What the cell held before leaves the cache.
         self.release(cell);
-        let cost = record.encoded_len().saturating_add(ENTRY_OVERHEAD);
+        let cost = encoded_len.saturating_add(ENTRY_OVERHEAD);
         if self.max_entries == 0 || cost > self.max_bytes {
             trace!(
                 partition = key.0,

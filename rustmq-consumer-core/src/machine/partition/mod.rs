@@ -713,22 +713,25 @@ impl Partitions {
         cache.expire(now, &mut windows);
         for _ in 0..turns {
             let p = &mut self.list[idx];
-            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
-            {
-                match p.slot(offset) {
-                    Some(Slot::Ready { attempt }) => {
-                        metrics.retried += 1;
-                        (offset, record, attempt)
+            // `bytes`: the record's encoded length, for the buffer's budget and the cache's.
+            let (offset, record, attempt, bytes) =
+                if let Some((offset, record)) = p.redeliver.pop_front() {
+                    match p.slot(offset) {
+                        Some(Slot::Ready { attempt }) => {
+                            metrics.retried += 1;
+                            let bytes = record.encoded_len();
+                            (offset, record, attempt, bytes)
+                        }
+                        _ => continue,
                     }
-                    _ => continue,
-                }
-            } else if let Some((offset, record)) = p.buffered.pop_front() {
-                self.buffered -= 1;
-                self.buffered_bytes -= record.encoded_len();
-                (offset, record, 1)
-            } else {
-                break;
-            };
+                } else if let Some((offset, record)) = p.buffered.pop_front() {
+                    let bytes = record.encoded_len();
+                    self.buffered -= 1;
+                    self.buffered_bytes -= bytes;
+                    (offset, record, 1, bytes)
+                } else {
+                    break;
+                };
             let tag = DeliveryTag {
                 partition: p.id,
                 offset,
@@ -743,7 +746,9 @@ impl Partitions {
                     since: now,
                 };
                 let key = (tag.partition, offset);
-                let stored = self.cache.fill(now, key, record.clone(), &mut u.cached);
+                let stored = self
+                    .cache
+                    .fill(now, key, (record.clone(), bytes), &mut u.cached);
                 let (cache, mut windows) = self.cache_windows();
                 cache.after_fill(stored, &mut windows);
             }
