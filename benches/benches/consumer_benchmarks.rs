@@ -138,53 +138,69 @@ fn core_ack_path(c: &mut Criterion) {
 }
 
 /// One steady-state cycle of `CYCLE_BATCH` messages: answer the pending fetch with a batch,
-/// take the deliveries, ack each in order, answer the commit the batch triggers.
+/// take the deliveries, ack each in order, answer the commit the batch triggers. `machine`
+/// acks with one `ack` per input; `machine_ack_many` applies the acks as the driver does, in
+/// bursts of [`ACK_BURST`] (what its gate queued since it last woke), one input each.
 fn core_cycle(c: &mut Criterion) {
     let mut g = c.benchmark_group("core_cycle");
     g.throughput(Throughput::Elements(CYCLE_BATCH as u64));
     let batch = records(CYCLE_BATCH);
     let now = Instant::now();
 
-    let mut config = ConsumerConfig::new(TOPIC, GROUP);
-    config.partitions = vec![0];
-    config.fetch_size = CYCLE_BATCH;
-    config.ack_batch_size = CYCLE_BATCH;
-    // `now` stands still: without this only the first batch would commit.
-    config.ack_batch_min_interval = Duration::ZERO;
-    let (mut m, first) = start(config, now);
-    let mut tags = Vec::with_capacity(CYCLE_BATCH);
-    let mut committed = 0u64;
-    let mut pending = Some(first);
-    g.bench_function("machine", |b| {
-        b.iter(|| {
-            let (id, offset) = pending
-                .take()
-                .or_else(|| next_fetch(&mut m, now))
-                .expect("a fetch is pending");
-            m.handle_response(now, id, Ok(fetch_response(offset, batch.clone())));
-            tags.clear();
-            take_deliveries(&mut m, &mut tags);
-            for &tag in &tags {
-                m.ack(now, tag).unwrap();
-            }
-            // Answer the commit this batch triggered; keep the next fetch for the next round.
-            while let Some(t) = m.poll_transmit() {
-                match t.request {
-                    Request::CommitOffset(_) => {
-                        m.handle_response(now, t.id, Ok(commit_ok()));
-                        committed += 1;
+    for burst in [1, ACK_BURST] {
+        let mut config = ConsumerConfig::new(TOPIC, GROUP);
+        config.partitions = vec![0];
+        config.fetch_size = CYCLE_BATCH;
+        config.ack_batch_size = CYCLE_BATCH;
+        // `now` stands still: without this only the first batch would commit.
+        config.ack_batch_min_interval = Duration::ZERO;
+        let (mut m, first) = start(config, now);
+        let mut tags = Vec::with_capacity(CYCLE_BATCH);
+        let mut committed = 0u64;
+        let mut pending = Some(first);
+        let name = if burst == 1 {
+            "machine"
+        } else {
+            "machine_ack_many"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let (id, offset) = pending
+                    .take()
+                    .or_else(|| next_fetch(&mut m, now))
+                    .expect("a fetch is pending");
+                m.handle_response(now, id, Ok(fetch_response(offset, batch.clone())));
+                tags.clear();
+                take_deliveries(&mut m, &mut tags);
+                if burst == 1 {
+                    for &tag in &tags {
+                        m.ack(now, tag).unwrap();
                     }
-                    Request::Fetch(f) => pending = Some((t.id, f.fetch_offset)),
-                    other => match group_answer(&other) {
-                        Some(answer) => m.handle_response(now, t.id, Ok(answer)),
-                        None => panic!("unexpected {:?}", other.kind()),
-                    },
+                } else {
+                    for acks in tags.chunks(burst) {
+                        let refused = m.ack_many(now, acks.iter().copied());
+                        debug_assert!(refused.is_empty());
+                    }
                 }
-            }
-            while m.poll_event().is_some() {}
-        })
-    });
-    black_box(committed);
+                // Answer the commit this batch triggered; keep the next fetch for the next round.
+                while let Some(t) = m.poll_transmit() {
+                    match t.request {
+                        Request::CommitOffset(_) => {
+                            m.handle_response(now, t.id, Ok(commit_ok()));
+                            committed += 1;
+                        }
+                        Request::Fetch(f) => pending = Some((t.id, f.fetch_offset)),
+                        other => match group_answer(&other) {
+                            Some(answer) => m.handle_response(now, t.id, Ok(answer)),
+                            None => panic!("unexpected {:?}", other.kind()),
+                        },
+                    }
+                }
+                while m.poll_event().is_some() {}
+            })
+        });
+        black_box(committed);
+    }
 
     let mut queue = std::collections::VecDeque::with_capacity(CYCLE_BATCH);
     g.bench_function("vecdeque_push_pop", |b| {
