@@ -12,12 +12,7 @@ impl Driver {
         // deliveries), health or telemetry: straight to the backlog.
         let event = match event {
             Event::Deliver(delivery) => {
-                tracing::trace!(
-                    partition = delivery.tag.partition,
-                    offset = delivery.tag.offset,
-                    attempt = delivery.tag.attempt,
-                    "deliver"
-                );
+                // Traced by the machine, which emitted it inside this driver's span.
                 if self.stamp.generation != state.generation {
                     self.restamp(state.generation, self.stamp.member.clone());
                 }
