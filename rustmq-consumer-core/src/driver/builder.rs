@@ -25,14 +25,21 @@ const COMMAND_CAPACITY: usize = 256;
 
 /// Builds a [`Consumer`] on runtime `R`.
 ///
-/// ```ignore
-/// let consumer = ConsumerBuilder::new()
+/// ```no_run
+/// # use rustmq_consumer_core::{ConsumerBuilder, ConsumerConfig, Runtime, Transport};
+/// # async fn run<R: Runtime + Default>(
+/// #     config: ConsumerConfig,
+/// #     transport: impl Transport,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// let consumer = ConsumerBuilder::<R>::new()
 ///     .topic("orders")
 ///     .consumer_group("billing")
 ///     .config(config)
 ///     .client(transport)
 ///     .build()
 ///     .await?;
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// The topic and the group live in the [`ConsumerConfig`]; `.topic(..)` and

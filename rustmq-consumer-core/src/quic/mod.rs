@@ -98,12 +98,27 @@ const STOP_TOO_LARGE: u32 = 1;
 /// A [`Transport`] to one RustMQ broker over QUIC. Cheap to clone; clones share the
 /// connection.
 ///
-/// ```ignore
+/// ```no_run
+/// # use std::net::SocketAddr;
+/// # use std::sync::Arc;
+/// # use rustmq_consumer_core::quic::{quinn, QuicConfig, QuicTransport, RootCerts, TlsMode};
+/// # use rustmq_consumer_core::{ConsumerBuilder, Runtime};
+/// # async fn run<R: Runtime + Default>(
+/// #     addr: SocketAddr,
+/// #     ca_pem: &[u8],
+/// #     quic_runtime: Arc<dyn quinn::Runtime>, // e.g. `Arc::new(quinn::TokioRuntime)`
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
 /// let config = QuicConfig::new(addr, "localhost")
-///     .with_tls(TlsMode::Verify { roots: RootCerts::from_pem(&ca_pem)? });
-/// let transport = QuicTransport::new(config, Arc::new(quinn::TokioRuntime))?;
-/// let consumer = ConsumerBuilder::new().topic("orders").consumer_group("billing")
-///     .client(transport).build().await?;
+///     .with_tls(TlsMode::Verify { roots: RootCerts::from_pem(ca_pem)? });
+/// let transport = QuicTransport::new(config, quic_runtime)?;
+/// let consumer = ConsumerBuilder::<R>::new()
+///     .topic("orders")
+///     .consumer_group("billing")
+///     .client(transport)
+///     .build()
+///     .await?;
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Clone)]
 pub struct QuicTransport {
