@@ -153,7 +153,7 @@ impl MessageCache {
             return 0;
         };
         let encoded_len = record.encoded_len();
-        let stored = self.fill(now, key, (record, encoded_len), cell);
+        let stored = self.fill(now, key, record, encoded_len, cell);
         self.after_fill(stored, slots)
     }
 
@@ -167,7 +167,8 @@ impl MessageCache {
         &mut self,
         now: Instant,
         key: CacheKey,
-        (record, encoded_len): (Record, usize),
+        record: Record,
+        encoded_len: usize,
         cell: &mut CacheCell,
     ) -> bool {
         debug_assert_eq!(encoded_len, record.encoded_len());

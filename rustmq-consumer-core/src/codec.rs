@@ -15,11 +15,11 @@
 //! per record. A record kept alive keeps its whole frame alive; copy it out
 //! (`Bytes::copy_from_slice`) to keep it apart from the answer for long.
 
-use bincode::Options;
-use bytes::Bytes;
 use std::fmt;
 use std::marker::PhantomData;
 
+use bincode::Options;
+use bytes::Bytes;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -748,7 +748,7 @@ impl Partitions {
                 let key = (tag.partition, offset);
                 let stored = self
                     .cache
-                    .fill(now, key, (record.clone(), bytes), &mut u.cached);
+                    .fill(now, key, record.clone(), bytes, &mut u.cached);
                 let (cache, mut windows) = self.cache_windows();
                 cache.after_fill(stored, &mut windows);
             }
