@@ -8,7 +8,9 @@
 //!
 //! Limits: a request frame is at most [`MAX_REQUEST_FRAME`] bytes (the broker reads it with one
 //! read into an 8 KiB buffer), a response frame at most [`MAX_RESPONSE_FRAME`] bytes. Decoding
-//! never panics, and a length prefix can never make it allocate more than the frame's own size.
+//! never panics; a length prefix longer than what follows is refused, and the room it can make
+//! decoding reserve is bounded (by bincode's own cautious cap, and for a Fetch answer's lists
+//! by what the frame could hold).
 //!
 //! Zero copy: a Fetch answer's keys, values and header values are [`Bytes`] slices of the
 //! frame ([`decode_response_bytes`]), so decoding allocates per answer (its record list), not
@@ -150,9 +152,9 @@ fn decode_fetch(frame: &Bytes, body: &[u8]) -> Result<FetchResponse, bincode::Er
     options(body.len()).deserialize_seed(InFrame::<FetchResponse>::new(frame), body)
 }
 
-/// Smallest encoding of a record: the key's `None` tag, the value's and the header list's
-/// lengths, the timestamp. Caps the capacity a record count may reserve.
-const MIN_RECORD_LEN: usize = 1 + 8 + 8 + 8;
+/// The smallest encoding of an element of the lists decoded in a frame: a header's two
+/// lengths (a record takes at least 25 bytes). Caps the room a list's count may reserve.
+const MIN_ELEMENT_LEN: usize = 16;
 
 /// A seed that deserializes a `T` whose byte strings are borrowed from the decoded body and
 /// kept as slices of `frame`, which holds the body.
@@ -217,29 +219,35 @@ impl<'de> Visitor<'de> for InFrame<'_, FetchResponse> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for InFrame<'_, Vec<Record>> {
-    type Value = Vec<Record>;
+impl<'de, 'f, T> DeserializeSeed<'de> for InFrame<'f, Vec<T>>
+where
+    InFrame<'f, T>: DeserializeSeed<'de, Value = T>,
+{
+    type Value = Vec<T>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Record>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for InFrame<'_, Vec<Record>> {
-    type Value = Vec<Record>;
+impl<'de, 'f, T> Visitor<'de> for InFrame<'f, Vec<T>>
+where
+    InFrame<'f, T>: DeserializeSeed<'de, Value = T>,
+{
+    type Value = Vec<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a record list")
+        f.write_str("a list")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Record>, A::Error> {
-        // The count is the broker's word: reserve no more than the frame can hold.
-        let most = self.frame.len() / MIN_RECORD_LEN;
-        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(most));
-        while let Some(record) = seq.next_element_seed(InFrame::<Record>::new(self.frame))? {
-            records.push(record);
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        // The count is the broker's word: room for no more than the frame can hold.
+        let most = self.frame.len() / MIN_ELEMENT_LEN;
+        let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(most));
+        while let Some(item) = seq.next_element_seed(InFrame::<T>::new(self.frame))? {
+            list.push(item);
         }
-        Ok(records)
+        Ok(list)
     }
 }
 
@@ -272,31 +280,29 @@ impl<'de> Visitor<'de> for InFrame<'_, Record> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for InFrame<'_, Vec<Header>> {
-    type Value = Vec<Header>;
+impl<'de> DeserializeSeed<'de> for InFrame<'_, Header> {
+    type Value = Header;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Header>, D::Error> {
-        d.deserialize_seq(self)
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Header, D::Error> {
+        d.deserialize_struct("Header", &["key", "value"], self)
     }
 }
 
-impl<'de> Visitor<'de> for InFrame<'_, Vec<Header>> {
-    type Value = Vec<Header>;
+impl<'de> Visitor<'de> for InFrame<'_, Header> {
+    type Value = Header;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a header list")
+        f.write_str("a header")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Header>, A::Error> {
-        let mut headers = Vec::new();
-        // Bincode lays a struct out as its fields in order: a header is a (key, value) pair.
-        while let Some((key, value)) = seq.next_element::<(String, &[u8])>()? {
-            headers.push(Header {
-                key,
-                value: self.slice(value),
-            });
-        }
-        Ok(headers)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Header, A::Error> {
+        const WHAT: &str = "a header of 2 fields";
+        let key = next(&mut seq, plain(), 0, WHAT)?;
+        let value: &[u8] = next(&mut seq, plain(), 1, WHAT)?;
+        Ok(Header {
+            key,
+            value: self.slice(value),
+        })
     }
 }
 
