@@ -5,9 +5,10 @@
 //! re-exported under the same names as `rustmq-consumer-tokio`, so switching runtime is a
 //! one-line change:
 //!
-//! ```ignore
-//! use rustmq_consumer_smol::{ConsumerBuilder, ConsumerConfig};
+//! ```no_run
+//! use rustmq_consumer_smol::{ConsumerBuilder, ConsumerError, Transport};
 //!
+//! # async fn run(transport: impl Transport) -> Result<(), ConsumerError> {
 //! let consumer = ConsumerBuilder::new()
 //!     .topic("orders")
 //!     .consumer_group("billing")
@@ -17,6 +18,8 @@
 //! while let Some(delivery) = consumer.receive().await? {
 //!     delivery.ack().await?;
 //! }
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The driver task runs on smol's global executor.

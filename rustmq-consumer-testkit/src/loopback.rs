@@ -91,9 +91,16 @@ const GARBAGE: &[u8] = b"\x7fthis is not a RustMQ frame";
 
 /// A [`SharedBroker`] served over QUIC on `127.0.0.1`, on a port of its own.
 ///
-/// ```ignore
-/// let loopback = LoopbackBroker::start(broker.clone(), Arc::new(quinn::TokioRuntime))?;
-/// let transport = QuicTransport::new(loopback.client_config(), Arc::new(quinn::TokioRuntime))?;
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use rustmq_consumer_core::quic::{quinn, QuicTransport};
+/// # use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker};
+/// # fn run(broker: SharedBroker) -> Result<(), Box<dyn std::error::Error>> {
+/// let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+/// let loopback = LoopbackBroker::start(broker.clone(), Arc::clone(&runtime))?;
+/// let transport = QuicTransport::new(loopback.client_config(), runtime)?;
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// [`stop`](Self::stop) and [`restart`](Self::restart) take the server down and bring it back

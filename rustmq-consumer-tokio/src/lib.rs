@@ -4,9 +4,10 @@
 //! `tokio::spawn`; everything else is the core's runtime-agnostic API, re-exported under the
 //! same names as `rustmq-consumer-smol`, so switching runtime is a one-line change:
 //!
-//! ```ignore
-//! use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig};
+//! ```no_run
+//! use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerError, Transport};
 //!
+//! # async fn run(transport: impl Transport) -> Result<(), ConsumerError> {
 //! let consumer = ConsumerBuilder::new()
 //!     .topic("orders")
 //!     .consumer_group("billing")
@@ -16,6 +17,8 @@
 //! while let Some(delivery) = consumer.receive().await? {
 //!     delivery.ack().await?;
 //! }
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Time is read with `tokio::time::Instant::now()`, so a test on tokio's paused clock
