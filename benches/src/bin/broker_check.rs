@@ -1,0 +1,200 @@
+//! The speed check of issue 11 against a RustMQ broker you run: 200,000 small records
+//! (`msg-<offset>`) in partition 0 of topic [`TOPIC`], then, in turns, the raw loop of 1 MiB
+//! fetches, the channel floor (the same fetches, each record handed to the application
+//! through a bounded channel), and the tokio consumer with the **default** `ConsumerConfig`
+//! (topic and group only) acking every delivery. Each is timed; the consumer's deliveries are
+//! checked, every offset exactly once with its value.
+//!
+//! ```text
+//! cargo run --release -p rustmq-consumer-benches --bin broker_check -- 127.0.0.1:9092 [RUNS]
+//! ```
+//!
+//! The records are produced when the partition is empty (the real broker serves only the
+//! partitions registered with it); a partition holding anything else is refused. The
+//! broker's certificate is accepted whatever it is (today's broker presents a throwaway
+//! self-signed one): point this only at a broker you run. The consumer's time includes
+//! connecting and joining its group; the loops connect before their clocks start.
+#![allow(clippy::print_stdout)]
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rustmq_consumer_benches::transport::{channel_floor, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
+use rustmq_consumer_benches::{GROUP, TOPIC};
+use rustmq_consumer_core::protocol::{
+    AcknowledgmentLevel, FetchRequest, ProduceRequest, Record, Response,
+};
+use rustmq_consumer_tokio::{
+    quic_transport, ConsumerBuilder, ConsumerConfig, QuicConfig, QuicTransport, TlsMode, Transport,
+};
+
+/// Records in the partition, as in the issue.
+const RECORDS: u64 = 200_000;
+/// Records per Produce request: 200 short records are about 7 KiB, under the broker's 8 KiB
+/// request frame.
+const PRODUCE_BATCH: u64 = 200;
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let addr: SocketAddr = args
+        .next()
+        .ok_or("usage: broker_check HOST:PORT [RUNS]")?
+        .parse()?;
+    let runs: usize = args.next().map_or(Ok(3), |runs| runs.parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(check(addr, runs))
+}
+
+async fn check(addr: SocketAddr, runs: usize) -> Result<()> {
+    produce(addr).await?;
+    let n = RECORDS as usize;
+    let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
+    let mut rows = Vec::new();
+    for run in 1..=runs {
+        let transport = connected(addr).await?;
+        let start = Instant::now();
+        raw_fetch_loop(&transport, n, RAW_FETCH_MAX_BYTES).await;
+        let raw = rate(start);
+
+        let transport = connected(addr).await?;
+        let start = Instant::now();
+        channel_floor(transport, n, RAW_FETCH_MAX_BYTES, capacity).await;
+        let floor = rate(start);
+
+        let group = format!("{GROUP}-check-{}-{run}", std::process::id());
+        let consumer = consume(addr, &group).await?;
+        println!(
+            "run {run}: raw loop {raw:.0}/s, channel floor {floor:.0}/s ({:.3}x), consumer \
+             {consumer:.0}/s ({:.3}x raw, {:.3}x floor), every offset exactly once",
+            floor / raw,
+            consumer / raw,
+            consumer / floor
+        );
+        rows.push((raw, floor, consumer));
+    }
+    let ratios = |f: fn(&(f64, f64, f64)) -> f64| {
+        let mut r: Vec<f64> = rows.iter().map(f).collect();
+        r.sort_by(f64::total_cmp);
+        r
+    };
+    let consumer = ratios(|(raw, _, consumer)| consumer / raw);
+    let floor = ratios(|(raw, floor, _)| floor / raw);
+    if let (Some(first), Some(last)) = (consumer.first(), consumer.last()) {
+        println!(
+            "consumer / raw loop: {first:.3}x-{last:.3}x, median {:.3}x; channel floor / raw \
+             loop: median {:.3}x",
+            consumer[consumer.len() / 2],
+            floor[floor.len() / 2]
+        );
+    }
+    Ok(())
+}
+
+/// Messages a second since `start`.
+fn rate(start: Instant) -> f64 {
+    RECORDS as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A transport to the broker, connected (by a one-record fetch) before any clock starts.
+async fn connected(addr: SocketAddr) -> Result<QuicTransport> {
+    let transport = quic_transport(
+        QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate),
+    )?;
+    high_watermark(&transport).await?;
+    Ok(transport)
+}
+
+/// The partition's high watermark, from a one-record fetch.
+async fn high_watermark(transport: &QuicTransport) -> Result<u64> {
+    let request = FetchRequest {
+        topic: TOPIC.to_owned(),
+        partition_id: 0,
+        fetch_offset: 0,
+        max_bytes: 1,
+        timeout_ms: 1_000,
+    };
+    match transport.request(request.into()).await? {
+        Response::Fetch(f) if f.error_code == 0 => Ok(f.high_watermark),
+        Response::Fetch(f) => Err(format!(
+            "fetch from {TOPIC}:0 failed with error code {} ({:?}): is the partition registered?",
+            f.error_code, f.error_message
+        )
+        .into()),
+        other => Err(format!("a {:?} answer to a fetch", other.kind()).into()),
+    }
+}
+
+/// Produces the records into an empty partition; accepts one that holds exactly them.
+async fn produce(addr: SocketAddr) -> Result<()> {
+    let transport = connected(addr).await?;
+    match high_watermark(&transport).await? {
+        0 => {}
+        RECORDS => return Ok(()),
+        other => {
+            return Err(format!(
+                "{TOPIC}:0 holds {other} records, not 0 or {RECORDS}: use a fresh partition"
+            )
+            .into())
+        }
+    }
+    let start = Instant::now();
+    for first in (0..RECORDS).step_by(PRODUCE_BATCH as usize) {
+        let records = (first..(first + PRODUCE_BATCH).min(RECORDS))
+            .map(|offset| Record::from_value(Bytes::from(format!("msg-{offset}"))))
+            .collect();
+        let request = ProduceRequest {
+            topic: TOPIC.to_owned(),
+            partition_id: 0,
+            records,
+            acks: AcknowledgmentLevel::Leader,
+            timeout_ms: 5_000,
+        };
+        match transport.request(request.into()).await? {
+            Response::Produce(p) if p.error_code == 0 && p.offset == first => {}
+            other => return Err(format!("produce at {first}: {other:?}").into()),
+        }
+    }
+    println!(
+        "produced {RECORDS} records into {TOPIC}:0 in {:.2?}",
+        start.elapsed()
+    );
+    Ok(())
+}
+
+/// The consumer, default config, in a group of its own: the rate from `build()` to the last
+/// ack, after checking every offset arrived once with its value.
+async fn consume(addr: SocketAddr, group: &str) -> Result<f64> {
+    let transport = quic_transport(
+        QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate),
+    )?;
+    let mut seen = vec![false; RECORDS as usize];
+    let start = Instant::now();
+    let consumer = ConsumerBuilder::new()
+        .config(ConsumerConfig::new(TOPIC, group))
+        .client(transport)
+        .build()
+        .await?;
+    for _ in 0..RECORDS {
+        let delivery = consumer
+            .receive()
+            .await?
+            .ok_or("the consumer closed early")?;
+        let offset = delivery.offset();
+        let first = seen
+            .get_mut(usize::try_from(offset)?)
+            .map(|seen| !std::mem::replace(seen, true));
+        if first != Some(true) || *delivery.value() != format!("msg-{offset}").as_bytes() {
+            return Err(format!("offset {offset} delivered twice, out of range or changed").into());
+        }
+        delivery.ack().await?;
+    }
+    let rate = rate(start);
+    consumer.close().await?;
+    Ok(rate)
+}
