@@ -101,11 +101,16 @@ fn rate(start: Instant) -> f64 {
     RECORDS as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A transport to the broker, accepting its certificate whatever it is.
+fn transport(addr: SocketAddr) -> Result<QuicTransport> {
+    let config =
+        QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate);
+    Ok(quic_transport(config)?)
+}
+
 /// A transport to the broker, connected (by a one-record fetch) before any clock starts.
 async fn connected(addr: SocketAddr) -> Result<QuicTransport> {
-    let transport = quic_transport(
-        QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate),
-    )?;
+    let transport = transport(addr)?;
     high_watermark(&transport).await?;
     Ok(transport)
 }
@@ -170,9 +175,7 @@ async fn produce(addr: SocketAddr) -> Result<()> {
 /// The consumer, default config, in a group of its own: the rate from `build()` to the last
 /// ack, after checking every offset arrived once with its value.
 async fn consume(addr: SocketAddr, group: &str) -> Result<f64> {
-    let transport = quic_transport(
-        QuicConfig::new(addr, "localhost").with_tls(TlsMode::DangerousAcceptAnyCertificate),
-    )?;
+    let transport = transport(addr)?;
     let mut seen = vec![false; RECORDS as usize];
     let start = Instant::now();
     let consumer = ConsumerBuilder::new()
