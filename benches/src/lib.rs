@@ -277,16 +277,22 @@ pub mod transport {
         fetcher.await.expect("the fetcher panicked");
     }
 
-    /// One Fetch of partition 0 of [`TOPIC`] at `offset`: its records (never none).
-    async fn fetch_at(transport: &dyn Transport, offset: u64, max_bytes: u32) -> Vec<Record> {
-        let request = FetchRequest {
+    /// A Fetch of partition 0 of [`TOPIC`] at `offset`, as the loops send it.
+    pub fn fetch_request(offset: u64, max_bytes: u32) -> Request {
+        FetchRequest {
             topic: TOPIC.to_owned(),
             partition_id: 0,
             fetch_offset: offset,
             max_bytes,
             timeout_ms: 1_000,
-        };
-        let Ok(Response::Fetch(fetched)) = transport.request(request.into()).await else {
+        }
+        .into()
+    }
+
+    /// One Fetch of partition 0 of [`TOPIC`] at `offset`: its records (never none).
+    async fn fetch_at(transport: &dyn Transport, offset: u64, max_bytes: u32) -> Vec<Record> {
+        let request = fetch_request(offset, max_bytes);
+        let Ok(Response::Fetch(fetched)) = transport.request(request).await else {
             panic!("fetch at {offset} failed");
         };
         assert!(!fetched.records.is_empty(), "empty fetch at {offset}");

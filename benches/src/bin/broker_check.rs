@@ -21,11 +21,11 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use rustmq_consumer_benches::transport::{channel_floor, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
-use rustmq_consumer_benches::{GROUP, TOPIC};
-use rustmq_consumer_core::protocol::{
-    AcknowledgmentLevel, FetchRequest, ProduceRequest, Record, Response,
+use rustmq_consumer_benches::transport::{
+    channel_floor, fetch_request, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
 };
+use rustmq_consumer_benches::{GROUP, TOPIC};
+use rustmq_consumer_core::protocol::{AcknowledgmentLevel, ProduceRequest, Record, Response};
 use rustmq_consumer_tokio::{
     quic_transport, ConsumerBuilder, ConsumerConfig, QuicConfig, QuicTransport, TlsMode, Transport,
 };
@@ -117,14 +117,7 @@ async fn connected(addr: SocketAddr) -> Result<QuicTransport> {
 
 /// The partition's high watermark, from a one-record fetch.
 async fn high_watermark(transport: &QuicTransport) -> Result<u64> {
-    let request = FetchRequest {
-        topic: TOPIC.to_owned(),
-        partition_id: 0,
-        fetch_offset: 0,
-        max_bytes: 1,
-        timeout_ms: 1_000,
-    };
-    match transport.request(request.into()).await? {
+    match transport.request(fetch_request(0, 1)).await? {
         Response::Fetch(f) if f.error_code == 0 => Ok(f.high_watermark),
         Response::Fetch(f) => Err(format!(
             "fetch from {TOPIC}:0 failed with error code {} ({:?}): is the partition registered?",
@@ -137,7 +130,7 @@ async fn high_watermark(transport: &QuicTransport) -> Result<u64> {
 
 /// Produces the records into an empty partition; accepts one that holds exactly them.
 async fn produce(addr: SocketAddr) -> Result<()> {
-    let transport = connected(addr).await?;
+    let transport = transport(addr)?;
     match high_watermark(&transport).await? {
         0 => {}
         RECORDS => return Ok(()),
