@@ -6,6 +6,16 @@ fn string(s: &str) -> usize {
     8 + s.len()
 }
 
+/// A `FetchOffset` frame with an empty partition list.
+pub(crate) fn fetch_offset_base_len(group: &str) -> usize {
+    1 + string(group) + 8
+}
+
+/// What one `TopicPartition` adds to a `FetchOffset` frame.
+pub(crate) fn fetch_offset_entry_len(topic: &str) -> usize {
+    string(topic) + 4
+}
+
 /// A `CommitOffset` frame with an empty offsets map.
 pub(crate) fn commit_base_len(group: &str, member: &str) -> usize {
     1 + string(group) + string(member) + 8 + 8
@@ -42,6 +52,14 @@ mod tests {
         assert_eq!(
             request_frame_len(&commit.into()),
             commit_base_len("billing", "m-1") + 3 * commit_entry_len("orders")
+        );
+        let fetch_offset = FetchOffsetRequest {
+            group_id: "billing".into(),
+            topic_partitions: (0..3).map(|p| TopicPartition::new("orders", p)).collect(),
+        };
+        assert_eq!(
+            request_frame_len(&fetch_offset.into()),
+            fetch_offset_base_len("billing") + 3 * fetch_offset_entry_len("orders")
         );
         let mut record = Record::from_value(vec![1u8; 100]);
         record.key = Some(vec![2u8; 5].into());

@@ -57,16 +57,16 @@ impl ConsumerMachine {
         let closing = self.close.is_some();
         let jitter = &mut self.jitter;
         match owner {
-            Owner::FetchOffset => {
+            Owner::FetchOffset(asked) => {
                 // 16: the broker does not know the group (never joined, or restarted since):
                 // a manual assignment's generation is gone with it.
                 let unknown_group = matches!(&answer, Ok(Response::FetchOffset(r)) if r.error_code == error_code::UNKNOWN_GROUP);
                 if let Some(manual) = self.manual.as_mut().filter(|_| unknown_group) {
                     manual.forget();
                 }
-                let moved = self
-                    .partitions
-                    .on_fetch_offset(now, answer, &self.config, jitter)?;
+                let moved =
+                    self.partitions
+                        .on_fetch_offset(now, &asked, answer, &self.config, jitter)?;
                 self.committer.moved(now, moved);
                 self.restarted();
             }

@@ -16,8 +16,9 @@ use crate::protocol::{Request, RequestKind, Response};
 /// Who sent a request, and what its answer settles.
 #[derive(Debug)]
 pub(crate) enum Owner {
-    /// The committed offsets of every starting partition.
-    FetchOffset,
+    /// The committed offsets of the starting partitions it lists (under their epochs): as
+    /// many as fit in one request frame.
+    FetchOffset(Vec<StartOwner>),
     /// A one-record fetch that reports the high watermark (start position Latest).
     ResolveLatest(FetchOwner),
     /// A partition's fetch.
@@ -47,6 +48,13 @@ pub(crate) enum Owner {
         /// The entries produced.
         batch: Vec<DeadLetterEntry>,
     },
+}
+
+/// A starting partition (under its epoch) a FetchOffset asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StartOwner {
+    pub(crate) partition: u32,
+    pub(crate) epoch: u64,
 }
 
 /// The partition (under its epoch) and offset a fetch asked about.

@@ -7,20 +7,21 @@ use std::time::Instant;
 use tracing::{trace, warn};
 
 use super::sizing::Room;
-use super::{AfterRefetch, FetchTurn, Partitions, Phase, Refetched, Slot, Unsettled};
+use super::{AfterRefetch, FetchTurn, Partition, Partitions, Phase, Refetched, Slot, Unsettled};
 use crate::backoff::{self, later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::{ConsumerConfig, StartPosition};
 use crate::event::{DiscardReason, Metrics, RequestError};
-use crate::machine::requests::{expect, FetchOwner, Owner, Requests};
+use crate::frame;
+use crate::machine::requests::{expect, FetchOwner, Owner, Requests, StartOwner};
 use crate::protocol::{
     error_code, FetchOffsetRequest, FetchOffsetResponse, FetchRequest, FetchResponse, Request,
-    RequestKind, Response, TopicPartition,
+    RequestKind, Response, TopicPartition, MAX_REQUEST_FRAME,
 };
 
 impl Partitions {
-    /// Sends the FetchOffset of every starting partition, if one is due. False when the
-    /// breaker said no.
+    /// Sends the FetchOffsets of the starting partitions due one. False when the breaker said
+    /// no (the partitions it did not cover stay due).
     #[inline]
     pub(crate) fn send_fetch_offset(
         &mut self,
@@ -36,7 +37,10 @@ impl Partitions {
         self.send_fetch_offset_due(now, config, breaker, requests)
     }
 
-    /// [`send_fetch_offset`](Self::send_fetch_offset) when a partition is due one.
+    /// [`send_fetch_offset`](Self::send_fetch_offset) when a partition is due one: as many
+    /// partitions per FetchOffset as fit in a request frame (the broker reads at most
+    /// `MAX_REQUEST_FRAME` bytes of one: about 480 partitions of a short topic name), each
+    /// request with its own permit.
     fn send_fetch_offset_due(
         &mut self,
         now: Instant,
@@ -44,30 +48,43 @@ impl Partitions {
         breaker: &mut Breaker,
         requests: &mut Requests,
     ) -> bool {
-        let Some(permit) = breaker.try_acquire() else {
-            return false;
-        };
-        let ids: Vec<u32> = self.starting.iter().copied().collect();
-        let topic_partitions = ids
-            .into_iter()
-            .filter_map(|id| {
-                self.get_mut(id)?.fetch_in_flight = true;
-                Some(TopicPartition::new(config.topic.clone(), id))
-            })
-            .collect();
-        let request = FetchOffsetRequest {
-            group_id: config.consumer_group.clone(),
-            topic_partitions,
-        };
-        requests.send(now, permit, Owner::FetchOffset, request.into());
+        let room =
+            MAX_REQUEST_FRAME.saturating_sub(frame::fetch_offset_base_len(&config.consumer_group));
+        let per_request = (room / frame::fetch_offset_entry_len(&config.topic)).max(1);
+        let due: Vec<u32> = self.starting_due.iter().copied().collect();
+        for ids in due.chunks(per_request) {
+            let Some(permit) = breaker.try_acquire() else {
+                return false;
+            };
+            let mut asked = Vec::with_capacity(ids.len());
+            let mut topic_partitions = Vec::with_capacity(ids.len());
+            for &id in ids {
+                let Some(p) = self.get_mut(id) else {
+                    continue;
+                };
+                p.fetch_in_flight = true;
+                asked.push(StartOwner {
+                    partition: id,
+                    epoch: p.epoch,
+                });
+                topic_partitions.push(TopicPartition::new(config.topic.clone(), id));
+            }
+            let request = FetchOffsetRequest {
+                group_id: config.consumer_group.clone(),
+                topic_partitions,
+            };
+            requests.send(now, permit, Owner::FetchOffset(asked), request.into());
+        }
         true
     }
 
-    /// The committed offsets arrived: place every starting partition. Returns how many
+    /// The committed offsets of the starting partitions `asked` arrived: place those still
+    /// starting under the same epoch (the others have their own FetchOffset). Returns how many
     /// positions moved past what the broker holds (to commit again).
     pub(crate) fn on_fetch_offset(
         &mut self,
         now: Instant,
+        asked: &[StartOwner],
         answer: Result<Response, RequestError>,
         config: &ConsumerConfig,
         jitter: &mut Jitter,
@@ -90,15 +107,16 @@ impl Partitions {
         let r = match answer {
             Ok(r) => r,
             Err(error) => {
-                self.phase_failed(now, Phase::Starting, jitter);
+                self.phase_failed(now, Phase::Starting, jitter, |p| was_asked(asked, p));
                 return Err(error);
             }
         };
         // Partitions given back to this member first (`parked.rs`).
-        let mut moved = self.resume_restored(now, |tp| r.offsets.get(tp).copied(), &config.topic);
+        let mut moved =
+            self.resume_restored(now, asked, |tp| r.offsets.get(tp).copied(), &config.topic);
         self.all_dirty = true;
         for p in &mut self.list {
-            if p.phase != Phase::Starting {
+            if p.phase != Phase::Starting || !was_asked(asked, p) {
                 continue;
             }
             let tp = TopicPartition::new(config.topic.clone(), p.id);
@@ -143,11 +161,18 @@ impl Partitions {
         Ok(moved)
     }
 
-    /// Every partition in `phase` backs off after a failed FetchOffset or Latest lookup.
-    fn phase_failed(&mut self, now: Instant, phase: Phase, jitter: &mut Jitter) {
+    /// Every partition in `phase` that the failed request asked about backs off after a
+    /// failed FetchOffset or Latest lookup.
+    fn phase_failed(
+        &mut self,
+        now: Instant,
+        phase: Phase,
+        jitter: &mut Jitter,
+        asked: impl Fn(&Partition) -> bool,
+    ) {
         self.all_dirty = true;
         for p in &mut self.list {
-            if p.phase == phase {
+            if p.phase == phase && asked(p) {
                 p.fetch_failed(now, jitter);
             }
         }
@@ -164,7 +189,7 @@ impl Partitions {
         let r = match fetch_answer(answer) {
             Ok(r) => r,
             Err(error) => {
-                self.phase_failed(now, Phase::Latest, jitter);
+                self.phase_failed(now, Phase::Latest, jitter, |_| true);
                 return Err(error);
             }
         };
@@ -592,6 +617,14 @@ enum Visit {
     Full,
     /// Room in the prefetch buffer for a first record of this many bytes.
     ByteBlocked(usize),
+}
+
+/// Whether a FetchOffset that `asked` (in ascending partition order) covers `p` under its
+/// current epoch.
+pub(super) fn was_asked(asked: &[StartOwner], p: &Partition) -> bool {
+    asked
+        .binary_search_by_key(&p.id, |o| o.partition)
+        .is_ok_and(|i| asked[i].epoch == p.epoch)
 }
 
 /// A fetch request, complete.

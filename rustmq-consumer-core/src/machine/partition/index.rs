@@ -1,6 +1,6 @@
 //! The partitions' indexes and their upkeep: every mutable access marks its partition, and
 //! `refresh` brings the sets that spare each input a walk over every partition (deliverable,
-//! fetch candidates, lookups, backoffs, starting, uncommitted, fetches in flight) up to date
+//! fetch candidates, lookups, backoffs, starting due, uncommitted, fetches in flight) up to date
 //! with the partitions marked since. A partition leaves the fetch candidates only set aside on
 //! the state a fetch visit found it waiting on, and comes back when that state changes.
 
@@ -39,7 +39,6 @@ pub(super) struct FetchState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Indexed {
     pub(super) deliverable: bool,
-    starting: bool,
     starting_due: bool,
     uncommitted: bool,
 }
@@ -182,11 +181,11 @@ impl Partitions {
             }
             p.indexed_backoff = p.fetch_not_before;
         }
-        let starting = p.phase == Phase::Starting;
         let now = Indexed {
             deliverable: p.deliverable(),
-            starting,
-            starting_due: starting && !p.fetch_in_flight && p.fetch_not_before.is_none(),
+            starting_due: p.phase == Phase::Starting
+                && !p.fetch_in_flight
+                && p.fetch_not_before.is_none(),
             uncommitted: p.commit_target().is_some(),
         };
         let was = std::mem::replace(&mut p.indexed, now);
@@ -199,7 +198,6 @@ impl Partitions {
             }
         };
         set(&mut self.deliverable, was.deliverable, now.deliverable);
-        set(&mut self.starting, was.starting, now.starting);
         set(&mut self.starting_due, was.starting_due, now.starting_due);
         set(&mut self.uncommitted, was.uncommitted, now.uncommitted);
         if let FetchTurn::SetAside(waiting) = p.fetch_turn {

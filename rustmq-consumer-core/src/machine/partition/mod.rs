@@ -328,8 +328,7 @@ pub(crate) struct Partitions {
     byte_waiting: BTreeSet<(usize, u32)>,
     /// Every partition's fetch backoff: (not before, partition) (exact after `refresh`).
     backoffs: BTreeSet<(Instant, u32)>,
-    /// Starting partitions (exact after `refresh`), and those of them due a FetchOffset.
-    starting: BTreeSet<u32>,
+    /// Starting partitions due a FetchOffset (exact after `refresh`).
     starting_due: BTreeSet<u32>,
     /// Partitions whose watermark is to commit (exact after `refresh`).
     uncommitted: BTreeSet<u32>,
@@ -366,7 +365,6 @@ impl Partitions {
             lookups: BTreeSet::new(),
             byte_waiting: BTreeSet::new(),
             backoffs: BTreeSet::new(),
-            starting: BTreeSet::new(),
             starting_due: BTreeSet::new(),
             uncommitted: BTreeSet::new(),
             fetches_in_flight: 0,
@@ -646,7 +644,6 @@ impl Partitions {
         self.lookups.clear();
         self.byte_waiting.clear();
         self.backoffs.clear();
-        self.starting.clear();
         self.starting_due.clear();
         self.uncommitted.clear();
         self.fetches_in_flight = 0;

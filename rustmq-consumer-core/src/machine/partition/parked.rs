@@ -20,10 +20,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use super::fetch::was_asked;
 use super::index::{FetchTurn, Indexed};
 use super::{AfterRefetch, Partition, Partitions, Phase, Slot};
 use crate::error::UsageError;
 use crate::event::{DeliveryTag, DiscardReason};
+use crate::machine::requests::StartOwner;
 use crate::protocol::TopicPartition;
 
 /// What the application did with a delivery of a parked partition.
@@ -201,7 +203,6 @@ impl Partitions {
         if let Some(at) = p.indexed_backoff {
             self.backoffs.remove(&(at, id));
         }
-        self.starting.remove(&id);
         self.starting_due.remove(&id);
         self.uncommitted.remove(&id);
         if p.counted_in_flight {
@@ -229,13 +230,14 @@ impl Partitions {
         true
     }
 
-    /// FetchOffset answered with the broker's `committed` offsets: every restored partition
-    /// resumes where it stood when the commit is at or below its settle watermark (its nacked
-    /// offsets are retried now), or starts over at the commit. Returns how many watermarks are
-    /// to commit under the new generation.
+    /// A FetchOffset that `asked` answered with the broker's `committed` offsets: every
+    /// restored partition it asked about resumes where it stood when the commit is at or below
+    /// its settle watermark (its nacked offsets are retried now), or starts over at the commit.
+    /// Returns how many watermarks are to commit under the new generation.
     pub(crate) fn resume_restored(
         &mut self,
         now: Instant,
+        asked: &[StartOwner],
         committed: impl Fn(&TopicPartition) -> Option<u64>,
         topic: &str,
     ) -> u64 {
@@ -246,7 +248,7 @@ impl Partitions {
                 self.parked.restoring.remove(&id);
                 continue;
             };
-            if self.list[idx].phase != Phase::Starting {
+            if self.list[idx].phase != Phase::Starting || !was_asked(asked, &self.list[idx]) {
                 continue;
             }
             self.parked.restoring.remove(&id);
