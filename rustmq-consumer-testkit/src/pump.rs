@@ -45,8 +45,7 @@ pub trait Peer {
 
 impl Peer for SimBroker {
     fn answer(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
-        self.handle(now, request)
-            .map_err(|e| TransportError::Broker(e.0))
+        self.transmit(now, request)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

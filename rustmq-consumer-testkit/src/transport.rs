@@ -83,9 +83,7 @@ impl Transport for SimTransport {
         if broker.poll_timeout().is_some_and(|due| due <= now) {
             broker.handle_timeout(now);
         }
-        broker
-            .handle(now, request)
-            .map_err(|error| TransportError::Broker(error.0))
+        broker.transmit(now, request)
     }
 }
 

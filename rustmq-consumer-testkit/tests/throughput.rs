@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustmq_consumer_core::protocol::{Request, Response, TopicPartition};
-use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, DeliveryTag, Event, TransportError};
+use rustmq_consumer_core::codec::request_frame_len;
+use rustmq_consumer_core::protocol::{Request, Response, TopicPartition, MAX_REQUEST_FRAME};
+use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, DeliveryTag, Event};
 use rustmq_consumer_testkit::{Pump, Route, SimBroker, GROUP, TOPIC};
 
 /// One fetch as the broker saw it.
@@ -81,10 +82,7 @@ impl Rig {
                 }
                 _ => None,
             };
-            let answer = self
-                .b
-                .handle(self.now, t.request)
-                .map_err(|e| TransportError::Broker(e.0));
+            let answer = self.b.transmit(self.now, t.request);
             if let (Some((partition, offset, max_bytes)), Ok(Response::Fetch(r))) = (fetch, &answer)
             {
                 self.fetches.push(Fetched {
@@ -291,5 +289,69 @@ fn many_partitions_drain_in_few_fetches_each() {
     assert!(
         brought <= 2 * MANY as usize,
         "{brought} fetches brought records for {MANY} partitions of {EACH} records"
+    );
+}
+
+#[test]
+fn many_partitions_start_with_fetch_offsets_that_fit_the_request_frame() {
+    let b = Rig::broker(350, MANY, EACH, 32);
+    let mut config = ConsumerConfig::new(TOPIC, GROUP);
+    config.partitions = (0..MANY).collect();
+    let mut pump = Pump::new(b, config, Instant::now());
+    pump.route = Route::HoldIf(|r| matches!(r, Request::FetchOffset(_)));
+    pump.auto_ack = true;
+    pump.drive();
+    // The broker reads at most 8 KiB of a request (one FetchOffset of all 1,000 is 17 KB):
+    // the partitions are split over requests that fit, each asked about once.
+    let asked: Vec<Vec<u32>> = pump
+        .held
+        .iter()
+        .map(|t| {
+            let size = request_frame_len(&t.request);
+            assert!(size <= MAX_REQUEST_FRAME, "a FetchOffset of {size} bytes");
+            match &t.request {
+                Request::FetchOffset(r) => {
+                    r.topic_partitions.iter().map(|tp| tp.partition).collect()
+                }
+                other => panic!("held a {:?}", other.kind()),
+            }
+        })
+        .collect();
+    assert!(asked.len() >= 2, "{} FetchOffset requests", asked.len());
+    let mut all: Vec<u32> = asked.concat();
+    all.sort_unstable();
+    assert!(
+        all.iter().copied().eq(0..MANY),
+        "every partition asked about once"
+    );
+    // The first answer starts its own partitions only: the others wait for theirs.
+    pump.answer_held();
+    let fetching = |pump: &Pump<SimBroker>| -> BTreeSet<u32> {
+        pump.sent
+            .iter()
+            .filter_map(|r| match r {
+                Request::Fetch(f) => Some(f.partition_id),
+                _ => None,
+            })
+            .collect()
+    };
+    let first: BTreeSet<u32> = asked[0].iter().copied().collect();
+    assert_eq!(
+        fetching(&pump),
+        first,
+        "partitions fetching after the first answer"
+    );
+    pump.answer_all_held();
+    pump.drive();
+    let fetch_offsets = pump
+        .sent
+        .iter()
+        .filter(|r| matches!(r, Request::FetchOffset(_)))
+        .count();
+    assert_eq!(fetch_offsets, asked.len(), "no FetchOffset asked again");
+    assert_eq!(
+        fetching(&pump).len(),
+        MANY as usize,
+        "every partition fetching"
     );
 }

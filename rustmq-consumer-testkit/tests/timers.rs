@@ -116,9 +116,7 @@ fn run(seed: u64) -> BTreeSet<String> {
                         if fate < 13 {
                             broker.fail_next_commits(1);
                         }
-                        broker
-                            .handle(now, t.request)
-                            .map_err(|e| TransportError::Broker(e.0))
+                        broker.transmit(now, t.request)
                     };
                     member.m.handle_response(now, t.id, answer);
                 }

@@ -23,10 +23,12 @@ mod storage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use rustmq_consumer_core::codec::request_frame_len;
 use rustmq_consumer_core::protocol::{
     error_code, BrokerInfo, FindCoordinatorResponse, MetadataResponse, Record, Request, Response,
-    TopicPartition,
+    TopicPartition, MAX_REQUEST_FRAME,
 };
+use rustmq_consumer_core::TransportError;
 use tracing::debug;
 
 use group::Group;
@@ -132,6 +134,21 @@ impl SimBroker {
     /// Replaces the broker Metadata and FindCoordinator describe (e.g. a loopback address).
     pub fn set_broker_info(&mut self, info: BrokerInfo) {
         self.broker = info;
+    }
+
+    /// What a transport to this broker gets for `request`: refused before it is sent when its
+    /// frame is over the [`MAX_REQUEST_FRAME`] bytes the real broker reads of a request
+    /// ([`TransportError::RequestTooLarge`], as the QUIC transport refuses it; the real broker
+    /// would truncate it), otherwise [`handle`](Self::handle)'s answer, its error frame as
+    /// [`TransportError::Broker`]. The simulated transports send through here.
+    pub fn transmit(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
+        let size = request_frame_len(&request);
+        if size > MAX_REQUEST_FRAME {
+            debug!(kind = ?request.kind(), size, "request frame too large: not sent");
+            return Err(TransportError::RequestTooLarge(size));
+        }
+        self.handle(now, request)
+            .map_err(|error| TransportError::Broker(error.0))
     }
 
     /// Handles one request like the real broker: a typed response, or the error frame's text.

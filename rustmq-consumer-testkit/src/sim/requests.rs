@@ -98,7 +98,7 @@ impl<H: Handler> Simulation<H> {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let result = self.broker.handle(now, flight.request.clone());
+        let result = self.broker.transmit(now, flight.request.clone());
         // Side effects the checker must know about: confirmed dead letters, accepted commits.
         let mut accepted = Vec::new();
         let mut stored = Vec::new();
@@ -130,7 +130,7 @@ impl<H: Handler> Simulation<H> {
         let bound = flight.bound.clone();
         match flight.fate {
             Fate::Deliver { back, .. } => {
-                flight.answer = Some(result.map_err(|e| TransportError::Broker(e.0)));
+                flight.answer = Some(result);
                 self.schedule(back, Item::Answer(id));
             }
             // The answer is lost: only a connection loss or the deadline ends it.
