@@ -156,6 +156,11 @@ impl ConsumerConfig {
     /// The seed the default sets: the driver draws a fresh one from OS entropy in its place.
     pub const DEFAULT_SEED: u64 = 0x5eed_0f2b_17c0_de00;
 
+    /// The longest topic, group or dead-letter topic name, in bytes: the broker reads at most
+    /// 8 KiB of a request, and requests name the group and the topic together (a commit also
+    /// the member), so a request about one partition must fit whatever the names.
+    pub const MAX_NAME_LEN: usize = 2_048;
+
     /// The largest `max_unacked` (2^20): the driver allocates its queue of dropped deliveries
     /// and its ack queue for that many up front (about 56 bytes each at this bound).
     pub const MAX_UNACKED: usize = 1 << 20;
@@ -251,6 +256,19 @@ impl ConsumerConfig {
         if self.dead_letter_queue.as_deref() == Some("") {
             return Err(EmptyDeadLetterTopic);
         }
+        let long = |name: &'static str, value: &str| {
+            if value.len() > Self::MAX_NAME_LEN {
+                Err(TooLarge(name))
+            } else {
+                Ok(())
+            }
+        };
+        long("topic", &self.topic)?;
+        long("consumer_group", &self.consumer_group)?;
+        long(
+            "dead_letter_queue",
+            self.dead_letter_queue.as_deref().unwrap_or_default(),
+        )?;
         nonzero("fetch_size", self.fetch_size > 0)?;
         nonzero("fetch_max_bytes", self.fetch_max_bytes > 0)?;
         nonzero("prefetch_bytes", self.prefetch_bytes > 0)?;
@@ -410,7 +428,8 @@ pub enum ConfigError {
     /// A size, count or duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
-    /// A duration the wire cannot carry, or a bound above its documented maximum.
+    /// A duration the wire cannot carry, a name longer than
+    /// [`ConsumerConfig::MAX_NAME_LEN`], or a bound above its documented maximum.
     #[error("{0} is too large")]
     TooLarge(&'static str),
     /// A lower bound above its upper bound.

@@ -981,6 +981,23 @@ fn bad_configs_are_rejected() {
     );
     c.max_unacked = usize::MAX;
     assert_eq!(c.validate(), Err(ConfigError::TooLarge("max_unacked")));
+    // A request naming one partition must fit the broker's 8 KiB read of a request.
+    let name = "n".repeat(ConsumerConfig::MAX_NAME_LEN);
+    let mut c = config(&name);
+    c.consumer_group = name.clone();
+    c.dead_letter_queue = Some("d".repeat(ConsumerConfig::MAX_NAME_LEN));
+    assert_eq!(c.validate(), Ok(()));
+    c.topic.push('n');
+    assert_eq!(c.validate(), Err(ConfigError::TooLarge("topic")));
+    let mut c = config("t");
+    c.consumer_group = format!("{name}g");
+    assert_eq!(c.validate(), Err(ConfigError::TooLarge("consumer_group")));
+    let mut c = config("t");
+    c.dead_letter_queue = Some(format!("{name}d"));
+    assert_eq!(
+        c.validate().unwrap_err().to_string(),
+        "dead_letter_queue is too large"
+    );
 }
 
 #[test]
