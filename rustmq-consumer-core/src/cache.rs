@@ -1,22 +1,29 @@
-//! The message cache: a sans-IO LRU bounded by entries and bytes, with one time to live, kept
-//! as an index over the settle windows' slots.
+//! The message cache: a sans-IO LRU bounded by entries and bytes, with one time to live, that
+//! the settle windows' slots point into.
 //!
 //! Redeliveries are served from here; a message the cache lost is re-fetched by the caller.
-//! A cached record lives in its offset's unsettled slot, in that slot's [`CacheCell`]: settling
-//! the offset drops the record with the slot, and no map per message is kept. [`MessageCache`]
-//! holds the bounds, the counters and two queues of items naming a key:
+//! [`MessageCache`] holds the bounds, the counters and two queues:
 //!
-//! - the expiry queue, in insertion order (every entry shares one TTL, measured from
-//!   insertion), whose front is the next entry to expire;
-//! - the LRU queue, in order of use (an insertion or a [`get`](MessageCache::get) pushes the
-//!   entry again at the back), whose front is the next entry to evict.
+//! - the entry queue, in insertion order, which holds the entries themselves (record, key,
+//!   insertion time); every entry shares one TTL, measured from insertion, so its front is
+//!   the next entry to expire;
+//! - the LRU queue of keys, in order of use (an insertion or a [`get`](MessageCache::get)
+//!   pushes the key again at the back), whose front is the next entry to evict.
 //!
-//! Every entry has exactly one live item in each queue and knows where: its cell keeps the
-//! items' positions (counted from the first item a queue ever held, so popping the front
-//! moves nothing). An entry that leaves (settled, replaced, expired, evicted) or is used
-//! again empties its item in place, so no item is ever looked up to learn whether it is still
-//! live. Empty items at a queue's front are popped; a queue is compacted when it exceeds twice
-//! the live entry count, and only then are the live items' slots looked up (to store their new
+//! An offset's unsettled slot finds its record through its [`CacheCell`], the position of its
+//! entry in the entry queue: settling the offset releases the entry, and no map per message
+//! is kept. The records are not kept in the slots themselves: a window holds a slot for every
+//! offset it fetched, most of them not delivered yet, and a cell of one position keeps each
+//! slot a few words wide; the entry queue holds only what is cached, and in the common order
+//! (settled as delivered) its memory is reused from the front.
+//!
+//! Every entry has exactly one live item in each queue and knows where: its cell keeps its
+//! position in the entry queue, the entry its key's position in the LRU queue (positions are
+//! counted from the first item a queue ever held, so popping the front moves nothing). An
+//! entry that leaves (settled, replaced, expired, evicted) or is used again empties its item
+//! in place, so no item is ever looked up to learn whether it is still live. Empty items at a
+//! queue's front are popped; a queue is compacted when it exceeds twice the live entry count,
+//! and only then are the live items' slots looked up (to store their new
 //! positions). Both queues so stay within `2 * len()` whatever the pattern of inserts, uses
 //! and removals. Settling the oldest entry (in-order acks) pops both fronts. Every operation
 //! is O(1) amortised plus the caller's slot lookup.
@@ -50,22 +57,22 @@ pub(crate) struct CacheStats {
     pub expirations: u64,
 }
 
-/// What one unsettled slot holds of the cache: its record, if cached. Only the cache fills or
-/// empties it, so its accounting stays exact; a slot dropped with a record still cached must
-/// give the cell to [`MessageCache::release`] first.
+/// What one unsettled slot holds of the cache: the position of its record's entry in the entry
+/// queue, if cached. Only the cache fills or empties it, so its accounting stays exact; a slot
+/// dropped with a record still cached must give the cell to [`MessageCache::release`] first.
 #[derive(Debug, Default)]
-pub(crate) struct CacheCell(Option<Cached>);
+pub(crate) struct CacheCell(Option<u64>);
 
 /// One cached message.
 #[derive(Debug)]
 struct Cached {
     /// The message.
     record: Record,
+    /// Whose it is.
+    key: CacheKey,
     /// When it was inserted; it expires at `inserted + ttl`.
     inserted: Instant,
-    /// Position of its item in the expiry queue.
-    expiry_at: u64,
-    /// Position of its item in the LRU queue (its last use).
+    /// Position of its key in the LRU queue (its last use).
     lru_at: u64,
     /// Bytes charged against `max_bytes`.
     cost: usize,
@@ -93,14 +100,13 @@ pub(crate) struct MessageCache {
     max_bytes: usize,
     /// Time to live from insertion.
     ttl: Duration,
-    /// Entries held: cells holding a record.
+    /// Entries held: cells holding a position.
     len: usize,
     /// Sum of the entries' costs.
     bytes: usize,
-    /// `(inserted, key)` of each entry in insertion order, `None` where the entry left.
-    /// Invariant after every call but [`release`](Self::release): the front is live, and
-    /// `len <= 2 * self.len`.
-    expiry: Queue<(Instant, CacheKey)>,
+    /// The entries in insertion order, `None` where the entry left. Invariant after every
+    /// call but [`release`](Self::release): the front is live, and `len <= 2 * self.len`.
+    entries: Queue<Cached>,
     /// The key of each entry in order of use, least recently used first, `None` where the
     /// entry left or was used again. Invariant after every call but `release`: the front is
     /// live, and `len <= 2 * self.len`.
@@ -119,7 +125,7 @@ impl MessageCache {
             ttl,
             len: 0,
             bytes: 0,
-            expiry: Queue::default(),
+            entries: Queue::default(),
             lru: Queue::default(),
             stats: CacheStats::default(),
         }
@@ -186,13 +192,13 @@ impl MessageCache {
             self.stats.evictions += 1;
             return false;
         }
-        cell.0 = Some(Cached {
+        cell.0 = Some(self.entries.push_back(Cached {
             record,
+            key,
             inserted: now,
-            expiry_at: self.expiry.push_back((now, key)),
             lru_at: self.lru.push_back(key),
             cost,
-        });
+        }));
         self.len += 1;
         self.bytes += cost;
         true
@@ -244,11 +250,8 @@ impl MessageCache {
             self.stats.misses += 1;
             return None;
         };
-        let expired = cell
-            .0
-            .as_ref()
-            .is_some_and(|entry| self.is_expired(entry.inserted, now));
-        if expired {
+        let live = cell.0.and_then(|at| self.entries.get(at));
+        if live.is_none_or(|entry| self.is_expired(entry.inserted, now)) {
             self.release(cell);
             self.stats.expirations += 1;
             self.stats.misses += 1;
@@ -256,7 +259,7 @@ impl MessageCache {
             return None;
         }
         let lru = &mut self.lru;
-        let record = cell.0.as_mut().map(|entry| {
+        let record = cell.0.and_then(|at| self.entries.get_mut(at)).map(|entry| {
             lru.vacate(entry.lru_at);
             entry.lru_at = lru.push_back(key);
             entry.record.clone()
@@ -268,9 +271,9 @@ impl MessageCache {
 
     /// Read-only lookup of the record a slot's cell holds: no LRU touch, no stats. `None`
     /// when nothing is cached there or it expired.
-    pub(crate) fn peek<'a>(&self, now: Instant, cell: &'a CacheCell) -> Option<&'a Record> {
+    pub(crate) fn peek(&self, now: Instant, cell: &CacheCell) -> Option<&Record> {
         cell.0
-            .as_ref()
+            .and_then(|at| self.entries.get(at))
             .filter(|entry| !self.is_expired(entry.inserted, now))
             .map(|entry| &entry.record)
     }
@@ -281,24 +284,25 @@ impl MessageCache {
     /// once the slots are updated and before the next [`poll_timeout`](Self::poll_timeout).
     #[inline(always)]
     pub(crate) fn release(&mut self, cell: &mut CacheCell) -> bool {
-        let Some(entry) = &cell.0 else {
-            return false;
-        };
-        let (expiry_at, lru_at, cost) = (entry.expiry_at, entry.lru_at, entry.cost);
-        // Dropped in place, not moved out.
-        cell.0 = None;
-        self.forget(expiry_at, lru_at, cost);
-        true
+        match cell.0.take() {
+            Some(at) => self.forget(at),
+            None => false,
+        }
     }
 
-    /// Accounts for an entry that left its cell: empties its queue items, takes it off the
-    /// counts.
+    /// Drops the entry at `at`, whose cell let go of it: empties its
+    /// items in both queues, takes it off the counts. False when there is no such entry.
     #[inline]
-    fn forget(&mut self, expiry_at: u64, lru_at: u64, cost: usize) {
+    fn forget(&mut self, at: u64) -> bool {
+        let Some(entry) = self.entries.get(at) else {
+            return false;
+        };
+        let (lru_at, cost) = (entry.lru_at, entry.cost);
         self.len -= 1;
         self.bytes -= cost;
-        self.expiry.vacate(expiry_at);
+        self.entries.vacate(at);
         self.lru.vacate(lru_at);
+        true
     }
 
     /// Drops expired entries (counted in `expirations`). Spurious calls are no-ops.
@@ -310,9 +314,9 @@ impl MessageCache {
     /// When the oldest entry expires (the time to live of the earliest insertion still
     /// cached). `None` when empty, or when that is beyond what `Instant` can hold.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.expiry
+        self.entries
             .front()
-            .and_then(|&(inserted, _)| inserted.checked_add(self.ttl))
+            .and_then(|entry| entry.inserted.checked_add(self.ttl))
     }
 
     /// Entries held (expired ones not yet dropped included).
@@ -336,7 +340,7 @@ impl MessageCache {
     #[inline]
     pub(crate) fn tidy(&mut self, slots: &mut impl CacheSlots) {
         // Every entry has exactly one live item per queue, so equal lengths mean no empty item.
-        if self.expiry.len() != self.len || self.lru.len() != self.len {
+        if self.entries.len() != self.len || self.lru.len() != self.len {
             self.drop_vacant(slots);
         }
     }
@@ -344,13 +348,17 @@ impl MessageCache {
     /// [`tidy`](Self::tidy) when some item is empty.
     #[cold]
     fn drop_vacant(&mut self, slots: &mut impl CacheSlots) {
-        self.expiry.tidy(self.len, |at, &(_, key)| {
-            if let Some(entry) = cached_at(slots, key) {
-                entry.expiry_at = at;
+        // Entries first: the cells then name the entries' new positions, where the LRU
+        // queue's positions are stored.
+        self.entries.tidy(self.len, |at, entry| {
+            if let Some(cell) = slots.cell(entry.key) {
+                cell.0 = Some(at);
             }
         });
+        let entries = &mut self.entries;
         self.lru.tidy(self.len, |at, &key| {
-            if let Some(entry) = cached_at(slots, key) {
+            let cached = slots.cell(key).and_then(|cell| cell.0);
+            if let Some(entry) = cached.and_then(|at| entries.get_mut(at)) {
                 entry.lru_at = at;
             }
         });
@@ -363,14 +371,14 @@ impl MessageCache {
             .is_some_and(|deadline| now >= deadline)
     }
 
-    /// Drops every expired entry from the front of the expiry queue (the start of
+    /// Drops every expired entry from the front of the entry queue (the start of
     /// [`insert`](Self::insert)).
     #[inline]
     pub(crate) fn expire(&mut self, now: Instant, slots: &mut impl CacheSlots) {
         if self
-            .expiry
+            .entries
             .front()
-            .is_some_and(|&(inserted, _)| self.is_expired(inserted, now))
+            .is_some_and(|entry| self.is_expired(entry.inserted, now))
         {
             self.expire_due(now, slots);
         }
@@ -380,20 +388,21 @@ impl MessageCache {
     #[cold]
     fn expire_due(&mut self, now: Instant, slots: &mut impl CacheSlots) {
         loop {
-            self.expiry.pop_vacant();
-            let Some(&(inserted, key)) = self.expiry.front() else {
+            self.entries.pop_vacant();
+            let Some(entry) = self.entries.front() else {
                 break;
             };
-            if !self.is_expired(inserted, now) {
+            if !self.is_expired(entry.inserted, now) {
                 break;
             }
-            // A live item: its slot holds its entry (unless a slot was dropped unreleased).
-            let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
-                self.expiry.pop_front();
-                continue;
-            };
-            debug_assert_eq!(entry.expiry_at, self.expiry.head, "the front's entry");
-            self.forget(entry.expiry_at, entry.lru_at, entry.cost);
+            let key = entry.key;
+            // Its slot lets go of it (unless the slot was dropped unreleased: the entry goes
+            // all the same).
+            if let Some(cell) = slots.cell(key) {
+                debug_assert_eq!(cell.0, Some(self.entries.head), "the front's cell");
+                cell.0 = None;
+            }
+            self.forget(self.entries.head);
             self.stats.expirations += 1;
             trace!(partition = key.0, offset = key.1, "cache expiration");
         }
@@ -419,12 +428,16 @@ impl MessageCache {
                 break;
             };
             // A live item: its slot holds its entry (unless a slot was dropped unreleased).
-            let Some(entry) = slots.cell(key).and_then(|cell| cell.0.take()) else {
+            let Some(at) = slots.cell(key).and_then(|cell| cell.0.take()) else {
                 self.lru.pop_front();
                 continue;
             };
-            debug_assert_eq!(entry.lru_at, self.lru.head, "the front's entry");
-            self.forget(entry.expiry_at, entry.lru_at, entry.cost);
+            debug_assert_eq!(
+                self.entries.get(at).map(|entry| entry.lru_at),
+                Some(self.lru.head),
+                "the front's entry"
+            );
+            self.forget(at);
             evicted += 1;
             trace!(partition = key.0, offset = key.1, "{why}");
         }
@@ -432,10 +445,10 @@ impl MessageCache {
         evicted
     }
 
-    /// Length of the expiry queue, empty items included.
+    /// Length of the entry queue, empty items included.
     #[cfg(test)]
     fn expiry_len(&self) -> usize {
-        self.expiry.len()
+        self.entries.len()
     }
 
     /// Length of the LRU queue, empty items included.
@@ -449,11 +462,6 @@ impl MessageCache {
     fn lru_keys(&self) -> Vec<CacheKey> {
         self.lru.items.iter().flatten().copied().collect()
     }
-}
-
-/// The entry cached in `key`'s slot.
-fn cached_at(slots: &mut impl CacheSlots, key: CacheKey) -> Option<&mut Cached> {
-    slots.cell(key).and_then(|cell| cell.0.as_mut())
 }
 
 /// A FIFO of items that can be emptied in place, addressed by position: the number of items
@@ -486,7 +494,22 @@ impl<T> Queue<T> {
         self.items.front().and_then(Option::as_ref)
     }
 
+    /// The item at position `at`, `None` when it is empty or outside the queue.
+    #[inline]
+    fn get(&self, at: u64) -> Option<&T> {
+        let i = usize::try_from(at.checked_sub(self.head)?).ok()?;
+        self.items.get(i)?.as_ref()
+    }
+
+    /// [`get`](Self::get), mutably.
+    #[inline]
+    fn get_mut(&mut self, at: u64) -> Option<&mut T> {
+        let i = usize::try_from(at.checked_sub(self.head)?).ok()?;
+        self.items.get_mut(i)?.as_mut()
+    }
+
     /// Appends `item`; returns its position.
+    #[inline(always)]
     fn push_back(&mut self, item: T) -> u64 {
         self.items.push_back(Some(item));
         self.head + self.items.len() as u64 - 1

@@ -155,3 +155,14 @@ fn delivered_records_live_in_their_slots_until_settled_or_restarted() {
     assert_eq!(s.partitions.cache_deadline(), None, "no stale expiry left");
     assert_eq!(s.partitions.cache().stats().evictions, 0);
 }
+
+#[test]
+fn a_window_slot_stays_small() {
+    // Every fetched offset has a slot, most never delivered yet: the cached record lives in
+    // the cache, and a slot only names its position there (it was 160 bytes with the record).
+    assert!(
+        std::mem::size_of::<Option<Unsettled>>() <= 40,
+        "{} bytes",
+        std::mem::size_of::<Option<Unsettled>>()
+    );
+}
