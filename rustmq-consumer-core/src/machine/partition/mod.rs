@@ -717,7 +717,10 @@ impl Partitions {
                 }
             }
         };
-        walk(self.deliverable.range(turn..), list.partition_point(|p| p.id < turn));
+        walk(
+            self.deliverable.range(turn..),
+            list.partition_point(|p| p.id < turn),
+        );
         walk(self.deliverable.range(..turn), 0);
         for id in gone {
             self.deliverable.remove(&id);
