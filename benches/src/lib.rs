@@ -277,11 +277,36 @@ pub mod transport {
         fetcher.await.expect("the fetcher panicked");
     }
 
-    /// A Fetch of partition 0 of [`TOPIC`] at `offset`, as the loops send it.
-    pub fn fetch_request(offset: u64, max_bytes: u32) -> Request {
+    /// The raw loop over `partitions` partitions of [`TOPIC`], `each` records in each: every
+    /// partition read to `each` in turn, one fetch in flight, as a simple client would.
+    ///
+    /// # Panics
+    ///
+    /// On a failed or empty fetch.
+    pub async fn raw_fetch_partitions(
+        transport: &dyn Transport,
+        partitions: u32,
+        each: u64,
+        max_bytes: u32,
+    ) {
+        for partition in 0..partitions {
+            let mut received = 0;
+            while received < each {
+                let request = fetch_request(partition, received, max_bytes);
+                let Ok(Response::Fetch(fetched)) = transport.request(request).await else {
+                    panic!("fetch of {partition} at {received} failed");
+                };
+                assert!(!fetched.records.is_empty(), "empty fetch of {partition}");
+                received += fetched.records.len() as u64;
+            }
+        }
+    }
+
+    /// A Fetch of `partition` of [`TOPIC`] at `offset`, as the loops send it.
+    pub fn fetch_request(partition: u32, offset: u64, max_bytes: u32) -> Request {
         FetchRequest {
             topic: TOPIC.to_owned(),
-            partition_id: 0,
+            partition_id: partition,
             fetch_offset: offset,
             max_bytes,
             timeout_ms: 1_000,
@@ -291,7 +316,7 @@ pub mod transport {
 
     /// One Fetch of partition 0 of [`TOPIC`] at `offset`: its records (never none).
     async fn fetch_at(transport: &dyn Transport, offset: u64, max_bytes: u32) -> Vec<Record> {
-        let request = fetch_request(offset, max_bytes);
+        let request = fetch_request(0, offset, max_bytes);
         let Ok(Response::Fetch(fetched)) = transport.request(request).await else {
             panic!("fetch at {offset} failed");
         };
