@@ -243,12 +243,17 @@ fn fetch_ahead_keeps_each_partition_in_offset_order() {
 const MANY: u32 = 1_000;
 const EACH: usize = 200;
 
-#[test]
-fn every_partitions_first_fetch_goes_out_at_once() {
+/// The default config over [`MANY`] partitions assigned by hand, [`EACH`] records in each.
+fn many_partitions() -> Pump<SimBroker> {
     let b = Rig::broker(350, MANY, EACH, 32);
     let mut config = ConsumerConfig::new(TOPIC, GROUP);
     config.partitions = (0..MANY).collect();
-    let mut pump = Pump::new(b, config, Instant::now());
+    Pump::new(b, config, Instant::now())
+}
+
+#[test]
+fn every_partitions_first_fetch_goes_out_at_once() {
+    let mut pump = many_partitions();
     pump.route = Route::HoldIf(|r| matches!(r, Request::Fetch(_)));
     pump.drive();
     let first: BTreeSet<u32> = pump
@@ -294,10 +299,7 @@ fn many_partitions_drain_in_few_fetches_each() {
 
 #[test]
 fn many_partitions_start_with_fetch_offsets_that_fit_the_request_frame() {
-    let b = Rig::broker(350, MANY, EACH, 32);
-    let mut config = ConsumerConfig::new(TOPIC, GROUP);
-    config.partitions = (0..MANY).collect();
-    let mut pump = Pump::new(b, config, Instant::now());
+    let mut pump = many_partitions();
     pump.route = Route::HoldIf(|r| matches!(r, Request::FetchOffset(_)));
     pump.auto_ack = true;
     pump.drive();
