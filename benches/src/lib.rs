@@ -235,7 +235,7 @@ pub mod transport {
     pub async fn raw_fetch_loop(transport: &dyn Transport, n: usize, max_bytes: u32) {
         let mut received = 0usize;
         while received < n {
-            let records = fetch_at(transport, received as u64, max_bytes).await;
+            let records = fetch_at(transport, 0, received as u64, max_bytes).await;
             for record in &records {
                 std::hint::black_box(record);
             }
@@ -262,7 +262,7 @@ pub mod transport {
         let fetcher = tokio::spawn(async move {
             let mut fetched = 0usize;
             while fetched < n {
-                let records = fetch_at(&transport, fetched as u64, max_bytes).await;
+                let records = fetch_at(&transport, 0, fetched as u64, max_bytes).await;
                 fetched += records.len();
                 for record in records {
                     if tx.send(record).await.is_err() {
@@ -292,12 +292,8 @@ pub mod transport {
         for partition in 0..partitions {
             let mut received = 0;
             while received < each {
-                let request = fetch_request(partition, received, max_bytes);
-                let Ok(Response::Fetch(fetched)) = transport.request(request).await else {
-                    panic!("fetch of {partition} at {received} failed");
-                };
-                assert!(!fetched.records.is_empty(), "empty fetch of {partition}");
-                received += fetched.records.len() as u64;
+                let records = fetch_at(transport, partition, received, max_bytes).await;
+                received += records.len() as u64;
             }
         }
     }
@@ -314,13 +310,21 @@ pub mod transport {
         .into()
     }
 
-    /// One Fetch of partition 0 of [`TOPIC`] at `offset`: its records (never none).
-    async fn fetch_at(transport: &dyn Transport, offset: u64, max_bytes: u32) -> Vec<Record> {
-        let request = fetch_request(0, offset, max_bytes);
+    /// One Fetch of `partition` of [`TOPIC`] at `offset`: its records (never none).
+    async fn fetch_at(
+        transport: &dyn Transport,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Vec<Record> {
+        let request = fetch_request(partition, offset, max_bytes);
         let Ok(Response::Fetch(fetched)) = transport.request(request).await else {
-            panic!("fetch at {offset} failed");
+            panic!("fetch of {partition} at {offset} failed");
         };
-        assert!(!fetched.records.is_empty(), "empty fetch at {offset}");
+        assert!(
+            !fetched.records.is_empty(),
+            "empty fetch of {partition} at {offset}"
+        );
         fetched.records
     }
 

@@ -44,6 +44,10 @@ const PRODUCE_BATCH: u64 = 25;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
+/// One run's rates (records a second): the raw loop, the channel floor (one partition only),
+/// the consumer.
+type Row = (f64, Option<f64>, f64);
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let addr: SocketAddr = args
@@ -79,26 +83,25 @@ async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {
         }
         let raw = rate(start);
 
+        // The floor is a one-partition baseline.
         let floor = if partitions == 1 {
             let transport = connected(addr).await?;
             let start = Instant::now();
             channel_floor(transport, n, RAW_FETCH_MAX_BYTES, capacity).await;
-            rate(start)
+            Some(rate(start))
         } else {
-            f64::NAN
+            None
         };
 
         let group = format!("{GROUP}-check-{}-{run}", std::process::id());
         let consumer = consume(addr, &group, partitions).await?;
-        let floor_part = if floor.is_nan() {
-            String::new()
-        } else {
+        let floor_part = floor.map_or_else(String::new, |floor| {
             format!(
                 ", channel floor {floor:.0}/s ({:.3}x raw; the consumer {:.3}x of it)",
                 floor / raw,
                 consumer / floor
             )
-        };
+        });
         println!(
             "run {run}: raw loop {raw:.0}/s{floor_part}, consumer {consumer:.0}/s ({:.3}x raw), \
              every offset exactly once",
@@ -106,19 +109,19 @@ async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {
         );
         rows.push((raw, floor, consumer));
     }
-    let ratios = |f: fn(&(f64, f64, f64)) -> f64| {
-        let mut r: Vec<f64> = rows.iter().map(f).collect();
+    let ratios = |f: fn(&Row) -> Option<f64>| {
+        let mut r: Vec<f64> = rows.iter().filter_map(f).collect();
         r.sort_by(f64::total_cmp);
         r
     };
-    let consumer = ratios(|(raw, _, consumer)| consumer / raw);
-    let floor = ratios(|(raw, floor, _)| floor / raw);
+    let consumer = ratios(|&(raw, _, consumer)| Some(consumer / raw));
+    let floor = ratios(|&(raw, floor, _)| floor.map(|floor| floor / raw));
     if let (Some(first), Some(last)) = (consumer.first(), consumer.last()) {
         let median = |r: &[f64]| r[r.len() / 2];
-        let floor = if partitions == 1 {
-            format!("; channel floor / raw loop: median {:.3}x", median(&floor))
-        } else {
+        let floor = if floor.is_empty() {
             String::new()
+        } else {
+            format!("; channel floor / raw loop: median {:.3}x", median(&floor))
         };
         println!(
             "consumer / raw loop: {first:.3}x-{last:.3}x, median {:.3}x{floor}",
