@@ -1,5 +1,6 @@
-//! Exact request frame sizes (type byte + bincode body) for splitting work into requests that
-//! fit the broker's 8 KiB read. Tests check them against the codec byte for byte.
+//! Exact request frame sizes (type byte + bincode body) for splitting work into requests of
+//! one packet's worth (`PACKET_REQUEST_FRAME`), never over the broker's 8 KiB read. Tests check
+//! them against the codec byte for byte.
 
 /// A `String` on the wire: u64 length then the bytes.
 fn string(s: &str) -> usize {

@@ -76,7 +76,8 @@
 //! - `cache`: the LRU + TTL message cache that redeliveries come from, an index over the records
 //!   the settle windows' slots hold.
 //! - `backoff`: the seeded PRNG and exponential backoff with full jitter.
-//! - `frame`: exact request sizes, so commits and dead-letter batches fit the broker's 8 KiB.
+//! - `frame`: exact request sizes, so FetchOffsets, commits and dead-letter batches go as
+//!   one-packet requests.
 //! - [`protocol`]: typed RustMQ requests and responses; [`codec`]: their bytes on the wire.
 //! - `config`, `event`, `error`: what goes in, what comes out, what can be refused.
 //! - [`driver`]: the runtime-agnostic driver and the application API ([`Consumer`],

@@ -421,3 +421,15 @@ pub mod error_code {
 
 /// Largest request frame the broker reads (one read into an 8 KiB buffer), type byte included.
 pub const MAX_REQUEST_FRAME: usize = 8192;
+
+/// Largest request frame the consumer splits its own requests to (commits, FetchOffsets,
+/// dead-letter batches), type byte included: what one QUIC packet carries for sure (the
+/// smallest datagram QUIC allows, 1,200 bytes, less the short header, the AEAD tag and a
+/// STREAM frame header, with room to spare).
+///
+/// The broker reads a request with one read that returns what has arrived, so a frame sent as
+/// several packets fails to decode when its packets arrive apart, as they do over a network:
+/// measured with the packets of a 1,000-partition consumer 300 µs apart, every commit failed.
+/// A request about one partition may still be larger (a long topic name): it is sent whole,
+/// up to [`MAX_REQUEST_FRAME`].
+pub const PACKET_REQUEST_FRAME: usize = 1_100;

@@ -372,9 +372,46 @@ fn one_dead_letter_produce_in_flight_batching_the_rest() {
     h.route = Route::Answer;
     h.answer_all_held();
     let produces = h.produces_sent();
-    assert_eq!(produces.len(), 2, "the other five went in one batch");
-    assert_eq!(produces[1].records.len(), 5);
+    let batches: Vec<usize> = produces.iter().map(|p| p.records.len()).collect();
+    assert_eq!(batches.iter().sum::<usize>(), 6, "{batches:?}");
+    assert!(
+        batches.len() < 6 && batches[1] > 1,
+        "the other five went in batches (as many as fit one packet): {batches:?}"
+    );
     assert_eq!(h.m.settle_watermark(0), Some(6));
+}
+
+#[test]
+fn dead_letter_batches_fit_one_packet_or_hold_one_record() {
+    let mut c = config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = harness(c);
+    let sizes = [400, 400, 400, 3_000, 10];
+    h.broker.logs.insert(
+        ("t".into(), 0),
+        sizes
+            .iter()
+            .map(|&n| Record::from_value(vec![7u8; n]))
+            .collect(),
+    );
+    h.advance(Duration::from_millis(100));
+    for d in h.deliveries() {
+        h.m.reject(h.now, d.tag, "poison").unwrap();
+        h.drive();
+    }
+    let produces = h.produces_sent();
+    let batches: Vec<usize> = produces.iter().map(|p| p.records.len()).collect();
+    let dead_lettered: usize = batches.iter().sum();
+    assert_eq!(dead_lettered, 5, "{batches:?}");
+    for p in &produces {
+        let size = codec::request_frame_len(&Request::Produce((*p).clone()));
+        assert!(
+            size <= PACKET_REQUEST_FRAME || p.records.len() == 1,
+            "a batch of {} records in {size} bytes",
+            p.records.len()
+        );
+    }
+    assert_eq!(h.m.settle_watermark(0), Some(5));
 }
 
 #[test]
@@ -885,7 +922,7 @@ fn close_leaves_unacked_deliveries_uncommitted_after_the_drain_deadline() {
 }
 
 #[test]
-fn commit_maps_are_split_to_fit_the_frame_limit() {
+fn commit_maps_are_split_into_one_packet_frames() {
     let mut c = config(&"t".repeat(200));
     c.partitions = (0..100).collect();
     let mut h = harness(c);
@@ -907,7 +944,7 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
             _ => None,
         })
         .collect();
-    assert!(tickets.len() >= 3, "{tickets:?}");
+    assert!(tickets.len() >= 20, "{tickets:?}");
     assert_eq!(tickets.last(), Some(&t));
     assert!(
         tickets[..tickets.len() - 1].iter().all(|&x| x == 0),
@@ -915,15 +952,43 @@ fn commit_maps_are_split_to_fit_the_frame_limit() {
     );
     let commits = h.commits_sent();
     assert!(
-        commits.len() >= 3,
-        "100 entries of 220 bytes need three frames"
+        commits.len() >= 20,
+        "100 entries of 220 bytes need twenty one-packet frames, not {}",
+        commits.len()
     );
     let total: usize = commits.iter().map(|c| c.offsets.len()).sum();
     assert_eq!(total, 100);
     for c in commits {
         let size = codec::request_frame_len(&Request::CommitOffset(c.clone()));
-        assert!(size <= MAX_REQUEST_FRAME, "{size}");
+        assert!(size <= PACKET_REQUEST_FRAME, "{size}");
     }
+    assert!((0..100).all(|p| h.broker.committed[&p] == 1));
+}
+
+#[test]
+fn a_partition_whose_entry_exceeds_a_packet_still_commits_alone() {
+    let topic = "t".repeat(ConsumerConfig::MAX_NAME_LEN);
+    let mut c = config(&topic);
+    c.partitions = vec![0, 1];
+    let mut h = harness(c);
+    h.produce(0, 1);
+    h.produce(1, 1);
+    h.advance(Duration::from_millis(200));
+    for d in h.deliveries() {
+        h.ack(d.tag);
+    }
+    h.m.commit(h.now).unwrap();
+    h.drive();
+    let commits = h.commits_sent();
+    assert_eq!(commits.len(), 2, "one partition a commit");
+    for c in commits {
+        let size = codec::request_frame_len(&Request::CommitOffset(c.clone()));
+        assert!(
+            size > PACKET_REQUEST_FRAME && size <= MAX_REQUEST_FRAME,
+            "{size}"
+        );
+    }
+    assert_eq!((h.broker.committed[&0], h.broker.committed[&1]), (1, 1));
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::config::ConsumerConfig;
 use crate::event::{CommitError, Event, Metrics, RequestError};
 use crate::frame;
 use crate::protocol::{
-    error_code, CommitOffsetRequest, RequestKind, Response, TopicPartition, MAX_REQUEST_FRAME,
+    error_code, CommitOffsetRequest, RequestKind, Response, TopicPartition, PACKET_REQUEST_FRAME,
 };
 
 /// Who commits: the group member and generation, or the manual assignment's learned
@@ -159,7 +159,9 @@ impl Committer {
         self.retry_at = None;
     }
 
-    /// Sends one commit of every partition whose watermark moved, split to fit one frame.
+    /// Sends one commit of the partitions whose watermark moved, as many as fit one packet's
+    /// frame ([`PACKET_REQUEST_FRAME`]: about 40 partitions of a short topic name); the rest
+    /// go in the next commit, sent when this one is answered.
     /// False when the breaker said no.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
@@ -196,7 +198,7 @@ impl Committer {
         let mut entries = Vec::new();
         let mut complete = true;
         for (id, offset) in targets {
-            if size + entry_len > MAX_REQUEST_FRAME && !offsets.is_empty() {
+            if size + entry_len > PACKET_REQUEST_FRAME && !offsets.is_empty() {
                 complete = false;
                 break; // the rest goes in the next commit
             }
@@ -329,7 +331,7 @@ impl Committer {
                 self.advanced_in_flight = 0;
                 self.failures = 0;
                 debug!(ticket, ?confirmed, "committed");
-                // A commit split to fit the frame answers `commit()` only with its last part.
+                // A commit split to fit one packet answers `commit()` only with its last part.
                 let complete = self.complete_in_flight;
                 events.push_back(Event::Committed {
                     ticket: if complete { ticket } else { 0 },

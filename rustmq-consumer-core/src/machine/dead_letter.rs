@@ -16,7 +16,7 @@ use crate::event::{DiscardReason, RequestError};
 use crate::frame;
 use crate::protocol::{
     error_code, AcknowledgmentLevel, Header, ProduceRequest, Record, RequestKind, Response,
-    MAX_REQUEST_FRAME,
+    MAX_REQUEST_FRAME, PACKET_REQUEST_FRAME,
 };
 
 /// Header names the dead-letter record carries.
@@ -85,8 +85,8 @@ impl DeadLetters {
         self.queue.is_empty() && !self.in_flight
     }
 
-    /// Sends the next batch (one produce in flight) if one is due. Entries too large for any
-    /// request come back, for the coordinator to stall their partition. The flag is false
+    /// Sends the next batch (one produce in flight, as many records as fit one packet's frame,
+    /// or one record alone) if one is due. Entries too large for any request come back, for the coordinator to stall their partition. The flag is false
     /// when the breaker said no.
     pub(crate) fn send(
         &mut self,
@@ -130,7 +130,8 @@ impl DeadLetters {
         while let Some(front) = self.queue.front() {
             let record = record(front, config);
             let len = record.encoded_len();
-            if size + len > MAX_REQUEST_FRAME {
+            // One packet's worth, or one record alone (the front fits a frame, checked above).
+            if size + len > PACKET_REQUEST_FRAME && !records.is_empty() {
                 break;
             }
             size += len;

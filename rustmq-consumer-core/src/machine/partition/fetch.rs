@@ -16,7 +16,7 @@ use crate::frame;
 use crate::machine::requests::{expect, FetchOwner, Owner, Requests, StartOwner};
 use crate::protocol::{
     error_code, FetchOffsetRequest, FetchOffsetResponse, FetchRequest, FetchResponse, Request,
-    RequestKind, Response, TopicPartition, MAX_REQUEST_FRAME,
+    RequestKind, Response, TopicPartition, PACKET_REQUEST_FRAME,
 };
 
 impl Partitions {
@@ -38,9 +38,8 @@ impl Partitions {
     }
 
     /// [`send_fetch_offset`](Self::send_fetch_offset) when a partition is due one: as many
-    /// partitions per FetchOffset as fit in a request frame (the broker reads at most
-    /// `MAX_REQUEST_FRAME` bytes of one: about 480 partitions of a short topic name), each
-    /// request with its own permit.
+    /// partitions per FetchOffset as fit one packet's frame (`PACKET_REQUEST_FRAME`: about 60
+    /// partitions of a short topic name), each request with its own permit.
     fn send_fetch_offset_due(
         &mut self,
         now: Instant,
@@ -48,8 +47,8 @@ impl Partitions {
         breaker: &mut Breaker,
         requests: &mut Requests,
     ) -> bool {
-        let room =
-            MAX_REQUEST_FRAME.saturating_sub(frame::fetch_offset_base_len(&config.consumer_group));
+        let room = PACKET_REQUEST_FRAME
+            .saturating_sub(frame::fetch_offset_base_len(&config.consumer_group));
         let per_request = (room / frame::fetch_offset_entry_len(&config.topic)).max(1);
         let due: Vec<u32> = self.starting_due.iter().copied().collect();
         for ids in due.chunks(per_request) {
