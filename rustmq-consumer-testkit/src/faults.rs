@@ -104,6 +104,9 @@ pub struct FaultPlan {
     /// back, which no consumer of this protocol can see (see the `late_commit_*` test).
     /// Late *answers* are always possible.
     pub late_arrival: bool,
+    /// Does the broker read requests as over a network, cutting every frame over one packet
+    /// ([`SimBroker::set_split_reads`](crate::SimBroker::set_split_reads)) until heal?
+    pub split_reads: bool,
     /// Other members of the consumer group joining and leaving (group-session scenarios
     /// only; empty otherwise). Each is gone by `heal_at` plus its session timeout.
     pub phantoms: Vec<PhantomPlan>,
@@ -167,6 +170,7 @@ impl FaultPlan {
             storage_failure_per_sec: 0.0,
             storage_failure_burst: 0,
             late_arrival: false,
+            split_reads: false,
             phantoms: Vec::new(),
         }
     }
@@ -196,6 +200,8 @@ impl FaultPlan {
             storage_failure_per_sec: on(rng, 0.1, 2.0),
             storage_failure_burst: rng.range(1, 8) as u32,
             late_arrival: false,
+            // Drawn last: the plans of earlier seeds keep every other choice.
+            split_reads: rng.chance(0.5),
             phantoms: Vec::new(),
         }
     }

@@ -61,7 +61,7 @@ mod virtual_rt;
 
 pub use broker::{
     BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
-    DEFAULT_RECORD_OVERHEAD, REAPER_INTERVAL,
+    DEFAULT_RECORD_OVERHEAD, PACKET_PAYLOAD, REAPER_INTERVAL,
 };
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use fixtures::{broker_with, fast_config};

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustmq_consumer_core::codec::request_frame_len;
-use rustmq_consumer_core::protocol::{Request, Response, TopicPartition, MAX_REQUEST_FRAME};
+use rustmq_consumer_core::protocol::{Request, Response, TopicPartition, PACKET_REQUEST_FRAME};
 use rustmq_consumer_core::{ConsumerConfig, ConsumerMachine, DeliveryTag, Event};
-use rustmq_consumer_testkit::{Pump, Route, SimBroker, GROUP, TOPIC};
+use rustmq_consumer_testkit::{Pump, Route, SimBroker, GROUP, PACKET_PAYLOAD, TOPIC};
 
 /// One fetch as the broker saw it.
 #[derive(Debug, Clone, Copy)]
@@ -298,19 +298,23 @@ fn many_partitions_drain_in_few_fetches_each() {
 }
 
 #[test]
-fn many_partitions_start_with_fetch_offsets_that_fit_the_request_frame() {
+fn many_partitions_start_with_fetch_offsets_of_one_packet() {
     let mut pump = many_partitions();
     pump.route = Route::HoldIf(|r| matches!(r, Request::FetchOffset(_)));
     pump.auto_ack = true;
     pump.drive();
-    // The broker reads at most 8 KiB of a request (one FetchOffset of all 1,000 is 17 KB):
-    // the partitions are split over requests that fit, each asked about once.
+    // The broker reads one read of at most 8 KiB of a request (one FetchOffset of all 1,000
+    // is 17 KB), and over a network that read gets the first packet only: the partitions are
+    // split over one-packet requests, each asked about once.
     let asked: Vec<Vec<u32>> = pump
         .held
         .iter()
         .map(|t| {
             let size = request_frame_len(&t.request);
-            assert!(size <= MAX_REQUEST_FRAME, "a FetchOffset of {size} bytes");
+            assert!(
+                size <= PACKET_REQUEST_FRAME,
+                "a FetchOffset of {size} bytes"
+            );
             match &t.request {
                 Request::FetchOffset(r) => {
                     r.topic_partitions.iter().map(|tp| tp.partition).collect()
@@ -319,7 +323,7 @@ fn many_partitions_start_with_fetch_offsets_that_fit_the_request_frame() {
             }
         })
         .collect();
-    assert!(asked.len() >= 2, "{} FetchOffset requests", asked.len());
+    assert!(asked.len() >= 16, "{} FetchOffset requests", asked.len());
     let mut all: Vec<u32> = asked.concat();
     all.sort_unstable();
     assert!(
@@ -355,5 +359,22 @@ fn many_partitions_start_with_fetch_offsets_that_fit_the_request_frame() {
         fetching(&pump).len(),
         MANY as usize,
         "every partition fetching"
+    );
+}
+
+#[test]
+fn many_partitions_start_consume_and_commit_when_the_broker_reads_one_packet() {
+    // What the real broker does over a network (packets 300 us apart): a request of more
+    // than one packet is read in part and fails. Before the consumer kept its requests to one
+    // packet, a 1,000-partition consumer consumed everything there and committed nothing.
+    const { assert!(PACKET_REQUEST_FRAME <= PACKET_PAYLOAD) };
+    let mut b = Rig::broker(350, MANY, EACH, 32);
+    b.set_split_reads(true);
+    let mut rig = Rig::new(b, MANY, Duration::from_micros(1));
+    rig.run_until_committed(MANY, EACH as u64);
+    assert!(
+        rig.commits >= MANY as usize / 50,
+        "{} commits for {MANY} partitions: about 40 partitions a commit",
+        rig.commits
     );
 }

@@ -36,6 +36,11 @@ pub use group::GroupState;
 pub use request_log::{CommitRecord, Outcome, RequestLogEntry};
 pub use storage::DEFAULT_RECORD_OVERHEAD;
 
+/// Request bytes one QUIC packet always carries: the smallest datagram QUIC allows (1,200
+/// bytes) less a short header with a 20-byte connection id and a 4-byte packet number (25),
+/// the AEAD tag (16) and a STREAM frame header (11). See [`SimBroker::set_split_reads`].
+pub const PACKET_PAYLOAD: usize = 1_148;
+
 /// How often the session reaper runs (the real broker's reaper interval).
 pub const REAPER_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -84,6 +89,7 @@ pub struct SimBroker {
     failing_fetches: u32,
     failing_partitions: BTreeSet<TopicPartition>,
     record_overhead: u32,
+    split_reads: bool,
     commit_log: Vec<CommitRecord>,
     request_log: Vec<RequestLogEntry>,
 }
@@ -121,6 +127,7 @@ impl SimBroker {
             failing_fetches: 0,
             failing_partitions: BTreeSet::new(),
             record_overhead: DEFAULT_RECORD_OVERHEAD,
+            split_reads: false,
             commit_log: Vec::new(),
             request_log: Vec::new(),
         }
@@ -139,16 +146,33 @@ impl SimBroker {
     /// What a transport to this broker gets for `request`: refused before it is sent when its
     /// frame is over the [`MAX_REQUEST_FRAME`] bytes the real broker reads of a request
     /// ([`TransportError::RequestTooLarge`], as the QUIC transport refuses it; the real broker
-    /// would truncate it), otherwise [`handle`](Self::handle)'s answer, its error frame as
-    /// [`TransportError::Broker`]. The simulated transports send through here.
+    /// would truncate it); cut while [`set_split_reads`](Self::set_split_reads) is on and it
+    /// is over one packet ([`PACKET_PAYLOAD`]); otherwise [`handle`](Self::handle)'s answer,
+    /// its error frame as [`TransportError::Broker`]. The simulated transports send through
+    /// here.
     pub fn transmit(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
         let size = request_frame_len(&request);
         if size > MAX_REQUEST_FRAME {
             debug!(kind = ?request.kind(), size, "request frame too large: not sent");
             return Err(TransportError::RequestTooLarge(size));
         }
+        if self.split_reads && size > PACKET_PAYLOAD {
+            debug!(kind = ?request.kind(), size, "request frame over one packet: read in part");
+            return Err(TransportError::Broker(
+                "Error: Serialization error: io error: unexpected end of file".to_owned(),
+            ));
+        }
         self.handle(now, request)
             .map_err(|error| TransportError::Broker(error.0))
+    }
+
+    /// While `on`, [`transmit`](Self::transmit) reads a request as the real broker does when
+    /// its packets arrive apart, as over a network: its one read gets the first packet only,
+    /// so a frame over [`PACKET_PAYLOAD`] bytes fails to decode, with the real broker's error
+    /// frame (PROTOCOL.md; measured through a relay spacing packets 300 µs apart). Off by
+    /// default, as on loopback, where a request's packets arrive together.
+    pub fn set_split_reads(&mut self, on: bool) {
+        self.split_reads = on;
     }
 
     /// Handles one request like the real broker: a typed response, or the error frame's text.

@@ -173,6 +173,10 @@ impl<H: Handler> Simulation<H> {
                 self.schedule(p.join_at, Item::PhantomJoin(i));
                 self.schedule(p.leave_at, Item::PhantomEnd(i));
             }
+        }
+        if self.scenario.is_group() || self.scenario.faults.split_reads {
+            self.broker
+                .set_split_reads(self.scenario.faults.split_reads);
             self.schedule(self.scenario.faults.heal_at, Item::Heal);
         }
         self.schedule(Duration::ZERO, Item::Produce);
@@ -554,6 +558,7 @@ impl<H: Handler> Simulation<H> {
                 // Storage failures injected before heal and not used up end with the faults.
                 self.broker.fail_next_commits(0);
                 self.broker.fail_next_fetches(0);
+                self.broker.set_split_reads(false);
             }
             Item::PartitionHealed(p) => self.broker.set_partition_failing(TOPIC, p, false),
             Item::ListenerReturned => {
