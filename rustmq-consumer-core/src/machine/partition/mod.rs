@@ -294,6 +294,11 @@ impl Partition {
 #[derive(Debug)]
 pub(crate) struct Partitions {
     list: Vec<Partition>,
+    /// `positions[id]` is the list index of partition `id` plus one (0: not in the list), so
+    /// an ack finds its partition without a search; empty while the ids are too sparse for a
+    /// table (then [`index`](Self::index) searches the sorted list). Rebuilt whenever the list
+    /// changes (`list_changed`).
+    positions: Vec<u32>,
     next_epoch: u64,
     /// Deliveries outstanding with the application.
     pub(crate) unacked: usize,
@@ -355,6 +360,7 @@ impl Partitions {
     pub(crate) fn new(config: &ConsumerConfig) -> Self {
         let mut set = Self {
             list: Vec::new(),
+            positions: Vec::new(),
             next_epoch: 1,
             unacked: 0,
             buffered: 0,
@@ -414,13 +420,43 @@ impl Partitions {
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
             self.list.insert(at, p);
+            self.list_changed();
             self.fetch_candidates.insert(id);
             self.mark(at);
         }
     }
 
+    /// Where partition `id` is in the list, if assigned.
+    #[inline]
     pub(crate) fn index(&self, id: u32) -> Option<usize> {
-        self.list.binary_search_by_key(&id, |p| p.id).ok()
+        if self.positions.is_empty() {
+            return self.list.binary_search_by_key(&id, |p| p.id).ok();
+        }
+        let at = usize::try_from(id).ok()?;
+        let position = *self.positions.get(at)?;
+        usize::try_from(position).ok()?.checked_sub(1)
+    }
+
+    /// Rebuilds `positions` after a partition entered or left the list: a table as long as
+    /// the highest id, when that is at most a few times the partition count (1,000 partitions
+    /// `0..1000`: 4 KB).
+    fn list_changed(&mut self) {
+        self.positions.clear();
+        let Some(last) = self.list.last() else {
+            return;
+        };
+        let len = self.list.len();
+        let Ok(highest) = usize::try_from(last.id) else {
+            return;
+        };
+        if highest >= 4 * len + 1_024 {
+            return;
+        }
+        self.positions.resize(highest + 1, 0);
+        for (idx, p) in self.list.iter().enumerate() {
+            // `idx` < `len` <= `highest + 1`, which fits the u32 ids.
+            self.positions[p.id as usize] = u32::try_from(idx + 1).unwrap_or(0);
+        }
     }
 
     pub(crate) fn at(&self, idx: usize) -> &Partition {

@@ -140,6 +140,7 @@ impl Partitions {
     /// Takes the parked partitions out of the list (after `park`).
     pub(crate) fn take_parked(&mut self, ids: &[u32]) {
         let list = std::mem::take(&mut self.list);
+        self.list_changed();
         for p in list {
             if ids.contains(&p.id) {
                 self.parked.partitions.insert(p.id, p);
@@ -192,8 +193,9 @@ impl Partitions {
     }
 
     /// Removes the partition at `idx` from the list and from every index.
-    fn take_out(&mut self, idx: usize) {
+    pub(super) fn take_out(&mut self, idx: usize) {
         let p = self.list.remove(idx);
+        self.list_changed();
         let id = p.id;
         self.dirty.retain(|&d| d != id);
         self.deliverable.remove(&id);
@@ -225,6 +227,7 @@ impl Partitions {
         self.parked.restoring.insert(id);
         let at = self.list.partition_point(|q| q.id < id);
         self.list.insert(at, p);
+        self.list_changed();
         self.fetch_candidates.insert(id);
         self.mark(at);
         true

@@ -166,3 +166,37 @@ fn a_window_slot_stays_small() {
         std::mem::size_of::<Option<Unsettled>>()
     );
 }
+
+/// `index` answers from the position table as the sorted list's search would, for dense ids
+/// and for ids too sparse for a table, as partitions come, go and are parked.
+#[test]
+fn partitions_are_found_by_id_as_they_come_and_go() {
+    let check = |set: &Partitions, ids: &[u32]| {
+        for id in (0..1_100).chain([5_000, 100_000, u32::MAX]) {
+            let searched = set.list.binary_search_by_key(&id, |p| p.id).ok();
+            assert_eq!(set.index(id), searched, "partition {id}");
+            assert_eq!(searched.is_some(), ids.contains(&id), "partition {id}");
+        }
+    };
+    let mut config = ConsumerConfig::new("t", "g");
+    config.partitions = vec![3, 1];
+    let mut set = Partitions::new(&config);
+    check(&set, &[1, 3]);
+    assert!(!set.positions.is_empty(), "dense ids get a table");
+    for id in [0, 7, 1_000] {
+        set.add(id);
+    }
+    check(&set, &[0, 1, 3, 7, 1_000]);
+    set.add(100_000);
+    assert!(set.positions.is_empty(), "sparse ids are searched");
+    check(&set, &[0, 1, 3, 7, 1_000, 100_000]);
+    let idx = set.index(100_000).unwrap_or(usize::MAX);
+    set.take_out(idx);
+    check(&set, &[0, 1, 3, 7, 1_000]);
+    assert!(!set.positions.is_empty(), "dense again");
+    let ids = set.revoke_all();
+    assert_eq!(ids.len() + set.parked.partitions.len(), 5);
+    check(&set, &[]);
+    set.add(7);
+    check(&set, &[7]);
+}
