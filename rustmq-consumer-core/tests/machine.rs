@@ -386,7 +386,7 @@ fn dead_letter_batches_fit_one_packet_or_hold_one_record() {
     let mut c = config("t");
     c.dead_letter_queue = Some("dlq".into());
     let mut h = harness(c);
-    let sizes = [400, 400, 400, 3_000, 10];
+    let sizes = [50, 50, 50, 3_000, 10];
     h.broker.logs.insert(
         ("t".into(), 0),
         sizes
@@ -395,14 +395,22 @@ fn dead_letter_batches_fit_one_packet_or_hold_one_record() {
             .collect(),
     );
     h.advance(Duration::from_millis(100));
+    // Held: the first goes alone, the other four wait and are batched.
+    h.route = Route::Hold;
     for d in h.deliveries() {
         h.m.reject(h.now, d.tag, "poison").unwrap();
         h.drive();
     }
+    h.route = Route::Answer;
+    h.answer_all_held();
     let produces = h.produces_sent();
     let batches: Vec<usize> = produces.iter().map(|p| p.records.len()).collect();
     let dead_lettered: usize = batches.iter().sum();
     assert_eq!(dead_lettered, 5, "{batches:?}");
+    assert!(
+        batches.iter().any(|&n| n > 1),
+        "small records share a batch: {batches:?}"
+    );
     for p in &produces {
         let size = codec::request_frame_len(&Request::Produce((*p).clone()));
         assert!(

@@ -200,7 +200,7 @@ impl FaultPlan {
             storage_failure_per_sec: on(rng, 0.1, 2.0),
             storage_failure_burst: rng.range(1, 8) as u32,
             late_arrival: false,
-            // Drawn last: the plans of earlier seeds keep every other choice.
+            // Drawn last, so every other choice of a seed's plan is what it was before.
             split_reads: rng.chance(0.5),
             phantoms: Vec::new(),
         }

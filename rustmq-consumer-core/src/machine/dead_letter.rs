@@ -86,8 +86,8 @@ impl DeadLetters {
     }
 
     /// Sends the next batch (one produce in flight, as many records as fit one packet's frame,
-    /// or one record alone) if one is due. Entries too large for any request come back, for the coordinator to stall their partition. The flag is false
-    /// when the breaker said no.
+    /// or one record alone) if one is due. Entries too large for any request come back, for
+    /// the coordinator to stall their partition. The flag is false when the breaker said no.
     pub(crate) fn send(
         &mut self,
         now: Instant,
