@@ -41,10 +41,11 @@ pub enum StartPosition {
 /// deadline derived from one is cut to a century from now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerConfig {
-    /// The subscribed topic (required: here or with the builder's `topic(..)`).
+    /// The subscribed topic (required: here or with the builder's `topic(..)`), at most 249
+    /// bytes (`MAX_NAME_LEN`).
     pub topic: String,
     /// The consumer group whose offsets this consumer commits (required: here or with the
-    /// builder's `consumer_group(..)`).
+    /// builder's `consumer_group(..)`), at most 249 bytes (`MAX_NAME_LEN`).
     pub consumer_group: String,
     /// An id for logs (`None`: the driver draws a unique one from the operating system's
     /// entropy; a bare state machine has none).
@@ -120,7 +121,8 @@ pub struct ConsumerConfig {
     pub retry_backoff_base: Duration,
     /// Cap on the retry delay.
     pub retry_backoff_max: Duration,
-    /// Dead-letter topic; `None` discards poison messages with an explicit event.
+    /// Dead-letter topic (at most 249 bytes); `None` discards poison messages with an explicit
+    /// event.
     pub dead_letter_queue: Option<String>,
     /// Partition of the dead-letter topic.
     pub dead_letter_partition: u32,
@@ -156,10 +158,12 @@ impl ConsumerConfig {
     /// The seed the default sets: the driver draws a fresh one from OS entropy in its place.
     pub const DEFAULT_SEED: u64 = 0x5eed_0f2b_17c0_de00;
 
-    /// The longest topic, group or dead-letter topic name, in bytes: the broker reads at most
-    /// 8 KiB of a request, and requests name the group and the topic together (a commit also
-    /// the member), so a request about one partition must fit whatever the names.
-    pub const MAX_NAME_LEN: usize = 2_048;
+    /// The longest topic, group or dead-letter topic name, in bytes (Kafka's topic-name limit):
+    /// requests name the group and the topic together (a commit also the member), and the
+    /// broker reads a request with one read that, over a network, gets its first packet only,
+    /// so a request about one partition must fit one packet
+    /// ([`PACKET_REQUEST_FRAME`](crate::protocol::PACKET_REQUEST_FRAME)) whatever the names.
+    pub const MAX_NAME_LEN: usize = 249;
 
     /// The largest `max_unacked` (2^20): the driver allocates its queue of dropped deliveries
     /// and its ack queue for that many up front (about 56 bytes each at this bound).

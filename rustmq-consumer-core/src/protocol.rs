@@ -430,6 +430,7 @@ pub const MAX_REQUEST_FRAME: usize = 8192;
 /// The broker reads a request with one read that returns what has arrived, so a frame sent as
 /// several packets fails to decode when its packets arrive apart, as they do over a network:
 /// measured with the packets of a 1,000-partition consumer 300 µs apart, every commit failed.
-/// A request about one partition may still be larger (a long topic name): it is sent whole,
-/// up to [`MAX_REQUEST_FRAME`].
+/// Names are short enough (`ConsumerConfig::MAX_NAME_LEN`) that a request about one partition
+/// always fits; only a dead-letter record can make a larger request, up to
+/// [`MAX_REQUEST_FRAME`].
 pub const PACKET_REQUEST_FRAME: usize = 1_100;

@@ -974,32 +974,6 @@ fn commit_maps_are_split_into_one_packet_frames() {
 }
 
 #[test]
-fn a_partition_whose_entry_exceeds_a_packet_still_commits_alone() {
-    let topic = "t".repeat(ConsumerConfig::MAX_NAME_LEN);
-    let mut c = config(&topic);
-    c.partitions = vec![0, 1];
-    let mut h = harness(c);
-    h.produce(0, 1);
-    h.produce(1, 1);
-    h.advance(Duration::from_millis(200));
-    for d in h.deliveries() {
-        h.ack(d.tag);
-    }
-    h.m.commit(h.now).unwrap();
-    h.drive();
-    let commits = h.commits_sent();
-    assert_eq!(commits.len(), 2, "one partition a commit");
-    for c in commits {
-        let size = codec::request_frame_len(&Request::CommitOffset(c.clone()));
-        assert!(
-            size > PACKET_REQUEST_FRAME && size <= MAX_REQUEST_FRAME,
-            "{size}"
-        );
-    }
-    assert_eq!((h.broker.committed[&0], h.broker.committed[&1]), (1, 1));
-}
-
-#[test]
 fn lag_reports_high_watermark_commit_position_and_age() {
     let mut h = started(config("t"), 10);
     let ds = h.deliveries();
