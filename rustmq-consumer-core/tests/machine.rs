@@ -423,6 +423,38 @@ fn dead_letter_batches_fit_one_packet_or_hold_one_record() {
 }
 
 #[test]
+fn a_long_reason_is_cut_not_a_reason_to_stall() {
+    let mut c = config("t");
+    c.dead_letter_queue = Some("dlq".into());
+    let mut h = started(c, 1);
+    let d = h.deliveries().remove(0);
+    // A backtrace's worth, ending in multi-byte characters around the cut.
+    let reason = format!("{}{}", "x".repeat(254), "é".repeat(10_000));
+    h.m.reject(h.now, d.tag, &reason).unwrap();
+    h.drive();
+    assert_eq!(
+        h.m.settle_watermark(0),
+        Some(1),
+        "dead-lettered, not stalled"
+    );
+    let produces = h.produces_sent();
+    assert_eq!(produces.len(), 1);
+    let size = codec::request_frame_len(&Request::Produce(produces[0].clone()));
+    assert!(size <= PACKET_REQUEST_FRAME, "{size}");
+    let header = produces[0].records[0]
+        .header(dead_letter_headers::LAST_REASON)
+        .unwrap();
+    let text = std::str::from_utf8(header).unwrap();
+    assert!(
+        text.len() <= dead_letter_headers::MAX_REASON_LEN,
+        "{}",
+        text.len()
+    );
+    assert!(reason.contains(text.trim_start_matches("rejected: ")));
+    assert!(text.ends_with('x') || text.ends_with('é'), "{text:?}");
+}
+
+#[test]
 fn poison_without_a_dead_letter_topic_is_discarded_explicitly() {
     let mut c = config("t");
     c.max_retry_attempts = 0;

@@ -29,8 +29,12 @@ pub mod dead_letter_headers {
     pub const ORIGINAL_OFFSET: &str = "x-original-offset";
     /// Deliveries it had.
     pub const ATTEMPTS: &str = "x-attempts";
-    /// Last reason given by the application.
+    /// Last reason given by the application, cut to [`MAX_REASON_LEN`] bytes.
     pub const LAST_REASON: &str = "x-last-reason";
+    /// The most bytes of the last reason a dead-letter record carries (cut at a character
+    /// boundary): a long reason (an error chain, a backtrace) would otherwise make the record
+    /// too large for one packet, or for any request, and stall its partition.
+    pub const MAX_REASON_LEN: usize = 256;
     /// The consumer group.
     pub const CONSUMER_GROUP: &str = "x-consumer-group";
 }
@@ -194,6 +198,18 @@ impl DeadLetters {
 
 /// The record produced to the dead-letter topic: the original, plus headers saying where it
 /// came from and why.
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        s.truncate(end);
+    }
+    s
+}
+
 fn record(e: &DeadLetterEntry, config: &ConsumerConfig) -> Record {
     use dead_letter_headers::*;
     let mut record = e.record.clone();
@@ -203,7 +219,7 @@ fn record(e: &DeadLetterEntry, config: &ConsumerConfig) -> Record {
         Header::new(ORIGINAL_PARTITION, text(e.partition.to_string())),
         Header::new(ORIGINAL_OFFSET, text(e.offset.to_string())),
         Header::new(ATTEMPTS, text(e.attempts.to_string())),
-        Header::new(LAST_REASON, text(e.reason.to_string())),
+        Header::new(LAST_REASON, text(cut(e.reason.to_string(), MAX_REASON_LEN))),
         Header::new(CONSUMER_GROUP, text(config.consumer_group.clone())),
     ]);
     record
