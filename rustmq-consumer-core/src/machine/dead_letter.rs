@@ -196,8 +196,6 @@ impl DeadLetters {
     }
 }
 
-/// The record produced to the dead-letter topic: the original, plus headers saying where it
-/// came from and why.
 /// `s` cut to at most `max` bytes, at a character boundary.
 fn cut(mut s: String, max: usize) -> String {
     if s.len() > max {
@@ -210,6 +208,8 @@ fn cut(mut s: String, max: usize) -> String {
     s
 }
 
+/// The record produced to the dead-letter topic: the original, plus headers saying where it
+/// came from and why.
 fn record(e: &DeadLetterEntry, config: &ConsumerConfig) -> Record {
     use dead_letter_headers::*;
     let mut record = e.record.clone();
