@@ -32,7 +32,8 @@ use rustmq_consumer_benches::transport::{
 use rustmq_consumer_benches::{GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{AcknowledgmentLevel, ProduceRequest, Record, Response};
 use rustmq_consumer_tokio::{
-    quic_transport, ConsumerBuilder, ConsumerConfig, QuicConfig, QuicTransport, TlsMode, Transport,
+    quic_transport, ConsumerBuilder, ConsumerConfig, Metrics, QuicConfig, QuicTransport, TlsMode,
+    Transport,
 };
 
 /// Records in the partition, as in the issue.
@@ -94,7 +95,7 @@ async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {
         };
 
         let group = format!("{GROUP}-check-{}-{run}", std::process::id());
-        let consumer = consume(addr, &group, partitions).await?;
+        let (consumer, metrics) = consume(addr, &group, partitions).await?;
         let floor_part = floor.map_or_else(String::new, |floor| {
             format!(
                 ", channel floor {floor:.0}/s ({:.3}x raw; the consumer {:.3}x of it)",
@@ -104,8 +105,13 @@ async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {
         });
         println!(
             "run {run}: raw loop {raw:.0}/s{floor_part}, consumer {consumer:.0}/s ({:.3}x raw), \
-             every offset exactly once",
-            consumer / raw
+             every offset exactly once; {} fetches, {} commits, {} failed requests, {} breaker \
+             transitions",
+            consumer / raw,
+            metrics.fetches,
+            metrics.commits_sent,
+            metrics.requests_failed,
+            metrics.breaker_transitions
         );
         rows.push((raw, floor, consumer));
     }
@@ -205,7 +211,7 @@ async fn produce(addr: SocketAddr, partition: u32, each: u64) -> Result<()> {
 /// The consumer, default config, in a group of its own (with several partitions, all of them
 /// assigned by hand): the rate from `build()` to the last ack, after checking every offset
 /// arrived once with its value.
-async fn consume(addr: SocketAddr, group: &str, partitions: u32) -> Result<f64> {
+async fn consume(addr: SocketAddr, group: &str, partitions: u32) -> Result<(f64, Metrics)> {
     let transport = transport(addr)?;
     let each = RECORDS / u64::from(partitions);
     let mut seen = vec![false; RECORDS as usize];
@@ -237,6 +243,7 @@ async fn consume(addr: SocketAddr, group: &str, partitions: u32) -> Result<f64> 
         delivery.ack().await?;
     }
     let rate = rate(start);
+    // After close: the final commit counted too.
     consumer.close().await?;
-    Ok(rate)
+    Ok((rate, consumer.metrics().await))
 }
