@@ -17,7 +17,7 @@ use crate::protocol::{Request, RequestKind, Response};
 #[derive(Debug)]
 pub(crate) enum Owner {
     /// The committed offsets of the starting partitions it lists (under their epochs): as
-    /// many as fit in one request frame.
+    /// many as fit one packet's frame.
     FetchOffset(Vec<StartOwner>),
     /// A one-record fetch that reports the high watermark (start position Latest).
     ResolveLatest(FetchOwner),

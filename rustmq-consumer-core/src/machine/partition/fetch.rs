@@ -113,11 +113,16 @@ impl Partitions {
         // Partitions given back to this member first (`parked.rs`).
         let mut moved =
             self.resume_restored(now, asked, |tp| r.offsets.get(tp).copied(), &config.topic);
-        self.all_dirty = true;
-        for p in &mut self.list {
-            if p.phase != Phase::Starting || !was_asked(asked, p) {
+        // Only the partitions this request asked about (a few dozen of maybe thousands).
+        for owner in asked {
+            let Some(idx) = self.index(owner.partition) else {
+                continue;
+            };
+            if self.list[idx].phase != Phase::Starting || self.list[idx].epoch != owner.epoch {
                 continue;
             }
+            self.mark(idx);
+            let p = &mut self.list[idx];
             let tp = TopicPartition::new(config.topic.clone(), p.id);
             p.fetch_in_flight = false;
             let known = self.known_positions.get(&p.id).copied();
