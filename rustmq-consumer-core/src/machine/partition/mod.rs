@@ -309,9 +309,9 @@ pub(crate) struct Partitions {
     fetch_turn: u32,
     /// The partition id from which messages are delivered next (round-robin for fairness).
     delivery_turn: u32,
-    /// A delivery round's turns, `(id, list position)` in turn order: scratch space of
+    /// A delivery round's turns, partition ids in turn order: scratch space of
     /// [`deliver`](Self::deliver), kept to reuse its allocation.
-    round: Vec<(u32, usize)>,
+    round: Vec<u32>,
     /// Buffer slots reserved by the fetches in flight (the records each may bring back), so
     /// concurrent fetches of several partitions never bring back more than the buffer takes.
     fetch_reserved: usize,
@@ -705,76 +705,47 @@ impl Partitions {
         // Partitions take turns in id order from `delivery_turn`, one message a turn, among
         // those that have something to deliver. Only the partition delivering can leave the
         // set meanwhile (nothing here makes another one deliverable), so a round's turns are
-        // listed once, by a walk beside the id-ordered partition list, not searched turn by
-        // turn.
+        // listed once, not searched turn by turn.
         while self.unacked < max_unacked && !self.deliverable.is_empty() {
             if self.deliverable.len() == 1 {
                 // One partition to deliver from (the common case) takes every turn at once.
                 let turns = max_unacked - self.unacked;
                 if let Some(&id) = self.deliverable.first() {
                     self.delivery_turn = id.checked_add(1).unwrap_or(0);
-                    self.take_turns(id, None, now, turns, metrics, events);
+                    self.take_turns(id, now, turns, metrics, events);
                 }
                 continue;
             }
             let mut round = std::mem::take(&mut self.round);
-            self.list_round(&mut round);
-            for &(id, idx) in &round {
+            round.clear();
+            let turn = self.delivery_turn;
+            round.extend(
+                self.deliverable
+                    .range(turn..)
+                    .chain(self.deliverable.range(..turn)),
+            );
+            for &id in &round {
                 if self.unacked >= max_unacked {
                     break;
                 }
                 self.delivery_turn = id.checked_add(1).unwrap_or(0);
-                self.take_turns(id, Some(idx), now, 1, metrics, events);
+                self.take_turns(id, now, 1, metrics, events);
             }
             self.round = round;
         }
     }
 
-    /// Lists the turns of one round in `round`: every deliverable partition, from
-    /// `delivery_turn` on and then from the lowest id, with its list position. An id no
-    /// longer assigned leaves the set.
-    fn list_round(&mut self, round: &mut Vec<(u32, usize)>) {
-        round.clear();
-        let turn = self.delivery_turn;
-        let list = &self.list;
-        let mut gone = Vec::new();
-        let mut walk = |ids: std::collections::btree_set::Range<'_, u32>, mut at: usize| {
-            for &id in ids {
-                // The next deliverable partition is usually the next one in the list.
-                if list.get(at).is_none_or(|p| p.id != id) {
-                    at += list[at..].partition_point(|p| p.id < id);
-                }
-                match list.get(at) {
-                    Some(p) if p.id == id => {
-                        round.push((id, at));
-                        at += 1;
-                    }
-                    _ => gone.push(id),
-                }
-            }
-        };
-        walk(
-            self.deliverable.range(turn..),
-            list.partition_point(|p| p.id < turn),
-        );
-        walk(self.deliverable.range(..turn), 0);
-        for id in gone {
-            self.deliverable.remove(&id);
-        }
-    }
-
-    /// Takes `turns` turns of partition `id` (at list position `idx`, when known), which then
-    /// leaves the deliverable set if it has nothing more to deliver.
+    /// Takes `turns` turns of partition `id`, which then leaves the deliverable set if it has
+    /// nothing more to deliver (or is no longer assigned).
     fn take_turns(
         &mut self,
         id: u32,
-        idx: Option<usize>,
         now: Instant,
         turns: usize,
         metrics: &mut Metrics,
         events: &mut VecDeque<Event>,
     ) {
-        let Some(idx) = idx.or_else(|| self.index(id)) else {
+        let Some(idx) = self.index(id) else {
             self.deliverable.remove(&id);
             return;
         };
