@@ -104,8 +104,9 @@ pub struct FaultPlan {
     /// back, which no consumer of this protocol can see (see the `late_commit_*` test).
     /// Late *answers* are always possible.
     pub late_arrival: bool,
-    /// Does the broker read requests as over a network, cutting every frame over one packet
-    /// ([`SimBroker::set_split_reads`](crate::SimBroker::set_split_reads)) until heal?
+    /// Does the broker read requests as over a network, cutting every frame that straddles
+    /// two packets ([`SimBroker::set_split_reads`](crate::SimBroker::set_split_reads)) until
+    /// heal?
     pub split_reads: bool,
     /// Other members of the consumer group joining and leaving (group-session scenarios
     /// only; empty otherwise). Each is gone by `heal_at` plus its session timeout.

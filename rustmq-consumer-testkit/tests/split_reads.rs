@@ -1,5 +1,6 @@
 //! The consumer against a broker that reads requests as the real one does over a network
-//! (`SimBroker::set_split_reads`: a frame over one packet fails): every request it sends about
+//! (`SimBroker::set_split_reads`: a frame that straddles two packets fails, so every frame over
+//! one packet, and some smaller ones sent together with others): every request it sends about
 //! partitions fits one packet, whatever the names (up to `ConsumerConfig::MAX_NAME_LEN`) and
 //! however many partitions, so it starts, consumes, dead-letters, commits and closes.
 //! In memory, on a virtual clock.

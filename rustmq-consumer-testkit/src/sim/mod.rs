@@ -85,6 +85,8 @@ enum Item {
 #[derive(Debug)]
 struct Flight {
     request: Request,
+    /// Why the broker cannot read it (too large, or cut: `SimBroker::send`), found as it left.
+    unread: Option<TransportError>,
     fate: Fate,
     /// Lowest unsettled offsets when a commit was sent.
     bound: BTreeMap<u32, u64>,

@@ -58,8 +58,13 @@ impl<H: Handler> Simulation<H> {
         if !matches!(fate, Fate::Deliver { .. }) {
             self.report.faults += 1;
         }
+        // Packed with the requests sent at this instant (split reads), whatever its fate.
+        let now = self.now;
+        let unread = self.broker.send(now, &request).err();
+        self.report.cut += u64::from(matches!(unread, Some(TransportError::Broker(_))));
         let flight = Flight {
             request,
+            unread,
             fate,
             bound,
             answer: None,
@@ -98,7 +103,10 @@ impl<H: Handler> Simulation<H> {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let result = self.broker.transmit(now, flight.request.clone());
+        let result = match flight.unread.clone() {
+            Some(error) => Err(error),
+            None => self.broker.answer(now, flight.request.clone()),
+        };
         // Side effects the checker must know about: confirmed dead letters, accepted commits.
         let mut accepted = Vec::new();
         let mut stored = Vec::new();

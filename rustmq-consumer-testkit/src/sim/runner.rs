@@ -72,6 +72,8 @@ pub struct SimReport {
     pub requests: u64,
     /// Requests the fault layer failed or lost.
     pub faults: u64,
+    /// Requests the broker read in part: they straddled two packets under split reads.
+    pub cut: u64,
     /// Broker crashes.
     pub crashes: u64,
     /// Seeks.
@@ -190,6 +192,8 @@ pub struct Summary {
     pub discarded: u64,
     /// Faults injected.
     pub faults: u64,
+    /// Requests cut under split reads.
+    pub cut: u64,
     /// Broker crashes.
     pub crashes: u64,
     /// Simulated time, summed.
@@ -243,6 +247,7 @@ impl Totals for Summary {
         self.dead_lettered += r.dead_lettered;
         self.discarded += r.discarded;
         self.faults += r.faults;
+        self.cut += r.cut;
         self.crashes += r.crashes;
         self.simulated += r.simulated;
     }
@@ -255,6 +260,7 @@ impl Totals for Summary {
         self.dead_lettered += s.dead_lettered;
         self.discarded += s.discarded;
         self.faults += s.faults;
+        self.cut += s.cut;
         self.crashes += s.crashes;
         self.simulated += s.simulated;
         self.group_runs += s.group_runs;
