@@ -140,6 +140,15 @@ impl RequestError {
             _ => false,
         }
     }
+
+    /// True when the broker read only part of the request: its single read of a request got
+    /// the packets that had arrived, and the rest came later (a frame straddling two packets,
+    /// over a network; see PROTOCOL.md). A fault of the path, not of the broker, which
+    /// answered at once: the request is retried, the circuit breaker does not count it.
+    pub fn cut_in_transit(&self) -> bool {
+        matches!(self, Self::Transport(TransportError::Broker(message))
+            if message.contains("Serialization error: io error: unexpected end of file"))
+    }
 }
 
 /// Why a commit failed ([`Event::CommitFailed`]). Its offsets stay settled.
@@ -418,5 +427,16 @@ mod tests {
         assert!(!RequestError::Transport(TransportError::TimedOut).names_partition());
         let lost = TransportError::ConnectionLost("reset".into());
         assert!(!RequestError::Transport(lost).names_partition());
+    }
+
+    #[test]
+    fn only_a_request_read_in_part_was_cut_in_transit() {
+        let frame = |text: &str| RequestError::Transport(TransportError::Broker(text.into()));
+        assert!(frame("Serialization error: io error: unexpected end of file").cut_in_transit());
+        assert!(!frame("Serialization error: invalid value: integer `7`").cut_in_transit());
+        assert!(!frame("Partition not found: t:0").cut_in_transit());
+        assert!(!RequestError::Transport(TransportError::TimedOut).cut_in_transit());
+        let malformed = TransportError::Malformed("unexpected end of file".into());
+        assert!(!RequestError::Transport(malformed).cut_in_transit());
     }
 }

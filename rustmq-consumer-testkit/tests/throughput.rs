@@ -35,6 +35,8 @@ struct Rig {
     per_ack: Duration,
     fetches: Vec<Fetched>,
     commits: usize,
+    /// Circuit breaker transitions seen.
+    breaker_changes: usize,
     /// Offsets delivered per partition, in delivery order.
     delivered: BTreeMap<u32, Vec<u64>>,
     pending: VecDeque<DeliveryTag>,
@@ -52,6 +54,7 @@ impl Rig {
             per_ack,
             fetches: Vec::new(),
             commits: 0,
+            breaker_changes: 0,
             delivered: BTreeMap::new(),
             pending: VecDeque::new(),
         }
@@ -97,12 +100,16 @@ impl Rig {
             self.m.handle_response(self.now, t.id, answer);
         }
         while let Some(e) = self.m.poll_event() {
-            if let Event::Deliver(d) = e {
-                self.delivered
-                    .entry(d.tag.partition)
-                    .or_default()
-                    .push(d.tag.offset);
-                self.pending.push_back(d.tag);
+            match e {
+                Event::Deliver(d) => {
+                    self.delivered
+                        .entry(d.tag.partition)
+                        .or_default()
+                        .push(d.tag.offset);
+                    self.pending.push_back(d.tag);
+                }
+                Event::BreakerChanged { .. } => self.breaker_changes += 1,
+                _ => {}
             }
         }
         if let Some(tag) = self.pending.pop_front() {
@@ -371,10 +378,28 @@ fn many_partitions_start_consume_and_commit_when_the_broker_reads_one_packet() {
     let mut b = Rig::broker(350, MANY, EACH, 32);
     b.set_split_reads(true);
     let mut rig = Rig::new(b, MANY, Duration::from_micros(1));
+    let t0 = rig.now;
     rig.run_until_committed(MANY, EACH as u64);
     assert!(
         rig.commits >= MANY as usize / 50,
         "{} commits for {MANY} partitions: about 40 partitions a commit",
         rig.commits
+    );
+    // Requests sent together share packets, so some straddle two and are cut, as the real
+    // broker cut 17 to 33 while 1,000 partitions started: each is retried, and none is the
+    // broker failing, so the circuit breaker stays closed (five in a row opened it for a
+    // second).
+    let cut = rig.m.metrics().requests_failed;
+    assert!(cut >= 5, "{cut} requests cut: the start sends many at once");
+    assert_eq!(
+        rig.breaker_changes, 0,
+        "the breaker moved over {cut} cut requests"
+    );
+    // Counted as the broker failing, the cuts opened the breaker over and over (its probes,
+    // sent together, were cut too): 15 hours of virtual time to get through.
+    let took = rig.now - t0;
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} of virtual time"
     );
 }

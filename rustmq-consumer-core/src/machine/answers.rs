@@ -34,9 +34,11 @@ impl ConsumerMachine {
             Err(error) => {
                 debug!(request = id.0, %error, "request failed");
                 self.metrics.requests_failed += 1;
-                if fetch && error.names_partition() {
+                if (fetch && error.names_partition()) || error.cut_in_transit() {
                     // One partition's problem, not the broker's: the partition backs off and
-                    // reports a stall; the breaker does not count it either way.
+                    // reports a stall; the breaker does not count it either way. Nor a request
+                    // the broker read in part (it straddled two packets): its owner retries
+                    // it as any failure, and the broker, which answered, is not failing.
                     self.breaker.release(flight.permit);
                 } else {
                     self.breaker.on_failure(now, flight.permit);
