@@ -86,6 +86,17 @@ pub enum StallReason {
         /// Size of the request it would need.
         size: usize,
     },
+    /// The dead-letter request carrying a poison message of this partition is over one packet
+    /// and was read in part this many times in a row: the real broker reads one packet of a
+    /// request when its packets arrive apart, as over a network (PROTOCOL.md). It is retried
+    /// with backoff, and [`Event::Recovered`] says when it gets through.
+    #[error("dead-letter request of {size} bytes cut in transit {cuts} times in a row")]
+    DeadLetterCut {
+        /// Size of the request.
+        size: usize,
+        /// Cuts in a row so far.
+        cuts: u32,
+    },
     /// The broker answers this partition's fetches with an error that names the partition
     /// (a non-zero `error_code`, `Partition not found`); the partition backs off and tries
     /// again, and [`Event::Recovered`] says when a fetch succeeds.
@@ -260,8 +271,9 @@ pub enum Event {
     Revoked(Vec<TopicPartition>),
     /// The coordinator assigned partitions of topics this consumer did not subscribe to.
     AssignmentIgnored(Vec<TopicPartition>),
-    /// A partition cannot move past `offset`: until an operator acts (a poison message that
-    /// cannot be dead-lettered), or until its fetches succeed again ([`Event::Recovered`]).
+    /// A partition cannot move past `offset`: until an operator acts (a poison message too
+    /// large for a dead-letter request), or until its fetches succeed again or its
+    /// dead-letter request gets through ([`Event::Recovered`]).
     Stalled {
         /// Partition.
         partition: u32,
@@ -270,7 +282,8 @@ pub enum Event {
         /// Why.
         reason: StallReason,
     },
-    /// A partition stalled by failing fetches ([`StallReason::FetchFailing`]) fetched again.
+    /// A partition stalled by failing fetches ([`StallReason::FetchFailing`]) fetched again, or
+    /// its dead-letter request cut in transit ([`StallReason::DeadLetterCut`]) got through.
     Recovered {
         /// Partition.
         partition: u32,

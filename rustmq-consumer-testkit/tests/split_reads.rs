@@ -12,7 +12,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use rustmq_consumer_core::codec::request_frame_len;
 use rustmq_consumer_core::protocol::{TopicPartition, PACKET_REQUEST_FRAME};
-use rustmq_consumer_core::ConsumerConfig;
+use rustmq_consumer_core::{ConsumerConfig, Event, Health, StallReason};
 use rustmq_consumer_testkit::{delivered_tag, Pump, SimBroker};
 
 /// Virtual time a run may take before the test gives up.
@@ -125,4 +125,79 @@ proptest! {
             prop_assert_eq!(pump.broker.committed(&group, &tp), Some(2), "partition {}", p);
         }
     }
+}
+
+#[test]
+fn a_dead_letter_record_over_one_packet_stalls_visibly_and_recovers_when_it_gets_through() {
+    // Over a network the broker reads one packet of a request, so a dead-letter produce of a
+    // record over one packet is cut every time: before, its partition stopped at the poison
+    // message with nothing but debug-level request failures to show for it.
+    let mut b = SimBroker::new();
+    b.create_topic("t", 2);
+    b.create_topic("dlq", 1);
+    for p in 0..2 {
+        let values = (0..4u8).map(|i| Bytes::from(vec![b'a' + i; 3_000]));
+        b.produce_values("t", p, values).unwrap();
+    }
+    b.set_split_reads(true);
+    let mut config = ConsumerConfig::new("t", "g");
+    config.partitions = vec![0, 1];
+    config.dead_letter_queue = Some("dlq".into());
+    let mut pump = Pump::new(b, config, Instant::now());
+    let poison = (0, 1);
+    let run = |pump: &mut Pump<SimBroker>, span: Duration| {
+        let (start, mut seen) = (pump.now, Vec::new());
+        while pump.now < start + span {
+            pump.drive();
+            for event in pump.take_events() {
+                match event {
+                    Event::Deliver(d) if (d.tag.partition, d.tag.offset) == poison => {
+                        pump.m.reject(pump.now, d.tag, "poison").unwrap();
+                    }
+                    Event::Deliver(d) => pump.ack(d.tag),
+                    other => seen.push(other),
+                }
+            }
+            pump.advance(Duration::from_millis(50));
+        }
+        seen
+    };
+    let seen = run(&mut pump, Duration::from_secs(60));
+    let stalls: Vec<_> = seen
+        .iter()
+        .filter(|e| matches!(e, Event::Stalled { .. }))
+        .collect();
+    assert!(
+        matches!(
+            stalls.as_slice(),
+            [Event::Stalled {
+                partition: 0,
+                offset: 1,
+                reason: StallReason::DeadLetterCut { cuts: 3, size },
+            }] if *size > PACKET_REQUEST_FRAME
+        ),
+        "one stall, after three cuts: {stalls:?}"
+    );
+    assert_eq!(pump.m.health(), Health::Degraded);
+    assert_eq!(
+        pump.m.settle_watermark(0),
+        Some(1),
+        "stopped at the poison message"
+    );
+    assert_eq!(
+        pump.m.settle_watermark(1),
+        Some(4),
+        "the other partition goes on"
+    );
+    assert!(pump.broker.records("dlq", 0).is_empty());
+    // The path changes (packets now arrive together): the retried produce gets through.
+    pump.broker.set_split_reads(false);
+    let seen = run(&mut pump, Duration::from_secs(60));
+    assert!(
+        seen.contains(&Event::Recovered { partition: 0 }),
+        "recovered: {seen:?}"
+    );
+    assert_eq!(pump.broker.records("dlq", 0).len(), 1, "the poison message");
+    assert_eq!(pump.m.settle_watermark(0), Some(4));
+    assert_eq!(pump.m.health(), Health::Healthy);
 }

@@ -115,10 +115,15 @@ impl ConsumerMachine {
             Owner::Commit { entries, ticket } => {
                 return self.on_commit(now, entries, ticket, answer)
             }
-            Owner::DeadLetter { batch } => {
-                let confirmed =
-                    self.dead_letters
-                        .on_answer(now, batch, answer, &self.partitions, jitter)?;
+            Owner::DeadLetter { batch, size } => {
+                let confirmed = self.dead_letters.on_answer(
+                    now,
+                    (batch, size),
+                    answer,
+                    &self.partitions,
+                    jitter,
+                    &mut self.events,
+                )?;
                 for e in confirmed {
                     self.metrics.dead_lettered += 1;
                     debug!(topic = %self.config.topic, partition = e.partition, offset = e.offset, attempt = e.attempts, "dead-lettered");

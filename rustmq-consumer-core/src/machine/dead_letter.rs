@@ -5,14 +5,14 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::partition::Partitions;
 use super::requests::{expect, Owner, Requests};
 use crate::backoff::{later, Jitter};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
-use crate::event::{DiscardReason, RequestError};
+use crate::event::{DiscardReason, Event, RequestError, StallReason};
 use crate::frame;
 use crate::protocol::{
     error_code, AcknowledgmentLevel, Header, ProduceRequest, Record, RequestKind, Response,
@@ -59,11 +59,21 @@ pub(crate) struct TooLarge {
     pub(crate) size: usize,
 }
 
+/// Answers in a row saying the broker read the produce in part after which its partition is
+/// reported stalled: one cut is a frame that straddled two packets by chance; a record over
+/// one packet is cut every time over a network (PROTOCOL.md) and would stall unseen.
+pub(crate) const CUTS_BEFORE_STALL: u32 = 3;
+
 #[derive(Debug, Default)]
 pub(crate) struct DeadLetters {
     queue: VecDeque<DeadLetterEntry>,
     in_flight: bool,
     failures: u32,
+    /// Answers in a row that said the broker read the produce in part.
+    cuts: u32,
+    /// The entry reported stalled because its produce keeps being cut, `(partition, offset)`,
+    /// until it gets through or its partition is let go.
+    cut_stall: Option<(u32, u64)>,
     pub(crate) retry_at: Option<Instant>,
 }
 
@@ -75,6 +85,9 @@ impl DeadLetters {
     /// Drops the entries of a partition that was reset or let go.
     pub(crate) fn forget_partition(&mut self, partition: u32) {
         self.queue.retain(|e| e.partition != partition);
+        if self.cut_stall.is_some_and(|(p, _)| p == partition) {
+            self.cut_stall = None;
+        }
     }
 
     /// Whether [`send`](Self::send) may send or report anything: entries queued, none in
@@ -82,6 +95,11 @@ impl DeadLetters {
     #[inline]
     pub(crate) fn has_work(&self) -> bool {
         !self.in_flight && self.retry_at.is_none() && !self.queue.is_empty()
+    }
+
+    /// Whether a partition is stalled because its dead-letter produce keeps being cut.
+    pub(crate) fn cut_stalled(&self) -> bool {
+        self.cut_stall.is_some()
     }
 
     /// Nothing queued and nothing in flight.
@@ -150,19 +168,27 @@ impl DeadLetters {
             acks: AcknowledgmentLevel::Leader,
             timeout_ms: u32::try_from(config.request_timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        requests.send(now, permit, Owner::DeadLetter { batch }, request.into());
+        requests.send(
+            now,
+            permit,
+            Owner::DeadLetter { batch, size },
+            request.into(),
+        );
         (too_large, true)
     }
 
-    /// The produce answered: the confirmed batch comes back to be settled. On failure the
-    /// batch's live entries go back to the front of the queue, retried with backoff.
+    /// The produce of `size` bytes answered: the confirmed batch comes back to be settled. On
+    /// failure the batch's live entries go back to the front of the queue, retried with
+    /// backoff. A produce cut in transit [`CUTS_BEFORE_STALL`] times in a row stalls the
+    /// partition of the entry at the front, visibly; it recovers when that entry gets through.
     pub(crate) fn on_answer(
         &mut self,
         now: Instant,
-        batch: Vec<DeadLetterEntry>,
+        (batch, size): (Vec<DeadLetterEntry>, usize),
         answer: Result<Response, RequestError>,
         partitions: &Partitions,
         jitter: &mut Jitter,
+        events: &mut VecDeque<Event>,
     ) -> Result<Vec<DeadLetterEntry>, RequestError> {
         let answer = expect(answer, RequestKind::Produce, |r| match r {
             Response::Produce(r) => Ok(r),
@@ -180,14 +206,45 @@ impl DeadLetters {
         match answer {
             Ok(()) => {
                 self.failures = 0;
+                self.cuts = 0;
+                if let Some((partition, offset)) = self.cut_stall {
+                    if batch
+                        .iter()
+                        .any(|e| (e.partition, e.offset) == (partition, offset))
+                    {
+                        self.cut_stall = None;
+                        info!(partition, offset, "dead-letter record got through");
+                        events.push_back(Event::Recovered { partition });
+                    }
+                }
                 Ok(batch)
             }
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
                 self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
+                self.cuts = if error.cut_in_transit() {
+                    self.cuts.saturating_add(1)
+                } else {
+                    0
+                };
                 for e in batch.into_iter().rev() {
                     if partitions.live(e.partition, e.epoch) {
                         self.queue.push_front(e);
+                    }
+                }
+                if self.cuts >= CUTS_BEFORE_STALL && self.cut_stall.is_none() {
+                    if let Some(e) = self.queue.front() {
+                        let (partition, offset) = (e.partition, e.offset);
+                        warn!(partition, offset, size, cuts = self.cuts, "dead-letter request cut in transit again and again; partition stalled until it gets through");
+                        self.cut_stall = Some((partition, offset));
+                        events.push_back(Event::Stalled {
+                            partition,
+                            offset,
+                            reason: StallReason::DeadLetterCut {
+                                size,
+                                cuts: self.cuts,
+                            },
+                        });
                     }
                 }
                 Err(error)

@@ -421,7 +421,9 @@ impl ConsumerMachine {
         match self.breaker.state() {
             BreakerState::Open => Health::Unhealthy,
             BreakerState::HalfOpen => Health::Degraded,
-            _ if self.partitions.any_stalled() => Health::Degraded,
+            _ if self.partitions.any_stalled() || self.dead_letters.cut_stalled() => {
+                Health::Degraded
+            }
             _ => Health::Healthy,
         }
     }

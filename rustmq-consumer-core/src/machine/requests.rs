@@ -47,6 +47,8 @@ pub(crate) enum Owner {
     DeadLetter {
         /// The entries produced.
         batch: Vec<DeadLetterEntry>,
+        /// The request's frame, in bytes.
+        size: usize,
     },
 }
 
