@@ -43,8 +43,8 @@ use rustmq_consumer_core::{
 };
 use rustmq_consumer_testkit::{LoopbackBroker, SharedBroker, SimBroker, SimTransport};
 use rustmq_consumer_tokio::{
-    protocol::TopicPartition, Consumer, ConsumerConfig, ConsumerError, Health, Metrics, Probe,
-    QuicConfig, QuicError, QuicTransport, RootCerts, Runtime, TlsMode,
+    protocol::TopicPartition, BreakerState, Consumer, ConsumerConfig, ConsumerError, Health,
+    HealthIssue, Metrics, Probe, QuicConfig, QuicError, QuicTransport, RootCerts, Runtime, TlsMode,
 };
 
 /// Consume a RustMQ topic with retries, a dead-letter topic and live progress: from a broker
@@ -373,13 +373,8 @@ async fn run<R: Runtime + Clone + Default>(
                     println!("\ncircuit breaker {from:?} -> {to:?}")
                 }
                 Event::CommitFailed { error, .. } => println!("\ncommit failed: {error}"),
-                Event::Stalled {
-                    partition,
-                    offset,
-                    reason,
-                } => {
-                    println!("\npartition {partition} stalled at {offset}: {reason}")
-                }
+                // A stall comes out of `receive()` too (printed there), and so does its end.
+                Event::Recovered { partition } => println!("\npartition {partition} recovered"),
                 _ => {}
             }
         }
@@ -599,12 +594,22 @@ async fn progress(consumer: &Consumer, start: Instant) -> Result<(), ConsumerErr
     let m = consumer.metrics().await;
     let lag: u64 = consumer.get_lag().await?.values().sum();
     let report = consumer.health_report().await;
-    let breaker = match report.health {
-        Health::Healthy => "closed",
-        Health::Degraded => "half-open",
-        Health::Unhealthy => "open",
-        _ => "n/a",
-    };
+    // The breaker's own state: health is degraded by a stalled partition too.
+    let breaker = report
+        .issues
+        .iter()
+        .find_map(|issue| match issue {
+            HealthIssue::Breaker { state, .. } => Some(match state {
+                BreakerState::Open => "open",
+                _ => "half-open",
+            }),
+            _ => None,
+        })
+        .unwrap_or(if report.health == Health::Closed {
+            "n/a"
+        } else {
+            "closed"
+        });
     let ready = if report.readiness().passed {
         "ready"
     } else {
