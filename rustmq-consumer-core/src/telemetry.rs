@@ -21,8 +21,10 @@ pub const GROUP: &str = "group";
 pub const PARTITION: &str = "partition";
 /// Label: the request kind of a failure (`fetch`, `commit_offset`, `produce`, ...).
 pub const REQUEST: &str = "request";
-/// Label: how a request failed: `timeout`, `transport` (no answer: connection, error frame,
-/// malformed answer), `error_code` (the broker refused it), `unexpected_response`.
+/// Label: how a request failed: `timeout`, `cut` (the broker read it in part:
+/// [`RequestError::cut_in_transit`](crate::RequestError::cut_in_transit)), `transport` (no
+/// answer: connection, another error frame, malformed answer), `error_code` (the broker
+/// refused it), `unexpected_response`.
 pub const ERROR: &str = "error";
 /// Label: the breaker state a [`BREAKER_STATE`] series counts (`closed`, `open`, `half_open`).
 pub const STATE: &str = "state";

@@ -16,7 +16,8 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
 use rustmq_consumer_core::telemetry as names;
 use rustmq_consumer_core::{
-    timeout, Consumer, ConsumerBuilder, ConsumerConfig, Metrics, Runtime, TransportError,
+    timeout, Consumer, ConsumerBuilder, ConsumerConfig, ConsumerError, Metrics, Runtime,
+    TransportError,
 };
 use rustmq_consumer_testkit::{SharedBroker, SimBroker, SimTransport, Switch, VirtualRuntime};
 
@@ -438,5 +439,65 @@ fn an_outage_moves_the_breaker_gauge_and_counts_failures() {
         let seen = recorded(topic, group);
         assert_counters_match(&m, &seen);
         assert_gauges_zero(&seen);
+    });
+}
+
+#[test]
+fn a_request_cut_in_transit_is_counted_apart_and_its_stall_reported() {
+    // Over a network the broker reads one packet of a request: a dead-letter record over one
+    // packet is cut every time, counted as `error=cut`, and its partition reported stalled.
+    recorder();
+    let (topic, group) = ("metrics-cut", "metrics-cut-group");
+    let mut sim = SimBroker::new();
+    sim.create_topic(topic, 1);
+    sim.create_topic(DLQ, 1);
+    let poison = format!("poison-{}", "x".repeat(3_000));
+    sim.produce_values(topic, 0, ["a".to_owned(), poison, "b".to_owned()])
+        .expect("topic exists");
+    sim.set_split_reads(true);
+    let broker = SharedBroker::new(sim);
+    let rt = VirtualRuntime::new();
+    rt.block_on(async {
+        let mut config = config(topic, group);
+        config.partitions = vec![0];
+        let consumer = ConsumerBuilder::with_runtime(rt.clone())
+            .config(config)
+            .client(SimTransport::new(broker.clone(), rt.clone()))
+            .build()
+            .await
+            .expect("valid consumer");
+        let mut stalled = None;
+        for _ in 0..100 {
+            match timeout(&rt, Duration::from_millis(500), consumer.receive()).await {
+                Some(Ok(Some(d))) if d.value().starts_with(b"poison") => {
+                    d.reject("poison").await.expect("reject");
+                }
+                Some(Ok(Some(d))) => d.ack().await.expect("ack"),
+                Some(Err(error @ ConsumerError::Stalled { .. })) => {
+                    stalled = Some(error);
+                    break;
+                }
+                Some(other) => panic!("unexpected: {other:?}"),
+                None => {}
+            }
+        }
+        let stalled = stalled.expect("the stall is reported");
+        assert!(stalled.to_string().contains("cut in transit"), "{stalled}");
+        let seen = recorded(topic, group);
+        let failures = |label: &str| {
+            seen.counters
+                .iter()
+                .filter(|((n, l), _)| n == names::REQUEST_FAILURES && l.contains(&label.into()))
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        };
+        assert!(failures("error=cut") >= 3, "{:?}", seen.counters);
+        assert_eq!(failures("error=cut"), failures("request=produce"));
+        assert_eq!(failures("error=transport"), 0);
+        // Packets arriving together again: the record gets through, and the consumer closes
+        // with everything committed.
+        broker.lock().set_split_reads(false);
+        consumer.close().await.expect("close commits everything");
+        assert_eq!(broker.lock().records(DLQ, 0).len(), 1);
     });
 }

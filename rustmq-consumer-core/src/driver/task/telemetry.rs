@@ -356,6 +356,8 @@ mod enabled {
     fn error_kind(error: &RequestError) -> &'static str {
         match error {
             RequestError::Transport(TransportError::TimedOut) => "timeout",
+            // Read in part by the broker (PROTOCOL.md): the path's doing, retried.
+            _ if error.cut_in_transit() => "cut",
             RequestError::Transport(_) => "transport",
             RequestError::ErrorCode { .. } => "error_code",
             RequestError::UnexpectedResponse { .. } => "unexpected_response",
