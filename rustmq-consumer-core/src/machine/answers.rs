@@ -118,7 +118,8 @@ impl ConsumerMachine {
             Owner::DeadLetter { batch, size } => {
                 let confirmed = self.dead_letters.on_answer(
                     now,
-                    (batch, size),
+                    batch,
+                    size,
                     answer,
                     &self.partitions,
                     jitter,

@@ -87,6 +87,7 @@ impl DeadLetters {
         self.queue.retain(|e| e.partition != partition);
         if self.cut_stall.is_some_and(|(p, _)| p == partition) {
             self.cut_stall = None;
+            self.cuts = 0;
         }
     }
 
@@ -181,10 +182,12 @@ impl DeadLetters {
     /// failure the batch's live entries go back to the front of the queue, retried with
     /// backoff. A produce cut in transit [`CUTS_BEFORE_STALL`] times in a row stalls the
     /// partition of the entry at the front, visibly; it recovers when that entry gets through.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_answer(
         &mut self,
         now: Instant,
-        (batch, size): (Vec<DeadLetterEntry>, usize),
+        batch: Vec<DeadLetterEntry>,
+        size: usize,
         answer: Result<Response, RequestError>,
         partitions: &Partitions,
         jitter: &mut Jitter,
