@@ -174,11 +174,11 @@ impl SimBroker {
     }
 
     /// What a transport to this broker gets for `request`: [`send`](Self::send), then
-    /// [`answer`](Self::answer). The simulated transports that answer at once send through
+    /// [`serve`](Self::serve). The simulated transports that answer at once send through
     /// here.
     pub fn transmit(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
         self.send(now, &request)?;
-        self.answer(now, request)
+        self.serve(now, request)
     }
 
     /// The sending half of [`transmit`](Self::transmit), at the instant the request leaves:
@@ -187,7 +187,7 @@ impl SimBroker {
     /// transport refuses it; the real broker would truncate it); cut while
     /// [`set_split_reads`](Self::set_split_reads) is on and its frame does not fit the packet
     /// it starts in (the real broker's error frame, as [`TransportError::Broker`]). `Ok`: it
-    /// arrives whole, for [`answer`](Self::answer). A simulation with a latency calls the two
+    /// arrives whole, for [`serve`](Self::serve). A simulation with a latency calls the two
     /// halves apart, so that the requests sent together share packets.
     pub fn send(&mut self, now: Instant, request: &Request) -> Result<(), TransportError> {
         let size = request_frame_len(request);
@@ -215,7 +215,7 @@ impl SimBroker {
     /// The receiving half of [`transmit`](Self::transmit), for a request that
     /// [`send`](Self::send) let through: [`handle`](Self::handle)'s answer, its error frame
     /// as [`TransportError::Broker`].
-    pub fn answer(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
+    pub fn serve(&mut self, now: Instant, request: Request) -> Result<Response, TransportError> {
         self.handle(now, request)
             .map_err(|error| TransportError::Broker(error.0))
     }

@@ -105,7 +105,7 @@ impl<H: Handler> Simulation<H> {
         };
         let result = match flight.unread.clone() {
             Some(error) => Err(error),
-            None => self.broker.answer(now, flight.request.clone()),
+            None => self.broker.serve(now, flight.request.clone()),
         };
         // Side effects the checker must know about: confirmed dead letters, accepted commits.
         let mut accepted = Vec::new();
