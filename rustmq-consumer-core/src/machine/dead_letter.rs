@@ -59,9 +59,11 @@ pub(crate) struct TooLarge {
     pub(crate) size: usize,
 }
 
-/// Answers in a row saying the broker read the produce in part after which its partition is
-/// reported stalled: one cut is a frame that straddled two packets by chance; a record over
-/// one packet is cut every time over a network (PROTOCOL.md) and would stall unseen.
+/// Answers in a row saying the broker read a produce of one record over a packet's frame in
+/// part, after which its partition is reported stalled: over a network such a record is cut
+/// every time (PROTOCOL.md) and would stall unseen; near a packet's size it may get through
+/// alone, so one cut does not say it. A batch of one packet is cut only by chance (it
+/// straddled two packets beside other requests), and never reported.
 pub(crate) const CUTS_BEFORE_STALL: u32 = 3;
 
 #[derive(Debug, Default)]
@@ -69,7 +71,7 @@ pub(crate) struct DeadLetters {
     queue: VecDeque<DeadLetterEntry>,
     in_flight: bool,
     failures: u32,
-    /// Answers in a row that said the broker read the produce in part.
+    /// Answers in a row that said the broker read a produce over one packet's frame in part.
     cuts: u32,
     /// The entry reported stalled because its produce keeps being cut, `(partition, offset)`,
     /// until it gets through or its partition is let go.
@@ -180,8 +182,9 @@ impl DeadLetters {
 
     /// The produce of `size` bytes answered: the confirmed batch comes back to be settled. On
     /// failure the batch's live entries go back to the front of the queue, retried with
-    /// backoff. A produce cut in transit [`CUTS_BEFORE_STALL`] times in a row stalls the
-    /// partition of the entry at the front, visibly; it recovers when that entry gets through.
+    /// backoff. A produce over one packet's frame (one record) cut in transit
+    /// [`CUTS_BEFORE_STALL`] times in a row stalls the partition of the entry at the front,
+    /// visibly; it recovers when that entry gets through.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_answer(
         &mut self,
@@ -225,7 +228,7 @@ impl DeadLetters {
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
                 self.retry_at = Some(later(now, jitter.after_failures(self.failures)));
-                self.cuts = if error.cut_in_transit() {
+                self.cuts = if error.cut_in_transit() && size > PACKET_REQUEST_FRAME {
                     self.cuts.saturating_add(1)
                 } else {
                     0
