@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustmq_consumer_core::protocol::{LeaveGroupRequest, Record, TopicPartition};
-use rustmq_consumer_core::{BreakerState, ClosePhase, ConsumerMachine, Event, TransportError};
+use rustmq_consumer_core::{
+    BreakerState, ClosePhase, ConfigUpdateError, ConsumerMachine, Event, TransportError,
+};
 
 use super::phantom::PhantomState;
 use super::{
@@ -570,14 +572,23 @@ impl<H: Handler> Simulation<H> {
             }
             Item::UpdateConfig(i) => {
                 let next = self.scenario.config_updates[i].1.clone();
-                self.report.config_updates += 1;
                 self.trace("app", &("update config", i));
                 let now = self.now;
-                if let Err(e) = self.machine().update_config(now, next.clone()) {
-                    return Err(self
-                        .checker
-                        .command_refused(format!("config update {i} refused: {e}")));
+                match self.machine().update_config(now, next.clone()) {
+                    Ok(()) => {}
+                    // Scheduled past the point where the application closed the consumer
+                    // (everything settled early): refused, as it must be.
+                    Err(ConfigUpdateError::Closed) if self.phase == Phase::Closing => {
+                        self.trace("app", &("update config refused: closing", i));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(self
+                            .checker
+                            .command_refused(format!("config update {i} refused: {e}")));
+                    }
                 }
+                self.report.config_updates += 1;
                 let metrics = self.machine.as_ref().expect("running").metrics();
                 self.checker.on_config_update(&next, &metrics);
                 if let Some(ps) = &mut self.process {
