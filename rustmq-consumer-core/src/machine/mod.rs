@@ -4,7 +4,8 @@
 //! - [`partition`]: the assigned partitions (settle windows, buffers, start phase, fetch
 //!   sizing, the intake of fetch answers, fetch backoff, deliveries, the retry schedule);
 //! - [`commit`]: the committer (what is due, the request, its answer and failure, fencing);
-//! - [`dead_letter`]: the dead-letter outbox (records, headers, answers, retries);
+//! - [`dead_letter`]: the dead-letter outbox (records, headers, answers, retries, the stall of
+//!   a record cut in transit again and again);
 //! - [`group`]: the group session (coordinator, join, heartbeats, revoke, fencing);
 //! - [`manual`]: a manual assignment's group generation (join and leave to learn it);
 //! - [`close`]: the close's phases;
