@@ -420,7 +420,7 @@ impl Partitions {
             self.next_epoch += 1;
             let at = self.list.partition_point(|q| q.id < id);
             self.list.insert(at, p);
-            self.list_changed();
+            self.inserted(at);
             self.fetch_candidates.insert(id);
             self.mark(at);
         }
@@ -435,6 +435,23 @@ impl Partitions {
         let at = usize::try_from(id).ok()?;
         let position = *self.positions.get(at)?;
         usize::try_from(position).ok()?.checked_sub(1)
+    }
+
+    /// Updates `positions` after a partition was inserted at `at`: appended (an assignment adds
+    /// its ids in ascending order) to a table in use, it extends the table; otherwise the
+    /// positions behind it moved, and the table is rebuilt.
+    fn inserted(&mut self, at: usize) {
+        let len = self.list.len();
+        let id = self.list[at].id as usize;
+        if at + 1 == len && !self.positions.is_empty() && id < 4 * len + 1_024 {
+            if self.positions.len() <= id {
+                self.positions.resize(id + 1, 0);
+            }
+            // `len` <= `id + 1`, which fits the u32 ids.
+            self.positions[id] = u32::try_from(len).unwrap_or(0);
+        } else {
+            self.list_changed();
+        }
     }
 
     /// Rebuilds `positions` after a partition entered or left the list: a table as long as

@@ -227,7 +227,7 @@ impl Partitions {
         self.parked.restoring.insert(id);
         let at = self.list.partition_point(|q| q.id < id);
         self.list.insert(at, p);
-        self.list_changed();
+        self.inserted(at);
         self.fetch_candidates.insert(id);
         self.mark(at);
         true
