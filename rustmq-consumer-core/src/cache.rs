@@ -1,7 +1,10 @@
 //! The message cache: a sans-IO LRU bounded by entries and bytes, with one time to live, that
 //! the settle windows' slots point into.
 //!
-//! Redeliveries are served from here; a message the cache lost is re-fetched by the caller.
+//! Redeliveries and dead letters are served from here; a message the cache lost is re-fetched
+//! by the caller. What it holds are the records the application gave back with a nack, a
+//! reject or a dropped handle (`ConsumerMachine::give_back`): a delivery is not copied in, so
+//! the common path, delivered then acked, never touches it.
 //! [`MessageCache`] holds the bounds, the counters and two queues:
 //!
 //! - the entry queue, in insertion order, which holds the entries themselves (record, key,

@@ -130,7 +130,8 @@ pub struct ConsumerConfig {
     pub cache_max_entries: Option<usize>,
     /// Message cache capacity in bytes.
     pub cache_max_bytes: usize,
-    /// Time a cached message stays valid.
+    /// Time a cached message stays valid (from when it was handed back for a retry or a
+    /// dead letter).
     pub cache_ttl: Duration,
     /// Deadline of every request.
     pub request_timeout: Duration,

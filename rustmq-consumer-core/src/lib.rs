@@ -63,7 +63,7 @@
 //!     `handle_timeout` fires;
 //!   - `machine/requests.rs`: requests in flight, their deadlines and owners;
 //!   - `machine/partition/`: the assigned partitions (settle windows, buffers, deliveries);
-//!     `cached.rs`: the message cache over the records the slots hold; `retry.rs`: the retry
+//!     `cached.rs`: the message cache over the records handed back (`give_back`); `retry.rs`: the retry
 //!     schedule; `fetch.rs`: start positions, fetch sizing, the intake of a fetch answer,
 //!     refetches, fetch backoff; `parked.rs`: partitions let go in a rebalance;
 //!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
@@ -73,8 +73,8 @@
 //!   - `machine/live_config.rs`: a configuration update while running (`update_config`).
 //! - `window`: the per-partition settle window (O(1) amortised acks, the commit watermark).
 //! - `breaker`: the circuit breaker (Closed, Open, HalfOpen with bounded probes).
-//! - `cache`: the LRU + TTL message cache that redeliveries come from, an index over the records
-//!   the settle windows' slots hold.
+//! - `cache`: the LRU + TTL message cache that redeliveries and dead letters come from: the
+//!   records the application gave back with a nack or reject, indexed by their slots.
 //! - `backoff`: the seeded PRNG and exponential backoff with full jitter.
 //! - `frame`: exact request sizes, so FetchOffsets, commits and dead-letter batches go as
 //!   one-packet requests.

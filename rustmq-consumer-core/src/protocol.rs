@@ -35,7 +35,7 @@ impl std::fmt::Display for TopicPartition {
 
 /// One message as the broker stores it. The broker sends no offset: record `i` of a fetch
 /// from offset `o` has offset `o + i`.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Optional key.
     pub key: Option<Bytes>,

@@ -213,7 +213,12 @@ fn lowered_cache_bounds_evict_at_once() {
     let mut c = config("t");
     c.cache_max_entries = Some(100);
     let mut h = started(c, 10);
-    assert_eq!(h.deliveries().len(), 10);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 10);
+    assert_eq!(h.m.metrics().cached, 0, "a delivery is not copied");
+    for d in delivered {
+        assert!(h.m.give_back(h.now, d), "given back: cached for its nack");
+    }
     let before = h.m.metrics();
     assert_eq!(before.cached, 10);
     update(&mut h, |c| c.cache_max_entries = Some(3));

@@ -338,8 +338,7 @@ fn a_dead_lettered_offset_settles_and_the_partition_moves_on() {
     let mut h = started(c, 3);
     let ds = h.deliveries();
     h.route = Route::Hold;
-    h.m.reject(h.now, ds[0].tag, "bad payload").unwrap();
-    h.drive();
+    h.reject(ds[0].tag, "bad payload");
     h.ack(ds[1].tag);
     h.ack(ds[2].tag);
     assert_eq!(
@@ -364,8 +363,7 @@ fn one_dead_letter_produce_in_flight_batching_the_rest() {
     let ds = h.deliveries();
     h.route = Route::Hold;
     for d in &ds {
-        h.m.reject(h.now, d.tag, "poison").unwrap();
-        h.drive();
+        h.reject(d.tag, "poison");
     }
     assert_eq!(h.produces_sent().len(), 1, "one producer request at a time");
     assert_eq!(h.produces_sent()[0].records.len(), 1);
@@ -398,8 +396,7 @@ fn dead_letter_batches_fit_one_packet_or_hold_one_record() {
     // Held: the first goes alone, the other four wait and are batched.
     h.route = Route::Hold;
     for d in h.deliveries() {
-        h.m.reject(h.now, d.tag, "poison").unwrap();
-        h.drive();
+        h.reject(d.tag, "poison");
     }
     h.route = Route::Answer;
     h.answer_all_held();
@@ -430,8 +427,7 @@ fn a_long_reason_is_cut_not_a_reason_to_stall() {
     let d = h.deliveries().remove(0);
     // A backtrace's worth, ending in multi-byte characters around the cut.
     let reason = format!("{}{}", "x".repeat(254), "é".repeat(10_000));
-    h.m.reject(h.now, d.tag, &reason).unwrap();
-    h.drive();
+    h.reject(d.tag, &reason);
     assert_eq!(
         h.m.settle_watermark(0),
         Some(1),
@@ -486,8 +482,7 @@ fn oversized_poison_stalls_the_partition_visibly() {
         .insert(("t".into(), 0), vec![Record::from_value(vec![7u8; 9000])]);
     h.advance(Duration::from_millis(100));
     let d = h.deliveries().remove(0);
-    h.m.reject(h.now, d.tag, "too big").unwrap();
-    h.drive();
+    h.reject(d.tag, "too big");
     assert!(h.produces_sent().is_empty(), "nothing over 8 KiB is sent");
     assert!(h.events.iter().any(|e| matches!(
         e,
@@ -574,13 +569,13 @@ fn cache_eviction_is_counted_and_the_retry_refetches() {
     c.cache_max_entries = Some(1);
     let mut h = started(c, 3);
     let ds = h.deliveries();
+    for d in &ds {
+        h.nack(d.tag, Some(Duration::from_millis(10)));
+    }
     assert!(
         h.m.metrics().cache_evictions >= 2,
         "evictions are counted, not silent"
     );
-    for d in &ds {
-        h.nack(d.tag, Some(Duration::from_millis(10)));
-    }
     h.advance(Duration::from_millis(100));
     let mut again = h.deliveries();
     again.sort_by_key(|d| d.tag.offset);
@@ -908,7 +903,7 @@ fn close_drains_flushes_dead_letters_then_commits_last() {
     assert_eq!(h.m.close_phase(), Some(ClosePhase::Draining));
     h.m.close(h.now); // idempotent
     h.route = Route::Hold;
-    h.m.reject(h.now, ds[1].tag, "poison").unwrap();
+    h.reject(ds[1].tag, "poison");
     h.ack(ds[2].tag);
     h.ack(ds[3].tag);
     assert_eq!(h.m.close_phase(), Some(ClosePhase::FlushingDeadLetters));

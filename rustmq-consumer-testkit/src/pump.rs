@@ -12,14 +12,14 @@
 //! message naming it, so a machine that never goes quiet (a retry without a wait, a timer
 //! that fires without moving on) fails the test instead of hanging it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rustmq_consumer_core::protocol::{
-    CommitOffsetRequest, FetchRequest, ProduceRequest, Request, Response,
+    CommitOffsetRequest, FetchRequest, ProduceRequest, Record, Request, Response,
 };
 use rustmq_consumer_core::{
-    ConsumerConfig, ConsumerMachine, DeliveryTag, Event, Transmit, TransportError,
+    ConsumerConfig, ConsumerMachine, DeliveryTag, Event, Message, Transmit, TransportError,
 };
 
 use crate::broker::SimBroker;
@@ -128,6 +128,9 @@ pub struct Pump<P: Peer = SimBroker> {
     pub acked: Vec<(u32, u64)>,
     /// The bounds of every loop.
     pub limits: Limits,
+    /// The record of each delivery not yet settled through the pump, given back with its
+    /// [`Pump::nack`] or [`Pump::reject`] as a driver gives it back.
+    handed_out: HashMap<DeliveryTag, Record>,
 }
 
 impl<P: Peer> Pump<P> {
@@ -150,6 +153,7 @@ impl<P: Peer> Pump<P> {
             auto_ack: false,
             acked: Vec::new(),
             limits: Limits::default(),
+            handed_out: HashMap::new(),
         }
     }
 
@@ -193,6 +197,8 @@ impl<P: Peer> Pump<P> {
                         .unwrap_or_else(|err| panic!("pump: auto-ack of {tag:?} refused: {err}"));
                     self.acked.push((tag.partition, tag.offset));
                 }
+            } else if let Event::Deliver(message) = &e {
+                self.hand_out(message);
             }
             self.events.push(e);
         }
@@ -297,27 +303,66 @@ impl<P: Peer> Pump<P> {
         tags
     }
 
+    /// Remembers a delivery's record for its nack or reject. Deliveries settled on
+    /// [`Pump::m`] directly are forgotten once their offset is below the settle watermark,
+    /// looked for when the map outgrows the machine's `max_unacked`.
+    fn hand_out(&mut self, message: &Message) {
+        let bound = self.m.config().max_unacked.max(64);
+        if self.handed_out.len() >= bound {
+            let m = &self.m;
+            self.handed_out.retain(|tag, _| {
+                m.settle_watermark(tag.partition)
+                    .is_none_or(|base| tag.offset >= base)
+            });
+        }
+        self.handed_out.insert(message.tag, message.record.clone());
+    }
+
+    /// Gives the record of `tag` back to the machine, if the pump saw its delivery.
+    fn give_back(&mut self, tag: DeliveryTag) {
+        if let Some(record) = self.handed_out.remove(&tag) {
+            self.m.give_back(self.now, Message { tag, record });
+        }
+    }
+
     /// Acks `tag` now, then drives.
     ///
     /// # Panics
     ///
     /// When the machine refuses the ack.
     pub fn ack(&mut self, tag: DeliveryTag) {
+        self.handed_out.remove(&tag);
         self.m
             .ack(self.now, tag)
             .unwrap_or_else(|e| panic!("pump: ack of {tag:?} refused: {e}"));
         self.drive();
     }
 
-    /// Nacks `tag` now, then drives.
+    /// Nacks `tag` now, its record given back first (a redelivery from the cache), then
+    /// drives.
     ///
     /// # Panics
     ///
     /// When the machine refuses the nack.
     pub fn nack(&mut self, tag: DeliveryTag, delay: Option<Duration>) {
+        self.give_back(tag);
         self.m
             .nack(self.now, tag, delay)
             .unwrap_or_else(|e| panic!("pump: nack of {tag:?} refused: {e}"));
+        self.drive();
+    }
+
+    /// Rejects `tag` now, its record given back first (a dead letter from the cache), then
+    /// drives.
+    ///
+    /// # Panics
+    ///
+    /// When the machine refuses the reject.
+    pub fn reject(&mut self, tag: DeliveryTag, reason: &str) {
+        self.give_back(tag);
+        self.m
+            .reject(self.now, tag, reason)
+            .unwrap_or_else(|e| panic!("pump: reject of {tag:?} refused: {e}"));
         self.drive();
     }
 

@@ -126,8 +126,15 @@ fn run(seed: u64) -> BTreeSet<String> {
                         let tag = message.tag;
                         let _ = match rng.range(0, 100) {
                             0..60 => member.m.ack(now, tag),
-                            60..75 => member.m.nack(now, tag, None),
-                            75..80 => member.m.reject(now, tag, "poison"),
+                            // Handed back as a driver does: the record first.
+                            60..75 => {
+                                member.m.give_back(now, message);
+                                member.m.nack(now, tag, None)
+                            }
+                            75..80 => {
+                                member.m.give_back(now, message);
+                                member.m.reject(now, tag, "poison")
+                            }
                             _ => {
                                 member.held.push(tag);
                                 Ok(())

@@ -27,13 +27,20 @@ use crate::error::UsageError;
 use crate::event::{self, DeliveryTag, Event, Health, Metrics, PartitionLag};
 use crate::protocol::Record;
 
+/// A delivery dropped unsettled: its tag, and its record unless a cancelled settling command
+/// took it.
+pub(crate) type Dropped = (DeliveryTag, Option<Box<Record>>);
+
 /// State shared by a consumer's handles and its deliveries.
 pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) group: String,
     pub(crate) consumer_id: String,
     pub(crate) commands: Sender<Command>,
-    pub(crate) dropped: Sender<DeliveryTag>,
+    /// Deliveries dropped unsettled, with their records for the redelivery (boxed: the
+    /// channel's room for `max_unacked` of them is allocated up front, and a drop is the
+    /// rare path).
+    pub(crate) dropped: Sender<Dropped>,
     pub(crate) gate: Arc<AckGate>,
     /// Deliveries waiting for the application.
     pub(crate) inbox: Arc<Inbox>,
@@ -496,6 +503,8 @@ pub struct Delivery {
     generation: u64,
     shared: Arc<Shared>,
     settled: bool,
+    /// The record went to the driver with a settling command (only its tag is left).
+    record_sent: bool,
 }
 
 impl fmt::Debug for Delivery {
@@ -509,6 +518,15 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
+    /// The message, its record taken out (an empty one left in its place).
+    fn take_message(&mut self) -> event::Message {
+        self.record_sent = true;
+        event::Message {
+            tag: self.inner.tag,
+            record: std::mem::take(&mut self.inner.record),
+        }
+    }
+
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
         let member = match &*stamped.stamp.member {
             "" => shared.consumer_id.as_str(),
@@ -522,6 +540,7 @@ impl Delivery {
             generation: stamped.stamp.generation,
             shared,
             settled: false,
+            record_sent: false,
         }
     }
 
@@ -529,13 +548,16 @@ impl Delivery {
     /// if this future is dropped before that, the delivery's drop nacks it.
     async fn settle<T>(
         mut self,
-        command: impl FnOnce(DeliveryTag, Reply<Result<T, UsageError>>) -> Command,
+        command: impl FnOnce(event::Message, Reply<Result<T, UsageError>>) -> Command,
     ) -> Result<T, ConsumerError> {
         let (reply, answer) = async_channel::bounded(1);
+        // The message goes back whole (its record for a redelivery or a dead letter); what
+        // stays behind is its tag, for the drop below should the send be cancelled.
+        let message = self.take_message();
         if self
             .shared
             .commands
-            .send(command(self.inner.tag, reply))
+            .send(command(message, reply))
             .await
             .is_err()
         {
@@ -561,7 +583,8 @@ impl Delivery {
             self.settled = true;
             return Ok(());
         }
-        self.settle(Command::Ack).await
+        self.settle(|message, reply| Command::Ack(message.tag, reply))
+            .await
     }
 
     /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).
@@ -581,14 +604,14 @@ impl Delivery {
         self,
         delay: Option<Duration>,
     ) -> Result<bool, ConsumerError> {
-        self.settle(|tag, reply| Command::Nack(tag, delay, reply))
+        self.settle(|message, reply| Command::Nack(message, delay, reply))
             .await
     }
 
     /// Poison: straight to the dead-letter path, with `reason` in its headers.
     pub async fn reject(self, reason: impl Into<String>) -> Result<(), ConsumerError> {
         let reason = reason.into();
-        self.settle(|tag, reply| Command::Reject(tag, reason, reply))
+        self.settle(|message, reply| Command::Reject(message, reason, reply))
             .await
     }
 
@@ -678,6 +701,8 @@ impl Drop for Delivery {
         );
         // Never full: at most `max_unacked` deliveries are outstanding, the channel's capacity.
         // Closed means the consumer is gone and the message stays uncommitted.
-        let _ = self.shared.dropped.try_send(tag);
+        // Its record too, unless a settling command took it and was cancelled.
+        let record = (!self.record_sent).then(|| Box::new(std::mem::take(&mut self.inner.record)));
+        let _ = self.shared.dropped.try_send((tag, record));
     }
 }

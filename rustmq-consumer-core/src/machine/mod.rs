@@ -225,8 +225,27 @@ impl ConsumerMachine {
         Ok(true)
     }
 
+    /// Gives a delivered message back before its [`nack`](Self::nack) or
+    /// [`reject`](Self::reject): its record is cached for the redelivery or the dead letter,
+    /// which otherwise fetch it from the broker again. A delivered record is not copied into
+    /// the cache (the application holds it, and most deliveries are acked), so a driver gives
+    /// it back whenever the application hands a delivery back, dropped handles included.
+    ///
+    /// Returns whether it was cached: false for a delivery that is not outstanding (the nack
+    /// that follows says why), of a partition given back in a rebalance, or too large for
+    /// the cache. Either way nothing is settled; only the nack or reject does that.
+    pub fn give_back(&mut self, now: Instant, message: Message) -> bool {
+        let Ok(idx) = self.partitions.outstanding(message.tag) else {
+            return false;
+        };
+        self.partitions
+            .cache_returned(now, idx, message.tag.offset, message.record)
+    }
+
     /// Hands a delivery back for a retry after `delay` (or the backoff policy when `None`).
-    /// Past `max_retry_attempts` it goes to the dead-letter path instead.
+    /// Past `max_retry_attempts` it goes to the dead-letter path instead. Its record comes
+    /// from the cache when it was given back ([`give_back`](Self::give_back)) and is still
+    /// there, else from the broker.
     pub fn nack(
         &mut self,
         now: Instant,
@@ -444,7 +463,8 @@ impl ConsumerMachine {
         self.close_phase() == Some(ClosePhase::Closed)
     }
 
-    /// A message this consumer still holds (buffered, awaiting a retry, or cached).
+    /// A message this consumer still holds: buffered, or given back and cached for a retry or
+    /// a dead letter. A delivery the application holds is not here (it has the record).
     pub fn find_message_by_offset(
         &self,
         now: Instant,

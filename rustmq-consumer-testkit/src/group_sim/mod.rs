@@ -41,7 +41,7 @@ mod tap;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use rustmq_consumer_core::{DeliveryTag, Event};
+use rustmq_consumer_core::{Event, Message};
 
 use crate::broker::SimBroker;
 use crate::faults::SimRng;
@@ -94,7 +94,7 @@ struct Slot {
     /// JoinGroup answers whose `Assigned` event has not come out yet, oldest first.
     joins: VecDeque<tap::JoinSeen>,
     /// Deliveries the application holds, by when it settles them.
-    held: BTreeMap<(Instant, u64), (DeliveryTag, Decision)>,
+    held: BTreeMap<(Instant, u64), (Message, Decision)>,
 }
 
 impl Slot {
@@ -500,22 +500,25 @@ impl GroupSimulation {
                 if entry.key().0 > self.now {
                     break;
                 }
-                let (tag, decision) = entry.remove();
-                self.settle(i, tag, decision);
+                let (message, decision) = entry.remove();
+                self.settle(i, message, decision);
             }
         }
     }
 
     /// Hands one delivery back to member `i`'s machine.
-    fn settle(&mut self, i: usize, tag: DeliveryTag, decision: Decision) {
-        let now = self.now;
+    fn settle(&mut self, i: usize, message: Message, decision: Decision) {
+        let (now, tag) = (self.now, message.tag);
         let Some(p) = self.slots[i].pump.as_mut() else {
             return;
         };
         self.steps += 1;
         let result = match decision {
             Decision::Ack => p.m.ack(now, tag),
-            Decision::Nack => p.m.nack(now, tag, None),
+            Decision::Nack => {
+                p.m.give_back(now, message);
+                p.m.nack(now, tag, None)
+            }
         };
         match (result, decision) {
             (Ok(()), Decision::Ack) => {
@@ -603,9 +606,11 @@ impl GroupSimulation {
                     let max = self.scenario.defer_max.as_millis() as u64;
                     let at = self.now + self.app_rng.millis(0, max);
                     self.seq += 1;
-                    self.slots[i].held.insert((at, self.seq), (tag, decision));
+                    self.slots[i]
+                        .held
+                        .insert((at, self.seq), (message, decision));
                 } else {
-                    self.settle(i, tag, decision);
+                    self.settle(i, message, decision);
                 }
             }
             Event::Assigned(partitions) => {

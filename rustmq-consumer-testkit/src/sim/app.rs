@@ -409,9 +409,11 @@ impl<H: Handler> Simulation<H> {
         };
         let (tag, generation, action) = (w.tag, w.generation, w.action.clone());
         let honest_ack = self.mutation != Mutation::AckBeforeSideEffect;
-        if action != Action::Ack || honest_ack {
-            self.work.remove(&key);
-        }
+        let removed = if action != Action::Ack || honest_ack {
+            self.work.remove(&key)
+        } else {
+            None
+        };
         if action == Action::Ack && honest_ack {
             // The side effect first, then the ack.
             self.checker
@@ -424,6 +426,12 @@ impl<H: Handler> Simulation<H> {
             .machine
             .as_ref()
             .and_then(|m| m.settle_watermark(tag.partition));
+        if action != Action::Ack {
+            if let Some(w) = removed {
+                let record = w.record;
+                self.machine().give_back(now, Message { tag, record });
+            }
+        }
         let r = match &action {
             Action::Ack => self.machine().ack(now, tag),
             Action::Nack(delay) => self.machine().nack(now, tag, *delay),
@@ -486,6 +494,7 @@ impl<H: Handler> Simulation<H> {
                 action: decision.action,
                 after: decision.after,
                 lane_key,
+                record: d.record,
             },
         );
         if let Some(ps) = &mut self.process {

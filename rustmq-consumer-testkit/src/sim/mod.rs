@@ -102,6 +102,9 @@ struct Work {
     after: std::time::Duration,
     /// The key its lane is chosen by, under concurrent processing.
     lane_key: Option<bytes::Bytes>,
+    /// The delivered record, given back with a nack, a reject or a drop (as the driver
+    /// gives it back).
+    record: rustmq_consumer_core::protocol::Record,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -212,34 +212,51 @@ pub async fn out_of_order_acks<R: Runtime + Clone>(rt: R) {
     within(&rt, consumer.close()).await.expect("close");
 }
 
-/// A nacked message comes back with the next attempt number and can then be acked.
+/// A nacked message comes back with the next attempt number and its value, and can then be
+/// acked; so does one whose handle was dropped unsettled. Its record went back to the
+/// consumer with the nack (or the drop), so the redelivery comes from the cache, not from
+/// the broker again.
 pub async fn nack_and_retry<R: Runtime + Clone>(rt: R) {
-    let broker = broker(1, 3);
+    let broker = broker(1, 4);
     let consumer = start(&rt, &broker, fast_config()).await;
-    let mut attempts: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let mut attempts: BTreeMap<u64, Vec<(u32, String)>> = BTreeMap::new();
     let mut acked = 0;
-    while acked < 3 {
+    while acked < 4 {
         let d = next(&rt, &consumer).await;
-        attempts.entry(d.offset()).or_default().push(d.attempt());
+        attempts
+            .entry(d.offset())
+            .or_default()
+            .push((d.attempt(), value(&d)));
         match (d.offset(), d.attempt()) {
             (0, 1) => d.nack().await.expect("nack"),
             (1, 1) => d
                 .nack_with_delay(Duration::from_millis(3))
                 .await
                 .expect("nack with delay"),
+            (3, 1) => drop(d),
             _ => {
                 d.ack().await.expect("ack");
                 acked += 1;
             }
         }
     }
-    assert_eq!(attempts[&0], vec![1, 2]);
-    assert_eq!(attempts[&1], vec![1, 2]);
-    assert_eq!(attempts[&2], vec![1]);
+    let tried = |offset: u64, n: u32| -> Vec<(u32, String)> {
+        (1..=n).map(|a| (a, format!("m{offset}"))).collect()
+    };
+    assert_eq!(attempts[&0], tried(0, 2));
+    assert_eq!(attempts[&1], tried(1, 2));
+    assert_eq!(attempts[&2], tried(2, 1));
+    assert_eq!(attempts[&3], tried(3, 2));
+    let m = within(&rt, consumer.metrics()).await;
+    assert_eq!(
+        (m.retried, m.refetches, m.cache_hits),
+        (3, 0, 3),
+        "every retry from the cache: {m:?}"
+    );
     within(&rt, consumer.close()).await.expect("close");
-    assert_eq!(committed(&broker, 0), Some(3));
+    assert_eq!(committed(&broker, 0), Some(4));
     let metrics = consumer.metrics().await;
-    assert_eq!((metrics.nacked, metrics.retried, metrics.acked), (2, 2, 3));
+    assert_eq!((metrics.nacked, metrics.retried, metrics.acked), (3, 3, 4));
 }
 
 /// A `Duration::MAX` retry delay, or a configured timeout too long for an `Instant`, means

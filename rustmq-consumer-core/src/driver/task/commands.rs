@@ -11,12 +11,16 @@ impl Driver {
             Command::Ack(tag, reply) => {
                 let _ = reply.try_send(machine.ack(now, tag));
             }
-            Command::Nack(tag, delay, reply) => {
+            Command::Nack(message, delay, reply) => {
+                let tag = message.tag;
                 // Read before the nack, under the limit the machine applies to it.
                 let redelivers = tag.attempt <= machine.config().max_retry_attempts;
+                machine.give_back(now, message);
                 let _ = reply.try_send(machine.nack(now, tag, delay).map(|()| redelivers));
             }
-            Command::Reject(tag, reason, reply) => {
+            Command::Reject(message, reason, reply) => {
+                let tag = message.tag;
+                machine.give_back(now, message);
                 let _ = reply.try_send(machine.reject(now, tag, &reason));
             }
             Command::Pause(partitions, reply) => {

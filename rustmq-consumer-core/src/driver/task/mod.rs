@@ -12,6 +12,7 @@ use event_listener::EventListener;
 use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
+use super::consumer::Dropped;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
 use super::health::HealthReport;
@@ -26,7 +27,7 @@ use crate::event::{
     CommitError, DeliveryTag, Event, Health, Message, Metrics, PartitionLag, RequestId,
 };
 use crate::machine::ConsumerMachine;
-use crate::protocol::Response;
+use crate::protocol::{Record, Response};
 
 mod commands;
 mod events;
@@ -42,13 +43,12 @@ pub(crate) type Reply<T> = Sender<T>;
 #[derive(Debug)]
 pub(crate) enum Command {
     Ack(DeliveryTag, Reply<Result<(), UsageError>>),
-    /// The reply says whether the nack redelivers (else it dead-letters or discards).
-    Nack(
-        DeliveryTag,
-        Option<Duration>,
-        Reply<Result<bool, UsageError>>,
-    ),
-    Reject(DeliveryTag, String, Reply<Result<(), UsageError>>),
+    /// The delivery comes back whole: its record is given back to the machine for the
+    /// redelivery. The reply says whether the nack redelivers (else it dead-letters or
+    /// discards).
+    Nack(Message, Option<Duration>, Reply<Result<bool, UsageError>>),
+    /// The delivery comes back whole, its record for the dead letter.
+    Reject(Message, String, Reply<Result<(), UsageError>>),
     Pause(Vec<u32>, Reply<Result<(), UsageError>>),
     Resume(Vec<u32>, Reply<Result<(), UsageError>>),
     Seek(u32, u64, Reply<Result<(), UsageError>>),
@@ -111,7 +111,7 @@ type ResponseFuture =
 /// The channels between the driver and its consumer handles.
 pub(crate) struct DriverChannels {
     pub(crate) commands: Pin<Box<Receiver<Command>>>,
-    pub(crate) dropped: Pin<Box<Receiver<DeliveryTag>>>,
+    pub(crate) dropped: Pin<Box<Receiver<Dropped>>>,
     pub(crate) lifeline: Pin<Box<Receiver<()>>>,
     pub(crate) kicked: Pin<Box<Receiver<()>>>,
     pub(crate) gate: Arc<AckGate>,
@@ -134,7 +134,7 @@ enum Wake {
     Response(RequestId, Result<Response, TransportError>),
     Command(Command),
     CommandsClosed,
-    Dropped(DeliveryTag),
+    Dropped(Dropped),
     DroppedClosed,
     LifelineClosed,
     /// The inbox has room again.
@@ -347,7 +347,7 @@ impl Driver {
                 self.machine.handle_response(now, id, result)
             }
             Wake::Command(command) => self.command(now, command, state),
-            Wake::Dropped(tag) => self.dropped(now, tag),
+            Wake::Dropped((tag, record)) => self.dropped(now, tag, record),
             Wake::Room => self.room = None,
             Wake::Kicked => {}
             Wake::Hook(ended) => self.hook_ended(now, ended),
@@ -361,7 +361,11 @@ impl Driver {
         }
     }
 
-    fn dropped(&mut self, now: Instant, tag: DeliveryTag) {
+    fn dropped(&mut self, now: Instant, tag: DeliveryTag, record: Option<Box<Record>>) {
+        if let Some(record) = record {
+            let record = *record;
+            self.machine.give_back(now, Message { tag, record });
+        }
         if let Err(error) = self.machine.nack(now, tag, None) {
             tracing::debug!(partition = tag.partition, offset = tag.offset, attempt = tag.attempt, %error, "nack of a dropped delivery refused");
         }

@@ -57,6 +57,31 @@ impl Partitions {
         cache.get(now, key, &mut windows)
     }
 
+    /// Caches the record of a delivery of the partition at `idx` that the application gave
+    /// back (see `ConsumerMachine::give_back`), replacing what its slot had cached; false when
+    /// it was not stored (too large for the cache, or no slot).
+    pub(crate) fn cache_returned(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        offset: u64,
+        record: Record,
+    ) -> bool {
+        let key = (self.list[idx].id, offset);
+        let (cache, mut windows) = self.cache_windows();
+        cache.expire(now, &mut windows);
+        let Some(u) = self.list[idx].window.get_mut(offset) else {
+            return false;
+        };
+        let encoded_len = record.encoded_len();
+        let stored = self
+            .cache
+            .fill(now, key, record, encoded_len, &mut u.cached);
+        let (cache, mut windows) = self.cache_windows();
+        cache.after_fill(stored, &mut windows);
+        stored
+    }
+
     /// The cached record of an offset of an assigned partition, without touching the cache.
     pub(crate) fn cached_peek(&self, now: Instant, id: u32, offset: u64) -> Option<&Record> {
         let u = self.get(id)?.window.get(offset)?;

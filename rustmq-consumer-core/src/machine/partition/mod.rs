@@ -784,50 +784,38 @@ impl Partitions {
         metrics: &mut Metrics,
         events: &mut VecDeque<Event>,
     ) {
-        // Entries expire at `now` once for the run: the ones it inserts at `now` live on (the
-        // time to live is never zero), so expiring again before each insert finds nothing.
-        let (cache, mut windows) = self.cache_windows();
-        cache.expire(now, &mut windows);
         for _ in 0..turns {
             let p = &mut self.list[idx];
-            // `bytes`: the record's encoded length, for the buffer's budget and the cache's.
-            let (offset, record, attempt, bytes) =
-                if let Some((offset, record)) = p.redeliver.pop_front() {
-                    match p.slot(offset) {
-                        Some(Slot::Ready { attempt }) => {
-                            metrics.retried += 1;
-                            let bytes = record.encoded_len();
-                            (offset, record, attempt, bytes)
-                        }
-                        _ => continue,
+            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
+            {
+                match p.slot(offset) {
+                    Some(Slot::Ready { attempt }) => {
+                        metrics.retried += 1;
+                        (offset, record, attempt)
                     }
-                } else if let Some((offset, record)) = p.buffered.pop_front() {
-                    let bytes = record.encoded_len();
-                    self.buffered -= 1;
-                    self.buffered_bytes -= bytes;
-                    (offset, record, 1, bytes)
-                } else {
-                    break;
-                };
+                    _ => continue,
+                }
+            } else if let Some((offset, record)) = p.buffered.pop_front() {
+                self.buffered -= 1;
+                self.buffered_bytes -= record.encoded_len();
+                (offset, record, 1)
+            } else {
+                break;
+            };
             let tag = DeliveryTag {
                 partition: p.id,
                 offset,
                 epoch: p.epoch,
                 attempt,
             };
-            // The record stays in its slot, in the cache, for a redelivery or the dead-letter
-            // path: the slot is looked up once, for its state and its cache cell.
+            // The record goes to the application, not to the cache: it comes back with a nack,
+            // a reject or a dropped handle (`ConsumerMachine::give_back`), and is cached then
+            // for its redelivery or dead letter. An ack, the common case, so costs no copy.
             if let Some(u) = self.list[idx].window.get_mut(offset) {
                 u.state = Slot::Delivered {
                     attempt,
                     since: now,
                 };
-                let key = (tag.partition, offset);
-                let stored = self
-                    .cache
-                    .fill(now, key, record.clone(), bytes, &mut u.cached);
-                let (cache, mut windows) = self.cache_windows();
-                cache.after_fill(stored, &mut windows);
             }
             self.unacked += 1;
             metrics.delivered += 1;

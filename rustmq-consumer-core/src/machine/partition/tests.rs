@@ -114,10 +114,11 @@ fn only_an_ack_that_moves_a_full_window_makes_the_partition_a_candidate_again() 
     );
 }
 
-/// The cache is an index over the windows' slots: a delivery caches its record in its slot, a
-/// settle or a restart gives the records back with the slots.
+/// The cache is an index over the windows' slots: a delivery hands its record to the
+/// application without a copy, a record given back is cached in its slot, and a settle or a
+/// restart releases the records with the slots.
 #[test]
-fn delivered_records_live_in_their_slots_until_settled_or_restarted() {
+fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
     let mut s = setup(100, 0);
     let record = Record::from_value(vec![7u8; 10]);
     let p = s.partitions.at_mut(0);
@@ -130,6 +131,19 @@ fn delivered_records_live_in_their_slots_until_settled_or_restarted() {
     let mut events = VecDeque::new();
     s.partitions.deliver(s.now, 10, &mut s.metrics, &mut events);
     assert_eq!(events.len(), 3);
+    assert_eq!(s.partitions.cache().len(), 0, "delivered without a copy");
+    assert!((0..3).all(|o| s
+        .partitions
+        .at(0)
+        .window
+        .get(o)
+        .is_some_and(|u| !u.cached.is_cached())));
+
+    for offset in 0..3 {
+        assert!(s
+            .partitions
+            .cache_returned(s.now, 0, offset, record.clone()));
+    }
     let cost = record.encoded_len() + 16;
     assert_eq!(s.partitions.cache().len(), 3);
     assert_eq!(s.partitions.cache().bytes(), 3 * cost);
@@ -139,6 +153,11 @@ fn delivered_records_live_in_their_slots_until_settled_or_restarted() {
         .window
         .get(o)
         .is_some_and(|u| u.cached.is_cached())));
+    assert!(
+        s.partitions.cache_returned(s.now, 0, 2, record.clone()),
+        "given back twice: the second replaces the first"
+    );
+    assert_eq!(s.partitions.cache().len(), 3);
 
     s.partitions.settle(0, 1);
     assert_eq!(s.partitions.cache().len(), 2, "settled out of order");
