@@ -79,6 +79,18 @@ fn traced<F>(records: Vec<Record>, app: F) -> (SharedBroker, Vec<SpanData>)
 where
     F: AsyncFnOnce(&VirtualRuntime, rustmq_consumer_core::Consumer),
 {
+    traced_with(records, |_| {}, app)
+}
+
+/// [`traced`], the configuration (partition 0 assigned by hand) changed by `configure` first.
+fn traced_with<F>(
+    records: Vec<Record>,
+    configure: impl FnOnce(&mut ConsumerConfig),
+    app: F,
+) -> (SharedBroker, Vec<SpanData>)
+where
+    F: AsyncFnOnce(&VirtualRuntime, rustmq_consumer_core::Consumer),
+{
     let mut broker = SimBroker::new();
     broker.create_topic(TOPIC, 1);
     broker.create_topic(DLQ, 1);
@@ -97,6 +109,7 @@ where
             config.partitions = vec![0];
             config.consumer_id = Some("consumer-1".to_owned());
             config.dead_letter_queue = Some(DLQ.to_owned());
+            configure(&mut config);
             let consumer = ConsumerBuilder::with_runtime(rt.clone())
                 .config(config)
                 .client(SimTransport::new(broker.clone(), rt.clone()))
@@ -222,6 +235,39 @@ fn process_runs_each_handler_inside_its_delivery_span() {
             handle.parent_span_id,
             delivery.span_context.span_id(),
             "offset {offset}: the handler ran inside the delivery span"
+        );
+    }
+}
+
+/// In a group assignment the span names the group member id the delivery was made under
+/// (the driver stamps deliveries with the gate's generation only; the member is looked up
+/// when the span is recorded), not the consumer id.
+#[test]
+fn delivery_spans_of_a_group_member_name_the_member_id() {
+    let records = vec![record("m0", None, None), record("m1", None, None)];
+    let (_, spans) = traced_with(
+        records,
+        |config| config.partitions.clear(),
+        async |_, consumer| {
+            for _ in 0..2 {
+                let d = consumer.receive().await.unwrap().unwrap();
+                d.ack().await.unwrap();
+            }
+        },
+    );
+    // The driver's `member{member_id, generation}` span names the member id it joined as.
+    let member = spans
+        .iter()
+        .find(|s| s.name == "member")
+        .and_then(|s| attribute(s, "member_id"))
+        .expect("the consumer joined the group");
+    assert_ne!(member, "consumer-1");
+    for offset in [0, 1] {
+        let found = deliveries(&spans, offset);
+        assert_eq!(found.len(), 1, "one delivery span of offset {offset}");
+        assert_eq!(
+            attribute(&found[0], "member").as_deref(),
+            Some(member.as_str())
         );
     }
 }

@@ -528,16 +528,18 @@ impl Delivery {
     }
 
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
-        let member = match &*stamped.stamp.member {
-            "" => shared.consumer_id.as_str(),
-            member => member,
+        // Looked up only when tracing records the span: the member id of a group assignment,
+        // else the consumer id.
+        let member = || match shared.gate.member_at(stamped.generation) {
+            Some(member) => member,
+            None => Arc::from(shared.consumer_id.as_str()),
         };
         let span =
             super::trace::delivery_span(&stamped.delivery, &shared.topic, &shared.group, member);
         Self {
             span,
             inner: stamped.delivery,
-            generation: stamped.stamp.generation,
+            generation: stamped.generation,
             shared,
             settled: false,
             record_sent: false,

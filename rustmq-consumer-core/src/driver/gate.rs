@@ -28,8 +28,8 @@
 // push, never across an `.await`. The machine itself is still owned by value, lock-free.
 #![allow(clippy::disallowed_types)]
 
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_channel::{Receiver, Sender};
 
@@ -55,8 +55,16 @@ pub(crate) struct GateState {
     /// Per partition, the generation its last seek or revoke moved the gate to: a delivery of
     /// it stamped earlier is certainly stale (`Consumer::process` drops its queued work).
     invalidated: HashMap<u32, u64>,
+    /// The group member id deliveries are made under, from the generation it took effect
+    /// (oldest first, at most [`MEMBERS_KEPT`]); none before a group assignment, and in a
+    /// manual one. Read only for a delivery's span, when tracing records it.
+    members: VecDeque<(u64, Arc<str>)>,
     capacity: usize,
 }
+
+/// Member ids remembered: a delivery waiting in the inbox through more joins than this, each
+/// under a new member id, has its span name the oldest one kept.
+const MEMBERS_KEPT: usize = 16;
 
 impl AckGate {
     /// A gate for a consumer with at most `capacity` outstanding deliveries; the receiver is
@@ -69,6 +77,7 @@ impl AckGate {
                 open: true,
                 pending: Vec::with_capacity(capacity),
                 invalidated: HashMap::new(),
+                members: VecDeque::new(),
                 capacity,
             }),
             kick,
@@ -138,6 +147,18 @@ impl AckGate {
         self.lock().generation
     }
 
+    /// The group member id deliveries stamped `generation` were made under; `None` outside a
+    /// group assignment.
+    pub(crate) fn member_at(&self, generation: u64) -> Option<Arc<str>> {
+        let state = self.lock();
+        let mut members = state.members.iter().rev();
+        let found = members
+            .clone()
+            .find(|(since, _)| *since <= generation)
+            .or_else(|| members.next_back());
+        found.map(|(_, member)| Arc::clone(member))
+    }
+
     fn wake_driver(&self) {
         // Full: a token is already there and the driver will apply this ack with the others.
         // Closed: the driver is gone, and it closed the gate before that under the lock, so
@@ -155,7 +176,60 @@ impl GateState {
         }
     }
 
+    /// Deliveries from the current generation on are made under group member `member_id`.
+    pub(crate) fn joined_as(&mut self, member_id: &str) {
+        if self
+            .members
+            .back()
+            .is_some_and(|(_, member)| **member == *member_id)
+        {
+            return;
+        }
+        if self.members.len() == MEMBERS_KEPT {
+            self.members.pop_front();
+        }
+        self.members
+            .push_back((self.generation, Arc::from(member_id)));
+    }
+
     fn accepts(&self, generation: u64) -> bool {
         self.open && self.generation == generation && self.pending.len() < self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delivery's span names the member id in force at its generation: the latest join at
+    /// or before it, the oldest kept for one older than every join remembered.
+    #[test]
+    fn the_member_of_a_generation_is_the_one_joined_at_or_before_it() {
+        let (gate, _kicked) = AckGate::new(8);
+        assert_eq!(gate.member_at(0), None, "no group assignment: none");
+        let join = |generation: u64, member: &str| {
+            let mut state = gate.lock();
+            state.generation = generation;
+            state.joined_as(member);
+        };
+        join(2, "a");
+        join(3, "a"); // the same member again: nothing new
+        join(5, "b");
+        let at = |generation| gate.member_at(generation).map(|m| m.to_string());
+        assert_eq!(at(2).as_deref(), Some("a"));
+        assert_eq!(at(4).as_deref(), Some("a"));
+        assert_eq!(at(5).as_deref(), Some("b"));
+        assert_eq!(at(9).as_deref(), Some("b"));
+        assert_eq!(
+            at(1).as_deref(),
+            Some("a"),
+            "older than every join: the oldest"
+        );
+        for generation in 10..10 + MEMBERS_KEPT as u64 {
+            join(generation, &format!("m{generation}"));
+        }
+        assert_eq!(gate.lock().members.len(), MEMBERS_KEPT, "bounded");
+        assert_eq!(at(5).as_deref(), Some("m10"), "forgotten: the oldest kept");
+        assert_eq!(at(12).as_deref(), Some("m12"));
     }
 }

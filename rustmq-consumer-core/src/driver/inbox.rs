@@ -312,7 +312,6 @@ impl Inbox {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::event::Message;
@@ -330,10 +329,7 @@ mod tests {
                 },
                 record: Record::from_value(&b"v"[..]),
             },
-            stamp: Arc::new(super::super::task::Stamp {
-                generation: 0,
-                member: Box::from(""),
-            }),
+            generation: 0,
         }
     }
 

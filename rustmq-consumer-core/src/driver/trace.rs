@@ -22,8 +22,14 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
 /// The span of one delivery: a child of the record's `traceparent` when the feature is on and
-/// the header is valid, else of the current span.
-pub(crate) fn delivery_span(message: &Message, topic: &str, group: &str, member: &str) -> Span {
+/// the header is valid, else of the current span. `member` is called only when the span is
+/// enabled.
+pub(crate) fn delivery_span<M: std::fmt::Display>(
+    message: &Message,
+    topic: &str,
+    group: &str,
+    member: impl FnOnce() -> M,
+) -> Span {
     let tag = message.tag;
     let span = tracing::info_span!(
         "delivery",
@@ -33,7 +39,7 @@ pub(crate) fn delivery_span(message: &Message, topic: &str, group: &str, member:
         offset = tag.offset,
         attempt = tag.attempt,
         group = %group,
-        member = %member,
+        member = %member(),
     );
     #[cfg(feature = "opentelemetry")]
     otel::continue_trace(&span, &message.record);

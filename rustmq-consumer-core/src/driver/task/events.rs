@@ -13,12 +13,9 @@ impl Driver {
         let event = match event {
             Event::Deliver(delivery) => {
                 // Traced by the machine, which emitted it inside this driver's span.
-                if self.stamp.generation != state.generation {
-                    self.restamp(state.generation, self.stamp.member.clone());
-                }
                 self.backlog.push_back(Stamped {
                     delivery,
-                    stamp: Arc::clone(&self.stamp),
+                    generation: state.generation,
                 });
                 return;
             }
@@ -55,7 +52,7 @@ impl Driver {
             Event::Assigned(partitions) => {
                 state.generation += 1;
                 if let Some((member_id, generation)) = self.joined.take() {
-                    self.restamp(state.generation, Box::from(member_id.as_str()));
+                    state.joined_as(&member_id);
                     self.member_span = tracing::info_span!(
                         parent: &self.span,
                         "member",
@@ -278,10 +275,5 @@ impl Driver {
                 true
             }
         });
-    }
-
-    /// The stamp of the deliveries from now on.
-    fn restamp(&mut self, generation: u64, member: Box<str>) {
-        self.stamp = Arc::new(Stamp { generation, member });
     }
 }

@@ -81,21 +81,14 @@ pub(crate) type EditResult = std::thread::Result<Result<ConsumerConfig, ConfigUp
 /// drained (the command channel's capacity: one wake-up can empty it).
 const DRAIN_BATCH: usize = 256;
 
-/// A delivery on its way to the application, with the [`Stamp`] of the time the machine
-/// emitted it. 128 bytes: moved inline, not by a call to `memcpy`.
+/// A delivery on its way to the application, stamped with the ack gate's generation when
+/// the machine emitted it (see `gate`; the gate also knows the group member id in force at
+/// each generation, for the delivery's span). A plain number, not a shared stamp: no
+/// reference count changes hands per message.
 #[derive(Debug)]
 pub(crate) struct Stamped {
     pub(crate) delivery: Message,
-    pub(crate) stamp: Arc<Stamp>,
-}
-
-/// What the deliveries emitted between two changes of the ack gate's generation share.
-#[derive(Debug)]
-pub(crate) struct Stamp {
-    /// The ack gate's generation (see `gate`).
     pub(crate) generation: u64,
-    /// The group member id they were delivered under (empty in a manual assignment).
-    pub(crate) member: Box<str>,
 }
 
 /// What the consumer can still answer after the driver has exited.
@@ -188,9 +181,6 @@ pub(crate) struct Driver {
     member_span: tracing::Span,
     /// Newly assigned partitions the inbox holds back until their assign hook returns.
     held_for_hook: Vec<u32>,
-    /// Stamped on the deliveries: the gate's generation, and the member id of the current
-    /// group assignment (empty before one, and in a manual assignment).
-    stamp: Arc<Stamp>,
     /// Since when each health issue lasts (`health_report`).
     watch: health::Watch,
     /// The metrics export (feature `metrics`; nothing without it).
@@ -233,10 +223,6 @@ impl Driver {
             span: tracing::Span::none(),
             member_span: tracing::Span::none(),
             held_for_hook: Vec::new(),
-            stamp: Arc::new(Stamp {
-                generation: 0,
-                member: Box::from(""),
-            }),
             watch,
             telemetry,
         }
