@@ -550,12 +550,12 @@ impl Delivery {
     /// if this future is dropped before that, the delivery's drop nacks it.
     async fn settle<T>(
         mut self,
-        command: impl FnOnce(event::Message, Reply<Result<T, UsageError>>) -> Command,
+        command: impl FnOnce(Box<event::Message>, Reply<Result<T, UsageError>>) -> Command,
     ) -> Result<T, ConsumerError> {
         let (reply, answer) = async_channel::bounded(1);
         // The message goes back whole (its record for a redelivery or a dead letter); what
         // stays behind is its tag, for the drop below should the send be cancelled.
-        let message = self.take_message();
+        let message = Box::new(self.take_message());
         if self
             .shared
             .commands

@@ -15,12 +15,12 @@ impl Driver {
                 let tag = message.tag;
                 // Read before the nack, under the limit the machine applies to it.
                 let redelivers = tag.attempt <= machine.config().max_retry_attempts;
-                machine.give_back(now, message);
+                machine.give_back(now, *message);
                 let _ = reply.try_send(machine.nack(now, tag, delay).map(|()| redelivers));
             }
             Command::Reject(message, reason, reply) => {
                 let tag = message.tag;
-                machine.give_back(now, message);
+                machine.give_back(now, *message);
                 let _ = reply.try_send(machine.reject(now, tag, &reason));
             }
             Command::Pause(partitions, reply) => {

@@ -44,11 +44,12 @@ pub(crate) type Reply<T> = Sender<T>;
 pub(crate) enum Command {
     Ack(DeliveryTag, Reply<Result<(), UsageError>>),
     /// The delivery comes back whole: its record is given back to the machine for the
-    /// redelivery. The reply says whether the nack redelivers (else it dead-letters or
+    /// redelivery (boxed: the command channel's room is allocated up front, and a nack is
+    /// the rare path). The reply says whether the nack redelivers (else it dead-letters or
     /// discards).
-    Nack(Message, Option<Duration>, Reply<Result<bool, UsageError>>),
+    Nack(Box<Message>, Option<Duration>, Reply<Result<bool, UsageError>>),
     /// The delivery comes back whole, its record for the dead letter.
-    Reject(Message, String, Reply<Result<(), UsageError>>),
+    Reject(Box<Message>, String, Reply<Result<(), UsageError>>),
     Pause(Vec<u32>, Reply<Result<(), UsageError>>),
     Resume(Vec<u32>, Reply<Result<(), UsageError>>),
     Seek(u32, u64, Reply<Result<(), UsageError>>),
