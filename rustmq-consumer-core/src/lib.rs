@@ -10,7 +10,9 @@
 //! 1. feed one input: [`ConsumerMachine::handle_response`] for an answer,
 //!    [`ConsumerMachine::handle_timeout`] when the deadline from `poll_timeout` passed, or an
 //!    application command ([`ConsumerMachine::ack`], `nack`, `reject`, `pause`, `resume`,
-//!    `seek`, `commit`, `close`);
+//!    `seek`, `commit`, `close`); a nacked or rejected delivery's record goes back first with
+//!    [`ConsumerMachine::give_back`], so its redelivery or dead letter comes from the cache
+//!    rather than from the broker again (a delivery is not copied: most are acked);
 //! 2. drain [`ConsumerMachine::poll_transmit`] (send every request, without waiting for
 //!    answers), then [`ConsumerMachine::poll_event`] (deliveries and everything else);
 //! 3. sleep until [`ConsumerMachine::poll_timeout`] or the next input, whichever comes first.
