@@ -902,16 +902,17 @@ fn parked_member() -> (Cluster, usize, String, Vec<DeliveryTag>) {
 
 /// Issue 12 item 5: the deliveries the application holds across a rebalance that gives their
 /// partition back stay valid. While the partition is parked (revoked, rejoin pending) an ack
-/// settles, a nack is retried once it is back, a reject is dead-lettered once it is back; after
-/// the rejoin the rest are acked; nothing but the nacked offset is delivered twice, and the
-/// watermark is committed under the new generation.
+/// settles, a nack is retried once it is back (from the cache: the pump gives its record
+/// back, and no refetch is sent), a reject is dead-lettered once it is back; after the rejoin
+/// the rest are acked; nothing but the nacked offset is delivered twice, and the watermark is
+/// committed under the new generation.
 #[test]
 fn deliveries_held_across_a_rebalance_that_gives_the_partition_back_stay_valid() {
     let (mut c, a, phantom, held) = parked_member();
     let now = c.now;
+    c.members[a].nack(held[2], None);
     let m = &mut c.members[a].m;
     m.ack(now, held[1]).unwrap();
-    m.nack(now, held[2], None).unwrap();
     m.reject(now, held[3], "bad").unwrap();
     assert_eq!(
         m.ack(now, held[1]),
@@ -949,6 +950,12 @@ fn deliveries_held_across_a_rebalance_that_gives_the_partition_back_stay_valid()
             .collect::<Vec<_>>(),
         [(2, 2)],
         "only the nacked offset comes again"
+    );
+    let metrics = c.members[a].m.metrics();
+    assert_eq!(
+        (metrics.cache_hits, metrics.refetches),
+        (1, 1),
+        "the nacked record came back from the cache; only the rejected one was fetched again"
     );
     assert_eq!(
         c.members[a].count(|e| matches!(e, Event::DeadLettered { offset: 3, .. })),

@@ -232,14 +232,11 @@ impl ConsumerMachine {
     /// it back whenever the application hands a delivery back, dropped handles included.
     ///
     /// Returns whether it was cached: false for a delivery that is not outstanding (the nack
-    /// that follows says why), of a partition given back in a rebalance, or too large for
-    /// the cache. Either way nothing is settled; only the nack or reject does that.
+    /// that follows says why) or too large for the cache. Either way nothing is settled; only
+    /// the nack or reject does that. A delivery of a partition parked in a rebalance is
+    /// cached too, for its retry once the partition is back.
     pub fn give_back(&mut self, now: Instant, message: Message) -> bool {
-        let Ok(idx) = self.partitions.outstanding(message.tag) else {
-            return false;
-        };
-        self.partitions
-            .cache_returned(now, idx, message.tag.offset, message.record)
+        self.partitions.cache_returned(now, message)
     }
 
     /// Hands a delivery back for a retry after `delay` (or the backoff policy when `None`).

@@ -47,7 +47,11 @@ pub(crate) enum Command {
     /// redelivery (boxed: the command channel's room is allocated up front, and a nack is
     /// the rare path). The reply says whether the nack redelivers (else it dead-letters or
     /// discards).
-    Nack(Box<Message>, Option<Duration>, Reply<Result<bool, UsageError>>),
+    Nack(
+        Box<Message>,
+        Option<Duration>,
+        Reply<Result<bool, UsageError>>,
+    ),
     /// The delivery comes back whole, its record for the dead letter.
     Reject(Box<Message>, String, Reply<Result<(), UsageError>>),
     Pause(Vec<u32>, Reply<Result<(), UsageError>>),

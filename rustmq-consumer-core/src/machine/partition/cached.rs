@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::{Partition, Partitions};
 use crate::cache::{CacheCell, CacheKey, CacheSlots, MessageCache};
 use crate::config::ConsumerConfig;
+use crate::event::Message;
 use crate::protocol::Record;
 
 /// Every partition's window, assigned or parked, as the message cache reaches them.
@@ -57,22 +58,23 @@ impl Partitions {
         cache.get(now, key, &mut windows)
     }
 
-    /// Caches the record of a delivery of the partition at `idx` that the application gave
-    /// back (see `ConsumerMachine::give_back`), replacing what its slot had cached; false when
-    /// it was not stored (too large for the cache, or no slot).
-    pub(crate) fn cache_returned(
-        &mut self,
-        now: Instant,
-        idx: usize,
-        offset: u64,
-        record: Record,
-    ) -> bool {
-        let key = (self.list[idx].id, offset);
+    /// Caches the record of a delivery outstanding with the application that it gave back
+    /// (see `ConsumerMachine::give_back`), in its slot (of an assigned or a parked partition),
+    /// replacing what the slot had cached; false when it was not stored (not outstanding, or
+    /// too large for the cache).
+    pub(crate) fn cache_returned(&mut self, now: Instant, message: Message) -> bool {
+        let Message { tag, record } = message;
         let (cache, mut windows) = self.cache_windows();
         cache.expire(now, &mut windows);
-        let Some(u) = self.list[idx].window.get_mut(offset) else {
+        let p = if self.is_parked(tag.partition) {
+            self.parked.outstanding(tag)
+        } else {
+            self.outstanding(tag).map(|idx| &mut self.list[idx])
+        };
+        let Some(u) = p.ok().and_then(|p| p.window.get_mut(tag.offset)) else {
             return false;
         };
+        let key = (tag.partition, tag.offset);
         let encoded_len = record.encoded_len();
         let stored = self
             .cache

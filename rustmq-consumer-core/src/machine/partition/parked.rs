@@ -57,6 +57,27 @@ pub(crate) struct Parked {
     restarted: Vec<u32>,
 }
 
+impl Parked {
+    /// The parked partition of a delivery outstanding with the application, validated as
+    /// [`Partitions::outstanding`] validates one of an assigned partition.
+    pub(super) fn outstanding(&mut self, tag: DeliveryTag) -> Result<&mut Partition, UsageError> {
+        let (partition, offset) = (tag.partition, tag.offset);
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return Err(UsageError::StaleDelivery { partition, offset });
+        };
+        let since = self.since.get(&partition).copied().unwrap_or(p.epoch);
+        if tag.epoch < since || tag.epoch > p.epoch {
+            return Err(UsageError::StaleDelivery { partition, offset });
+        }
+        match p.slot(offset) {
+            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => Ok(p),
+            Some(Slot::Delivered { .. }) => Err(UsageError::StaleDelivery { partition, offset }),
+            _ if offset >= p.window.end() => Err(UsageError::UnknownDelivery { partition, offset }),
+            _ => Err(UsageError::NotOutstanding { partition, offset }),
+        }
+    }
+}
+
 impl Partition {
     /// True when nothing of it is on the dead-letter path, which a revoke forgets.
     fn parkable(&self) -> bool {
@@ -318,28 +339,7 @@ impl Partitions {
         how: Handback,
     ) -> Result<(), UsageError> {
         let (partition, offset) = (tag.partition, tag.offset);
-        let Some(p) = self.parked.partitions.get_mut(&partition) else {
-            return Err(UsageError::StaleDelivery { partition, offset });
-        };
-        let since = self
-            .parked
-            .since
-            .get(&partition)
-            .copied()
-            .unwrap_or(p.epoch);
-        if tag.epoch < since || tag.epoch > p.epoch {
-            return Err(UsageError::StaleDelivery { partition, offset });
-        }
-        match p.slot(offset) {
-            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => {}
-            Some(Slot::Delivered { .. }) => {
-                return Err(UsageError::StaleDelivery { partition, offset })
-            }
-            _ if offset >= p.window.end() => {
-                return Err(UsageError::UnknownDelivery { partition, offset })
-            }
-            _ => return Err(UsageError::NotOutstanding { partition, offset }),
-        }
+        let p = self.parked.outstanding(tag)?;
         self.unacked -= 1;
         let attempt = tag.attempt;
         match how {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::{Partitions, Phase, Slot, Unsettled};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
-use crate::event::Metrics;
+use crate::event::{Event, Message, Metrics};
 use crate::machine::requests::Requests;
 use crate::protocol::Record;
 
@@ -139,10 +139,15 @@ fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
         .get(o)
         .is_some_and(|u| !u.cached.is_cached())));
 
-    for offset in 0..3 {
-        assert!(s
-            .partitions
-            .cache_returned(s.now, 0, offset, record.clone()));
+    let messages: Vec<Message> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Deliver(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    for m in &messages {
+        assert!(s.partitions.cache_returned(s.now, m.clone()));
     }
     let cost = record.encoded_len() + 16;
     assert_eq!(s.partitions.cache().len(), 3);
@@ -154,8 +159,14 @@ fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
         .get(o)
         .is_some_and(|u| u.cached.is_cached())));
     assert!(
-        s.partitions.cache_returned(s.now, 0, 2, record.clone()),
+        s.partitions.cache_returned(s.now, messages[2].clone()),
         "given back twice: the second replaces the first"
+    );
+    let mut stale = messages[1].clone();
+    stale.tag.attempt += 1;
+    assert!(
+        !s.partitions.cache_returned(s.now, stale),
+        "not an outstanding delivery: not cached"
     );
     assert_eq!(s.partitions.cache().len(), 3);
 
