@@ -415,7 +415,8 @@ pub struct Metrics {
     pub in_flight_deliveries: u64,
     /// Fetched messages buffered now.
     pub buffered: u64,
-    /// Messages in the cache now.
+    /// Messages in the cache now: records handed back for a retry or a dead letter (a
+    /// delivery is not copied in).
     pub cached: u64,
     /// Bytes the cache holds now.
     pub cached_bytes: u64,

@@ -75,7 +75,7 @@ pub const IN_FLIGHT_DELIVERIES: &str = "rustmq_consumer_in_flight_deliveries";
 pub const IN_FLIGHT_REQUESTS: &str = "rustmq_consumer_in_flight_requests";
 /// Gauge: fetched messages buffered ahead of the application.
 pub const BUFFERED: &str = "rustmq_consumer_buffered";
-/// Gauge: messages in the cache.
+/// Gauge: messages in the cache (records handed back for a retry or a dead letter).
 pub const CACHED: &str = "rustmq_consumer_cached";
 /// Gauge: bytes the cache holds.
 pub const CACHED_BYTES: &str = "rustmq_consumer_cached_bytes";
