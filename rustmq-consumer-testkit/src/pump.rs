@@ -305,14 +305,15 @@ impl<P: Peer> Pump<P> {
 
     /// Remembers a delivery's record for its nack or reject. Deliveries settled on
     /// [`Pump::m`] directly are forgotten once their offset is below the settle watermark,
-    /// looked for when the map outgrows the machine's `max_unacked`.
+    /// and those of a partition no longer assigned (a nack of one still works: its record is
+    /// fetched again), looked for when the map outgrows the machine's `max_unacked`.
     fn hand_out(&mut self, message: &Message) {
         let bound = self.m.config().max_unacked.max(64);
         if self.handed_out.len() >= bound {
             let m = &self.m;
             self.handed_out.retain(|tag, _| {
                 m.settle_watermark(tag.partition)
-                    .is_none_or(|base| tag.offset >= base)
+                    .is_some_and(|base| tag.offset >= base)
             });
         }
         self.handed_out.insert(message.tag, message.record.clone());
@@ -518,4 +519,50 @@ pub fn take_deliveries(m: &mut ConsumerMachine, tags: &mut Vec<DeliveryTag>) {
         }
     }
     panic!("pump: more than MAX_OUTPUTS = {MAX_OUTPUTS} events queued at once");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pump(messages: usize) -> Pump {
+        let mut broker = SimBroker::new();
+        broker.create_topic("t", 1);
+        let values = (0..messages).map(|i| format!("m{i}"));
+        broker
+            .produce_values("t", 0, values)
+            .unwrap_or_else(|e| panic!("produce: {e}"));
+        let mut config = ConsumerConfig::new("t", "g");
+        config.partitions = vec![0];
+        config.max_unacked = 10;
+        #[allow(clippy::disallowed_methods)] // a test's clock: any instant does
+        let now = Instant::now();
+        Pump::new(broker, config, now)
+    }
+
+    /// A nack through the pump gives the record back, so the retry comes from the cache; the
+    /// records of deliveries settled on the machine directly do not pile up.
+    #[test]
+    fn the_pump_gives_records_back_and_forgets_settled_ones() {
+        let mut p = pump(1_000);
+        p.advance(Duration::from_millis(100));
+        let first = p.take_delivered();
+        assert!(!first.is_empty());
+        p.nack(first[0], Some(Duration::from_millis(1)));
+        for &tag in &first[1..] {
+            p.m.ack(p.now, tag).unwrap_or_else(|e| panic!("ack: {e}"));
+        }
+        let mut rounds = 0;
+        while p.m.settle_watermark(0) != Some(1_000) {
+            rounds += 1;
+            assert!(rounds < 1_000, "never consumed everything");
+            p.advance(Duration::from_millis(10));
+            for tag in p.take_delivered() {
+                p.m.ack(p.now, tag).unwrap_or_else(|e| panic!("ack: {e}"));
+            }
+            assert!(p.handed_out.len() <= 64 + 10, "{}", p.handed_out.len());
+        }
+        let m = p.m.metrics();
+        assert_eq!((m.retried, m.cache_hits, m.refetches), (1, 1, 0), "{m:?}");
+    }
 }
