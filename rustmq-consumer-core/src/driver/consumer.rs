@@ -166,6 +166,7 @@ impl Consumer {
         };
         let mut taken = vec![first];
         self.shared.inbox.take_many(max - 1, &mut taken);
+        batch.reserve_exact(taken.len());
         batch.extend(
             taken
                 .into_iter()
@@ -174,34 +175,33 @@ impl Consumer {
         Ok(batch)
     }
 
-    /// Acks every delivery of `deliveries`, in order, as one batch: acks the consumer is
-    /// certain to accept are queued together without waiting for the driver; the others
-    /// (stale deliveries, deliveries of another consumer, any ack after close) are sent one by
-    /// one and answered as [`Delivery::ack`] would.
+    /// Acks every delivery of `deliveries` as one batch: acks the consumer is certain to
+    /// accept are queued together without waiting for the driver; the others (stale
+    /// deliveries, deliveries of another consumer, any ack after close) are then sent one by
+    /// one, in order, and answered as [`Delivery::ack`] would.
     ///
     /// Every delivery is settled or refused; the result is the first refusal, if any.
     pub async fn ack_all(
         &self,
         deliveries: impl IntoIterator<Item = Delivery>,
     ) -> Result<(), ConsumerError> {
-        let mut foreign = Vec::new();
-        let mut ours = Vec::new();
-        for delivery in deliveries {
-            if Arc::ptr_eq(&delivery.shared, &self.shared) {
-                ours.push(delivery);
-            } else {
-                foreign.push(delivery);
-            }
-        }
-        let stamped = ours.into_iter().map(|mut delivery| {
-            // Counted as settled from here: queued below, or acked on the slow path.
-            delivery.settled = true;
-            (delivery.inner.tag, delivery.generation, delivery)
-        });
-        let refused = self.shared.gate.try_ack_many(stamped);
+        // Collected in place when given a `Vec` (as `receive_many` returns).
+        let mut deliveries: Vec<Delivery> = deliveries.into_iter().collect();
+        let ours = deliveries
+            .iter_mut()
+            .filter(|delivery| Arc::ptr_eq(&delivery.shared, &self.shared))
+            .map(|delivery| {
+                (
+                    delivery.inner.tag,
+                    delivery.generation,
+                    &mut delivery.settled,
+                )
+            });
+        self.shared.gate.try_ack_each(ours);
+        // The queued ones are dropped here, outside the gate's lock, without moving.
+        deliveries.retain(|delivery| !delivery.settled);
         let mut first_error = None;
-        for mut delivery in refused.into_iter().chain(foreign) {
-            delivery.settled = false;
+        for delivery in deliveries {
             if let Err(error) = delivery.ack().await {
                 first_error.get_or_insert(error);
             }

@@ -107,20 +107,19 @@ impl AckGate {
         true
     }
 
-    /// Queues every ack of `stamped` that the machine is certain to accept, under one lock;
-    /// returns the rest, for the slow path.
-    pub(crate) fn try_ack_many<T>(
+    /// Queues every ack of `stamped` (tag, generation, settled flag) that the machine is
+    /// certain to accept, under one lock, and sets its flag; the others are left for the
+    /// slow path.
+    pub(crate) fn try_ack_each<'a>(
         &self,
-        stamped: impl IntoIterator<Item = (DeliveryTag, u64, T)>,
-    ) -> Vec<T> {
-        let mut refused = Vec::new();
+        stamped: impl IntoIterator<Item = (DeliveryTag, u64, &'a mut bool)>,
+    ) {
         let mut state = self.lock();
         let was_empty = state.pending.is_empty();
-        for (tag, generation, item) in stamped {
+        for (tag, generation, settled) in stamped {
             if state.accepts(generation) {
                 state.pending.push(tag);
-            } else {
-                refused.push(item);
+                *settled = true;
             }
         }
         let queued = !state.pending.is_empty();
@@ -128,7 +127,6 @@ impl AckGate {
         if was_empty && queued {
             self.wake_driver();
         }
-        refused
     }
 
     /// True when a delivery of `partition` stamped `generation` can no longer be settled: its
