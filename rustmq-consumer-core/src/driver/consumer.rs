@@ -157,22 +157,18 @@ impl Consumer {
     /// The batch form of [`Consumer::receive`]; settle the batch with
     /// [`Consumer::ack_all`] or one delivery at a time.
     pub async fn receive_many(&self, max: usize) -> Result<Vec<Delivery>, ConsumerError> {
-        let mut batch = Vec::new();
         if max == 0 {
-            return Ok(batch);
+            return Ok(Vec::new());
         }
         let Some(first) = self.next_stamped().await? else {
-            return Ok(batch);
+            return Ok(Vec::new());
         };
         let mut taken = vec![first];
         self.shared.inbox.take_many(max - 1, &mut taken);
-        batch.reserve_exact(taken.len());
-        batch.extend(
-            taken
-                .into_iter()
-                .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared))),
-        );
-        Ok(batch)
+        Ok(taken
+            .into_iter()
+            .map(|stamped| Delivery::new(stamped, Arc::clone(&self.shared)))
+            .collect())
     }
 
     /// Acks every delivery of `deliveries` as one batch: acks the consumer is certain to
