@@ -5,7 +5,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::error::TransportError;
-use crate::protocol::{Record, Request, RequestKind, TopicPartition};
+use crate::protocol::{Record, Request, RequestKind, TopicPartition, CUT_IN_TRANSIT};
 
 /// Identifies one request from transmit to response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -158,7 +158,7 @@ impl RequestError {
     /// answered at once: the request is retried, the circuit breaker does not count it.
     pub fn cut_in_transit(&self) -> bool {
         matches!(self, Self::Transport(TransportError::Broker(message))
-            if message.contains("Serialization error: io error: unexpected end of file"))
+            if message.contains(CUT_IN_TRANSIT))
     }
 }
 

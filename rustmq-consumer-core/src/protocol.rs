@@ -434,3 +434,7 @@ pub const MAX_REQUEST_FRAME: usize = 8192;
 /// always fits; only a dead-letter record can make a larger request, up to
 /// [`MAX_REQUEST_FRAME`].
 pub const PACKET_REQUEST_FRAME: usize = 1_100;
+
+/// The error frame the broker answers a request it read in part with (its one read got the
+/// packets that had arrived; the rest came later): see `RequestError::cut_in_transit`.
+pub const CUT_IN_TRANSIT: &str = "Serialization error: io error: unexpected end of file";

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use rustmq_consumer_core::codec::request_frame_len;
 use rustmq_consumer_core::protocol::{
     error_code, BrokerInfo, FindCoordinatorResponse, MetadataResponse, Record, Request, Response,
-    TopicPartition, MAX_REQUEST_FRAME,
+    TopicPartition, CUT_IN_TRANSIT, MAX_REQUEST_FRAME,
 };
 use rustmq_consumer_core::TransportError;
 use tracing::debug;
@@ -204,9 +204,7 @@ impl SimBroker {
             self.packing = Some((now, fill));
             if straddles {
                 debug!(kind = ?request.kind(), size, "request frame over two packets: read in part");
-                return Err(TransportError::Broker(
-                    "Serialization error: io error: unexpected end of file".to_owned(),
-                ));
+                return Err(TransportError::Broker(CUT_IN_TRANSIT.to_owned()));
             }
         }
         Ok(())
