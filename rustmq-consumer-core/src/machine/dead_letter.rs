@@ -128,11 +128,16 @@ impl DeadLetters {
             return (too_large, true);
         };
         let base = frame::produce_base_len(&topic);
-        // Too large for any request: stall the partition there, visibly.
-        while let Some(front) = self.queue.front() {
-            let size = base + record(front, config).encoded_len();
+        // Too large for any request: stall the partition there, visibly. The first record
+        // that fits opens the batch, built once.
+        let (first, mut size) = loop {
+            let Some(front) = self.queue.front() else {
+                return (too_large, true);
+            };
+            let record = record(front, config);
+            let size = base + record.encoded_len();
             if size <= MAX_REQUEST_FRAME {
-                break;
+                break (record, size);
             }
             if let Some(e) = self.queue.pop_front() {
                 warn!(topic = %config.topic, partition = e.partition, offset = e.offset, size, "poison message too large for a dead-letter request; partition stalled");
@@ -142,21 +147,17 @@ impl DeadLetters {
                     size,
                 });
             }
-        }
-        if self.queue.is_empty() {
-            return (too_large, true);
-        }
+        };
         let Some(permit) = breaker.try_acquire() else {
             return (too_large, false);
         };
-        let mut size = base;
-        let mut batch = Vec::new();
-        let mut records = Vec::new();
+        let mut records = vec![first];
+        let mut batch: Vec<DeadLetterEntry> = self.queue.pop_front().into_iter().collect();
         while let Some(front) = self.queue.front() {
             let record = record(front, config);
             let len = record.encoded_len();
-            // One packet's worth, or one record alone (the front fits a frame, checked above).
-            if size + len > PACKET_REQUEST_FRAME && !records.is_empty() {
+            // One packet's worth, or the first record alone (it fits a frame, checked above).
+            if size + len > PACKET_REQUEST_FRAME {
                 break;
             }
             size += len;
