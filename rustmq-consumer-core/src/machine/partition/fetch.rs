@@ -488,10 +488,10 @@ impl Partitions {
             .min(config.fetch_size.saturating_sub(self.buffered))
             .min(r.records.len());
         p.window.reserve(most);
-        p.buffered.reserve(most);
+        let mut records = r.records;
         let mut taken = 0u64;
         let (mut first_bytes, mut taken_bytes) = (0, 0);
-        for record in r.records {
+        for record in &records {
             let bytes = record.encoded_len();
             if taken == 0 {
                 first_bytes = bytes; // only the first record is looked at while none is taken
@@ -505,11 +505,10 @@ impl Partitions {
             if taken >= span_room || self.buffered >= config.fetch_size || over_bytes {
                 break; // the rest is fetched again later
             }
-            let Some(next) = owner.offset.checked_add(taken) else {
+            if owner.offset.checked_add(taken).is_none() {
                 break;
-            };
+            }
             p.window.push(Unsettled::new(Slot::Buffered));
-            p.buffered.push_back((next, record));
             self.buffered += 1;
             self.buffered_bytes += bytes;
             taken_bytes += bytes;
@@ -519,6 +518,13 @@ impl Partitions {
             // Nothing fitted: wait for deliveries to free room rather than asking again now.
             p.byte_blocked = Some(first_bytes);
         }
+        // The answer's own list is the buffer (no record moved twice); one that gives up most
+        // of its records is shrunk, so what is left over does not hold its room.
+        records.truncate(taken as usize);
+        if records.capacity() > 2 * records.len() {
+            records.shrink_to_fit();
+        }
+        p.buffered.push(owner.offset, records);
         self.sizer.taken(taken as usize, taken_bytes);
         metrics.received += taken;
         Ok(())

@@ -14,6 +14,7 @@ use crate::event::{DeliveryTag, DiscardReason, Event, Message, Metrics, Partitio
 use crate::protocol::Record;
 use crate::window::Window;
 
+mod buffer;
 mod cached;
 mod fetch;
 mod index;
@@ -23,6 +24,7 @@ mod sizing;
 #[cfg(test)]
 mod tests;
 
+use buffer::Buffered;
 use index::{FetchTurn, Indexed};
 pub(crate) use parked::Handback;
 use parked::Parked;
@@ -39,7 +41,7 @@ pub(crate) struct Partition {
     /// Settle window: base = lowest unsettled offset, end = next offset to fetch.
     pub(crate) window: Window<Unsettled>,
     /// Fetched, not yet delivered.
-    buffered: VecDeque<(u64, Record)>,
+    buffered: Buffered,
     /// Due retries with their record, waiting for delivery credit.
     redeliver: VecDeque<(u64, Record)>,
     /// Offsets whose record the cache lost: fetched again one by one.
@@ -160,7 +162,7 @@ impl Partition {
             paused: false,
             revoking: false,
             window: Window::new(0),
-            buffered: VecDeque::new(),
+            buffered: Buffered::default(),
             redeliver: VecDeque::new(),
             refetch: VecDeque::new(),
             fetch_in_flight: false,
@@ -541,11 +543,12 @@ impl Partitions {
     /// A message held for delivery (buffered or awaiting a retry).
     pub(crate) fn held(&self, id: u32, offset: u64) -> Option<&Record> {
         let p = self.get(id)?;
-        p.buffered
-            .iter()
-            .chain(p.redeliver.iter())
-            .find(|(o, _)| *o == offset)
-            .map(|(_, r)| r)
+        p.buffered.get(offset).or_else(|| {
+            p.redeliver
+                .iter()
+                .find(|(o, _)| *o == offset)
+                .map(|(_, r)| r)
+        })
     }
 
     /// Validates that `tag` names a delivery outstanding with the application.
@@ -616,11 +619,7 @@ impl Partitions {
     fn release_buffer(&mut self, idx: usize) {
         let p = &mut self.list[idx];
         self.buffered -= p.buffered.len();
-        self.buffered_bytes -= p
-            .buffered
-            .iter()
-            .map(|(_, r)| r.encoded_len())
-            .sum::<usize>();
+        self.buffered_bytes -= p.buffered.bytes();
         p.buffered.clear();
         if let Some(planned) = p.fetch_planned.take() {
             self.fetch_reserved -= planned.records;
@@ -671,10 +670,9 @@ impl Partitions {
             p.revoking = true;
             p.redeliver.clear();
             p.refetch.clear();
-            for (_, r) in p.buffered.drain(..) {
-                self.buffered -= 1;
-                self.buffered_bytes -= r.encoded_len();
-            }
+            self.buffered -= p.buffered.len();
+            self.buffered_bytes -= p.buffered.bytes();
+            p.buffered.clear();
         }
     }
 

@@ -122,10 +122,10 @@ fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
     let mut s = setup(100, 0);
     let record = Record::from_value(vec![7u8; 10]);
     let p = s.partitions.at_mut(0);
-    for offset in 0..3 {
+    for _ in 0..3 {
         p.window.push(Unsettled::new(Slot::Buffered));
-        p.buffered.push_back((offset, record.clone()));
     }
+    p.buffered.push(0, vec![record.clone(); 3]);
     s.partitions.buffered += 3;
     s.partitions.buffered_bytes += 3 * record.encoded_len();
     let mut events = VecDeque::new();
