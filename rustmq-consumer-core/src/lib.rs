@@ -134,7 +134,7 @@ pub use machine::{dead_letter_headers, ConsumerMachine};
 #[doc(hidden)]
 pub mod adapter {
     pub use crate::async_trait;
-    pub use crate::driver::{Delivery, Outcome, ProcessOptions, ProcessSummary};
+    pub use crate::driver::{Ack, Delivery, Outcome, ProcessOptions, ProcessSummary};
     pub use crate::process::OrderBy;
     #[cfg(feature = "quic")]
     pub use crate::quic::{QuicConfig, QuicError, QuicTransport, RootCerts, TlsMode};

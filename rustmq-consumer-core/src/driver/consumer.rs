@@ -486,6 +486,33 @@ impl Stream for DeliveryStream {
     }
 }
 
+/// The future [`Delivery::ack`] returns: ready at once when the ack was queued at the call (the
+/// common case), else the driver's answer.
+#[must_use = "an ack the driver has to answer is sent only when awaited"]
+pub struct Ack(Option<AskedAck>);
+
+/// An ack the driver answers (stale, closed, or the gate full).
+type AskedAck = Pin<Box<dyn Future<Output = Result<(), ConsumerError>> + Send>>;
+
+impl fmt::Debug for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ack")
+            .field("queued", &self.0.is_none())
+            .finish()
+    }
+}
+
+impl Future for Ack {
+    type Output = Result<(), ConsumerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            None => Poll::Ready(Ok(())),
+            Some(asked) => asked.as_mut().poll(cx),
+        }
+    }
+}
+
 /// One message handed to the application. Settle it with exactly one of `ack`, `nack`,
 /// `nack_with_delay` or `reject`.
 ///
@@ -572,17 +599,22 @@ impl Delivery {
     /// Done with it: its offset may be committed.
     ///
     /// When nothing since the delivery can have made it stale (no seek, rebalance or close),
-    /// the ack is queued for the driver and this returns `Ok` without waiting: the driver
-    /// applies queued acks before any other input, so the machine accepts it. Otherwise the
-    /// driver is asked and its answer returned ([`UsageError::StaleDelivery`],
-    /// [`UsageError::Closed`], ...).
-    pub async fn ack(mut self) -> Result<(), ConsumerError> {
+    /// the ack is queued for the driver when `ack` is called, and the future it returns is
+    /// ready with `Ok`: the driver applies queued acks before any other input, so the machine
+    /// accepts it. Otherwise the future asks the driver and returns its answer
+    /// ([`UsageError::StaleDelivery`], [`UsageError::Closed`], ...); dropped before it is
+    /// done, that ack counts as a dropped delivery (a nack).
+    ///
+    /// The queued ack takes effect at the call, not at the first poll: a `Delivery` is large,
+    /// and the common case so never moves it into a future.
+    pub fn ack(mut self) -> Ack {
         if self.shared.gate.try_ack(self.inner.tag, self.generation) {
             self.settled = true;
-            return Ok(());
+            return Ack(None);
         }
-        self.settle(|message, reply| Command::Ack(message.tag, reply))
-            .await
+        Ack(Some(Box::pin(
+            self.settle(|message, reply| Command::Ack(message.tag, reply)),
+        )))
     }
 
     /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).

@@ -23,7 +23,7 @@ mod trace;
 mod transport;
 
 pub use builder::ConsumerBuilder;
-pub use consumer::{Consumer, Delivery, DeliveryStream};
+pub use consumer::{Ack, Consumer, Delivery, DeliveryStream};
 pub use error::ConsumerError;
 pub use health::{HealthIssue, HealthReport, Probe};
 pub use notices::{EventNotice, EventStream, EVENTS_CAPACITY};
