@@ -403,16 +403,21 @@ impl Driver {
     }
 
     fn arm_timer(&mut self) {
-        let deadline = self.machine.poll_timeout().map(|(deadline, _)| deadline);
-        if deadline == self.armed {
+        let Some(deadline) = self.machine.poll_timeout().map(|(deadline, _)| deadline) else {
+            self.armed = None;
+            return;
+        };
+        // A timer armed for an earlier instant stays: it fires early, which the machine takes
+        // as spurious, and is set for the later one then. Deadlines mostly move later (each
+        // answered request's), and a reset is not free (on smol it wakes the reactor with a
+        // syscall).
+        if self.armed.is_some_and(|armed| armed <= deadline) {
             return;
         }
-        self.armed = deadline;
-        if let Some(deadline) = deadline {
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(self.runtime.new_timer(deadline)),
-            }
+        self.armed = Some(deadline);
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(self.runtime.new_timer(deadline)),
         }
     }
 
