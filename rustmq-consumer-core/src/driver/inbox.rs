@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use event_listener::{Event, EventListener};
 
+use super::deliveries::Deliveries;
 use super::task::Stamped;
 
 /// Shared by the driver (pushes, pauses, discards) and the consumer handles (take).
@@ -39,7 +40,7 @@ pub(crate) struct Inbox {
 #[derive(Debug, Default)]
 struct State {
     /// Takeable deliveries, in the order the machine emitted them.
-    ready: VecDeque<Stamped>,
+    ready: Deliveries,
     /// One entry per paused partition: what it holds, oldest first.
     held: HashMap<u32, VecDeque<Stamped>>,
     /// Deliveries in `ready` and `held`.
@@ -81,7 +82,7 @@ impl Inbox {
     /// Moves deliveries from the front of `backlog` while there is room; returns a listener
     /// for room when some are left (already re-checked: wait on it), `None` when all went in.
     /// Once closed, the backlog is dropped.
-    pub(crate) fn push(&self, backlog: &mut VecDeque<Stamped>) -> Option<EventListener> {
+    pub(crate) fn push(&self, backlog: &mut Deliveries) -> Option<EventListener> {
         if self.try_push(backlog) {
             return None;
         }
@@ -94,7 +95,7 @@ impl Inbox {
     }
 
     /// True once the backlog is empty.
-    fn try_push(&self, backlog: &mut VecDeque<Stamped>) -> bool {
+    fn try_push(&self, backlog: &mut Deliveries) -> bool {
         let mut state = self.lock();
         if state.closed {
             backlog.clear();
@@ -138,17 +139,11 @@ impl Inbox {
         for &p in partitions {
             state.held.entry(p).or_default();
         }
-        if state
-            .ready
-            .iter()
-            .any(|s| state.held.contains_key(&partition(s)))
-        {
-            for stamped in std::mem::take(&mut state.ready) {
-                match state.held.get_mut(&partition(&stamped)) {
-                    // Paused partitions hold nothing newer than what was ready: order kept.
-                    Some(held) => held.push_back(stamped),
-                    None => state.ready.push_back(stamped),
-                }
+        let paused: Vec<u32> = state.held.keys().copied().collect();
+        // Paused partitions hold nothing newer than what was ready: order kept.
+        for stamped in state.ready.take_partitions(&paused) {
+            if let Some(held) = state.held.get_mut(&partition(&stamped)) {
+                held.push_back(stamped);
             }
         }
     }
@@ -160,7 +155,9 @@ impl Inbox {
         for p in partitions {
             if let Some(held) = state.held.remove(p) {
                 takeable |= !held.is_empty();
-                state.ready.extend(held);
+                for stamped in held {
+                    state.ready.push_back(stamped);
+                }
             }
         }
         drop(state);
@@ -176,7 +173,7 @@ impl Inbox {
         let mut state = self.lock();
         let state = &mut *state;
         let before = state.len;
-        state.ready.retain(|s| !partitions.contains(&partition(s)));
+        drop(state.ready.take_partitions(partitions));
         for p in partitions {
             if unpause {
                 state.held.remove(p);
@@ -198,12 +195,7 @@ impl Inbox {
         let mut state = self.lock();
         let state = &mut *state;
         let before = state.len;
-        let (taken, ready): (VecDeque<Stamped>, VecDeque<Stamped>) =
-            std::mem::take(&mut state.ready)
-                .into_iter()
-                .partition(|s| partitions.contains(&partition(s)));
-        state.ready = ready;
-        let mut taken = Vec::from(taken);
+        let mut taken = state.ready.take_partitions(partitions);
         for p in partitions {
             if let Some(held) = state.held.get_mut(p) {
                 taken.extend(held.drain(..));
@@ -221,7 +213,7 @@ impl Inbox {
         let mut state = self.lock();
         let state = &mut *state;
         state.len = 0;
-        let mut all: Vec<Stamped> = state.ready.drain(..).collect();
+        let mut all: Vec<Stamped> = state.ready.drain().collect();
         for held in state.held.values_mut() {
             all.extend(held.drain(..));
         }
@@ -279,7 +271,7 @@ impl Inbox {
         }
         let was_full = state.len >= self.capacity;
         state.len -= n;
-        out.extend(state.ready.drain(..n));
+        out.extend(state.ready.drain().take(n));
         drop(state);
         if was_full {
             self.writable.notify(1);
@@ -333,8 +325,12 @@ mod tests {
         }
     }
 
-    fn backlog(items: &[(u32, u64)]) -> VecDeque<Stamped> {
-        items.iter().map(|&(p, o)| stamped(p, o)).collect()
+    fn backlog(items: &[(u32, u64)]) -> Deliveries {
+        let mut backlog = Deliveries::default();
+        for &(p, o) in items {
+            backlog.push_back(stamped(p, o));
+        }
+        backlog
     }
 
     fn take_all_ready(inbox: &Inbox) -> Vec<(u32, u64)> {

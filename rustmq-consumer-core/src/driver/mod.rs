@@ -10,6 +10,7 @@
 
 mod builder;
 mod consumer;
+mod deliveries;
 mod error;
 mod gate;
 mod health;

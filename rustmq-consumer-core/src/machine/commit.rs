@@ -1,11 +1,12 @@
 //! The committer: when a commit is due, building it to fit one frame, its answer and its
 //! failure, and fencing (no commit under a generation the coordinator refused).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::outbox::Outbox;
 use super::partition::Partitions;
 use super::requests::{expect, CommitEntry, Owner, Requests};
 use crate::backoff::{later, Jitter};
@@ -172,7 +173,7 @@ impl Committer {
         config: &ConsumerConfig,
         breaker: &mut Breaker,
         requests: &mut Requests,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
         metrics: &mut Metrics,
     ) -> bool {
         let ticket = self.requested;
@@ -257,7 +258,7 @@ impl Committer {
         final_phase: bool,
         partitions: &mut Partitions,
         jitter: &mut Jitter,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
         metrics: &mut Metrics,
     ) -> (Result<(), RequestError>, Answered) {
         let answer = expect(answer, RequestKind::CommitOffset, |r| match r {
@@ -401,7 +402,7 @@ impl Committer {
         partitions: &Partitions,
         config: &ConsumerConfig,
         closing: bool,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
     ) {
         match answered {
             // Retried (with backoff) until the close deadline, not given up on.

@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use super::outbox::Outbox;
 use super::partition::Partitions;
 use super::requests::{expect, Owner, Requests};
 use crate::backoff::{later, Jitter};
@@ -195,7 +196,7 @@ impl DeadLetters {
         answer: Result<Response, RequestError>,
         partitions: &Partitions,
         jitter: &mut Jitter,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
     ) -> Result<Vec<DeadLetterEntry>, RequestError> {
         let answer = expect(answer, RequestKind::Produce, |r| match r {
             Response::Produce(r) => Ok(r),

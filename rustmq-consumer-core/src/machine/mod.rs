@@ -36,6 +36,7 @@ mod dead_letter;
 mod group;
 mod live_config;
 mod manual;
+mod outbox;
 mod partition;
 mod requests;
 mod timers;
@@ -47,6 +48,7 @@ pub use dead_letter::dead_letter_headers;
 use dead_letter::{DeadLetterEntry, DeadLetters};
 use group::GroupSession;
 use manual::ManualGeneration;
+use outbox::Outbox;
 use partition::{Handback, Partitions, Slot};
 use requests::Requests;
 use timers::{Timer, TimerTable};
@@ -77,7 +79,7 @@ pub struct ConsumerMachine {
     jitter: Jitter,
     partitions: Partitions,
     requests: Requests,
-    events: VecDeque<Event>,
+    events: Outbox,
     breaker: Breaker,
     committer: Committer,
     dead_letters: DeadLetters,
@@ -112,7 +114,7 @@ impl ConsumerMachine {
             ),
             partitions: Partitions::new(&config),
             requests: Requests::new(config.request_timeout),
-            events: VecDeque::new(),
+            events: Outbox::default(),
             committer: Committer::default(),
             dead_letters: DeadLetters::default(),
             group: config
@@ -392,6 +394,14 @@ impl ConsumerMachine {
     /// The next event for the application or the driver.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Moves the deliveries that [`poll_event`](Self::poll_event) would return before its
+    /// next other event to the back of `into`, and returns how many: the same messages in the
+    /// same order, taken at once (when `into` is empty, by swapping buffers rather than moving
+    /// each message). Call `poll_event` for the event that follows them.
+    pub fn poll_deliveries(&mut self, into: &mut VecDeque<Message>) -> usize {
+        self.events.take_deliveries(into)
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next, and why.

@@ -112,7 +112,7 @@ impl Driver {
         // Events the close emitted first: the backlog then holds every delivery made so far.
         self.drain_outputs(state);
         let mut returned = self.channels.inbox.take_all();
-        returned.extend(self.backlog.drain(..));
+        returned.extend(self.backlog.drain());
         self.give_back(now, returned);
     }
 

@@ -194,11 +194,8 @@ impl Driver {
         for p in partitions {
             self.stalls.remove(p);
         }
-        let before = self.backlog.len();
-        self.backlog
-            .retain(|s| !partitions.contains(&s.delivery.tag.partition));
-        let dropped =
-            before - self.backlog.len() + self.channels.inbox.discard(partitions, unpause);
+        let dropped = self.backlog.take_partitions(partitions).len()
+            + self.channels.inbox.discard(partitions, unpause);
         if dropped > 0 {
             tracing::debug!(
                 ?partitions,
@@ -215,12 +212,7 @@ impl Driver {
     fn hand_back(&mut self, partitions: &[u32]) {
         let now = self.runtime.now();
         let mut returned = self.channels.inbox.take_partitions(partitions);
-        let (stale, kept): (VecDeque<Stamped>, VecDeque<Stamped>) = self
-            .backlog
-            .drain(..)
-            .partition(|s| partitions.contains(&s.delivery.tag.partition));
-        self.backlog = kept;
-        returned.extend(stale);
+        returned.extend(self.backlog.take_partitions(partitions));
         self.give_back(now, returned);
     }
 

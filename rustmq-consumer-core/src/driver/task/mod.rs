@@ -13,6 +13,7 @@ use futures_lite::{future, Stream};
 use futures_util::stream::FuturesUnordered;
 
 use super::consumer::Dropped;
+use super::deliveries::Deliveries;
 use super::error::ConsumerError;
 use super::gate::{AckGate, GateState};
 use super::health::HealthReport;
@@ -156,7 +157,7 @@ pub(crate) struct Driver {
     armed: Option<Instant>,
     /// Deliveries the inbox had no room for. A safety net: the inbox holds only deliveries the
     /// machine counts outstanding (stale ones are discarded), so at most `max_unacked`.
-    backlog: VecDeque<Stamped>,
+    backlog: Deliveries,
     /// Set while the backlog waits for room in the inbox.
     room: Option<EventListener>,
     commit_waiters: Vec<(u64, Reply<Result<(), ConsumerError>>)>,
@@ -210,7 +211,7 @@ impl Driver {
             answered: VecDeque::new(),
             timer: None,
             armed: None,
-            backlog: VecDeque::new(),
+            backlog: Deliveries::default(),
             room: None,
             commit_waiters: Vec::new(),
             commit_error: None,
@@ -391,7 +392,15 @@ impl Driver {
                     Poll::Pending => self.in_flight.push(request),
                 }
             }
-            while let Some(event) = self.machine.poll_event() {
+            loop {
+                // Deliveries up to the next other event go in at once, stamped with the
+                // generation in force; that event may change it for the ones after.
+                let machine = &mut self.machine;
+                self.backlog
+                    .append_with(state.generation, |into| machine.poll_deliveries(into));
+                let Some(event) = self.machine.poll_event() else {
+                    break;
+                };
                 progressed = true;
                 self.event(event, state);
             }

@@ -10,9 +10,11 @@ use crate::backoff::{later, Jitter};
 use crate::cache::{CacheCell, MessageCache};
 use crate::config::ConsumerConfig;
 use crate::error::UsageError;
-use crate::event::{DeliveryTag, DiscardReason, Event, Message, Metrics, PartitionLag};
+use crate::event::{DeliveryTag, DiscardReason, Message, Metrics, PartitionLag};
 use crate::protocol::Record;
 use crate::window::Window;
+
+use super::outbox::Outbox;
 
 mod buffer;
 mod cached;
@@ -714,7 +716,7 @@ impl Partitions {
         now: Instant,
         max_unacked: usize,
         metrics: &mut Metrics,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
     ) {
         self.refresh();
         // Partitions take turns in id order from `delivery_turn`, one message a turn, among
@@ -758,7 +760,7 @@ impl Partitions {
         now: Instant,
         turns: usize,
         metrics: &mut Metrics,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
     ) {
         let Some(idx) = self.index(id) else {
             self.deliverable.remove(&id);
@@ -780,7 +782,7 @@ impl Partitions {
         now: Instant,
         turns: usize,
         metrics: &mut Metrics,
-        events: &mut VecDeque<Event>,
+        events: &mut Outbox,
     ) {
         for _ in 0..turns {
             let p = &mut self.list[idx];
@@ -818,7 +820,7 @@ impl Partitions {
             self.unacked += 1;
             metrics.delivered += 1;
             trace!(partition = tag.partition, offset, attempt, "deliver");
-            events.push_back(Event::Deliver(Message { tag, record }));
+            events.deliver(Message { tag, record });
         }
     }
 }

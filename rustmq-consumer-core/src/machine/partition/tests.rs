@@ -7,7 +7,8 @@ use std::time::Instant;
 use super::{Partitions, Phase, Slot, Unsettled};
 use crate::breaker::Breaker;
 use crate::config::ConsumerConfig;
-use crate::event::{Event, Message, Metrics};
+use crate::event::Metrics;
+use crate::machine::outbox::Outbox;
 use crate::machine::requests::Requests;
 use crate::protocol::Record;
 
@@ -128,7 +129,7 @@ fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
     p.buffered.push(0, vec![record.clone(); 3]);
     s.partitions.buffered += 3;
     s.partitions.buffered_bytes += 3 * record.encoded_len();
-    let mut events = VecDeque::new();
+    let mut events = Outbox::default();
     s.partitions.deliver(s.now, 10, &mut s.metrics, &mut events);
     assert_eq!(events.len(), 3);
     assert_eq!(s.partitions.cache().len(), 0, "delivered without a copy");
@@ -139,13 +140,8 @@ fn records_given_back_live_in_their_slots_until_settled_or_restarted() {
         .get(o)
         .is_some_and(|u| !u.cached.is_cached())));
 
-    let messages: Vec<Message> = events
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Deliver(m) => Some(m),
-            _ => None,
-        })
-        .collect();
+    let mut messages = VecDeque::new();
+    assert_eq!(events.take_deliveries(&mut messages), 3);
     for m in &messages {
         assert!(s.partitions.cache_returned(s.now, m.clone()));
     }
