@@ -35,16 +35,21 @@ impl Buffered {
     }
 
     /// The oldest record and its offset.
+    pub(crate) fn front(&self) -> Option<(u64, &Record)> {
+        let run = self.runs.front()?;
+        Some((run.next, run.records.as_slice().first()?))
+    }
+
+    /// Takes the oldest record (the one [`front`](Self::front) shows).
     #[inline]
-    pub(crate) fn pop_front(&mut self) -> Option<(u64, Record)> {
+    pub(crate) fn pop_front(&mut self) -> Option<Record> {
         let run = self.runs.front_mut()?;
-        let offset = run.next;
         let record = run.records.next()?;
         run.next += 1;
         if run.records.len() == 0 {
             self.runs.pop_front();
         }
-        Some((offset, record))
+        Some(record)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -99,9 +104,11 @@ mod tests {
         assert_eq!(b.get(11).map(|r| r.value[0]), Some(2));
         assert_eq!(b.get(12).map(|r| r.value[0]), Some(3));
         assert!(b.get(9).is_none() && b.get(13).is_none());
-        let out: Vec<(u64, u8)> = std::iter::from_fn(|| b.pop_front())
-            .map(|(offset, r)| (offset, r.value[0]))
-            .collect();
+        let out: Vec<(u64, u8)> = std::iter::from_fn(|| {
+            let offset = b.front()?.0;
+            b.pop_front().map(|r| (offset, r.value[0]))
+        })
+        .collect();
         assert_eq!(out, [(10, 1), (11, 2), (12, 3)]);
         assert!(b.is_empty());
         assert_eq!(b.len(), 0);
@@ -111,7 +118,9 @@ mod tests {
     fn a_partly_taken_run_is_found_from_its_next_offset() {
         let mut b = Buffered::default();
         b.push(0, run(&[1, 2, 3]));
-        assert_eq!(b.pop_front().map(|(o, _)| o), Some(0));
+        assert_eq!(b.front().map(|(o, _)| o), Some(0));
+        assert!(b.pop_front().is_some());
+        assert_eq!(b.front().map(|(o, r)| (o, r.value[0])), Some((1, 2)));
         assert!(b.get(0).is_none(), "delivered: no longer buffered");
         assert_eq!(b.get(2).map(|r| r.value[0]), Some(3));
         assert_eq!(b.bytes(), 2 * Record::from_value(vec![0]).encoded_len());

@@ -786,21 +786,30 @@ impl Partitions {
     ) {
         for _ in 0..turns {
             let p = &mut self.list[idx];
-            let (offset, record, attempt) = if let Some((offset, record)) = p.redeliver.pop_front()
-            {
+            // Which record first, then one move of it, from its queue into the outbox.
+            let (offset, attempt, retry) = if let Some(&(offset, _)) = p.redeliver.front() {
                 match p.slot(offset) {
-                    Some(Slot::Ready { attempt }) => {
-                        metrics.retried += 1;
-                        (offset, record, attempt)
+                    Some(Slot::Ready { attempt }) => (offset, attempt, true),
+                    _ => {
+                        p.redeliver.pop_front();
+                        continue;
                     }
-                    _ => continue,
                 }
-            } else if let Some((offset, record)) = p.buffered.pop_front() {
+            } else if let Some((offset, record)) = p.buffered.front() {
                 self.buffered -= 1;
                 self.buffered_bytes -= record.encoded_len();
-                (offset, record, 1)
+                (offset, 1, false)
             } else {
                 break;
+            };
+            let record = if retry {
+                metrics.retried += 1;
+                p.redeliver.pop_front().map(|(_, record)| record)
+            } else {
+                p.buffered.pop_front()
+            };
+            let Some(record) = record else {
+                break; // not reached: the front was just looked at
             };
             let tag = DeliveryTag {
                 partition: p.id,
