@@ -24,6 +24,7 @@ pub const TRACESTATE: &str = "tracestate";
 /// The span of one delivery: a child of the record's `traceparent` when the feature is on and
 /// the header is valid, else of the current span. `member` is called only when the span is
 /// enabled.
+#[inline]
 pub(crate) fn delivery_span<M: std::fmt::Display>(
     message: &Message,
     topic: &str,
