@@ -97,6 +97,17 @@ pub(crate) struct Stamped {
     pub(crate) generation: u64,
 }
 
+/// Who polls the driver's wake sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poller {
+    /// The task, with its waker, before it sleeps.
+    Task,
+    /// A look between inputs with a no-op waker, under the gate's lock: the timer is read
+    /// off the clock rather than polled (a timer polled with another waker registers again,
+    /// a syscall on smol), and the rebalance hooks are not polled (a hook may ack).
+    Peek,
+}
+
 /// What the consumer can still answer after the driver has exited.
 #[derive(Debug, Clone)]
 pub(crate) struct FinalState {
@@ -290,8 +301,7 @@ impl Driver {
             }
             // The no-op waker is fine: `wait` polls every source again with the real one
             // before the task sleeps.
-            // Hooks are not polled here: the gate's lock is held, and a hook may ack.
-            match self.poll_wake(&mut cx, false) {
+            match self.poll_wake(&mut cx, Poller::Peek) {
                 Poll::Ready(next) => wake = Some(next),
                 Poll::Pending => return,
             }
@@ -412,14 +422,13 @@ impl Driver {
     }
 
     fn arm_timer(&mut self) {
+        // A timer armed for an earlier instant stays, and so does one no longer needed: it
+        // fires early, which the machine takes as spurious, and is set for the later one then.
+        // Deadlines mostly move later or go (each answered request's), and a reset is not free
+        // (on smol it wakes the reactor with a syscall).
         let Some(deadline) = self.machine.poll_timeout().map(|(deadline, _)| deadline) else {
-            self.armed = None;
             return;
         };
-        // A timer armed for an earlier instant stays: it fires early, which the machine takes
-        // as spurious, and is set for the later one then. Deadlines mostly move later (each
-        // answered request's), and a reset is not free (on smol it wakes the reactor with a
-        // syscall).
         if self.armed.is_some_and(|armed| armed <= deadline) {
             return;
         }
@@ -433,15 +442,18 @@ impl Driver {
     /// Waits for the first input. Order: timer, responses, dropped deliveries, commands,
     /// lifeline, gate, rebalance hook.
     async fn wait(&mut self) -> Wake {
-        future::poll_fn(|cx| self.poll_wake(cx, true)).await
+        future::poll_fn(|cx| self.poll_wake(cx, Poller::Task)).await
     }
 
-    fn poll_wake(&mut self, cx: &mut Context<'_>, hooks: bool) -> Poll<Wake> {
-        if self.armed.is_some() {
-            if let Some(timer) = &mut self.timer {
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Timer);
-                }
+    fn poll_wake(&mut self, cx: &mut Context<'_>, poller: Poller) -> Poll<Wake> {
+        if let Some(deadline) = self.armed {
+            let due = match (poller, &mut self.timer) {
+                (Poller::Task, Some(timer)) => timer.as_mut().poll(cx).is_ready(),
+                (Poller::Peek, _) => deadline <= self.runtime.now(),
+                (Poller::Task, None) => false,
+            };
+            if due {
+                return Poll::Ready(Wake::Timer);
             }
         }
         if let Some((id, result)) = self.answered.pop_front() {
@@ -476,7 +488,12 @@ impl Driver {
         if let Poll::Ready(Some(())) = self.channels.kicked.as_mut().poll_next(cx) {
             return Poll::Ready(Wake::Kicked);
         }
-        if let Some(running) = self.channels.hooks.as_mut().filter(|_| hooks) {
+        if let Some(running) = self
+            .channels
+            .hooks
+            .as_mut()
+            .filter(|_| poller == Poller::Task)
+        {
             if let Poll::Ready(ended) = running.poll(
                 cx,
                 &*self.runtime,
