@@ -52,6 +52,7 @@ conformance!(
     receive,
     out_of_order_acks,
     nack_and_retry,
+    a_steady_stream_leaves_the_timer_alone,
     durations_too_long_for_an_instant,
     reject_to_dead_letter,
     update_config,
