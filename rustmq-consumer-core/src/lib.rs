@@ -14,7 +14,9 @@
 //!    [`ConsumerMachine::give_back`], so its redelivery or dead letter comes from the cache
 //!    rather than from the broker again (a delivery is not copied: most are acked);
 //! 2. drain [`ConsumerMachine::poll_transmit`] (send every request, without waiting for
-//!    answers), then [`ConsumerMachine::poll_event`] (deliveries and everything else);
+//!    answers), then [`ConsumerMachine::poll_event`] (deliveries and everything else; a
+//!    driver takes the deliveries before the next other event at once with
+//!    [`ConsumerMachine::poll_deliveries`]);
 //! 3. sleep until [`ConsumerMachine::poll_timeout`] or the next input, whichever comes first.
 //!
 //! ```
@@ -64,7 +66,9 @@
 //!   - `machine/timers.rs`: the one table of named deadlines that `poll_timeout` offers and
 //!     `handle_timeout` fires;
 //!   - `machine/requests.rs`: requests in flight, their deadlines and owners;
+//!   - `machine/outbox.rs`: the events in order, deliveries kept apart (`poll_deliveries`);
 //!   - `machine/partition/`: the assigned partitions (settle windows, buffers, deliveries);
+//!     `buffer.rs`: fetched records left in their answers' lists until delivered;
 //!     `cached.rs`: the message cache over the records handed back (`give_back`); `retry.rs`: the retry
 //!     schedule; `fetch.rs`: start positions, fetch sizing, the intake of a fetch answer,
 //!     refetches, fetch backoff; `parked.rs`: partitions let go in a rebalance;
