@@ -607,7 +607,7 @@ impl Delivery {
     /// done, that ack counts as a dropped delivery (a nack).
     ///
     /// The queued ack takes effect at the call, not at the first poll: a `Delivery` is large,
-    /// and the common case so never moves it into a future.
+    /// and this way the common case never moves it into a future.
     pub fn ack(mut self) -> Ack {
         if self.shared.gate.try_ack(self.inner.tag, self.generation) {
             self.settled = true;
