@@ -1344,3 +1344,74 @@ fn fetches_of_many_partitions_carry_batches_not_single_records() {
     // per message.
     assert!(fetches <= 1_000, "{fetches} fetches for 4,000 messages");
 }
+
+/// `poll_deliveries` hands out what `poll_event` would, in the same order: the run of
+/// deliveries before the next other event, which `poll_event` then returns.
+#[test]
+fn poll_deliveries_takes_the_deliveries_poll_event_would_in_order() {
+    use rustmq_consumer_testkit::Peer as _;
+    use std::collections::VecDeque;
+
+    let now = std::time::Instant::now();
+    let outputs = |bulk: bool| -> Vec<Event> {
+        let mut broker = common::MiniBroker::default();
+        let log = (0..6)
+            .map(|i| Record::from_value(format!("m{i}")))
+            .collect();
+        broker.logs.insert(("t".to_owned(), 0), log);
+        let mut cfg = config("t");
+        // Two records a fetch: several answers, so deliveries and other events interleave.
+        cfg.fetch_max_bytes = 2 * Record::from_value("m0").encoded_len() as u32;
+        let mut m = ConsumerMachine::new(cfg, now).unwrap();
+        // Answer one round of requests at a time. A commit asked for after the first answer
+        // sends a JoinGroup (for the generation it commits under) beside the next fetch; that
+        // one fails, so a `RequestFailed` event falls between two answers' deliveries.
+        for round in 0..20 {
+            let sent: Vec<Transmit> = std::iter::from_fn(|| m.poll_transmit()).take(100).collect();
+            if sent.is_empty() {
+                break;
+            }
+            for t in sent {
+                let answer = match t.request {
+                    Request::JoinGroup(_) => Err(TransportError::ConnectionLost("test".into())),
+                    request => broker.answer(now, request),
+                };
+                m.handle_response(now, t.id, answer);
+            }
+            if round == 1 {
+                m.commit(now).unwrap();
+            }
+        }
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            if bulk {
+                let mut run = VecDeque::new();
+                let n = m.poll_deliveries(&mut run);
+                assert_eq!(n, run.len());
+                out.extend(run.into_iter().map(Event::Deliver));
+            }
+            match m.poll_event() {
+                Some(Event::Deliver(_)) if bulk => panic!("a delivery left behind a run"),
+                Some(event) => out.push(event),
+                None => return out,
+            }
+        }
+        panic!("the machine never went quiet");
+    };
+    let one_by_one = outputs(false);
+    let offsets: Vec<Option<u64>> = one_by_one
+        .iter()
+        .map(|e| match e {
+            Event::Deliver(m) => Some(m.tag.offset),
+            _ => None,
+        })
+        .collect();
+    // Some event sits between two deliveries.
+    assert!(
+        offsets
+            .windows(3)
+            .any(|w| w[0].is_some() && w[1].is_none() && w[2].is_some()),
+        "deliveries on both sides of another event: {offsets:?}"
+    );
+    assert_eq!(outputs(true), one_by_one);
+}
