@@ -541,13 +541,16 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// The message, its record taken out (an empty one left in its place).
-    fn take_message(&mut self) -> event::Message {
+    /// The message, boxed for a settling command, its record taken out (an empty one left
+    /// in its place): the nack's and the reject's record goes back whole, for a redelivery
+    /// or a dead letter; what stays behind is the tag, for the drop should the send be
+    /// cancelled.
+    fn take_message(&mut self) -> Box<event::Message> {
         self.record_sent = true;
-        event::Message {
+        Box::new(event::Message {
             tag: self.inner.tag,
             record: std::mem::take(&mut self.inner.record),
-        }
+        })
     }
 
     #[inline]
@@ -574,19 +577,11 @@ impl Delivery {
     /// if this future is dropped before that, the delivery's drop nacks it.
     async fn settle<T>(
         mut self,
-        command: impl FnOnce(Box<event::Message>, Reply<Result<T, UsageError>>) -> Command,
+        command: impl FnOnce(&mut Self, Reply<Result<T, UsageError>>) -> Command,
     ) -> Result<T, ConsumerError> {
         let (reply, answer) = async_channel::bounded(1);
-        // The message goes back whole (its record for a redelivery or a dead letter); what
-        // stays behind is its tag, for the drop below should the send be cancelled.
-        let message = Box::new(self.take_message());
-        if self
-            .shared
-            .commands
-            .send(command(message, reply))
-            .await
-            .is_err()
-        {
+        let command = command(&mut self, reply);
+        if self.shared.commands.send(command).await.is_err() {
             self.settled = true;
             return Err(ConsumerError::closed());
         }
@@ -613,9 +608,9 @@ impl Delivery {
             self.settled = true;
             return Ack(None);
         }
-        Ack(Some(Box::pin(
-            self.settle(|message, reply| Command::Ack(message.tag, reply)),
-        )))
+        Ack(Some(Box::pin(self.settle(|delivery, reply| {
+            Command::Ack(delivery.inner.tag, reply)
+        }))))
     }
 
     /// Failed: redeliver after the retry policy's backoff (dead-letter once attempts run out).
@@ -635,14 +630,14 @@ impl Delivery {
         self,
         delay: Option<Duration>,
     ) -> Result<bool, ConsumerError> {
-        self.settle(|message, reply| Command::Nack(message, delay, reply))
+        self.settle(|delivery, reply| Command::Nack(delivery.take_message(), delay, reply))
             .await
     }
 
     /// Poison: straight to the dead-letter path, with `reason` in its headers.
     pub async fn reject(self, reason: impl Into<String>) -> Result<(), ConsumerError> {
         let reason = reason.into();
-        self.settle(|message, reply| Command::Reject(message, reason, reply))
+        self.settle(|delivery, reply| Command::Reject(delivery.take_message(), reason, reply))
             .await
     }
 
