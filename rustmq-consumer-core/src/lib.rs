@@ -71,7 +71,8 @@
 //!     `buffer.rs`: fetched records left in their answers' lists until delivered;
 //!     `cached.rs`: the message cache over the records handed back (`give_back`); `retry.rs`: the retry
 //!     schedule; `fetch.rs`: start positions, fetch sizing, the intake of a fetch answer,
-//!     refetches, fetch backoff; `parked.rs`: partitions let go in a rebalance;
+//!     refetches, fetch backoff; `flights.rs`: a partition's fetches in flight (a second one
+//!     ahead of the first, answers taken in offset order); `parked.rs`: partitions let go in a rebalance;
 //!   - `machine/commit.rs`: the committer (what is due, the request, its answer, fencing);
 //!   - `machine/dead_letter.rs`: the dead-letter outbox (records, headers, answers);
 //!   - `machine/group.rs`: the group session (coordinator, join, heartbeats, revoke, fencing);

@@ -1355,13 +1355,13 @@ fn poll_deliveries_takes_the_deliveries_poll_event_would_in_order() {
     let now = std::time::Instant::now();
     let outputs = |bulk: bool| -> Vec<Event> {
         let mut broker = common::MiniBroker::default();
-        let log = (0..6)
-            .map(|i| Record::from_value(format!("m{i}")))
+        let log = (0..20)
+            .map(|i| Record::from_value(format!("m{i:02}")))
             .collect();
         broker.logs.insert(("t".to_owned(), 0), log);
         let mut cfg = config("t");
         // Two records a fetch: several answers, so deliveries and other events interleave.
-        cfg.fetch_max_bytes = 2 * Record::from_value("m0").encoded_len() as u32;
+        cfg.fetch_max_bytes = 2 * Record::from_value("m00").encoded_len() as u32;
         let mut m = ConsumerMachine::new(cfg, now).unwrap();
         // Answer one round of requests at a time. A commit asked for after the first answer
         // sends a JoinGroup (for the generation it commits under) beside the next fetch; that
@@ -1414,4 +1414,136 @@ fn poll_deliveries_takes_the_deliveries_poll_event_would_in_order() {
         "deliveries on both sides of another event: {offsets:?}"
     );
     assert_eq!(outputs(true), one_by_one);
+}
+
+/// How [`fetch_ahead_run`] answers each round's Fetch requests.
+#[derive(Clone, Copy)]
+enum Answering {
+    /// Last sent first (the fetch ahead before the one in front of it).
+    Reversed,
+    /// The first Fetch of every other round brings back half of what it would.
+    FirstShort,
+    /// The first Fetch of every other round brings back half as much again as it asked for.
+    FirstLong,
+    /// Every other round, last sent first, and the first Fetch fails (after the fetch ahead
+    /// of it landed).
+    FirstFails,
+}
+
+/// A consumer of `n` records of partition 0 against the simulated broker (its real
+/// `max_bytes` accounting), every delivery acked, each round of requests answered as `how`
+/// says. Returns the delivered offsets in order and the most Fetch requests one round sent.
+fn fetch_ahead_run(n: usize, how: Answering) -> (Vec<u64>, usize) {
+    use rustmq_consumer_testkit::{broker_with, Peer as _};
+
+    let now = std::time::Instant::now();
+    let mut broker = broker_with("t", 1, n);
+    let mut m = ConsumerMachine::new(config("t"), now).unwrap();
+    let (mut delivered, mut most, mut settled_rounds) = (Vec::new(), 0, 0);
+    for round in 0..1_000 {
+        // Past any fetch backoff.
+        let now = now + Duration::from_secs(round);
+        m.handle_timeout(now);
+        let mut sent: Vec<Transmit> = std::iter::from_fn(|| m.poll_transmit()).take(100).collect();
+        // A few rounds past the last record, for any delivered twice.
+        if delivered.len() >= n {
+            settled_rounds += 1;
+            if settled_rounds > 3 {
+                return (delivered, most);
+            }
+        }
+        let fetches = sent
+            .iter()
+            .filter(|t| matches!(t.request, Request::Fetch(_)))
+            .count();
+        most = most.max(fetches);
+        if matches!(how, Answering::Reversed)
+            || (matches!(how, Answering::FirstFails) && round % 2 == 1)
+        {
+            sent.reverse();
+        }
+        let fails = sent
+            .iter()
+            .rev()
+            .find(|t| matches!(t.request, Request::Fetch(_)))
+            .map(|t| t.id)
+            .filter(|_| matches!(how, Answering::FirstFails) && round % 2 == 1);
+        let mut first = true;
+        for t in sent {
+            let answer = match (t.request, how) {
+                (Request::Fetch(mut f), Answering::FirstShort | Answering::FirstLong)
+                    if std::mem::take(&mut first) && round % 2 == 1 =>
+                {
+                    let long = matches!(how, Answering::FirstLong);
+                    if long {
+                        f.max_bytes = f.max_bytes.saturating_mul(3) / 2;
+                    }
+                    let mut answer = broker.answer(now, Request::Fetch(f));
+                    if let (Ok(Response::Fetch(r)), false) = (&mut answer, long) {
+                        r.records.truncate(r.records.len().div_ceil(2));
+                    }
+                    answer
+                }
+                _ if fails == Some(t.id) => Err(TransportError::ConnectionLost("test".into())),
+                (request, _) => broker.answer(now, request),
+            };
+            m.handle_response(now, t.id, answer);
+        }
+        while let Some(event) = m.poll_event() {
+            if let Event::Deliver(d) = event {
+                let offset = d.tag.offset;
+                assert_eq!(
+                    d.record.value,
+                    format!("p0-m{offset}").as_bytes(),
+                    "{offset}"
+                );
+                delivered.push(offset);
+                m.ack(now, d.tag).unwrap();
+            }
+        }
+    }
+    panic!(
+        "{n} records not delivered in 1,000 rounds: {}",
+        delivered.len()
+    );
+}
+
+#[test]
+fn a_fetch_ahead_answered_first_is_delivered_after_the_one_before_it() {
+    let (delivered, most) = fetch_ahead_run(20_000, Answering::Reversed);
+    assert_eq!(most, 2, "a fetch ahead of the one in flight");
+    assert!(
+        delivered.iter().copied().eq(0..20_000),
+        "every offset once, in order"
+    );
+}
+
+#[test]
+fn a_short_answer_drops_the_fetch_ahead_of_it_and_loses_nothing() {
+    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstShort);
+    assert_eq!(most, 2, "a fetch ahead of the one in flight");
+    assert!(
+        delivered.iter().copied().eq(0..20_000),
+        "every offset once, in order"
+    );
+}
+
+#[test]
+fn a_long_answer_is_not_delivered_twice_from_the_fetch_ahead_of_it() {
+    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstLong);
+    assert_eq!(most, 2, "a fetch ahead of the one in flight");
+    assert!(
+        delivered.iter().copied().eq(0..20_000),
+        "every offset once, in order"
+    );
+}
+
+#[test]
+fn a_failed_fetch_drops_the_answer_ahead_of_it_and_loses_nothing() {
+    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstFails);
+    assert_eq!(most, 2, "a fetch ahead of the one in flight");
+    assert!(
+        delivered.iter().copied().eq(0..20_000),
+        "every offset once, in order"
+    );
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tracing::{trace, warn};
 
+use super::flights::{Flight, Landed};
 use super::sizing::Room;
 use super::{AfterRefetch, FetchTurn, Partition, Partitions, Phase, Refetched, Slot, Unsettled};
 use crate::backoff::{self, later, Jitter};
@@ -313,10 +314,11 @@ impl Partitions {
         self.fetch_candidates.remove(&p.id);
     }
 
-    /// Sends one partition's refetch or fetch if due, and says what the partition waits for
+    /// Sends one partition's refetch or fetches if due, and says what the partition waits for
     /// now. A fetch goes out as soon as the buffer has room for one worth its round trip,
     /// while earlier records are still delivered: it asks for what that room takes, in the
-    /// broker's unit (see [`super::sizing`]), and reserves the records it may bring back.
+    /// broker's unit (see [`super::sizing`]), and reserves the records it may bring back. A
+    /// second one may go out ahead of it (see [`super::flights`]).
     fn send_partition_fetches(
         &mut self,
         now: Instant,
@@ -326,8 +328,6 @@ impl Partitions {
         requests: &mut Requests,
         metrics: &mut Metrics,
     ) -> Visit {
-        // A first fetch's share of the buffer (see `Room::first_share`).
-        let first_share = config.fetch_size / self.list.len().max(1);
         let p = &mut self.list[idx];
         if p.fetch_not_before.is_some() {
             return Visit::Waits;
@@ -349,67 +349,113 @@ impl Partitions {
                 requests.send(now, permit, Owner::Refetch(owner), request);
             }
         }
-        if p.fetch_in_flight || p.paused || p.revoking || p.phase == Phase::Starting {
-            return Visit::Waits; // a Starting partition waits for FetchOffset
+        loop {
+            match self.send_fetch(now, idx, config, breaker, requests, metrics) {
+                Some(visit) => return visit,
+                None => continue, // sent: maybe one more goes out ahead of it
+            }
         }
+    }
+
+    /// Sends the partition at `idx` a fetch if one is due: `None` when it sent one, or else
+    /// what it waits for.
+    fn send_fetch(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        config: &ConsumerConfig,
+        breaker: &mut Breaker,
+        requests: &mut Requests,
+        metrics: &mut Metrics,
+    ) -> Option<Visit> {
+        // A first fetch's share of the buffer (see `Room::first_share`).
+        let first_share = config.fetch_size / self.list.len().max(1);
+        let p = &mut self.list[idx];
+        if p.paused || p.revoking || p.phase == Phase::Starting {
+            return Some(Visit::Waits); // a Starting partition waits for FetchOffset
+        }
+        if p.fetch_in_flight && p.flights.is_empty() {
+            return Some(Visit::Waits); // its FetchOffset or Latest lookup
+        }
+        let offset = if p.flights.is_empty() {
+            p.window.end()
+        } else {
+            // Ahead of the fetch in flight: only where that one's end is known (see
+            // `FetchSizer::knows_cost`) and the partition holds records past it.
+            match p.flights.ahead_from(p.window.end()) {
+                Some(from)
+                    if self.sizer.knows_cost() && p.high_watermark.is_some_and(|hw| from < hw) =>
+                {
+                    from
+                }
+                _ => return Some(Visit::Waits),
+            }
+        };
         let owner = FetchOwner {
             partition: p.id,
             epoch: p.epoch,
-            offset: p.window.end(),
+            offset,
         };
         if p.phase == Phase::Latest {
             let Some(permit) = breaker.try_acquire() else {
-                return Visit::Refused;
+                return Some(Visit::Refused);
             };
             p.fetch_in_flight = true;
             p.counted_in_flight = true;
             self.fetches_in_flight += 1;
             let request = fetch_request(config, owner.partition, 0, 1);
             requests.send(now, permit, Owner::ResolveLatest(owner), request);
-            return Visit::Waits;
+            return Some(Visit::Waits);
         }
-        if p.window.span() >= config.max_unsettled_per_partition {
-            return Visit::Waits; // until settlements move the window
+        // The offsets the fetches in flight may bring back count against the span too.
+        let span = p.window.span() + p.flights.reserved() as u64;
+        if span >= config.max_unsettled_per_partition {
+            return Some(Visit::Waits); // until settlements move the window
         }
         if let Some(need) = p.byte_blocked {
             if self.buffered > 0 && self.buffered_bytes + need > config.prefetch_bytes {
-                return Visit::ByteBlocked(need);
+                return Some(Visit::ByteBlocked(need));
             }
         }
         let room = Room {
             records: config
                 .fetch_size
                 .saturating_sub(self.buffered + self.fetch_reserved),
-            span: config
-                .max_unsettled_per_partition
-                .saturating_sub(p.window.span()),
+            span: config.max_unsettled_per_partition.saturating_sub(span),
             bytes: config.prefetch_bytes.saturating_sub(self.buffered_bytes),
             reserved: self.fetch_reserved,
             buffered: self.buffered,
-            available: p.high_watermark.map(|hw| hw.saturating_sub(p.window.end())),
+            available: p.high_watermark.map(|hw| hw.saturating_sub(offset)),
             first_share: p.high_watermark.is_none().then_some(first_share),
         };
         // Not worth a round trip yet: wait for deliveries to free room.
         let Some(planned) = self.sizer.plan(room, config) else {
-            return Visit::Full;
+            return Some(Visit::Full);
         };
         let Some(permit) = breaker.try_acquire() else {
-            return Visit::Refused;
+            return Some(Visit::Refused);
         };
+        if !p.counted_in_flight {
+            p.counted_in_flight = true;
+            self.fetches_in_flight += 1;
+        }
         p.fetch_in_flight = true;
-        p.counted_in_flight = true;
-        self.fetches_in_flight += 1;
-        p.fetch_planned = Some(planned);
-        p.released_from_byte_wait = p.byte_blocked.take().is_some();
+        p.flights.push(Flight {
+            offset,
+            planned,
+            released: p.byte_blocked.take().is_some(),
+            landed: None,
+        });
         self.fetch_reserved += planned.records;
         self.fetch_turn = owner.partition.checked_add(1).unwrap_or(0);
         metrics.fetches += 1;
-        let request = fetch_request(config, owner.partition, owner.offset, planned.max_bytes);
+        let request = fetch_request(config, owner.partition, offset, planned.max_bytes);
         requests.send(now, permit, Owner::Fetch(owner), request);
-        Visit::Waits
+        None
     }
 
-    /// A fetch answered: buffer what fits, or back off (empty fetch, failure).
+    /// A fetch answered: buffer what fits, or back off (empty fetch, failure). Answers are
+    /// taken in offset order: one that lands before the fetch in front of it waits for it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_fetch(
         &mut self,
@@ -426,17 +472,14 @@ impl Partitions {
             return answer.map(drop);
         };
         self.mark(idx);
-        let live = self.list[idx].epoch == owner.epoch;
-        // A stale answer's reservation went with the restart that made it stale.
-        let planned = live.then(|| self.list[idx].fetch_planned.take()).flatten();
-        if let Some(planned) = planned {
-            self.fetch_reserved -= planned.records;
-        }
         let p = &mut self.list[idx];
-        let released = std::mem::take(&mut p.released_from_byte_wait) && live;
-        let r = match (answer, live) {
-            (Ok(r), true) => r,
-            (Ok(_) | Err(RequestError::ErrorCode { .. }), false) => {
+        // A stale answer's reservation went with the restart that made it stale.
+        let position = (p.epoch == owner.epoch)
+            .then(|| p.flights.position(owner.offset))
+            .flatten();
+        let (r, position) = match (answer, position) {
+            (Ok(r), Some(at)) => (r, at),
+            (Ok(_) | Err(RequestError::ErrorCode { .. }), None) => {
                 trace!(
                     partition = owner.partition,
                     "ignoring a fetch from before a seek or reassignment"
@@ -447,37 +490,97 @@ impl Partitions {
                 // The delay is drawn even for a stale failure, keeping the PRNG's sequence.
                 let failures = p.fetch_failures.saturating_add(1);
                 let delay = jitter.after_failures(failures);
-                if live {
-                    p.fetch_in_flight = false;
+                if let Some(flight) = position.and_then(|at| p.flights.remove(at)) {
+                    self.fetch_reserved -= flight.planned.records;
                     p.fetch_failures = failures;
                     p.fetch_not_before = Some(later(now, delay));
+                    // A fetch ahead of it is past a gap now: dropped when it lands (or now,
+                    // if it landed).
+                    self.take_landed(now, idx, closing, config, metrics);
                 }
                 return Err(error);
             }
         };
-        p.fetch_in_flight = false;
-        p.high_watermark = Some(r.high_watermark);
         p.fetch_failures = 0;
-        if let Some(planned) = planned {
+        if let Some(flight) = p.flights.get(position) {
             let more = r.high_watermark > owner.offset.saturating_add(r.records.len() as u64);
-            self.sizer.learn(planned.max_bytes, r.records.len(), more);
+            self.sizer
+                .learn(flight.planned.max_bytes, r.records.len(), more);
         }
-        if p.window.end() != owner.offset || closing {
-            return Ok(());
+        p.flights.land(
+            position,
+            Landed {
+                records: r.records,
+                high_watermark: r.high_watermark,
+            },
+        );
+        self.take_landed(now, idx, closing, config, metrics);
+        Ok(())
+    }
+
+    /// Takes the answers of the partition at `idx` that are next in offset order.
+    fn take_landed(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        closing: bool,
+        config: &ConsumerConfig,
+        metrics: &mut Metrics,
+    ) {
+        while let Some((flight, landed)) = self.list[idx].flights.pop_landed() {
+            self.fetch_reserved -= flight.planned.records;
+            self.take_answer(now, idx, &flight, landed, closing, config, metrics);
         }
-        if r.records.is_empty() {
-            // No long-poll on the broker: back off before asking again.
-            p.fetch_not_before = Some(later(
-                now,
-                backoff::ceiling(
-                    config.empty_fetch_backoff_min,
-                    config.empty_fetch_backoff_max,
-                    p.empty_fetches + 1,
-                ),
-            ));
-            p.empty_fetches = p.empty_fetches.saturating_add(1);
-            return Ok(());
+        let p = &mut self.list[idx];
+        p.fetch_in_flight = !p.flights.is_empty();
+    }
+
+    /// Takes a fetch answer in its turn: buffers what fits from the partition's position on
+    /// (an answer overlapping the one before it is taken from where that one ended), or backs
+    /// off after an empty one.
+    #[allow(clippy::too_many_arguments)]
+    fn take_answer(
+        &mut self,
+        now: Instant,
+        idx: usize,
+        flight: &Flight,
+        landed: Landed,
+        closing: bool,
+        config: &ConsumerConfig,
+        metrics: &mut Metrics,
+    ) {
+        let p = &mut self.list[idx];
+        p.high_watermark = Some(landed.high_watermark);
+        let end = p.window.end();
+        // Past a gap (the answer before it came back short or failed), or closing.
+        let Some(skip) = end.checked_sub(flight.offset).filter(|_| !closing) else {
+            trace!(
+                partition = p.id,
+                offset = flight.offset,
+                "dropping an answer past a gap"
+            );
+            return;
+        };
+        let mut records = landed.records;
+        if records.is_empty() {
+            if skip == 0 {
+                // No long-poll on the broker: back off before asking again.
+                p.fetch_not_before = Some(later(
+                    now,
+                    backoff::ceiling(
+                        config.empty_fetch_backoff_min,
+                        config.empty_fetch_backoff_max,
+                        p.empty_fetches + 1,
+                    ),
+                ));
+                p.empty_fetches = p.empty_fetches.saturating_add(1);
+            }
+            return;
         }
+        let Some(skip) = usize::try_from(skip).ok().filter(|&s| s < records.len()) else {
+            return; // the answer before it brought all of these
+        };
+        records.drain(..skip);
         p.empty_fetches = 0;
         let span_room = config
             .max_unsettled_per_partition
@@ -486,9 +589,9 @@ impl Partitions {
         let most = usize::try_from(span_room)
             .unwrap_or(usize::MAX)
             .min(config.fetch_size.saturating_sub(self.buffered))
-            .min(r.records.len());
+            .min(records.len());
         p.window.reserve(most);
-        let mut records = r.records;
+        let released = flight.released;
         let mut taken = 0u64;
         let (mut first_bytes, mut taken_bytes) = (0, 0);
         for record in &records {
@@ -505,7 +608,7 @@ impl Partitions {
             if taken >= span_room || self.buffered >= config.fetch_size || over_bytes {
                 break; // the rest is fetched again later
             }
-            if owner.offset.checked_add(taken).is_none() {
+            if end.checked_add(taken).is_none() {
                 break;
             }
             p.window.push(Unsettled::new(Slot::Buffered));
@@ -524,10 +627,9 @@ impl Partitions {
         if records.capacity() > 2 * records.len() {
             records.shrink_to_fit();
         }
-        p.buffered.push(owner.offset, records);
+        p.buffered.push(end, records);
         self.sizer.taken(taken as usize, taken_bytes);
         metrics.received += taken;
-        Ok(())
     }
 
     /// A fetch of `owner` failed with an error that names its partition: returns the offset

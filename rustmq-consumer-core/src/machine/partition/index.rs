@@ -27,6 +27,8 @@ pub(super) struct FetchState {
     backoff: bool,
     refetch_due: bool,
     in_flight: bool,
+    /// Its fetches in flight (a second may go out ahead of the first).
+    flights: usize,
     paused: bool,
     revoking: bool,
     phase: Phase,
@@ -50,6 +52,7 @@ impl Partition {
             backoff: self.fetch_not_before.is_some(),
             refetch_due: !self.refetch_in_flight && !self.refetch.is_empty(),
             in_flight: self.fetch_in_flight,
+            flights: self.flights.len(),
             paused: self.paused,
             revoking: self.revoking,
             phase: self.phase,

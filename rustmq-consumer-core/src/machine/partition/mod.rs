@@ -19,6 +19,7 @@ use super::outbox::Outbox;
 mod buffer;
 mod cached;
 mod fetch;
+mod flights;
 mod index;
 mod parked;
 mod retry;
@@ -27,10 +28,11 @@ mod sizing;
 mod tests;
 
 use buffer::Buffered;
+use flights::Flights;
 use index::{FetchTurn, Indexed};
 pub(crate) use parked::Handback;
 use parked::Parked;
-use sizing::{FetchSizer, Planned};
+use sizing::FetchSizer;
 
 #[derive(Debug)]
 pub(crate) struct Partition {
@@ -48,11 +50,11 @@ pub(crate) struct Partition {
     redeliver: VecDeque<(u64, Record)>,
     /// Offsets whose record the cache lost: fetched again one by one.
     refetch: VecDeque<u64>,
+    /// A request that fetches from it is in flight: its fetches (`flights`), or the
+    /// FetchOffset or Latest lookup that places it.
     pub(crate) fetch_in_flight: bool,
-    /// The fetch in flight, as sized: its `max_bytes` and the buffer slots it reserves.
-    fetch_planned: Option<Planned>,
-    /// The fetch in flight went out when buffer room for a record that did not fit came free.
-    released_from_byte_wait: bool,
+    /// Its fetches in flight, as sized, with their reservations and early answers.
+    flights: Flights,
     refetch_in_flight: bool,
     /// No fetch before this (empty fetch or failure backoff).
     pub(crate) fetch_not_before: Option<Instant>,
@@ -168,8 +170,7 @@ impl Partition {
             redeliver: VecDeque::new(),
             refetch: VecDeque::new(),
             fetch_in_flight: false,
-            fetch_planned: None,
-            released_from_byte_wait: false,
+            flights: Flights::default(),
             refetch_in_flight: false,
             fetch_not_before: None,
             byte_blocked: None,
@@ -228,8 +229,10 @@ impl Partition {
     }
 
     /// Forgets what it was about to redeliver, refetch or fetch, and its fetch backoff (the
-    /// requests in flight are answered stale).
+    /// requests in flight are answered stale; `Partitions::release_buffer` gave back what its
+    /// fetches in flight reserved).
     fn stop_fetching(&mut self) {
+        debug_assert!(self.flights.is_empty(), "reservations not given back");
         self.redeliver.clear();
         self.refetch.clear();
         self.fetch_in_flight = false;
@@ -623,9 +626,7 @@ impl Partitions {
         self.buffered -= p.buffered.len();
         self.buffered_bytes -= p.buffered.bytes();
         p.buffered.clear();
-        if let Some(planned) = p.fetch_planned.take() {
-            self.fetch_reserved -= planned.records;
-        }
+        self.fetch_reserved -= p.flights.clear();
     }
 
     /// Forgets everything about a partition's position (its cached records too) and restarts

@@ -115,7 +115,6 @@ impl Partition {
         }
         self.buffered.clear();
         self.stop_fetching();
-        self.released_from_byte_wait = false;
         self.fetch_failures = 0;
         self.commit_in_flight = None;
         // Out of every index of the list (`revoke_all` clears them): its own record of where

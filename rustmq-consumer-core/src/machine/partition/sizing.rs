@@ -83,6 +83,13 @@ impl FetchSizer {
         }
     }
 
+    /// Whether answers bounded a record's cost from both sides: a fetch then sized at the
+    /// upper bound brings back at least the records it reserved (while record sizes hold and
+    /// the partition has them), so where it ends is known before its answer.
+    pub(crate) fn knows_cost(&self) -> bool {
+        self.above > 0 && self.at_most != u64::MAX
+    }
+
     /// Estimated cost of a record in the broker's unit (at least 1).
     pub(crate) fn cost(&self) -> u64 {
         let wire = self.wire as u64;
