@@ -18,6 +18,10 @@
 //!   127.0.0.1 against the embedded `LoopbackBroker` (which counts `max_bytes` like the real
 //!   broker), beside a raw loop of 1 MiB Fetch requests on the same kind of connection; the
 //!   ratio is printed after the group;
+//! - `remote_broker`: the public `Consumer` with the default `ConsumerConfig` against a broker
+//!   [`REMOTE_RTT`] away (the simulated broker behind a `DelayedTransport`, every request
+//!   answered a round trip after it was sent), beside the raw loop of 1 MiB fetches over the
+//!   same transport; the ratio is printed after the group;
 //! - `process`: `Consumer::process` with a handler that waits 1 ms (simulated I/O) on
 //!   messages over 1,000 keys, at concurrency 1, 8 and 64 in key order, beside the sequential
 //!   `receive`/sleep/`ack` loop; the rates and ratios are printed after the group.
@@ -64,6 +68,10 @@ const ACK_BURST: usize = 64;
 
 /// Messages consumed per `quic_loopback` iteration.
 const QUIC_N: usize = 20_000;
+/// Messages consumed per `remote_broker` iteration.
+const REMOTE_N: usize = 100_000;
+/// `remote_broker`'s round trip: a broker in another zone of the same region.
+const REMOTE_RTT: Duration = Duration::from_millis(2);
 /// Messages acked per iteration by our consumer in `ack_throughput_vs_old_design`.
 const ACK_RTT_N: usize = 10_000;
 /// Messages acked per iteration by the old design (about a quarter of a second each).
@@ -789,6 +797,73 @@ fn quic_loopback(c: &mut Criterion) {
     }
 }
 
+// ---------------------------------------------------------------- remote broker
+
+/// The consumer as a new user builds it (**default** `ConsumerConfig`) against a broker
+/// [`REMOTE_RTT`] away, beside a raw loop of 1 MiB fetches, one in flight, over the same
+/// transport. Here the round trip, not the CPU, bounds a fetch: the consumer keeps a second
+/// fetch in flight ahead of the first, the raw loop waits for each answer.
+fn remote_broker(c: &mut Criterion) {
+    let mut g = c.benchmark_group("remote_broker");
+    g.throughput(Throughput::Elements(REMOTE_N as u64));
+    g.sample_size(10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let remote = || {
+        DelayedTransport::new(
+            SimTransport::new(broker_with(REMOTE_N), rustmq_consumer_smol::SmolRuntime),
+            REMOTE_RTT,
+        )
+    };
+    let mut raw = Tally::default();
+    g.bench_function("raw_fetch_loop", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let transport = remote();
+                total += rt.block_on(async {
+                    let start = Instant::now();
+                    raw_fetch_loop(&transport, REMOTE_N, RAW_FETCH_MAX_BYTES).await;
+                    raw.add(start.elapsed(), REMOTE_N)
+                });
+            }
+            total
+        })
+    });
+    let mut ours = Tally::default();
+    g.bench_function("consumer", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let transport = remote();
+                total += rt.block_on(async {
+                    let start = Instant::now();
+                    let consumer =
+                        build(TokioRuntime, transport, ConsumerConfig::new(TOPIC, GROUP)).await;
+                    consume(&consumer, REMOTE_N).await;
+                    let elapsed = start.elapsed();
+                    consumer.close().await.unwrap();
+                    ours.add(elapsed, REMOTE_N)
+                });
+            }
+            total
+        })
+    });
+    g.finish();
+    eprintln!(
+        "remote_broker: raw_fetch_loop (1 MiB fetches, {REMOTE_RTT:?} round trip) {:.0} msg/s",
+        raw.rate()
+    );
+    eprintln!(
+        "remote_broker: consumer (default config) {:.0} msg/s = {:.3}x raw_fetch_loop",
+        ours.rate(),
+        ours.rate() / raw.rate()
+    );
+}
+
 // ---------------------------------------------------------------------- process
 
 /// A broker holding `n` messages in one partition, keyed over [`PROCESS_KEYS`] keys.
@@ -909,6 +984,7 @@ criterion_group!(
     ack_throughput_vs_old_design,
     partitions,
     quic_loopback,
+    remote_broker,
     process
 );
 criterion_main!(benches);
