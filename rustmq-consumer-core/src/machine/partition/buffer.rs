@@ -34,22 +34,24 @@ impl Buffered {
         }
     }
 
-    /// The oldest record and its offset.
-    pub(crate) fn front(&self) -> Option<(u64, &Record)> {
-        let run = self.runs.front()?;
-        Some((run.next, run.records.as_slice().first()?))
-    }
-
-    /// Takes the oldest record (the one [`front`](Self::front) shows).
+    /// Takes up to `max` records of the oldest answer, in order, each with its offset, into
+    /// `take`; returns how many it took (none when nothing is buffered).
     #[inline]
-    pub(crate) fn pop_front(&mut self) -> Option<Record> {
-        let run = self.runs.front_mut()?;
-        let record = run.records.next()?;
-        run.next += 1;
+    pub(crate) fn pop_run(&mut self, max: usize, mut take: impl FnMut(u64, Record)) -> usize {
+        let Some(run) = self.runs.front_mut() else {
+            return 0;
+        };
+        let first = run.next;
+        let mut n = 0;
+        for record in run.records.by_ref().take(max) {
+            take(first + n as u64, record);
+            n += 1;
+        }
+        run.next += n as u64;
         if run.records.len() == 0 {
             self.runs.pop_front();
         }
-        Some(record)
+        n
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -104,27 +106,42 @@ mod tests {
         assert_eq!(b.get(11).map(|r| r.value[0]), Some(2));
         assert_eq!(b.get(12).map(|r| r.value[0]), Some(3));
         assert!(b.get(9).is_none() && b.get(13).is_none());
-        let out: Vec<(u64, u8)> = std::iter::from_fn(|| {
-            let offset = b.front()?.0;
-            b.pop_front().map(|r| (offset, r.value[0]))
-        })
-        .collect();
+        let mut out = Vec::new();
+        while b.pop_run(usize::MAX, |o, r| out.push((o, r.value[0]))) > 0 {}
         assert_eq!(out, [(10, 1), (11, 2), (12, 3)]);
         assert!(b.is_empty());
         assert_eq!(b.len(), 0);
     }
 
     #[test]
+    fn a_run_is_taken_from_the_oldest_answer_up_to_its_end() {
+        let mut b = Buffered::default();
+        b.push(10, run(&[1, 2, 3]));
+        b.push(13, run(&[4]));
+        let mut out = Vec::new();
+        assert_eq!(b.pop_run(2, |o, r| out.push((o, r.value[0]))), 2);
+        assert_eq!(
+            b.pop_run(5, |o, r| out.push((o, r.value[0]))),
+            1,
+            "to its answer's end"
+        );
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.pop_run(5, |o, r| out.push((o, r.value[0]))), 1);
+        assert_eq!(b.pop_run(5, |_, _| unreachable!()), 0);
+        assert_eq!(out, [(10, 1), (11, 2), (12, 3), (13, 4)]);
+        assert!(b.is_empty());
+    }
+
+    #[test]
     fn a_partly_taken_run_is_found_from_its_next_offset() {
         let mut b = Buffered::default();
         b.push(0, run(&[1, 2, 3]));
-        assert_eq!(b.front().map(|(o, _)| o), Some(0));
-        assert!(b.pop_front().is_some());
-        assert_eq!(b.front().map(|(o, r)| (o, r.value[0])), Some((1, 2)));
+        assert_eq!(b.pop_run(1, |o, _| assert_eq!(o, 0)), 1);
         assert!(b.get(0).is_none(), "delivered: no longer buffered");
+        assert_eq!(b.get(1).map(|r| r.value[0]), Some(2));
         assert_eq!(b.get(2).map(|r| r.value[0]), Some(3));
         assert_eq!(b.bytes(), 2 * Record::from_value(vec![0]).encoded_len());
         b.clear();
-        assert!(b.is_empty() && b.pop_front().is_none());
+        assert!(b.is_empty() && b.pop_run(1, |_, _| unreachable!()) == 0);
     }
 }

@@ -781,37 +781,55 @@ impl Partitions {
         &mut self,
         idx: usize,
         now: Instant,
-        turns: usize,
+        mut turns: usize,
         metrics: &mut Metrics,
         events: &mut Outbox,
     ) {
-        for _ in 0..turns {
+        while turns > 0 {
             let p = &mut self.list[idx];
-            // Which record first, then one move of it, from its queue into the outbox.
-            let (offset, attempt, retry) = if let Some(&(offset, _)) = p.redeliver.front() {
-                match p.slot(offset) {
-                    Some(Slot::Ready { attempt }) => (offset, attempt, true),
-                    _ => {
-                        p.redeliver.pop_front();
-                        continue;
+            if p.redeliver.is_empty() {
+                // No retry first: a run of buffered records, each moved once into the outbox.
+                let (id, epoch) = (p.id, p.epoch);
+                let window = &mut p.window;
+                let mut bytes = 0;
+                let n = p.buffered.pop_run(turns, |offset, record| {
+                    bytes += record.encoded_len();
+                    // To the application, not to the cache: see the retry below.
+                    if let Some(u) = window.get_mut(offset) {
+                        u.state = Slot::Delivered {
+                            attempt: 1,
+                            since: now,
+                        };
                     }
+                    let tag = DeliveryTag {
+                        partition: id,
+                        offset,
+                        epoch,
+                        attempt: 1,
+                    };
+                    events.deliver(Message { tag, record });
+                });
+                if n == 0 {
+                    break;
                 }
-            } else if let Some((offset, record)) = p.buffered.front() {
-                self.buffered -= 1;
-                self.buffered_bytes -= record.encoded_len();
-                (offset, 1, false)
-            } else {
-                break;
+                trace!(partition = id, count = n, "deliver");
+                self.buffered -= n;
+                self.buffered_bytes -= bytes;
+                self.unacked += n;
+                metrics.delivered += n as u64;
+                turns -= n;
+                continue;
+            }
+            turns -= 1;
+            // A retry first: due (`Ready`), or no longer (settled or restarted since), which uses
+            // the turn up.
+            let Some((offset, record)) = p.redeliver.pop_front() else {
+                break; // not reached: just looked at
             };
-            let record = if retry {
-                metrics.retried += 1;
-                p.redeliver.pop_front().map(|(_, record)| record)
-            } else {
-                p.buffered.pop_front()
+            let Some(Slot::Ready { attempt }) = p.slot(offset) else {
+                continue;
             };
-            let Some(record) = record else {
-                break; // not reached: the front was just looked at
-            };
+            metrics.retried += 1;
             let tag = DeliveryTag {
                 partition: p.id,
                 offset,
@@ -821,12 +839,13 @@ impl Partitions {
             // The record goes to the application, not to the cache: it comes back with a nack,
             // a reject or a dropped handle (`ConsumerMachine::give_back`), and is cached then
             // for its redelivery or dead letter. An ack, the common case, so costs no copy.
-            if let Some(u) = self.list[idx].window.get_mut(offset) {
-                u.state = Slot::Delivered {
+            p.set(
+                offset,
+                Slot::Delivered {
                     attempt,
                     since: now,
-                };
-            }
+                },
+            );
             self.unacked += 1;
             metrics.delivered += 1;
             trace!(partition = tag.partition, offset, attempt, "deliver");
