@@ -1547,3 +1547,43 @@ fn a_failed_fetch_drops_the_answer_ahead_of_it_and_loses_nothing() {
         "every offset once, in order"
     );
 }
+
+#[test]
+fn partitions_fetching_side_by_side_send_no_fetch_ahead() {
+    use rustmq_consumer_testkit::{broker_with, Peer as _};
+
+    let now = std::time::Instant::now();
+    let n = 20_000;
+    let mut broker = broker_with("t", 2, n);
+    let mut cfg = config("t");
+    cfg.partitions = vec![0, 1];
+    let mut m = ConsumerMachine::new(cfg, now).unwrap();
+    let mut delivered = 0;
+    for _ in 0..1_000 {
+        let sent: Vec<Transmit> = std::iter::from_fn(|| m.poll_transmit()).take(100).collect();
+        let mut per_partition = [0; 2];
+        for t in &sent {
+            if let Request::Fetch(f) = &t.request {
+                per_partition[f.partition_id as usize] += 1;
+            }
+        }
+        assert!(
+            per_partition.iter().all(|&k| k <= 1),
+            "a fetch ahead while another partition fetches: {per_partition:?}"
+        );
+        for t in sent {
+            let answer = broker.answer(now, t.request);
+            m.handle_response(now, t.id, answer);
+        }
+        while let Some(event) = m.poll_event() {
+            if let Event::Deliver(d) = event {
+                delivered += 1;
+                m.ack(now, d.tag).unwrap();
+            }
+        }
+        if delivered == 2 * n {
+            return;
+        }
+    }
+    panic!("{delivered} of {} delivered in 1,000 rounds", 2 * n);
+}

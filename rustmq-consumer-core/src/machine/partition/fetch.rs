@@ -380,11 +380,14 @@ impl Partitions {
         let offset = if p.flights.is_empty() {
             p.window.end()
         } else {
-            // Ahead of the fetch in flight: only where that one's end is known (see
-            // `FetchSizer::knows_cost`) and the partition holds records past it.
+            // Ahead of the fetch in flight: only while no other partition's is (with several
+            // partitions fetching, their fetches overlap already), where that one's end is
+            // known (see `FetchSizer::knows_cost`) and the partition holds records past it.
             match p.flights.ahead_from(p.window.end()) {
                 Some(from)
-                    if self.sizer.knows_cost() && p.high_watermark.is_some_and(|hw| from < hw) =>
+                    if self.fetches_in_flight == 1
+                        && self.sizer.knows_cost()
+                        && p.high_watermark.is_some_and(|hw| from < hw) =>
                 {
                     from
                 }
