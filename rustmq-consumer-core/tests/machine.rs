@@ -1508,44 +1508,35 @@ fn fetch_ahead_run(n: usize, how: Answering) -> (Vec<u64>, usize) {
     );
 }
 
-#[test]
-fn a_fetch_ahead_answered_first_is_delivered_after_the_one_before_it() {
-    let (delivered, most) = fetch_ahead_run(20_000, Answering::Reversed);
+/// [`fetch_ahead_run`] of 20,000 records answered `how`: a fetch went out ahead of the one in
+/// flight, and every offset was delivered once, in order.
+fn every_offset_once_with_a_fetch_ahead(how: Answering) {
+    let (delivered, most) = fetch_ahead_run(20_000, how);
     assert_eq!(most, 2, "a fetch ahead of the one in flight");
     assert!(
         delivered.iter().copied().eq(0..20_000),
         "every offset once, in order"
     );
+}
+
+#[test]
+fn a_fetch_ahead_answered_first_is_delivered_after_the_one_before_it() {
+    every_offset_once_with_a_fetch_ahead(Answering::Reversed);
 }
 
 #[test]
 fn a_short_answer_drops_the_fetch_ahead_of_it_and_loses_nothing() {
-    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstShort);
-    assert_eq!(most, 2, "a fetch ahead of the one in flight");
-    assert!(
-        delivered.iter().copied().eq(0..20_000),
-        "every offset once, in order"
-    );
+    every_offset_once_with_a_fetch_ahead(Answering::FirstShort);
 }
 
 #[test]
 fn a_long_answer_is_not_delivered_twice_from_the_fetch_ahead_of_it() {
-    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstLong);
-    assert_eq!(most, 2, "a fetch ahead of the one in flight");
-    assert!(
-        delivered.iter().copied().eq(0..20_000),
-        "every offset once, in order"
-    );
+    every_offset_once_with_a_fetch_ahead(Answering::FirstLong);
 }
 
 #[test]
 fn a_failed_fetch_drops_the_answer_ahead_of_it_and_loses_nothing() {
-    let (delivered, most) = fetch_ahead_run(20_000, Answering::FirstFails);
-    assert_eq!(most, 2, "a fetch ahead of the one in flight");
-    assert!(
-        delivered.iter().copied().eq(0..20_000),
-        "every offset once, in order"
-    );
+    every_offset_once_with_a_fetch_ahead(Answering::FirstFails);
 }
 
 #[test]
