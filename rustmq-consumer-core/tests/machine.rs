@@ -1419,6 +1419,8 @@ fn poll_deliveries_takes_the_deliveries_poll_event_would_in_order() {
 /// How [`fetch_ahead_run`] answers each round's Fetch requests.
 #[derive(Clone, Copy)]
 enum Answering {
+    /// As sent.
+    InOrder,
     /// Last sent first (the fetch ahead before the one in front of it).
     Reversed,
     /// The first Fetch of every other round brings back half of what it would.
@@ -1430,33 +1432,39 @@ enum Answering {
     FirstFails,
 }
 
-/// A consumer of `n` records of partition 0 against the simulated broker (its real
-/// `max_bytes` accounting), every delivery acked, each round of requests answered as `how`
-/// says. Returns the delivered offsets in order and the most Fetch requests one round sent.
-fn fetch_ahead_run(n: usize, how: Answering) -> (Vec<u64>, usize) {
+/// A consumer of `n` records in each of `partitions` partitions against the simulated broker
+/// (its real `max_bytes` accounting), every delivery acked, each round of requests answered as
+/// `how` says. Returns each partition's delivered offsets in order, and the most Fetch
+/// requests of one partition one round sent.
+fn fetch_ahead_run(partitions: u32, n: usize, how: Answering) -> (Vec<Vec<u64>>, usize) {
     use rustmq_consumer_testkit::{broker_with, Peer as _};
 
     let now = std::time::Instant::now();
-    let mut broker = broker_with("t", 1, n);
-    let mut m = ConsumerMachine::new(config("t"), now).unwrap();
-    let (mut delivered, mut most, mut settled_rounds) = (Vec::new(), 0, 0);
+    let mut broker = broker_with("t", partitions, n);
+    let mut cfg = config("t");
+    cfg.partitions = (0..partitions).collect();
+    let mut m = ConsumerMachine::new(cfg, now).unwrap();
+    let mut delivered = vec![Vec::new(); partitions as usize];
+    let (mut total, mut most, mut settled_rounds) = (0, 0, 0);
     for round in 0..1_000 {
         // Past any fetch backoff.
         let now = now + Duration::from_secs(round);
         m.handle_timeout(now);
         let mut sent: Vec<Transmit> = std::iter::from_fn(|| m.poll_transmit()).take(100).collect();
         // A few rounds past the last record, for any delivered twice.
-        if delivered.len() >= n {
+        if total >= n * partitions as usize {
             settled_rounds += 1;
             if settled_rounds > 3 {
                 return (delivered, most);
             }
         }
-        let fetches = sent
-            .iter()
-            .filter(|t| matches!(t.request, Request::Fetch(_)))
-            .count();
-        most = most.max(fetches);
+        let mut fetches = vec![0; partitions as usize];
+        for t in &sent {
+            if let Request::Fetch(f) = &t.request {
+                fetches[f.partition_id as usize] += 1;
+            }
+        }
+        most = fetches.into_iter().fold(most, usize::max);
         if matches!(how, Answering::Reversed)
             || (matches!(how, Answering::FirstFails) && round % 2 == 1)
         {
@@ -1491,30 +1499,30 @@ fn fetch_ahead_run(n: usize, how: Answering) -> (Vec<u64>, usize) {
         }
         while let Some(event) = m.poll_event() {
             if let Event::Deliver(d) = event {
-                let offset = d.tag.offset;
+                let DeliveryTag {
+                    partition, offset, ..
+                } = d.tag;
                 assert_eq!(
                     d.record.value,
-                    format!("p0-m{offset}").as_bytes(),
-                    "{offset}"
+                    format!("p{partition}-m{offset}").as_bytes(),
+                    "{partition}/{offset}"
                 );
-                delivered.push(offset);
+                delivered[partition as usize].push(offset);
+                total += 1;
                 m.ack(now, d.tag).unwrap();
             }
         }
     }
-    panic!(
-        "{n} records not delivered in 1,000 rounds: {}",
-        delivered.len()
-    );
+    panic!("{n} records of each of {partitions} partitions not delivered in 1,000 rounds: {total}");
 }
 
 /// [`fetch_ahead_run`] of 20,000 records answered `how`: a fetch went out ahead of the one in
 /// flight, and every offset was delivered once, in order.
 fn every_offset_once_with_a_fetch_ahead(how: Answering) {
-    let (delivered, most) = fetch_ahead_run(20_000, how);
+    let (delivered, most) = fetch_ahead_run(1, 20_000, how);
     assert_eq!(most, 2, "a fetch ahead of the one in flight");
     assert!(
-        delivered.iter().copied().eq(0..20_000),
+        delivered[0].iter().copied().eq(0..20_000),
         "every offset once, in order"
     );
 }
@@ -1541,40 +1549,12 @@ fn a_failed_fetch_drops_the_answer_ahead_of_it_and_loses_nothing() {
 
 #[test]
 fn partitions_fetching_side_by_side_send_no_fetch_ahead() {
-    use rustmq_consumer_testkit::{broker_with, Peer as _};
-
-    let now = std::time::Instant::now();
-    let n = 20_000;
-    let mut broker = broker_with("t", 2, n);
-    let mut cfg = config("t");
-    cfg.partitions = vec![0, 1];
-    let mut m = ConsumerMachine::new(cfg, now).unwrap();
-    let mut delivered = 0;
-    for _ in 0..1_000 {
-        let sent: Vec<Transmit> = std::iter::from_fn(|| m.poll_transmit()).take(100).collect();
-        let mut per_partition = [0; 2];
-        for t in &sent {
-            if let Request::Fetch(f) = &t.request {
-                per_partition[f.partition_id as usize] += 1;
-            }
-        }
+    let (delivered, most) = fetch_ahead_run(2, 20_000, Answering::InOrder);
+    assert_eq!(most, 1, "a fetch ahead while another partition fetches");
+    for offsets in delivered {
         assert!(
-            per_partition.iter().all(|&k| k <= 1),
-            "a fetch ahead while another partition fetches: {per_partition:?}"
+            offsets.into_iter().eq(0..20_000),
+            "every offset once, in order"
         );
-        for t in sent {
-            let answer = broker.answer(now, t.request);
-            m.handle_response(now, t.id, answer);
-        }
-        while let Some(event) = m.poll_event() {
-            if let Event::Deliver(d) = event {
-                delivered += 1;
-                m.ack(now, d.tag).unwrap();
-            }
-        }
-        if delivered == 2 * n {
-            return;
-        }
     }
-    panic!("{delivered} of {} delivered in 1,000 rounds", 2 * n);
 }
