@@ -349,10 +349,10 @@ impl Partitions {
                 requests.send(now, permit, Owner::Refetch(owner), request);
             }
         }
+        // After one is sent, maybe one more goes out ahead of it.
         loop {
-            match self.send_fetch(now, idx, config, breaker, requests, metrics) {
-                Some(visit) => return visit,
-                None => continue, // sent: maybe one more goes out ahead of it
+            if let Some(visit) = self.send_fetch(now, idx, config, breaker, requests, metrics) {
+                return visit;
             }
         }
     }
