@@ -159,6 +159,78 @@ fn ack_many_settles_a_burst_as_one_input_and_refuses_what_ack_would() {
     );
 }
 
+/// `ack_many` is `ack` applied tag by tag: a burst that switches partitions, with runs of
+/// one partition, a tag twice, an attempt that was never delivered, an offset and a partition
+/// that do not exist, settles and refuses exactly what a twin machine with the same
+/// deliveries, acked one tag at a time, settles and refuses.
+#[test]
+fn ack_many_settles_and_refuses_as_acking_each_tag_in_turn() {
+    let twin = || {
+        let mut c = config("t");
+        c.partitions = vec![0, 1];
+        let mut h = harness(c);
+        h.produce(0, 6);
+        h.produce(1, 6);
+        h.advance(Duration::from_millis(200));
+        h
+    };
+    let (mut a, mut b) = (twin(), twin());
+    let ds = a.deliveries();
+    let tags = |ds: &[Message]| ds.iter().map(|d| d.tag).collect::<Vec<_>>();
+    assert_eq!(tags(&ds), tags(&b.deliveries()), "twins");
+    assert_eq!(ds.len(), 12);
+    let tag = |partition, offset| {
+        ds.iter()
+            .map(|d| d.tag)
+            .find(|t| t.partition == partition && t.offset == offset)
+            .unwrap()
+    };
+    let burst = vec![
+        tag(0, 0),
+        tag(0, 1),
+        tag(1, 0),
+        tag(0, 2),
+        tag(0, 2),
+        DeliveryTag {
+            attempt: 2,
+            ..tag(0, 3)
+        },
+        tag(0, 4),
+        DeliveryTag {
+            offset: 99,
+            ..tag(0, 5)
+        },
+        DeliveryTag {
+            partition: 7,
+            ..tag(1, 1)
+        },
+        tag(1, 2),
+        tag(1, 1),
+        tag(0, 3),
+    ];
+    let refused = a.m.ack_many(a.now, burst.clone());
+    let one_by_one: Vec<(DeliveryTag, UsageError)> = burst
+        .iter()
+        .filter_map(|&t| b.m.ack(b.now, t).err().map(|error| (t, error)))
+        .collect();
+    assert_eq!(refused, one_by_one);
+    assert_eq!(
+        refused.iter().map(|(t, _)| t.offset).collect::<Vec<_>>(),
+        [2, 3, 99, 1],
+        "{refused:?}"
+    );
+    for partition in [0, 1] {
+        assert_eq!(
+            a.m.settle_watermark(partition),
+            b.m.settle_watermark(partition)
+        );
+    }
+    assert_eq!(a.m.settle_watermark(0), Some(5));
+    assert_eq!(a.m.settle_watermark(1), Some(3));
+    assert_eq!(a.m.metrics(), b.m.metrics());
+    assert_eq!(a.m.metrics().acked, 8);
+}
+
 #[test]
 fn commits_are_batched_by_size_then_by_timeout_one_in_flight() {
     let mut c = config("t");

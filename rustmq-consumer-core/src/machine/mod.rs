@@ -49,7 +49,7 @@ use dead_letter::{DeadLetterEntry, DeadLetters};
 use group::GroupSession;
 use manual::ManualGeneration;
 use outbox::Outbox;
-use partition::{Handback, Partitions, Slot};
+use partition::{AckRun, Handback, Partitions, Slot};
 use requests::Requests;
 use timers::{Timer, TimerTable};
 
@@ -182,10 +182,10 @@ impl ConsumerMachine {
 
     /// Settles a delivery: it will be committed once every lower offset is settled too.
     pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
-        if self.settle_acked(now, tag)? {
-            self.poll_work(now);
+        match self.ack_many(now, [tag]).pop() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Acks every delivery of `tags`, in order, as one input: each is settled (or refused)
@@ -199,11 +199,46 @@ impl ConsumerMachine {
     ) -> Vec<(DeliveryTag, UsageError)> {
         let mut refused = Vec::new();
         let mut work = false;
+        // Acks of one partition and epoch in a row (a burst in order, the common case) are
+        // a run: the partition is looked up and checked once, and the bookkeeping of a
+        // settlement is done once at the run's end.
+        let mut run: Option<AckRun> = None;
         for tag in tags {
-            match self.settle_acked(now, tag) {
-                Ok(pending) => work |= pending,
+            if let Some(current) = run.as_mut().filter(|run| run.takes(tag)) {
+                match self.partitions.settle_in_run(current, tag) {
+                    Ok(()) => {
+                        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack")
+                    }
+                    Err(error) => refused.push((tag, error)),
+                }
+                continue;
+            }
+            if let Some(ended) = run.take() {
+                self.end_run(now, ended);
+            }
+            if self.partitions.is_parked(tag.partition) {
+                // Handed back (which runs the work step), its partition's settlement kept
+                // for when the partition is back.
+                match self.hand_back_parked(now, tag, Handback::Ack) {
+                    Ok(()) => self.metrics.acked += 1,
+                    Err(error) => refused.push((tag, error)),
+                }
+                continue;
+            }
+            match self.outstanding(tag) {
+                Ok(idx) => {
+                    let mut started = self.partitions.begin_run(idx, tag);
+                    let settled = self.partitions.settle_in_run(&mut started, tag);
+                    debug_assert!(settled.is_ok(), "checked outstanding");
+                    trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
+                    run = Some(started);
+                    work = true;
+                }
                 Err(error) => refused.push((tag, error)),
             }
+        }
+        if let Some(ended) = run {
+            self.end_run(now, ended);
         }
         if work {
             self.poll_work(now);
@@ -211,20 +246,11 @@ impl ConsumerMachine {
         refused
     }
 
-    /// Settles an acked delivery; true when the work step is still to run (a delivery of a
-    /// parked partition is handed back, which runs it).
-    fn settle_acked(&mut self, now: Instant, tag: DeliveryTag) -> Result<bool, UsageError> {
-        if self.partitions.is_parked(tag.partition) {
-            self.hand_back_parked(now, tag, Handback::Ack)?;
-            self.metrics.acked += 1;
-            return Ok(false);
-        }
-        let idx = self.outstanding(tag)?;
-        self.partitions.delivery_ended();
-        self.metrics.acked += 1;
-        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
-        self.settle(now, idx, tag.offset);
-        Ok(true)
+    /// Accounts for a run of acks settled by [`ack_many`](Self::ack_many).
+    fn end_run(&mut self, now: Instant, run: AckRun) {
+        let (settled, advanced) = self.partitions.end_run(run);
+        self.metrics.acked += settled as u64;
+        self.committer.settled(now, advanced, &self.config);
     }
 
     /// Gives a delivered message back before its [`nack`](Self::nack) or

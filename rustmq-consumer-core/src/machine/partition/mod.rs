@@ -34,6 +34,25 @@ pub(crate) use parked::Handback;
 use parked::Parked;
 use sizing::FetchSizer;
 
+/// Acks of one partition under one epoch, settled one by one and accounted for once
+/// ([`Partitions::begin_run`]).
+#[derive(Debug)]
+pub(crate) struct AckRun {
+    idx: usize,
+    partition: u32,
+    epoch: u64,
+    was_full: bool,
+    settled: usize,
+    advanced: u64,
+}
+
+impl AckRun {
+    /// Whether `tag` belongs to this run: same partition, same epoch.
+    pub(crate) fn takes(&self, tag: DeliveryTag) -> bool {
+        tag.partition == self.partition && tag.epoch == self.epoch
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Partition {
     pub(crate) id: u32,
@@ -212,6 +231,22 @@ impl Partition {
     #[inline]
     pub(crate) fn slot(&self, offset: u64) -> Option<Slot> {
         self.window.get(offset).map(|u| u.state)
+    }
+
+    /// Checks that `tag` (of this partition, its epoch already checked) names the delivery
+    /// outstanding at its offset.
+    #[inline]
+    fn check_delivered(&self, tag: DeliveryTag) -> Result<(), UsageError> {
+        let (partition, offset) = (tag.partition, tag.offset);
+        if offset >= self.window.end() {
+            return Err(UsageError::UnknownDelivery { partition, offset });
+        }
+        match self.slot(offset) {
+            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => Ok(()),
+            Some(Slot::Delivered { .. }) => Err(UsageError::StaleDelivery { partition, offset }),
+            Some(Slot::Buffered) => Err(UsageError::UnknownDelivery { partition, offset }),
+            _ => Err(UsageError::NotOutstanding { partition, offset }),
+        }
     }
 
     /// Gives the cache back every record this partition's window holds, before the window is
@@ -571,15 +606,7 @@ impl Partitions {
         if tag.epoch < self.parked.since(partition, p.epoch) || tag.epoch > p.epoch {
             return Err(UsageError::StaleDelivery { partition, offset });
         }
-        if offset >= p.window.end() {
-            return Err(UsageError::UnknownDelivery { partition, offset });
-        }
-        match p.slot(offset) {
-            Some(Slot::Delivered { attempt, .. }) if attempt == tag.attempt => Ok(idx),
-            Some(Slot::Delivered { .. }) => Err(UsageError::StaleDelivery { partition, offset }),
-            Some(Slot::Buffered) => Err(UsageError::UnknownDelivery { partition, offset }),
-            _ => Err(UsageError::NotOutstanding { partition, offset }),
-        }
+        p.check_delivered(tag).map(|()| idx)
     }
 
     /// Sets `paused` on every listed partition (assigned or parked), or on none if one is
@@ -617,6 +644,54 @@ impl Partitions {
     /// The application acked, nacked or rejected a delivery: one less outstanding.
     pub(crate) fn delivery_ended(&mut self) {
         self.unacked -= 1;
+    }
+
+    /// Starts a run of acks of the partition at `idx` under `tag`'s epoch: `tag` was checked
+    /// ([`outstanding`](Self::outstanding)) and is the run's first; settle it and the run's
+    /// next ones with [`settle_in_run`](Self::settle_in_run), then [`end_run`](Self::end_run).
+    pub(crate) fn begin_run(&self, idx: usize, tag: DeliveryTag) -> AckRun {
+        let p = &self.list[idx];
+        AckRun {
+            idx,
+            partition: tag.partition,
+            epoch: tag.epoch,
+            was_full: p.window.span() >= self.max_unsettled,
+            settled: 0,
+            advanced: 0,
+        }
+    }
+
+    /// Settles the acked delivery `tag` as part of `run`: checked as
+    /// [`outstanding`](Self::outstanding) checks it (its partition and epoch are the run's, so
+    /// only its slot is left to check), settled as [`settle`](Self::settle) settles it, the
+    /// bookkeeping left to [`end_run`](Self::end_run). A refused ack changes nothing.
+    #[inline]
+    pub(crate) fn settle_in_run(
+        &mut self,
+        run: &mut AckRun,
+        tag: DeliveryTag,
+    ) -> Result<(), UsageError> {
+        debug_assert!(run.takes(tag));
+        let cache = &mut self.cache;
+        let p = &mut self.list[run.idx];
+        p.check_delivered(tag)?;
+        run.advanced += p
+            .window
+            .settle_with(tag.offset, |u| _ = cache.release(&mut u.cached));
+        run.settled += 1;
+        Ok(())
+    }
+
+    /// Ends `run`: the settled deliveries are no longer outstanding, the partition's indexes
+    /// and the cache catch up once for all of them. Returns how many settled and how far the
+    /// watermark advanced.
+    pub(crate) fn end_run(&mut self, run: AckRun) -> (usize, u64) {
+        self.unacked -= run.settled;
+        // The window only shrinks while settling, so it went below full during the run if
+        // and only if it was full before and is not after.
+        self.mark_settled(run.idx, run.advanced, run.was_full);
+        self.tidy_cache();
+        (run.settled, run.advanced)
     }
 
     /// Gives the shared buffer back what the partition at `idx` holds in it: its fetched,
