@@ -182,10 +182,16 @@ impl ConsumerMachine {
 
     /// Settles a delivery: it will be committed once every lower offset is settled too.
     pub fn ack(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
-        match self.ack_many(now, [tag]).pop() {
-            Some((_, error)) => Err(error),
-            None => Ok(()),
+        if self.partitions.is_parked(tag.partition) {
+            return self.ack_parked(now, tag);
         }
+        let idx = self.outstanding(tag)?;
+        self.partitions.delivery_ended();
+        self.metrics.acked += 1;
+        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
+        self.settle(now, idx, tag.offset);
+        self.poll_work(now);
+        Ok(())
     }
 
     /// Acks every delivery of `tags`, in order, as one input: each is settled (or refused)
@@ -217,11 +223,8 @@ impl ConsumerMachine {
                 self.end_run(now, ended);
             }
             if self.partitions.is_parked(tag.partition) {
-                // Handed back (which runs the work step), its partition's settlement kept
-                // for when the partition is back.
-                match self.hand_back_parked(now, tag, Handback::Ack) {
-                    Ok(()) => self.metrics.acked += 1,
-                    Err(error) => refused.push((tag, error)),
+                if let Err(error) = self.ack_parked(now, tag) {
+                    refused.push((tag, error));
                 }
                 continue;
             }
@@ -251,6 +254,14 @@ impl ConsumerMachine {
         let (settled, advanced) = self.partitions.end_run(run);
         self.metrics.acked += settled as u64;
         self.committer.settled(now, advanced, &self.config);
+    }
+
+    /// Acks a delivery of a partition parked in a rebalance: handed back (which runs the work
+    /// step), its settlement kept for when the partition is back.
+    fn ack_parked(&mut self, now: Instant, tag: DeliveryTag) -> Result<(), UsageError> {
+        self.hand_back_parked(now, tag, Handback::Ack)?;
+        self.metrics.acked += 1;
+        Ok(())
     }
 
     /// Gives a delivered message back before its [`nack`](Self::nack) or
