@@ -553,7 +553,7 @@ impl Delivery {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn new(stamped: Stamped, shared: Arc<Shared>) -> Self {
         // Looked up only when tracing records the span: the member id of a group assignment,
         // else the consumer id.

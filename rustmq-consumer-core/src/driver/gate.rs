@@ -93,6 +93,7 @@ impl AckGate {
 
     /// Queues the ack of a delivery stamped `generation` if the machine is certain to accept
     /// it; false means the caller must ask the driver.
+    #[inline]
     pub(crate) fn try_ack(&self, tag: DeliveryTag, generation: u64) -> bool {
         let mut state = self.lock();
         if !state.accepts(generation) {
