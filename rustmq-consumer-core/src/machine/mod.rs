@@ -188,7 +188,7 @@ impl ConsumerMachine {
         let idx = self.outstanding(tag)?;
         self.partitions.delivery_ended();
         self.metrics.acked += 1;
-        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
+        self.trace_ack(tag);
         self.settle(now, idx, tag.offset);
         self.poll_work(now);
         Ok(())
@@ -212,9 +212,7 @@ impl ConsumerMachine {
         for tag in tags {
             if let Some(current) = run.as_mut().filter(|run| run.takes(tag)) {
                 match self.partitions.settle_in_run(current, tag) {
-                    Ok(()) => {
-                        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack")
-                    }
+                    Ok(()) => self.trace_ack(tag),
                     Err(error) => refused.push((tag, error)),
                 }
                 continue;
@@ -233,7 +231,7 @@ impl ConsumerMachine {
                     let mut started = self.partitions.begin_run(idx, tag);
                     let settled = self.partitions.settle_in_run(&mut started, tag);
                     debug_assert!(settled.is_ok(), "checked outstanding");
-                    trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
+                    self.trace_ack(tag);
                     run = Some(started);
                     work = true;
                 }
@@ -247,6 +245,11 @@ impl ConsumerMachine {
             self.poll_work(now);
         }
         refused
+    }
+
+    /// The trace event of one settled ack.
+    fn trace_ack(&self, tag: DeliveryTag) {
+        trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
     }
 
     /// Accounts for a run of acks settled by [`ack_many`](Self::ack_many).
