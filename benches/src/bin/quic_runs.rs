@@ -1,0 +1,92 @@
+//! `quic_loopback`'s three readers, one at a time, for `perf stat`: the raw loop of 1 MiB
+//! fetches, the channel floor, or the consumer with the **default** config (a group of its
+//! own per run), `RUNS` runs of `MESSAGES` messages each over QUIC on 127.0.0.1 against the
+//! embedded `LoopbackBroker`, on two tokio worker threads as in the group. Prints the rate
+//! and, for the consumer, how long the application waited for deliveries. Run it as
+//!
+//! ```text
+//! cargo build --release -p rustmq-consumer-benches --bin quic_runs
+//! perf stat -e task-clock target/release/quic_runs consumer [RUNS] [MESSAGES]   # and raw, floor
+//! ```
+//!
+//! CPU time a message is `task-clock` over `RUNS * MESSAGES` (the broker and QUIC included);
+//! "CPUs utilized" is how much of the two cores the readers keep busy.
+#![allow(clippy::print_stdout)]
+
+use std::error::Error;
+use std::time::{Duration, Instant};
+
+use rustmq_consumer_benches::transport::{
+    channel_floor, loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
+};
+use rustmq_consumer_benches::{GROUP, TOPIC};
+use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
+
+/// A `receive` that took longer than this waited for a delivery.
+const WAITED: Duration = Duration::from_micros(5);
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let reader = args.next().unwrap_or_default();
+    if !matches!(reader.as_str(), "raw" | "floor" | "consumer") {
+        return Err(format!("unknown reader {reader:?}: raw, floor or consumer").into());
+    }
+    let runs: usize = args.next().map_or(Ok(10), |a| a.parse())?;
+    let messages: usize = args.next().map_or(Ok(200_000), |a| a.parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let loopback = loopback(&rt, messages)?;
+    let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
+    let (mut total, mut waited) = (Duration::ZERO, Duration::ZERO);
+    for run in 0..runs {
+        let transport = rt.block_on(async {
+            let transport = rustmq_consumer_tokio::quic_transport(loopback.client_config())?;
+            transport.connect().await?;
+            Ok::<_, Box<dyn Error>>(transport)
+        })?;
+        let (elapsed, idle) = rt.block_on(async {
+            let start = Instant::now();
+            let mut idle = Duration::ZERO;
+            match reader.as_str() {
+                "raw" => raw_fetch_loop(&transport, messages, RAW_FETCH_MAX_BYTES).await,
+                "floor" => channel_floor(transport, messages, RAW_FETCH_MAX_BYTES, capacity).await,
+                _ => {
+                    let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-runs-{run}"));
+                    let consumer = ConsumerBuilder::with_runtime(TokioRuntime)
+                        .config(config)
+                        .client(transport)
+                        .build()
+                        .await?;
+                    for _ in 0..messages {
+                        let asked = Instant::now();
+                        let delivery = consumer.receive().await?.ok_or("closed early")?;
+                        let took = asked.elapsed();
+                        if took > WAITED {
+                            idle += took;
+                        }
+                        delivery.ack().await?;
+                    }
+                    consumer.close().await?;
+                }
+            }
+            Ok::<_, Box<dyn Error>>((start.elapsed(), idle))
+        })?;
+        total += elapsed;
+        waited += idle;
+    }
+    rt.block_on(loopback.stop());
+    let rate = (runs * messages) as f64 / total.as_secs_f64();
+    println!("{reader}: {runs} runs of {messages}: {rate:.0} msg/s");
+    if reader == "consumer" {
+        let share = waited.as_secs_f64() / total.as_secs_f64();
+        println!(
+            "the application waited for deliveries {:.0}% of the time",
+            share * 100.0
+        );
+    }
+    Ok(())
+}
