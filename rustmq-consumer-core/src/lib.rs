@@ -58,7 +58,9 @@
 //! - `machine/`: [`ConsumerMachine`], a coordinator over sub-machines that own their state and
 //!   logic and never call back into it:
 //!   - `machine/mod.rs`: the machine's fields, its public API, and what one sub-machine's
-//!     outcome means for another (settling, poison messages, assignment, revoke);
+//!     outcome means for another (assignment, revoke);
+//!   - `machine/settle.rs`: the application's verdicts (ack, nack, reject) and what they
+//!     move: the committer, the dead-letter outbox, a parked partition's hand-back;
 //!   - `machine/answers.rs`: routes each answer (or failure) to the sub-machine that sent the
 //!     request, then tells the breaker;
 //!   - `machine/work.rs`: the step ending every input: deliver, send what is due in priority
