@@ -221,6 +221,24 @@ pub mod transport {
         rt.block_on(async { LoopbackBroker::start(broker_with(messages), quic) })
     }
 
+    /// The consumer the QUIC workloads measure: on tokio, over `transport`, with the
+    /// **default** `ConsumerConfig` (only the topic and `group` set; a group of its own per
+    /// run starts at the earliest offset).
+    ///
+    /// # Errors
+    ///
+    /// As [`rustmq_consumer_core::ConsumerBuilder::build`].
+    pub async fn default_consumer(
+        transport: impl Transport,
+        group: String,
+    ) -> Result<rustmq_consumer_core::Consumer, rustmq_consumer_core::ConsumerError> {
+        rustmq_consumer_tokio::ConsumerBuilder::with_runtime(rustmq_consumer_tokio::TokioRuntime)
+            .config(rustmq_consumer_core::ConsumerConfig::new(TOPIC, group))
+            .client(transport)
+            .build()
+            .await
+    }
+
     /// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask
     /// for. The broker counts it in its own units (about 380 per record of [`PAYLOAD`]), so
     /// each answer carries about 2,700 records.

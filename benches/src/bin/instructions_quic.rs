@@ -15,9 +15,10 @@
 
 use std::error::Error;
 
-use rustmq_consumer_benches::transport::{loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES};
-use rustmq_consumer_benches::{GROUP, TOPIC};
-use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
+use rustmq_consumer_benches::transport::{
+    default_consumer, loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
+};
+use rustmq_consumer_benches::GROUP;
 
 /// Messages per run, as in `quic_loopback`.
 const MESSAGES: usize = 20_000;
@@ -45,12 +46,7 @@ fn main() -> Result<()> {
                 raw_fetch_loop(&transport, MESSAGES, RAW_FETCH_MAX_BYTES).await;
                 return Ok::<_, Box<dyn Error>>(());
             }
-            let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-quic-{run}"));
-            let consumer = ConsumerBuilder::with_runtime(TokioRuntime)
-                .config(config)
-                .client(transport)
-                .build()
-                .await?;
+            let consumer = default_consumer(transport, format!("{GROUP}-quic-{run}")).await?;
             for _ in 0..MESSAGES {
                 let delivery = consumer.receive().await?.ok_or("closed early")?;
                 delivery.ack().await?;

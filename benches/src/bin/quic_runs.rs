@@ -17,10 +17,10 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use rustmq_consumer_benches::transport::{
-    channel_floor, loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
+    channel_floor, default_consumer, loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{GROUP, TOPIC};
-use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
+use rustmq_consumer_tokio::ConsumerConfig;
 
 /// A `receive` that took longer than this waited for a delivery.
 const WAITED: Duration = Duration::from_micros(5);
@@ -55,12 +55,8 @@ fn main() -> Result<()> {
                 "raw" => raw_fetch_loop(&transport, messages, RAW_FETCH_MAX_BYTES).await,
                 "floor" => channel_floor(transport, messages, RAW_FETCH_MAX_BYTES, capacity).await,
                 _ => {
-                    let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-runs-{run}"));
-                    let consumer = ConsumerBuilder::with_runtime(TokioRuntime)
-                        .config(config)
-                        .client(transport)
-                        .build()
-                        .await?;
+                    let consumer =
+                        default_consumer(transport, format!("{GROUP}-runs-{run}")).await?;
                     for _ in 0..messages {
                         let asked = Instant::now();
                         let delivery = consumer.receive().await?.ok_or("closed early")?;

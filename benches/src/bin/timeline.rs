@@ -15,11 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use rustmq_consumer_benches::transport::loopback;
-use rustmq_consumer_benches::{GROUP, TOPIC};
+use rustmq_consumer_benches::transport::{default_consumer, loopback};
+use rustmq_consumer_benches::GROUP;
 use rustmq_consumer_core::protocol::{Request, Response};
 use rustmq_consumer_core::{Transport, TransportError};
-use rustmq_consumer_tokio::{ConsumerBuilder, ConsumerConfig, TokioRuntime};
 
 /// Messages per run, as in `quic_loopback`.
 const MESSAGES: usize = 20_000;
@@ -97,12 +96,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 t0,
                 log: Arc::clone(&log),
             };
-            let config = ConsumerConfig::new(TOPIC, format!("{GROUP}-timeline-{run}"));
-            let consumer = ConsumerBuilder::with_runtime(TokioRuntime)
-                .config(config)
-                .client(transport)
-                .build()
-                .await?;
+            let consumer = default_consumer(transport, format!("{GROUP}-timeline-{run}")).await?;
             // When each offset was delivered, to look up the answers' first records.
             let mut delivered = vec![0.0; MESSAGES];
             for _ in 0..MESSAGES {
