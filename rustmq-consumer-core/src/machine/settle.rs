@@ -83,6 +83,7 @@ impl ConsumerMachine {
     }
 
     /// The trace event of one settled ack.
+    #[inline]
     fn trace_ack(&self, tag: DeliveryTag) {
         trace!(topic = %self.config.topic, partition = tag.partition, offset = tag.offset, attempt = tag.attempt, "ack");
     }

@@ -787,6 +787,7 @@ impl Partitions {
 
     /// Hands out messages while the application has credit: due retries first, then fresh
     /// messages, round-robin over unpaused partitions.
+    #[inline]
     pub(crate) fn deliver(
         &mut self,
         now: Instant,
@@ -795,6 +796,21 @@ impl Partitions {
         events: &mut Outbox,
     ) {
         self.refresh();
+        // Nothing to hand out, or no credit: the common case after an ack.
+        if self.unacked < max_unacked && !self.deliverable.is_empty() {
+            self.deliver_turns(now, max_unacked, metrics, events);
+        }
+    }
+
+    /// [`deliver`](Self::deliver) when a partition has something to deliver and there is
+    /// credit.
+    fn deliver_turns(
+        &mut self,
+        now: Instant,
+        max_unacked: usize,
+        metrics: &mut Metrics,
+        events: &mut Outbox,
+    ) {
         // Partitions take turns in id order from `delivery_turn`, one message a turn, among
         // those that have something to deliver. Only the partition delivering can leave the
         // set meanwhile (nothing here makes another one deliverable), so a round's turns are
