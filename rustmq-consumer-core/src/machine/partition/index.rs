@@ -130,6 +130,7 @@ impl Partitions {
     /// partition: it joins the uncommitted set (a member stays one: the watermark only moves
     /// further past the last commit), and a full span may open up for a set-aside fetch. Most
     /// acks change neither and leave the partition out of the next refresh.
+    #[inline]
     pub(super) fn mark_settled(&mut self, idx: usize, advanced: u64, was_full: bool) {
         let p = &self.list[idx];
         if advanced > 0

@@ -592,6 +592,7 @@ impl Partitions {
     }
 
     /// Validates that `tag` names a delivery outstanding with the application.
+    #[inline(always)]
     pub(crate) fn outstanding(&self, tag: DeliveryTag) -> Result<usize, UsageError> {
         let (partition, offset) = (tag.partition, tag.offset);
         let Some(idx) = self.index(partition) else {
@@ -629,6 +630,7 @@ impl Partitions {
 
     /// Marks an offset settled, its cached record dropped with its slot; returns how far the
     /// watermark advanced.
+    #[inline(always)]
     pub(crate) fn settle(&mut self, idx: usize, offset: u64) -> u64 {
         let cache = &mut self.cache;
         let p = &mut self.list[idx];
