@@ -185,8 +185,9 @@ impl ConsumerMachine {
     }
 
     /// Validates that `tag` names a delivery outstanding with the application.
-    // Always inlined, as `settle` below and the partitions' two they call: a single `ack`
-    // runs in one frame (callgrind: 400 -> 335 instructions an ack with `send_work`'s).
+    // Always inlined, as `settle` below and the partitions' two they call, and `send_work`
+    // into the work step: a single `ack` runs in one frame (callgrind: 400 -> 335
+    // instructions an ack).
     #[inline(always)]
     fn outstanding(&self, tag: DeliveryTag) -> Result<usize, UsageError> {
         if self.is_closed() {
