@@ -53,6 +53,8 @@ conformance!(
     out_of_order_acks,
     nack_and_retry,
     a_steady_stream_leaves_the_timer_alone,
+    acks_during_a_slow_fetch_commit_in_time,
+    waiting_for_a_delivery_hands_over_the_acks,
     durations_too_long_for_an_instant,
     reject_to_dead_letter,
     update_config,

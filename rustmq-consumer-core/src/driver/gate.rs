@@ -10,15 +10,23 @@
 //! every delivery with the generation current when the machine emitted it.
 //!
 //! `Delivery::ack` then takes the gate's lock and, if the gate is open and the stamp is still
-//! current, queues the tag in `pending` and returns `Ok` at once (waking the driver when the
-//! queue was empty). Otherwise it falls back to the command and its reply, so every refusal is
-//! still the machine's own `UsageError`.
+//! current, queues the tag in `pending` and returns `Ok` at once. Otherwise it falls back to
+//! the command and its reply, so every refusal is still the machine's own `UsageError`.
 //!
-//! Why an `Ok` from the gate is the truth: the driver holds the lock whenever it touches the
+//! Waking the driver is the expensive part of an ack (on another thread, a syscall), so acks
+//! wake it in batches: the driver sets `kick_at` at the end of every round, 1 (the first
+//! queued ack wakes it) when nothing else will, and a quarter of `max_unacked` while a request
+//! is in flight, whose answer wakes it anyway (every round applies the queued acks first; the
+//! driver also looks at least every quarter of `ack_batch_timeout` then, so a commit is not
+//! held up by a slow answer). An application about to wait for a delivery wakes it whatever
+//! is queued ([`AckGate::kick_if_pending`]): its acks free the credit for the next ones.
+//!
+//! Why an `Ok` from the gate is the truth: the driver holds the lock whenever it feeds the
 //! machine, and before feeding the machine any input it applies every pending ack. So a queued
 //! ack reaches the machine before anything that could have made it stale, and the generation an
 //! ack is checked against is never behind the machine. (The lock is held for one input and its
-//! outputs, never across an `.await`; the machine itself stays owned by the driver task.)
+//! outputs, not while an answer is read and decoded nor while deliveries go to the inbox, and
+//! never across an `.await`; the machine itself stays owned by the driver task.)
 //!
 //! Bounded: `pending` holds at most one ack per outstanding delivery, and the machine never has
 //! more than `max_unacked` outstanding; the gate refuses (slow path) past that capacity anyway.
@@ -52,6 +60,8 @@ pub(crate) struct GateState {
     pub(crate) open: bool,
     /// Acks accepted by the gate, not yet applied to the machine.
     pub(crate) pending: Vec<DeliveryTag>,
+    /// How many queued acks wake the driver (see the module docs); set by the driver.
+    pub(crate) kick_at: usize,
     /// Per partition, the generation its last seek or revoke moved the gate to: a delivery of
     /// it stamped earlier is certainly stale (`Consumer::process` drops its queued work).
     invalidated: HashMap<u32, u64>,
@@ -76,6 +86,7 @@ impl AckGate {
                 generation: 0,
                 open: true,
                 pending: Vec::with_capacity(capacity),
+                kick_at: 1,
                 invalidated: HashMap::new(),
                 members: VecDeque::new(),
                 capacity,
@@ -99,10 +110,10 @@ impl AckGate {
         if !state.accepts(generation) {
             return false;
         }
-        let was_empty = state.pending.is_empty();
         state.pending.push(tag);
+        let kick = state.pending.len() == state.kick_at;
         drop(state);
-        if was_empty {
+        if kick {
             self.wake_driver();
         }
         true
@@ -116,16 +127,25 @@ impl AckGate {
         stamped: impl IntoIterator<Item = (DeliveryTag, u64, &'a mut bool)>,
     ) {
         let mut state = self.lock();
-        let was_empty = state.pending.is_empty();
+        let before = state.pending.len();
         for (tag, generation, settled) in stamped {
             if state.accepts(generation) {
                 state.pending.push(tag);
                 *settled = true;
             }
         }
-        let queued = !state.pending.is_empty();
+        let kick = before < state.kick_at && state.pending.len() >= state.kick_at;
         drop(state);
-        if was_empty && queued {
+        if kick {
+            self.wake_driver();
+        }
+    }
+
+    /// Wakes the driver if acks are queued: the application is about to wait for a
+    /// delivery, which those acks may be holding back (they free the machine's credit).
+    pub(crate) fn kick_if_pending(&self) {
+        let pending = !self.lock().pending.is_empty();
+        if pending {
             self.wake_driver();
         }
     }
@@ -191,6 +211,11 @@ impl GateState {
             .push_back((self.generation, Arc::from(member_id)));
     }
 
+    /// Acks queued at most (`max_unacked`).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     fn accepts(&self, generation: u64) -> bool {
         self.open && self.generation == generation && self.pending.len() < self.capacity
     }
@@ -199,6 +224,58 @@ impl GateState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tag(offset: u64) -> DeliveryTag {
+        DeliveryTag {
+            partition: 0,
+            offset,
+            epoch: 0,
+            attempt: 1,
+        }
+    }
+
+    /// With nothing else to wake the driver the first queued ack does; while an answer will,
+    /// acks wake it once `kick_at` are queued; an application about to wait wakes it for any.
+    #[test]
+    fn acks_wake_the_driver_at_kick_at_or_before_a_wait() {
+        let (gate, kicked) = AckGate::new(8);
+        assert!(gate.try_ack(tag(0), 0));
+        assert!(
+            kicked.try_recv().is_ok(),
+            "the first ack wakes an idle driver"
+        );
+        gate.lock().pending.clear();
+        gate.lock().kick_at = 3;
+        assert!(gate.try_ack(tag(1), 0) && gate.try_ack(tag(2), 0));
+        assert!(
+            kicked.try_recv().is_err(),
+            "two of three: the answer will wake it"
+        );
+        assert!(gate.try_ack(tag(3), 0));
+        assert!(kicked.try_recv().is_ok(), "the third wakes it");
+        gate.lock().pending.clear();
+        assert!(gate.try_ack(tag(4), 0));
+        gate.kick_if_pending();
+        assert!(kicked.try_recv().is_ok(), "about to wait: woken for one");
+        gate.lock().pending.clear();
+        gate.kick_if_pending();
+        assert!(kicked.try_recv().is_err(), "nothing queued: not woken");
+        let mut settled = [false; 4];
+        let batch = settled
+            .iter_mut()
+            .enumerate()
+            .map(|(i, settled)| (tag(10 + i as u64), 0, settled));
+        gate.try_ack_each(batch);
+        assert!(settled.iter().all(|&s| s), "all queued");
+        assert!(
+            kicked.try_recv().is_ok(),
+            "a batch crossing kick_at wakes it"
+        );
+        assert!(
+            !gate.try_ack(tag(20), 1),
+            "a stale stamp takes the slow path"
+        );
+    }
 
     /// A delivery's span names the member id in force at its generation: the latest join at
     /// or before it, the oldest kept for one older than every join remembered.

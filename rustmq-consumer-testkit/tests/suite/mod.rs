@@ -1404,6 +1404,74 @@ impl AsyncTimer for CountingTimer {
     }
 }
 
+/// An ack queued while a fetch is in flight wakes no one (the answer will wake the driver,
+/// which applies every queued ack first), yet reaches the machine in time: the driver looks at
+/// the queued acks within a quarter of `ack_batch_timeout`, so a consumer that acks and then
+/// waits for nothing commits long before the slow fetch answers.
+pub async fn acks_during_a_slow_fetch_commit_in_time<R: Runtime + Clone>(rt: R) {
+    const LATENCY: Duration = Duration::from_millis(100);
+    let broker = broker(1, 50);
+    let mut config = fast_config();
+    config.ack_batch_timeout = Duration::from_millis(10);
+    config.ack_batch_min_interval = Duration::ZERO;
+    let consumer = ConsumerBuilder::with_runtime(rt.clone())
+        .config(config)
+        .client(SimTransport::new(broker.clone(), rt.clone()).with_latency(LATENCY))
+        .build()
+        .await
+        .expect("valid consumer");
+    let first = next(&rt, &consumer).await;
+    let delivered = rt.now();
+    first.ack().await.expect("ack");
+    // The next fetch answers `LATENCY` after it went out (when `first` was delivered): an ack
+    // applied only then would commit after 2 x `LATENCY` (the commit's own trip).
+    sleep(&rt, LATENCY + Duration::from_millis(60)).await;
+    assert_eq!(
+        committed(&broker, 0),
+        Some(1),
+        "{:?} after the delivery",
+        rt.now() - delivered
+    );
+    within(&rt, consumer.close()).await.expect("close");
+}
+
+/// Acks too few to wake the driver while a fetch is in flight wake it once the application
+/// waits for a delivery they hold back: with `max_unacked` outstanding, the next buffered
+/// message comes at once, not when the fetch answers.
+pub async fn waiting_for_a_delivery_hands_over_the_acks<R: Runtime + Clone>(rt: R) {
+    const LATENCY: Duration = Duration::from_millis(100);
+    let broker = broker(1, 500);
+    let mut config = fast_config();
+    config.fetch_size = 100;
+    // About 11 records a fetch (the broker's 350 a record): room for the next one in flight.
+    config.fetch_max_bytes = 4_000;
+    config.max_unacked = 8;
+    config.ack_batch_timeout = Duration::from_secs(3600);
+    let consumer = ConsumerBuilder::with_runtime(rt.clone())
+        .config(config)
+        .client(SimTransport::new(broker.clone(), rt.clone()).with_latency(LATENCY))
+        .build()
+        .await
+        .expect("valid consumer");
+    let first = next(&rt, &consumer).await;
+    first.ack().await.expect("ack");
+    let mut held = Vec::new();
+    for _ in 1..8 {
+        held.push(next(&rt, &consumer).await);
+    }
+    let asked = rt.now();
+    let ninth = next(&rt, &consumer).await;
+    assert_eq!(ninth.offset(), 8);
+    assert!(
+        rt.now() - asked < LATENCY / 2,
+        "waited {:?} for a buffered message",
+        rt.now() - asked
+    );
+    consumer.ack_all(held).await.expect("acks");
+    ninth.ack().await.expect("ack");
+    within(&rt, consumer.close()).await.expect("close");
+}
+
 /// A steady stream of deliveries does not keep resetting the driver's timer, nor polling it
 /// with a waker other than the task's: its deadlines (each request's) move later, a timer
 /// armed earlier fires as a spurious timeout instead, and the look between inputs reads the

@@ -166,6 +166,9 @@ pub(crate) struct Driver {
     answered: VecDeque<(RequestId, Result<Response, TransportError>)>,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     armed: Option<Instant>,
+    /// When the driver looks at the gate's queued acks even if nothing wakes it: set while
+    /// acks wake it only in batches (a request in flight; see `gate`).
+    look_by: Option<Instant>,
     /// Deliveries the inbox had no room for. A safety net: the inbox holds only deliveries the
     /// machine counts outstanding (stale ones are discarded), so at most `max_unacked`.
     backlog: Deliveries,
@@ -222,6 +225,7 @@ impl Driver {
             answered: VecDeque::new(),
             timer: None,
             armed: None,
+            look_by: None,
             backlog: Deliveries::default(),
             room: None,
             commit_waiters: Vec::new(),
@@ -245,11 +249,13 @@ impl Driver {
         }
     }
 
-    /// The run loop: apply the gate's acks, then handle inputs as the old one-input-per-wake-up
-    /// loop did (each followed by a drain of the outputs and a re-armed timer), but take every
-    /// input that is already ready (a bounded number) before waiting again; then wait for the
-    /// first input, until the machine is closed. The gate's lock is held while the machine is
-    /// fed (see `gate`) and released before waiting.
+    /// The run loop: handle the input that woke the task and then every input already ready
+    /// (a bounded number), each in a round of its own: under the gate's lock, apply the
+    /// gate's acks, feed the machine the input and drain its outputs; after the lock, hand
+    /// the deliveries to the inbox and look for the next input (a request's answer is read
+    /// and decoded there). Then wait for the first input, until the machine is closed. The
+    /// lock is held only while the machine is fed (see `gate`): an application's `ack` never
+    /// waits for a decode or for the inbox.
     pub(crate) async fn run(mut self) {
         tracing::debug!("driver started");
         self.span = tracing::Span::current();
@@ -259,14 +265,7 @@ impl Driver {
             let done = {
                 let member_span = self.member_span.clone();
                 let _member = member_span.enter();
-                let mut state = gate.lock();
-                self.apply_pending(self.runtime.now(), &mut state);
-                self.handle_ready(wake.take(), &mut state);
-                let done = self.machine.is_closed() || self.abandoned;
-                if done {
-                    state.open = false;
-                }
-                done
+                self.handle_ready(&gate, wake.take())
             };
             if done {
                 break;
@@ -280,31 +279,59 @@ impl Driver {
     /// Handles `wake` and then every input already ready, in `wait`'s order, up to
     /// `DRAIN_BATCH` of them: a burst of commands or responses costs one wake-up. An input is
     /// only taken from its source when it will be handled: what is still ready after the
-    /// batch stays there for `wait`.
-    fn handle_ready(&mut self, mut wake: Option<Wake>, state: &mut GateState) {
+    /// batch stays there for `wait`. True once the machine is closed (the gate is then closed
+    /// too, in the same hold of its lock).
+    fn handle_ready(&mut self, gate: &AckGate, mut wake: Option<Wake>) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         for round in 1..=DRAIN_BATCH {
-            if let Some(wake) = wake.take() {
+            let done = {
+                let mut state = gate.lock();
                 let now = self.runtime.now();
-                self.wake(now, wake, state);
-            }
-            self.drain_outputs(state);
+                self.apply_pending(now, &mut state);
+                if let Some(wake) = wake.take() {
+                    self.wake(now, wake, &mut state);
+                }
+                self.drain_outputs(&mut state);
+                self.batch_acks(now, &mut state);
+                let done = self.machine.is_closed() || self.abandoned;
+                if done {
+                    state.open = false;
+                }
+                done
+            };
+            self.push_backlog();
             self.observe(self.runtime.now(), false);
             self.timer_wake = false;
             self.joined = None;
-            if self.machine.is_closed() || self.abandoned {
-                return;
+            if done {
+                return true;
             }
             self.arm_timer();
             if round == DRAIN_BATCH {
-                return;
+                return false;
             }
             // The no-op waker is fine: `wait` polls every source again with the real one
             // before the task sleeps.
             match self.poll_wake(&mut cx, Poller::Peek) {
                 Poll::Ready(next) => wake = Some(next),
-                Poll::Pending => return,
+                Poll::Pending => return false,
             }
+        }
+        false
+    }
+
+    /// How many queued acks wake the driver from now on (see `gate`): a batch while a
+    /// request is in flight, whose answer will wake it anyway (looking again within a quarter
+    /// of `ack_batch_timeout` at the latest), else the first.
+    fn batch_acks(&mut self, now: Instant, state: &mut GateState) {
+        if self.in_flight.is_empty() {
+            state.kick_at = 1;
+            self.look_by = None;
+        } else {
+            state.kick_at = (state.capacity() / 4).max(1);
+            let every = (self.machine.config().ack_batch_timeout / 4).max(Duration::from_millis(1));
+            // Past what an `Instant` can hold: never (the answer or a wait wakes it).
+            self.look_by = now.checked_add(every);
         }
     }
 
@@ -374,6 +401,7 @@ impl Driver {
     }
 
     /// Starts every transmit and routes every event, until the machine has nothing to say.
+    /// Deliveries wait in the backlog: the round hands them to the inbox after the lock.
     fn drain_outputs(&mut self, state: &mut GateState) {
         loop {
             let mut progressed = false;
@@ -418,7 +446,6 @@ impl Driver {
                 break;
             }
         }
-        self.push_backlog();
     }
 
     fn arm_timer(&mut self) {
@@ -426,7 +453,8 @@ impl Driver {
         // fires early, which the machine takes as spurious, and is set for the later one then.
         // Deadlines mostly move later or go (each answered request's), and a reset is not free
         // (on smol it wakes the reactor with a syscall).
-        let Some(deadline) = self.machine.poll_timeout().map(|(deadline, _)| deadline) else {
+        let machine = self.machine.poll_timeout().map(|(deadline, _)| deadline);
+        let Some(deadline) = machine.into_iter().chain(self.look_by).min() else {
             return;
         };
         if self.armed.is_some_and(|armed| armed <= deadline) {
