@@ -1,8 +1,8 @@
 //! `quic_loopback`'s three readers, one at a time, for `perf stat`: the raw loop of 1 MiB
 //! fetches, the channel floor, or the consumer with the **default** config (a group of its
 //! own per run), `RUNS` runs of `MESSAGES` messages each over QUIC on 127.0.0.1 against the
-//! embedded `LoopbackBroker`, on two tokio worker threads as in the group. Prints the rate
-//! and, for the consumer, how long the application waited for deliveries. Run it as
+//! embedded `LoopbackBroker`, on two tokio worker threads as in the group. Prints the rate.
+//! Run it as
 //!
 //! ```text
 //! cargo build --release -p rustmq-consumer-benches --bin quic_runs
@@ -11,6 +11,12 @@
 //!
 //! CPU time a message is `task-clock` over `RUNS * MESSAGES` (the broker and QUIC included);
 //! "CPUs utilized" is how much of the two cores the readers keep busy.
+//!
+//! Each reader runs as a task on the runtime's workers, as in the group; with `MAIN_THREAD=1`
+//! it runs on the calling thread instead (`block_on`, as the body of `#[tokio::main]` does: a
+//! third thread beside the two workers). With `WAITS=1` the consumer's application also times
+//! each `receive` and prints the share of the time it waited for a delivery (two clock reads
+//! a message, which slow it down).
 #![allow(clippy::print_stdout)]
 
 use std::error::Error;
@@ -41,6 +47,8 @@ fn main() -> Result<()> {
         .build()?;
     let loopback = loopback(&rt, messages)?;
     let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
+    let main_thread = std::env::var_os("MAIN_THREAD").is_some();
+    let timed = std::env::var_os("WAITS").is_some();
     let (mut total, mut waited) = (Duration::ZERO, Duration::ZERO);
     for run in 0..runs {
         let transport = rt.block_on(async {
@@ -48,7 +56,8 @@ fn main() -> Result<()> {
             transport.connect().await?;
             Ok::<_, Box<dyn Error>>(transport)
         })?;
-        let (elapsed, idle) = rt.block_on(async {
+        let reader = reader.clone();
+        let work = async move {
             let start = Instant::now();
             let mut idle = Duration::ZERO;
             match reader.as_str() {
@@ -58,26 +67,36 @@ fn main() -> Result<()> {
                     let consumer =
                         default_consumer(transport, format!("{GROUP}-runs-{run}")).await?;
                     for _ in 0..messages {
-                        let asked = Instant::now();
-                        let delivery = consumer.receive().await?.ok_or("closed early")?;
-                        let took = asked.elapsed();
-                        if took > WAITED {
-                            idle += took;
-                        }
+                        let delivery = if timed {
+                            let asked = Instant::now();
+                            let delivery = consumer.receive().await?.ok_or("closed early")?;
+                            let took = asked.elapsed();
+                            if took > WAITED {
+                                idle += took;
+                            }
+                            delivery
+                        } else {
+                            consumer.receive().await?.ok_or("closed early")?
+                        };
                         delivery.ack().await?;
                     }
                     consumer.close().await?;
                 }
             }
-            Ok::<_, Box<dyn Error>>((start.elapsed(), idle))
-        })?;
+            Ok::<_, Box<dyn Error + Send + Sync>>((start.elapsed(), idle))
+        };
+        let (elapsed, idle) = if main_thread {
+            rt.block_on(work).map_err(|e| e.to_string())?
+        } else {
+            rt.block_on(rt.spawn(work))?.map_err(|e| e.to_string())?
+        };
         total += elapsed;
         waited += idle;
     }
     rt.block_on(loopback.stop());
     let rate = (runs * messages) as f64 / total.as_secs_f64();
     println!("{reader}: {runs} runs of {messages}: {rate:.0} msg/s");
-    if reader == "consumer" {
+    if reader == "consumer" && timed {
         let share = waited.as_secs_f64() / total.as_secs_f64();
         println!(
             "the application waited for deliveries {:.0}% of the time",
