@@ -84,6 +84,21 @@ pub async fn start<R: Runtime + Clone>(
         .expect("valid consumer")
 }
 
+/// As [`start`], every request answered `latency` after it was sent.
+pub async fn start_slow<R: Runtime + Clone>(
+    rt: &R,
+    broker: &SharedBroker,
+    config: ConsumerConfig,
+    latency: Duration,
+) -> Consumer {
+    ConsumerBuilder::with_runtime(rt.clone())
+        .config(config)
+        .client(SimTransport::new(broker.clone(), rt.clone()).with_latency(latency))
+        .build()
+        .await
+        .expect("valid consumer")
+}
+
 /// Waits for `future`, failing the test after `GUARD` on the runtime's clock.
 pub async fn within<R: Runtime, F: Future>(rt: &R, future: F) -> F::Output {
     timeout(rt, GUARD, future)
@@ -1414,12 +1429,7 @@ pub async fn acks_during_a_slow_fetch_commit_in_time<R: Runtime + Clone>(rt: R) 
     let mut config = fast_config();
     config.ack_batch_timeout = Duration::from_millis(10);
     config.ack_batch_min_interval = Duration::ZERO;
-    let consumer = ConsumerBuilder::with_runtime(rt.clone())
-        .config(config)
-        .client(SimTransport::new(broker.clone(), rt.clone()).with_latency(LATENCY))
-        .build()
-        .await
-        .expect("valid consumer");
+    let consumer = start_slow(&rt, &broker, config, LATENCY).await;
     let first = next(&rt, &consumer).await;
     let delivered = rt.now();
     first.ack().await.expect("ack");
@@ -1447,12 +1457,7 @@ pub async fn waiting_for_a_delivery_hands_over_the_acks<R: Runtime + Clone>(rt: 
     config.fetch_max_bytes = 4_000;
     config.max_unacked = 8;
     config.ack_batch_timeout = Duration::from_secs(3600);
-    let consumer = ConsumerBuilder::with_runtime(rt.clone())
-        .config(config)
-        .client(SimTransport::new(broker.clone(), rt.clone()).with_latency(LATENCY))
-        .build()
-        .await
-        .expect("valid consumer");
+    let consumer = start_slow(&rt, &broker, config, LATENCY).await;
     let first = next(&rt, &consumer).await;
     first.ack().await.expect("ack");
     let mut held = Vec::new();
