@@ -1424,7 +1424,7 @@ impl AsyncTimer for CountingTimer {
 /// the queued acks within a quarter of `ack_batch_timeout`, so a consumer that acks and then
 /// waits for nothing commits long before the slow fetch answers.
 pub async fn acks_during_a_slow_fetch_commit_in_time<R: Runtime + Clone>(rt: R) {
-    const LATENCY: Duration = Duration::from_millis(100);
+    const LATENCY: Duration = Duration::from_millis(200);
     let broker = broker(1, 50);
     let mut config = fast_config();
     config.ack_batch_timeout = Duration::from_millis(10);
@@ -1434,8 +1434,9 @@ pub async fn acks_during_a_slow_fetch_commit_in_time<R: Runtime + Clone>(rt: R) 
     let delivered = rt.now();
     first.ack().await.expect("ack");
     // The next fetch answers `LATENCY` after it went out (when `first` was delivered): an ack
-    // applied only then would commit after 2 x `LATENCY` (the commit's own trip).
-    sleep(&rt, LATENCY + Duration::from_millis(60)).await;
+    // applied only then would reach the broker in a commit after 2 x `LATENCY` (the commit's
+    // own trip). Applied within 2.5 ms, it is there after `LATENCY` and about 13 ms.
+    sleep(&rt, LATENCY + Duration::from_millis(150)).await;
     assert_eq!(
         committed(&broker, 0),
         Some(1),
@@ -1449,7 +1450,7 @@ pub async fn acks_during_a_slow_fetch_commit_in_time<R: Runtime + Clone>(rt: R) 
 /// waits for a delivery they hold back: with `max_unacked` outstanding, the next buffered
 /// message comes at once, not when the fetch answers.
 pub async fn waiting_for_a_delivery_hands_over_the_acks<R: Runtime + Clone>(rt: R) {
-    const LATENCY: Duration = Duration::from_millis(100);
+    const LATENCY: Duration = Duration::from_millis(200);
     let broker = broker(1, 500);
     let mut config = fast_config();
     config.fetch_size = 100;
