@@ -63,7 +63,21 @@ pub struct QuicConfig {
     /// Local address of the client's UDP socket. Default: the unspecified address of the
     /// server's family, port 0.
     pub bind_addr: Option<SocketAddr>,
+    /// Receive buffer asked for the client's UDP socket (`SO_RCVBUF`), in bytes; 0 keeps the
+    /// operating system's default. Default 2 MiB ([`DEFAULT_UDP_RECEIVE_BUFFER`]).
+    ///
+    /// Fetch answers arrive in bursts (two 1 MiB fetches in flight per partition are a few
+    /// hundred kilobytes on the wire), and Linux's default buffer (208 KiB) overflows when the
+    /// runtime is slow to read it for a moment: the packets it drops are the tail of an answer,
+    /// which the broker resends only after a probe timeout, tens of milliseconds later.
+    /// Measured against the real broker on loopback: 14-24 datagrams dropped per eight runs of
+    /// 200,000 records with Linux's default, none with 2 MiB. The kernel caps the buffer at `net.core.rmem_max` (Linux); the transport logs the
+    /// size it got at `debug`, and at `info` when it got less than asked.
+    pub udp_receive_buffer: usize,
 }
+
+/// The default of [`QuicConfig::udp_receive_buffer`]: 2 MiB.
+pub const DEFAULT_UDP_RECEIVE_BUFFER: usize = 2 * 1024 * 1024;
 
 impl QuicConfig {
     /// A config for the broker at `server_addr` whose certificate is valid for `server_name`,
@@ -80,6 +94,7 @@ impl QuicConfig {
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
             bind_addr: None,
+            udp_receive_buffer: DEFAULT_UDP_RECEIVE_BUFFER,
         }
     }
 
@@ -125,6 +140,12 @@ impl QuicConfig {
     /// Sets the local address of the client's UDP socket.
     pub fn with_bind_addr(mut self, addr: SocketAddr) -> Self {
         self.bind_addr = Some(addr);
+        self
+    }
+
+    /// Sets the receive buffer asked for the client's UDP socket (0: the system's default).
+    pub fn with_udp_receive_buffer(mut self, bytes: usize) -> Self {
+        self.udp_receive_buffer = bytes;
         self
     }
 }
