@@ -193,7 +193,7 @@ pub mod transport {
     //! Transports for the driver benchmarks.
 
     use std::sync::mpsc;
-    use std::sync::{Mutex, PoisonError};
+    use std::sync::{Arc, Mutex, PoisonError};
     use std::thread;
     use std::time::{Duration, Instant};
 
@@ -237,6 +237,105 @@ pub mod transport {
             .client(transport)
             .build()
             .await
+    }
+
+    /// Milliseconds since `t0`, the unit of a [`Logged`] timeline.
+    pub fn ms(t0: Instant) -> f64 {
+        t0.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// What a [`Logged`] transport keeps of one request.
+    pub struct Sent {
+        /// When it went out, ms since the log's `t0`.
+        pub at: f64,
+        /// When its answer (or error) came back.
+        pub answered: f64,
+        /// The request, in short.
+        pub what: String,
+        /// For a Fetch: its partition, its offset and the records it brought back.
+        pub fetch: Option<(u32, u64, usize)>,
+    }
+
+    /// The requests a [`Logged`] transport saw, in the order their answers came back.
+    pub type RequestLog = Arc<Mutex<Vec<Sent>>>;
+
+    /// A transport that logs each request around `inner`: when it went out, when its answer
+    /// came back, and, for a Fetch, the records it brought.
+    pub struct Logged<T> {
+        inner: T,
+        t0: Instant,
+        log: RequestLog,
+    }
+
+    impl<T> Logged<T> {
+        /// `inner`, logged in ms since `t0`; the log to read when the run is over.
+        pub fn new(inner: T, t0: Instant) -> (Self, RequestLog) {
+            let log = RequestLog::default();
+            let logged = Self {
+                inner,
+                t0,
+                log: Arc::clone(&log),
+            };
+            (logged, log)
+        }
+    }
+
+    #[async_trait]
+    impl<T: Transport> Transport for Logged<T> {
+        async fn request(&self, request: Request) -> Result<Response, TransportError> {
+            let (what, fetch) = match &request {
+                Request::Fetch(f) => (
+                    format!(
+                        "Fetch {}:{} max_bytes {}",
+                        f.partition_id, f.fetch_offset, f.max_bytes
+                    ),
+                    Some((f.partition_id, f.fetch_offset)),
+                ),
+                other => (format!("{:?}", other.kind()), None),
+            };
+            let at = ms(self.t0);
+            let answer = self.inner.request(request).await;
+            let records = match &answer {
+                Ok(Response::Fetch(f)) => f.records.len(),
+                _ => 0,
+            };
+            let sent = Sent {
+                at,
+                answered: ms(self.t0),
+                what,
+                fetch: fetch.map(|(partition, offset)| (partition, offset, records)),
+            };
+            self.log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(sent);
+            answer
+        }
+    }
+
+    /// Prints `log`, one line a request, with when each fetch answer's first record reached
+    /// the application (`delivered(partition, offset)`, ms since the log's `t0`).
+    pub fn print_log(log: &RequestLog, delivered: impl Fn(u32, u64) -> Option<f64>) {
+        let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+        for sent in log.iter() {
+            let first = sent
+                .fetch
+                .filter(|&(_, _, records)| records > 0)
+                .and_then(|(partition, offset, _)| delivered(partition, offset))
+                .map(|at| format!("; first record delivered at {at:.3} ms"))
+                .unwrap_or_default();
+            let records = sent
+                .fetch
+                .map(|(_, _, records)| format!(": {records} records"))
+                .unwrap_or_default();
+            #[allow(clippy::print_stdout)]
+            {
+                println!(
+                    "  {:>8.3} -> {:>8.3} ms  {}{records}{first}",
+                    sent.at, sent.answered, sent.what
+                );
+            }
+        }
     }
 
     /// `max_bytes` of the raw loop's fetches: 1 MiB, what a hand-written client would ask

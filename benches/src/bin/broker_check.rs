@@ -20,6 +20,10 @@
 //! self-signed one): point this only at a broker you run. The consumer's time includes
 //! connecting and joining its group; the loops connect before their clocks start.
 //!
+//! With `TIMELINE=1` the consumer's transport is [`Logged`]: after each run, every request
+//! it sent, when its answer came back, and when each fetch answer's first record reached the
+//! application.
+//!
 //! The check runs as a task on the runtime's workers, as `quic_loopback` runs its readers;
 //! with `MAIN_THREAD=1` it runs on the calling thread instead (`block_on`, as the body of
 //! `#[tokio::main]` does).
@@ -31,7 +35,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rustmq_consumer_benches::transport::{
-    channel_floor, fetch_request, raw_fetch_loop, raw_fetch_partitions, RAW_FETCH_MAX_BYTES,
+    channel_floor, fetch_request, ms, print_log, raw_fetch_loop, raw_fetch_partitions, Logged,
+    RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{AcknowledgmentLevel, ProduceRequest, Record, Response};
@@ -83,27 +88,43 @@ async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {
     let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
     let mut rows = Vec::new();
     for run in 1..=runs {
-        let transport = connected(addr).await?;
+        let raw_transport = connected(addr).await?;
         let start = Instant::now();
         if partitions == 1 {
-            raw_fetch_loop(&transport, n, RAW_FETCH_MAX_BYTES).await;
+            raw_fetch_loop(&raw_transport, n, RAW_FETCH_MAX_BYTES).await;
         } else {
-            raw_fetch_partitions(&transport, partitions, each, RAW_FETCH_MAX_BYTES).await;
+            raw_fetch_partitions(&raw_transport, partitions, each, RAW_FETCH_MAX_BYTES).await;
         }
         let raw = rate(start);
 
         // The floor is a one-partition baseline.
         let floor = if partitions == 1 {
-            let transport = connected(addr).await?;
+            let floor_transport = connected(addr).await?;
             let start = Instant::now();
-            channel_floor(transport, n, RAW_FETCH_MAX_BYTES, capacity).await;
+            channel_floor(floor_transport, n, RAW_FETCH_MAX_BYTES, capacity).await;
             Some(rate(start))
         } else {
             None
         };
 
         let group = format!("{GROUP}-check-{}-{run}", std::process::id());
-        let (consumer, metrics) = consume(addr, &group, partitions).await?;
+        let (consumer, metrics) = if std::env::var_os("TIMELINE").is_some() {
+            let t0 = Instant::now();
+            // To line the log up with a packet capture.
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            println!("  t0 at unix time {:.6} s", unix.as_secs_f64());
+            let (logged, log) = Logged::new(transport(addr)?, t0);
+            let mut delivered = vec![0.0; RECORDS as usize];
+            let run = consume(logged, &group, partitions, |i| delivered[i] = ms(t0)).await?;
+            let each = usize::try_from(each)?;
+            print_log(&log, |partition, offset| {
+                let i = usize::try_from(partition).ok()? * each + usize::try_from(offset).ok()?;
+                delivered.get(i).copied()
+            });
+            run
+        } else {
+            consume(transport(addr)?, &group, partitions, |_| {}).await?
+        };
         let floor_part = floor.map_or_else(String::new, |floor| {
             format!(
                 ", channel floor {floor:.0}/s ({:.3}x raw; the consumer {:.3}x of it)",
@@ -216,11 +237,16 @@ async fn produce(addr: SocketAddr, partition: u32, each: u64) -> Result<()> {
     Ok(())
 }
 
-/// The consumer, default config, in a group of its own (with several partitions, all of them
-/// assigned by hand): the rate from `build()` to the last ack, after checking every offset
-/// arrived once with its value.
-async fn consume(addr: SocketAddr, group: &str, partitions: u32) -> Result<(f64, Metrics)> {
-    let transport = transport(addr)?;
+/// The consumer over `transport`, default config, in a group of its own (with several
+/// partitions, all of them assigned by hand): the rate from `build()` to the last ack, after
+/// checking every offset arrived once with its value. `delivered(i)` is called as record `i`
+/// (partition-major) arrives.
+async fn consume(
+    transport: impl Transport,
+    group: &str,
+    partitions: u32,
+    mut delivered: impl FnMut(usize),
+) -> Result<(f64, Metrics)> {
     let each = RECORDS / u64::from(partitions);
     let mut seen = vec![false; RECORDS as usize];
     let mut config = ConsumerConfig::new(TOPIC, group);
@@ -239,10 +265,15 @@ async fn consume(addr: SocketAddr, group: &str, partitions: u32) -> Result<(f64,
             .await?
             .ok_or("the consumer closed early")?;
         let (partition, offset) = (delivery.partition(), delivery.offset());
-        let first = (partition < partitions && offset < each)
-            .then(|| u64::from(partition) * each + offset)
-            .and_then(|i| seen.get_mut(usize::try_from(i).ok()?))
+        let index = (partition < partitions && offset < each)
+            .then(|| usize::try_from(u64::from(partition) * each + offset).ok())
+            .flatten();
+        let first = index
+            .and_then(|i| seen.get_mut(i))
             .map(|seen| !std::mem::replace(seen, true));
+        if let Some(i) = index {
+            delivered(i);
+        }
         if first != Some(true) || *delivery.value() != format!("msg-{offset}").as_bytes() {
             return Err(
                 format!("{partition}:{offset} delivered twice, out of range or changed").into(),
