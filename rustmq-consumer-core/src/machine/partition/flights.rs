@@ -1,10 +1,12 @@
-//! A partition's fetches in flight: at most two. The second goes out **ahead**, from the offset
-//! the first is expected to end at, so the broker prepares the next answer while the last one
-//! travels and is delivered. Answers are taken in offset order: one that lands before the
-//! fetch in front of it is held until that one is in. An answer whose fetch asked past where
-//! the one before it ended (that one came back short, or failed) is past a gap: dropped when it
-//! lands, and no fetch goes out until it has (the bound holds); one that overlaps it is taken
-//! from where it ended.
+//! A partition's fetches in flight: at most two. The second goes out **ahead**, from a little
+//! before the offset the first is expected to end at (a 32nd of its records), so the broker
+//! prepares the next answer while the last one travels and is delivered. Answers are taken in
+//! offset order: one that lands before the fetch in front of it is held until that one is in.
+//! An answer whose fetch asked past where the one before it ended (that one came back short,
+//! or failed) is past a gap: dropped when it lands, and no fetch goes out until it has (the
+//! bound holds); one that overlaps it is taken from where it ended. The overlap is what keeps
+//! gaps rare: records vary in size, so an answer brings a few records more or fewer than its
+//! reservation, and asked from the exact end every short one would cost the fetch ahead of it.
 
 use std::collections::VecDeque;
 
@@ -42,6 +44,11 @@ impl Flights {
     /// Fetches of one partition in flight at once.
     pub(crate) const MAX: usize = 2;
 
+    /// A fetch ahead overlaps the one in flight by `1 / AHEAD_OVERLAP` of its reserved
+    /// records: enough for the sums of varying record sizes over an answer (a record costs
+    /// the real broker 350 units plus its payload), a few duplicates skipped in return.
+    pub(crate) const AHEAD_OVERLAP: usize = 32;
+
     pub(crate) fn len(&self) -> usize {
         self.queue.len()
     }
@@ -55,14 +62,16 @@ impl Flights {
         self.queue.iter().map(|f| f.planned.records).sum()
     }
 
-    /// Where a fetch ahead would ask from: the offset the one fetch in flight is expected to
-    /// end at. `None` unless exactly one is in flight, asking from `position` (the partition's
-    /// next offset to fetch) or before it.
+    /// Where a fetch ahead would ask from: [`Self::AHEAD_OVERLAP`] of its records before the
+    /// offset the one fetch in flight is expected to end at (at least one record before it).
+    /// `None` unless exactly one is in flight, asking from `position` (the partition's next
+    /// offset to fetch) or before it, and reserving more than one record.
     pub(crate) fn ahead_from(&self, position: u64) -> Option<u64> {
         match self.queue.as_slices() {
-            ([only], []) if only.offset <= position => {
-                let records = u64::try_from(only.planned.records).ok()?;
-                only.offset.checked_add(records)
+            ([only], []) if only.offset <= position && only.planned.records > 1 => {
+                let records = only.planned.records;
+                let short = records - records.div_ceil(Self::AHEAD_OVERLAP);
+                only.offset.checked_add(u64::try_from(short).ok()?)
             }
             _ => None,
         }
@@ -141,10 +150,10 @@ mod tests {
             "none in flight: a first fetch, not one ahead"
         );
         f.push(flight(10, 5));
-        assert_eq!(f.ahead_from(10), Some(15));
+        assert_eq!(f.ahead_from(10), Some(14), "one record of overlap, at least");
         assert_eq!(
             f.ahead_from(12),
-            Some(15),
+            Some(14),
             "overlapping what came before it"
         );
         assert_eq!(
@@ -152,11 +161,18 @@ mod tests {
             None,
             "past a gap: its answer will be dropped"
         );
-        f.push(flight(15, 7));
+        f.push(flight(14, 7));
         assert_eq!(f.ahead_from(10), None, "two in flight: no third");
         assert_eq!((f.len(), f.reserved()), (2, 12));
-        assert_eq!(f.position(15), Some(1));
+        assert_eq!(f.position(14), Some(1));
         assert_eq!(f.position(12), None);
+
+        let mut f = Flights::default();
+        f.push(flight(0, 3_200));
+        assert_eq!(f.ahead_from(0), Some(3_100), "a 32nd of the records before its end");
+        let mut f = Flights::default();
+        f.push(flight(7, 1));
+        assert_eq!(f.ahead_from(7), None, "one record: ahead of it would be the same fetch");
     }
 
     #[test]
