@@ -8,9 +8,13 @@
 //! - `broker`: [`SimBroker`], a model of the RustMQ broker with the semantics of
 //!   `PROTOCOL.md` (storage, group coordinator, session reaper, crash and restart), plus the
 //!   logs ([`CommitRecord`], [`RequestLogEntry`]) that invariant checks read; one file per
-//!   concern: `storage`, `group` (the coordinator), `request_log`.
+//!   concern: `storage`, `cold` (the cold tier: [`SimBroker::tier_to_cold`], answers ending at
+//!   a segment's end and cached per offset, [`ColdReads`] counts, and
+//!   [`SimBroker::with_cold_read_latency`], owed per cache miss), `group` (the coordinator),
+//!   `request_log`.
 //! - `transport`: [`SimTransport`], an in-memory transport from a consumer's driver to a
-//!   [`SharedBroker`], with optional latency on the runtime's clock.
+//!   [`SharedBroker`], with optional latency on the runtime's clock, plus the broker's
+//!   cold-read latency on a cold-tier cache miss.
 //! - `loopback` (feature `quic`, on by default): [`LoopbackBroker`], a [`SharedBroker`] served
 //!   over real QUIC on 127.0.0.1 with the real broker's framing quirks and fault knobs. It is
 //!   the one part of the testkit that does I/O.
@@ -60,8 +64,8 @@ mod transport;
 mod virtual_rt;
 
 pub use broker::{
-    BrokerError, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker, CLOCK_BASE_MS,
-    DEFAULT_RECORD_OVERHEAD, PACKET_PAYLOAD, REAPER_INTERVAL,
+    BrokerError, ColdReads, CommitRecord, GroupState, Outcome, RequestLogEntry, SimBroker,
+    CLOCK_BASE_MS, DEFAULT_RECORD_OVERHEAD, PACKET_PAYLOAD, REAPER_INTERVAL,
 };
 pub use faults::{Fate, FaultPlan, PhantomPlan, SimRng};
 pub use fixtures::{broker_with, fast_config};

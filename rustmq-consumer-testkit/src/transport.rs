@@ -33,7 +33,9 @@ impl SharedBroker {
 ///
 /// Each request waits `latency` on the runtime's clock (none by default), then runs the
 /// broker's due `handle_timeout` (its session reaper) and the request itself at the runtime's
-/// current time. Broker error frames become [`TransportError::Broker`].
+/// current time; an answer that owes a delay (a cold-tier cache miss, see
+/// [`SimBroker::set_cold_read_latency`]) is returned once that delay has passed on the
+/// runtime's clock. Broker error frames become [`TransportError::Broker`].
 #[derive(Clone)]
 pub struct SimTransport {
     broker: SharedBroker,
@@ -79,11 +81,18 @@ impl Transport for SimTransport {
             sleep(&*self.runtime, self.latency).await;
         }
         let now = self.runtime.now();
-        let mut broker = self.broker.lock();
-        if broker.poll_timeout().is_some_and(|due| due <= now) {
-            broker.handle_timeout(now);
+        let (answer, owed) = {
+            let mut broker = self.broker.lock();
+            if broker.poll_timeout().is_some_and(|due| due <= now) {
+                broker.handle_timeout(now);
+            }
+            let answer = broker.transmit(now, request);
+            (answer, broker.take_answer_delay())
+        };
+        if !owed.is_zero() {
+            sleep(&*self.runtime, owed).await;
         }
-        broker.transmit(now, request)
+        answer
     }
 }
 

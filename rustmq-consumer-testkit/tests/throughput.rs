@@ -210,9 +210,12 @@ fn fetch_sizing_converges_to_the_broker_unit_within_a_few_fetches() {
                 f.max_bytes,
                 cost,
             );
+            // The buffer took what came: the next fetch asks from where this one ended or,
+            // ahead of it, from a 32nd of its records before (the overlap a fetch ahead asks).
             let taken = next.offset - f.offset;
+            let overlap = f.returned.div_ceil(32) + 1;
             assert!(
-                f.returned - taken <= f.returned / 50,
+                f.returned - taken <= f.returned / 50 + overlap,
                 "{case}: fetch {i} brought {} records and the buffer took {taken}",
                 f.returned
             );

@@ -11,11 +11,15 @@
 //!   [`SimBroker::handle`], which routes each request to its handler and logs it.
 //! - `storage`: topics and their append-only logs, produce, fetch with the real broker's
 //!   `max_bytes` accounting ([`DEFAULT_RECORD_OVERHEAD`]), injected storage failures of fetches.
+//! - `cold`: the cold tier ([`SimBroker::tier_to_cold`]): fetches from a cold segment end at
+//!   its end and are cached per (partition, `fetch_offset`); [`ColdReads`] counts misses and
+//!   hits, and a miss owes [`SimBroker::cold_read_latency`] ([`SimBroker::take_answer_delay`]).
 //! - `group`: the group coordinator: [`GroupState`], JoinGroup, heartbeats, commits and their
 //!   injected failures, FetchOffset, LeaveGroup, the session reaper and the group queries.
 //! - `request_log`: what the broker handled and accepted, for invariant checks
 //!   ([`RequestLogEntry`], [`CommitRecord`]).
 
+mod cold;
 mod group;
 mod request_log;
 mod storage;
@@ -31,6 +35,8 @@ use rustmq_consumer_core::protocol::{
 use rustmq_consumer_core::TransportError;
 use tracing::debug;
 
+pub use cold::ColdReads;
+use cold::ColdTier;
 use group::Group;
 pub use group::GroupState;
 pub use request_log::{CommitRecord, Outcome, RequestLogEntry};
@@ -94,13 +100,20 @@ pub struct BrokerError(pub String);
 ///   unless [`with_record_overhead`](Self::with_record_overhead) sets it, plus value, key and
 ///   header key and value bytes); records are taken while the running total stays within
 ///   `max_bytes`, and the first record is always taken;
+/// - cold tier: none unless [`tier_to_cold`](Self::tier_to_cold) moves a partition's records
+///   there; a Fetch from a cold offset ends at its segment's end and its answer is cached per
+///   (partition, `fetch_offset`); [`cold_reads`](Self::cold_reads) counts segment downloads
+///   (misses) and cached answers (hits), and each miss owes
+///   [`cold_read_latency`](Self::cold_read_latency) (none unless set), which the transport
+///   pays ([`take_answer_delay`](Self::take_answer_delay));
 /// - coordinator: a group exists only once a JoinGroup created it (CommitOffset, FetchOffset,
 ///   ConsumerHeartbeat and LeaveGroup answer 16 before that) and is never deleted; groups are
 ///   Empty, Stable or PreparingRebalance; every JoinGroup recomputes a round-robin assignment
 ///   and makes the group Stable; a leave or an eviction bumps the generation while members
 ///   remain; the last member leaving makes the group Empty and keeps its generation and its
 ///   commits; CommitOffset checks the generation, never membership;
-/// - [`restart`](Self::restart) keeps topics and records and loses every group and commit.
+/// - [`restart`](Self::restart) keeps topics and records (each in its tier) and loses every
+///   group and commit, and the cold answer cache.
 #[derive(Debug, Clone)]
 pub struct SimBroker {
     broker: BrokerInfo,
@@ -119,6 +132,7 @@ pub struct SimBroker {
     /// While split reads are on: the instant of the last frame sent, and how full it left
     /// its last packet (the frames sent at one instant share packets).
     packing: Option<(Instant, usize)>,
+    cold: ColdTier,
     commit_log: Vec<CommitRecord>,
     request_log: Vec<RequestLogEntry>,
 }
@@ -158,6 +172,7 @@ impl SimBroker {
             record_overhead: DEFAULT_RECORD_OVERHEAD,
             split_reads: false,
             packing: None,
+            cold: ColdTier::default(),
             commit_log: Vec::new(),
             request_log: Vec::new(),
         }
@@ -235,6 +250,7 @@ impl SimBroker {
     /// Handles one request like the real broker: a typed response, or the error frame's text.
     pub fn handle(&mut self, now: Instant, request: Request) -> Result<Response, BrokerError> {
         self.observe(now);
+        self.cold.new_answer();
         let mut entry = RequestLogEntry {
             at: now,
             kind: request.kind(),
@@ -317,9 +333,17 @@ impl SimBroker {
     /// Crash and restart: topics and records survive; every group, member and committed offset
     /// is lost (observed on the real broker). The logs and fault settings are kept: they belong
     /// to the test, not to the broker.
+    ///
+    /// Cold tier: records stay in the tier they were in and the cold answer cache is lost (it
+    /// lives in the broker's memory; this loss is assumed, not measured); the
+    /// [`cold_reads`](Self::cold_reads) counts are kept. The real broker also moves its hot
+    /// records to the cold tier on a restart: this restart does not, so that a restart changes
+    /// no fetch answer of a test that never asked for a cold tier; call
+    /// [`tier_to_cold`](Self::tier_to_cold) after it to reproduce that.
     pub fn restart(&mut self) {
         self.groups.clear();
         self.next_reap = None;
+        self.cold.restart();
         debug!("broker restarted");
     }
 

@@ -1,6 +1,6 @@
 //! Partition storage: topics and their append-only logs, produce, fetch with the real broker's
-//! `max_bytes` accounting (see [`SimBroker::fetch_cost`]), injected fetch failures, and the
-//! queries on logs.
+//! `max_bytes` accounting (see [`SimBroker::fetch_cost`]) and its cold-tier bounds and cache
+//! (`cold`), injected fetch failures, and the queries on logs.
 
 use bytes::Bytes;
 use rustmq_consumer_core::protocol::{
@@ -150,10 +150,26 @@ impl SimBroker {
         })
     }
 
+    /// How many records from the start of `tail` a Fetch of `max_bytes` takes: the first
+    /// always, each later one while the running total of [`fetch_cost`](Self::fetch_cost)
+    /// stays within `max_bytes`.
+    fn fetch_count(&self, tail: &[Record], max_bytes: u32) -> usize {
+        let budget = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+        let (mut count, mut used) = (0, 0usize);
+        for record in tail {
+            let cost = self.fetch_cost(record);
+            if count > 0 && used.saturating_add(cost) > budget {
+                break;
+            }
+            used = used.saturating_add(cost);
+            count += 1;
+        }
+        count
+    }
+
     pub(super) fn handle_fetch(&mut self, req: FetchRequest) -> FetchResponse {
-        let failing_partition = self
-            .failing_partitions
-            .contains(&TopicPartition::new(req.topic.clone(), req.partition_id));
+        let tp = TopicPartition::new(req.topic.clone(), req.partition_id);
+        let failing_partition = self.failing_partitions.contains(&tp);
         if failing_partition || self.failing_fetches > 0 {
             if !failing_partition {
                 self.failing_fetches -= 1;
@@ -172,17 +188,20 @@ impl SimBroker {
         let from = usize::try_from(req.fetch_offset).ok();
         let tail = log.zip(from).and_then(|(log, from)| log.get(from..));
         let tail = tail.unwrap_or_default();
-        // Counted first, then copied out at once.
-        let budget = usize::try_from(req.max_bytes).unwrap_or(usize::MAX);
-        let (mut count, mut used) = (0, 0usize);
-        for record in tail {
-            let cost = self.fetch_cost(record);
-            if count > 0 && used.saturating_add(cost) > budget {
-                break;
+        // From a cold segment: the answer ends at the segment's end, or is the cached one.
+        let cold = self.cold.lookup(&tp, req.fetch_offset);
+        let tail = match cold {
+            Some(c) => {
+                let room = c.segment_end.saturating_sub(req.fetch_offset);
+                &tail[..tail.len().min(usize::try_from(room).unwrap_or(usize::MAX))]
             }
-            used = used.saturating_add(cost);
-            count += 1;
-        }
+            None => tail,
+        };
+        let count = match cold.and_then(|c| c.cached) {
+            Some(cached) => cached.min(tail.len()),
+            None => self.fetch_count(tail, req.max_bytes),
+        };
+        // Counted first, then copied out at once.
         let records = tail[..count].to_vec();
         trace!(
             topic = %req.topic,
@@ -190,8 +209,22 @@ impl SimBroker {
             offset = req.fetch_offset,
             count = records.len(),
             high_watermark,
+            cold = cold.is_some(),
             "fetch"
         );
+        if let Some(c) = cold {
+            let hit = c.cached.is_some();
+            debug!(
+                topic = %req.topic,
+                partition = req.partition_id,
+                offset = req.fetch_offset,
+                count,
+                segment_end = c.segment_end,
+                hit,
+                "cold fetch"
+            );
+            self.cold.record(tp, req.fetch_offset, hit, count);
+        }
         FetchResponse {
             records,
             high_watermark,

@@ -107,6 +107,9 @@ impl<H: Handler> Simulation<H> {
             Some(error) => Err(error),
             None => self.broker.serve(now, flight.request.clone()),
         };
+        // A cold-tier cache miss answers later by the broker's cold-read latency (none unless
+        // a test set one and tiered records to cold).
+        let owed = self.broker.take_answer_delay();
         // Side effects the checker must know about: confirmed dead letters, accepted commits.
         let mut accepted = Vec::new();
         let mut stored = Vec::new();
@@ -139,7 +142,7 @@ impl<H: Handler> Simulation<H> {
         match flight.fate {
             Fate::Deliver { back, .. } => {
                 flight.answer = Some(result);
-                self.schedule(back, Item::Answer(id));
+                self.schedule(back + owed, Item::Answer(id));
             }
             // The answer is lost: only a connection loss or the deadline ends it.
             _ => flight.answer = None,
