@@ -150,7 +150,11 @@ mod tests {
             "none in flight: a first fetch, not one ahead"
         );
         f.push(flight(10, 5));
-        assert_eq!(f.ahead_from(10), Some(14), "one record of overlap, at least");
+        assert_eq!(
+            f.ahead_from(10),
+            Some(14),
+            "one record of overlap, at least"
+        );
         assert_eq!(
             f.ahead_from(12),
             Some(14),
@@ -169,10 +173,18 @@ mod tests {
 
         let mut f = Flights::default();
         f.push(flight(0, 3_200));
-        assert_eq!(f.ahead_from(0), Some(3_100), "a 32nd of the records before its end");
+        assert_eq!(
+            f.ahead_from(0),
+            Some(3_100),
+            "a 32nd of the records before its end"
+        );
         let mut f = Flights::default();
         f.push(flight(7, 1));
-        assert_eq!(f.ahead_from(7), None, "one record: ahead of it would be the same fetch");
+        assert_eq!(
+            f.ahead_from(7),
+            None,
+            "one record: ahead of it would be the same fetch"
+        );
     }
 
     #[test]
