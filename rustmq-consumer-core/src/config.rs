@@ -78,8 +78,8 @@ pub struct ConsumerConfig {
     /// delivered, and a full fetch (`fetch_max_bytes` of small records: about 2,900 at the
     /// real broker's 350-byte record overhead) still finds room, for a second one too: once
     /// the answers taught the consumer what a record costs, a partition keeps a second fetch in
-    /// flight, from where the first will end, whenever the buffer has room for both and no
-    /// other partition is fetching. For records of more than a
+    /// flight, from a little before where the first will end, whenever the buffer has room
+    /// for both and no other partition is fetching. For records of more than a
     /// few hundred bytes `prefetch_bytes` binds first, so the buffer's memory stays bounded
     /// by that budget, not by this count. Until a partition's first fetch answers, it may
     /// reserve only its share (`fetch_size` over the assigned partitions), so with many
