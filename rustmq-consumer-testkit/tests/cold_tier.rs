@@ -9,6 +9,9 @@
 // `cold_segments` is a list of ranges: `[0..COLD]` is meant as a list of one.
 #![allow(clippy::single_range_in_vec_init)]
 
+#[macro_use]
+mod virtual_and_tokio;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -55,15 +58,20 @@ fn tiered() -> SimBroker {
     broker
 }
 
-fn fetch_at(broker: &mut SimBroker, offset: u64, max_bytes: u32) -> FetchResponse {
-    let request = FetchRequest {
+/// A Fetch of partition 0 from `offset`.
+fn fetch_request(offset: u64, max_bytes: u32) -> Request {
+    FetchRequest {
         topic: TOPIC.to_owned(),
         partition_id: 0,
         fetch_offset: offset,
         max_bytes,
         timeout_ms: 100,
-    };
-    match broker.handle(Instant::now(), request.into()) {
+    }
+    .into()
+}
+
+fn fetch_at(broker: &mut SimBroker, offset: u64, max_bytes: u32) -> FetchResponse {
+    match broker.handle(Instant::now(), fetch_request(offset, max_bytes)) {
         Ok(Response::Fetch(r)) => r,
         other => panic!("a Fetch answer expected, got {other:?}"),
     }
@@ -261,18 +269,11 @@ async fn a_miss_takes_the_cold_latency_and_a_hit_does_not<R: Runtime + Clone>(rt
     let timed = |offset: u64, max_bytes: u32| {
         let (rt, transport) = (rt.clone(), transport.clone());
         async move {
-            let request = FetchRequest {
-                topic: TOPIC.to_owned(),
-                partition_id: 0,
-                fetch_offset: offset,
-                max_bytes,
-                timeout_ms: 100,
-            };
             let sent = rt.now();
             let answer = timeout(
                 &rt,
                 Duration::from_secs(10),
-                transport.request(request.into()),
+                transport.request(fetch_request(offset, max_bytes)),
             )
             .await
             .expect("answered in time");
@@ -459,30 +460,6 @@ async fn a_default_consumer_reads_cold_then_hot_records_once<R: Runtime + Clone>
         "cold downloads took their latency: {elapsed:?} for {} misses",
         cold.misses
     );
-}
-
-macro_rules! on_virtual_and_tokio {
-    ($($name:ident),* $(,)?) => {
-        mod on_virtual {
-            use rustmq_consumer_testkit::VirtualRuntime;
-            $(
-                #[test]
-                fn $name() {
-                    let rt = VirtualRuntime::new();
-                    rt.block_on(super::$name(rt.clone()));
-                }
-            )*
-        }
-        mod on_tokio {
-            use rustmq_consumer_tokio::TokioRuntime;
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $name() {
-                    super::$name(TokioRuntime).await;
-                }
-            )*
-        }
-    };
 }
 
 on_virtual_and_tokio!(

@@ -5,6 +5,9 @@
 //! Each scenario is a generic async fn run on the virtual runtime and on tokio's paused clock,
 //! polling the probes once a simulated second as an orchestrator would.
 
+#[macro_use]
+mod virtual_and_tokio;
+
 use std::time::{Duration, Instant};
 
 use rustmq_consumer_core::driver::Delivery;
@@ -146,30 +149,6 @@ pub async fn closed_fails_both_probes<R: Runtime + Clone>(rt: R) {
     assert_eq!(live.issues, [HealthIssue::Closed { stopped: true }]);
     assert!(!live.passed && !ready.passed);
     assert_eq!(ready.to_string(), "closed");
-}
-
-macro_rules! on_virtual_and_tokio {
-    ($($name:ident),* $(,)?) => {
-        mod on_virtual {
-            use rustmq_consumer_testkit::VirtualRuntime;
-            $(
-                #[test]
-                fn $name() {
-                    let rt = VirtualRuntime::new();
-                    rt.block_on(super::$name(rt.clone()));
-                }
-            )*
-        }
-        mod on_tokio {
-            use rustmq_consumer_tokio::TokioRuntime;
-            $(
-                #[tokio::test(start_paused = true)]
-                async fn $name() {
-                    super::$name(TokioRuntime).await;
-                }
-            )*
-        }
-    };
 }
 
 on_virtual_and_tokio!(
