@@ -70,9 +70,10 @@ pub struct QuicConfig {
     /// hundred kilobytes on the wire), and Linux's default buffer (208 KiB) overflows when the
     /// runtime is slow to read it for a moment: the packets it drops are the tail of an answer,
     /// which the broker resends only after a probe timeout, tens of milliseconds later.
-    /// Measured against the real broker on loopback: 14-24 datagrams dropped per eight runs of
-    /// 200,000 records with Linux's default, none with 2 MiB. The kernel caps the buffer at `net.core.rmem_max` (Linux); the transport logs the
-    /// size it got at `debug`, and at `info` when it got less than asked.
+    /// Measured against the real broker on loopback: 9-24 datagrams dropped per six to eight
+    /// runs of 200,000 records with Linux's default, none with 2 MiB. Linux caps the buffer at
+    /// `net.core.rmem_max`; the transport logs the size granted at `debug`, and at `info` when
+    /// it is less than asked.
     pub udp_receive_buffer: usize,
 }
 

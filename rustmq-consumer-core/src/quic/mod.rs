@@ -496,14 +496,20 @@ fn grow_receive_buffer(socket: &UdpSocket, asked: usize) -> Option<usize> {
         }
     }
     let got = socket.recv_buffer_size().ok()?;
-    if got < asked {
-        // Linux caps it at net.core.rmem_max (and reports twice what it grants).
+    // Linux reports twice what it grants (the rest is its bookkeeping), and caps the grant at
+    // net.core.rmem_max.
+    let granted = if cfg!(target_os = "linux") {
+        got / 2
+    } else {
+        got
+    };
+    if granted < asked {
         info!(
             asked,
-            got, "the UDP receive buffer is smaller than asked (raise net.core.rmem_max)"
+            granted, "the UDP receive buffer is smaller than asked (raise net.core.rmem_max)"
         );
     } else {
-        debug!(asked, got, "UDP receive buffer");
+        debug!(asked, granted, "UDP receive buffer");
     }
     Some(got)
 }
