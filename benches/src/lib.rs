@@ -239,6 +239,25 @@ pub mod transport {
             .await
     }
 
+    /// Runs `work` on `rt` as the `bin/` checks run their readers: as a task on the runtime's
+    /// workers (as `quic_loopback` runs its readers), or, with `MAIN_THREAD` set in the
+    /// environment, on the calling thread (`block_on`, as the body of `#[tokio::main]` runs: a
+    /// thread beside the workers).
+    ///
+    /// # Errors
+    ///
+    /// When the task panicked.
+    pub fn run_reader<T: Send + 'static>(
+        rt: &tokio::runtime::Runtime,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        if std::env::var_os("MAIN_THREAD").is_some() {
+            Ok(rt.block_on(work))
+        } else {
+            rt.block_on(rt.spawn(work))
+        }
+    }
+
     /// Milliseconds since `t0`, the unit of a [`Logged`] timeline.
     pub fn ms(t0: Instant) -> f64 {
         t0.elapsed().as_secs_f64() * 1e3

@@ -45,8 +45,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rustmq_consumer_benches::transport::{
-    channel_floor, fetch_request, ms, print_log, raw_fetch_loop, raw_fetch_partitions, Logged,
-    RAW_FETCH_MAX_BYTES,
+    channel_floor, fetch_request, ms, print_log, raw_fetch_loop, raw_fetch_partitions, run_reader,
+    Logged, RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{GROUP, TOPIC};
 use rustmq_consumer_core::protocol::{AcknowledgmentLevel, ProduceRequest, Record, Response};
@@ -82,11 +82,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if std::env::var_os("MAIN_THREAD").is_some() {
-        rt.block_on(check(addr, runs, partitions))
-    } else {
-        rt.block_on(rt.spawn(check(addr, runs, partitions)))?
-    }
+    run_reader(&rt, check(addr, runs, partitions))?
 }
 
 async fn check(addr: SocketAddr, runs: usize, partitions: u32) -> Result<()> {

@@ -23,7 +23,7 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use rustmq_consumer_benches::transport::{
-    channel_floor, default_consumer, loopback, raw_fetch_loop, RAW_FETCH_MAX_BYTES,
+    channel_floor, default_consumer, loopback, raw_fetch_loop, run_reader, RAW_FETCH_MAX_BYTES,
 };
 use rustmq_consumer_benches::{GROUP, TOPIC};
 use rustmq_consumer_tokio::ConsumerConfig;
@@ -47,7 +47,6 @@ fn main() -> Result<()> {
         .build()?;
     let loopback = loopback(&rt, messages)?;
     let capacity = ConsumerConfig::new(TOPIC, GROUP).max_unacked;
-    let main_thread = std::env::var_os("MAIN_THREAD").is_some();
     let timed = std::env::var_os("WAITS").is_some();
     let (mut total, mut waited) = (Duration::ZERO, Duration::ZERO);
     for run in 0..runs {
@@ -85,11 +84,7 @@ fn main() -> Result<()> {
             }
             Ok::<_, Box<dyn Error + Send + Sync>>((start.elapsed(), idle))
         };
-        let (elapsed, idle) = if main_thread {
-            rt.block_on(work).map_err(|e| e.to_string())?
-        } else {
-            rt.block_on(rt.spawn(work))?.map_err(|e| e.to_string())?
-        };
+        let (elapsed, idle) = run_reader(&rt, work)?.map_err(|e| e.to_string())?;
         total += elapsed;
         waited += idle;
     }
